@@ -1,0 +1,80 @@
+"""Stage 5, evaluate: test metrics and the tutorial's two figures.
+
+In: the fitted model, Encoded arrays (the test split is read here for the first time), the fit's
+history and an EvaluateConfig. Out: Evaluation, with test_loss, test_accuracy, test_precision,
+test_recall and test_roc_auc, the test probabilities, and figures (matplotlib): the tutorial's loss and
+accuracy curves, and the ROC and precision-recall curves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from pipeline.build import Encoded
+from pipeline.config import EvaluateConfig
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    probabilities: np.ndarray  # P(positive) for each test review, in test order
+    figures: dict[str, object] = field(default_factory=dict)  # file name -> matplotlib Figure
+
+
+def curves(history: pd.DataFrame) -> dict[str, object]:
+    """The tutorial's figures: training vs validation loss, and training vs validation accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figures = {}
+    for metric, title in (("loss", "Training and validation loss"), ("accuracy", "Training and validation accuracy")):
+        figure, axes = plt.subplots(figsize=(7, 4.5))
+        axes.plot(history["epoch"], history[metric], "o", markersize=4, label=f"Training {metric}")
+        axes.plot(history["epoch"], history[f"val_{metric}"], "-", label=f"Validation {metric}")
+        if metric == "loss":
+            best = history.loc[history["val_loss"].idxmin()]
+            axes.axvline(best["epoch"], color="grey", linestyle=":", linewidth=1,
+                         label=f"lowest validation loss (epoch {int(best['epoch'])})")
+        axes.set(title=title, xlabel="Epoch", ylabel=metric.capitalize())
+        axes.legend()
+        figure.tight_layout()
+        figures[f"{metric}.png"] = figure
+    return figures
+
+
+def evaluate(model, data: Encoded, history: pd.DataFrame, cfg: EvaluateConfig) -> Evaluation:
+    """Score the test split once and draw the training curves."""
+    from sklearn.metrics import precision_score, recall_score, roc_auc_score
+
+    loss, accuracy = model.evaluate(data.x_test, data.y_test, batch_size=cfg.batch_size, verbose=0)
+    probabilities = model.predict(data.x_test, batch_size=cfg.batch_size, verbose=0).reshape(-1)
+    predicted = (probabilities > cfg.threshold).astype(int)
+    truth = data.y_test.astype(int)
+    metrics = {
+        "test_loss": float(loss),
+        "test_accuracy": float(accuracy),
+        "test_precision": float(precision_score(truth, predicted, zero_division=0)),
+        "test_recall": float(recall_score(truth, predicted, zero_division=0)),
+        "test_roc_auc": float(roc_auc_score(truth, probabilities)),
+    }
+    return Evaluation(metrics=metrics, probabilities=probabilities,
+                      figures={**curves(history), **threshold_curves(truth, probabilities)})
+
+
+def threshold_curves(truth: np.ndarray, probabilities: np.ndarray) -> dict[str, object]:
+    """ROC and precision-recall curves of the test probabilities (scikit-learn's displays)."""
+    from matplotlib import pyplot as plt
+    from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
+
+    figures = {}
+    for name, display in (("roc_curve.png", RocCurveDisplay), ("precision_recall_curve.png", PrecisionRecallDisplay)):
+        figure, axes = plt.subplots(figsize=(5.5, 5))
+        display.from_predictions(truth, probabilities, ax=axes, name="test split")
+        figure.tight_layout()
+        figures[name] = figure
+    return figures

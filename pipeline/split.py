@@ -1,0 +1,42 @@
+"""Stage 2, split: hold out validation reviews from the training split, as the tutorial does.
+
+In: Reviews (from ingest), a SplitConfig and the run's seed. Out: Splits, three tables (train,
+validation, test). Validation is taken from a seeded shuffle of the training split; the test split is
+passed through untouched and is read by nothing before evaluate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import SplitConfig
+from pipeline.ingest import Reviews
+
+
+@dataclass
+class Splits:
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    test: pd.DataFrame
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+
+
+def split(reviews: Reviews, cfg: SplitConfig, seed: int) -> Splits:
+    """Hold out `validation_size` reviews (or `validation_fraction` of them) from the training split."""
+    frame = reviews.frame
+    train = frame[frame["split"] == "train"]
+    test = frame[frame["split"] == "test"].reset_index(drop=True)
+    size = cfg.validation_size if cfg.validation_size is not None else int(round(cfg.validation_fraction * len(train)))
+    if not 0 < size < len(train):
+        raise ValueError(f"split.validation_size={size} leaves no training data: the training split has "
+                         f"{len(train)} reviews; hold out fewer (e.g. split.validation_fraction=0.4)")
+    order = np.random.default_rng(seed).permutation(len(train)) if cfg.shuffle else np.arange(len(train))
+    train = train.iloc[order].reset_index(drop=True)
+    # like the tutorial: the first `size` (shuffled) training reviews are the validation set
+    return Splits(train=train.iloc[size:].reset_index(drop=True),
+                  validation=train.iloc[:size].reset_index(drop=True), test=test)

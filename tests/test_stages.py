@@ -1,0 +1,245 @@
+"""Each stage alone, on archives and tables the tests build, with a failure case per input contract."""
+
+from __future__ import annotations
+
+import dataclasses
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import build, evaluate, fit, ingest, split, textmodel
+from pipeline.config import BuildConfig, EvaluateConfig, FitConfig, IngestConfig, SplitConfig
+from tests.conftest import write_archive
+
+
+# -- ingest -------------------------------------------------------------------------------------------
+def test_ingest_reads_the_archive_layout(tiny_archive):
+    reviews = ingest.ingest(IngestConfig(path=str(tiny_archive)))
+    frame = reviews.frame
+    assert list(frame.columns) == ["text", "label", "rating", "split"]
+    assert reviews.counts() == {"train": 24, "test": 24}  # train/unsup is not read
+    assert set(frame["label"]) == {0, 1}
+    assert (frame.loc[frame["label"] == 1, "rating"] >= 7).all()
+    assert (frame.loc[frame["label"] == 0, "rating"] <= 4).all()
+    assert len(reviews.digest) == 64
+
+
+def test_ingest_folder_and_archive_agree(tiny_archive, tmp_path):
+    with tarfile.open(tiny_archive) as archive:
+        archive.extractall(tmp_path, filter="data")
+    from_folder = ingest.ingest(IngestConfig(path=str(tmp_path)))
+    from_archive = ingest.ingest(IngestConfig(path=str(tiny_archive)))
+    assert from_folder.digest == from_archive.digest
+    pd.testing.assert_frame_equal(from_folder.frame, from_archive.frame)
+
+
+def test_digest_follows_content(tmp_path):
+    first = ingest.ingest(IngestConfig(path=str(write_archive(tmp_path / "a.tar.gz", seed=1))))
+    second = ingest.ingest(IngestConfig(path=str(write_archive(tmp_path / "b.tar.gz", seed=2))))
+    again = ingest.ingest(IngestConfig(path=str(write_archive(tmp_path / "c.tar.gz", seed=1))))
+    assert first.digest != second.digest
+    assert first.digest == again.digest
+
+
+def test_missing_archive_offline_says_where_to_put_it(tmp_path):
+    target = tmp_path / "aclImdb_v1.tar.gz"
+    cfg = IngestConfig(path=str(target), url="http://127.0.0.1:9/aclImdb_v1.tar.gz")  # nothing listens on port 9
+    with pytest.raises(FileNotFoundError, match="Put the archive at") as error:
+        ingest.ingest(cfg)
+    assert str(target) in str(error.value)
+    assert not list(tmp_path.iterdir())  # no partial download left behind
+
+
+def test_download_is_verified_and_kept(tiny_archive, tmp_path):
+    target = tmp_path / "copy.tar.gz"
+    ingest.download(tiny_archive.as_uri(), target, ingest.sha256_of(tiny_archive))
+    assert ingest.sha256_of(target) == ingest.sha256_of(tiny_archive)
+    with pytest.raises(ValueError, match="sha256 does not match"):
+        ingest.download(tiny_archive.as_uri(), tmp_path / "bad.tar.gz", "0" * 64)
+    assert not (tmp_path / "bad.tar.gz").exists()
+
+
+def test_missing_archive_without_download_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ingest.ingest(IngestConfig(path=str(tmp_path / "nothing.tar.gz"), download=False))
+
+
+def test_corrupt_archive_is_a_clear_error(tiny_archive, tmp_path):
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(tiny_archive.read_bytes()[:300])
+    with pytest.raises(ValueError, match="not a readable .tar.gz"):
+        ingest.ingest(IngestConfig(path=str(broken)))
+
+
+def test_archive_missing_a_class_is_an_error(tmp_path):
+    path = write_archive(tmp_path / "one_class.tar.gz", skip=("test/neg",))
+    with pytest.raises(ValueError, match="test split needs positive and negative"):
+        ingest.ingest(IngestConfig(path=str(path)))
+
+
+@pytest.mark.parametrize("content, message", [(b"   ", "is empty"), (b"caf\xe9", "not valid UTF-8")])
+def test_bad_review_names_the_file(tmp_path, content, message):
+    path = write_archive(tmp_path / "bad.tar.gz", overrides={"train/pos/3": content})
+    with pytest.raises(ValueError, match=message) as error:
+        ingest.ingest(IngestConfig(path=str(path)))
+    assert "train/pos/3_" in str(error.value)
+
+
+def test_table_source_with_and_without_split_column(tmp_path):
+    frame = pd.DataFrame({"review": [f"good {i}" if i % 2 else f"bad {i}" for i in range(20)],
+                          "y": [i % 2 for i in range(20)]})
+    frame.to_csv(tmp_path / "no_split.csv", index=False)
+    reviews = ingest.ingest(IngestConfig(source="table", path=str(tmp_path / "no_split.csv"),
+                                         text_column="review", label_column="y", test_fraction=0.25), seed=3)
+    assert reviews.counts() == {"train": 15, "test": 5}
+    frame["split"] = ["test" if i < 6 else "train" for i in range(20)]
+    frame.to_parquet(tmp_path / "with_split.parquet")
+    reviews = ingest.ingest(IngestConfig(source="table", path=str(tmp_path / "with_split.parquet"),
+                                         text_column="review", label_column="y"))
+    assert reviews.counts() == {"train": 14, "test": 6}
+    assert (reviews.frame["rating"] == -1).all()
+
+
+@pytest.mark.parametrize("frame, message", [
+    (pd.DataFrame({"text": ["a", "b"]}), r"missing column\(s\) \['label'\]"),
+    (pd.DataFrame({"text": ["a", "b"], "label": [0, 2]}), "must hold 0 or 1 only"),
+    (pd.DataFrame({"text": ["a", ""], "label": [0, 1]}), "empty or non-text"),
+])
+def test_table_source_rejects_bad_tables(tmp_path, frame, message):
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValueError, match=message):
+        ingest.ingest(IngestConfig(source="table", path=str(tmp_path / "t.csv")))
+
+
+def test_keras_source_decodes_the_tutorial_data(monkeypatch):
+    from keras.datasets import imdb
+
+    data = ((np.array([[1, 14, 22, 2], [1, 15]], dtype=object), np.array([1, 0])),
+            (np.array([[1, 22], [1, 14, 15]], dtype=object), np.array([0, 1])))
+    monkeypatch.setattr(imdb, "load_data", lambda num_words: data)
+    monkeypatch.setattr(imdb, "get_word_index", lambda: {"great": 11, "film": 12, "dull": 19})
+    reviews = ingest.ingest(IngestConfig(source="keras"))
+    assert reviews.frame["text"].tolist() == ["dull", "great film", "film", "great dull"]
+    assert reviews.source == "keras.datasets.imdb"
+
+
+# -- split --------------------------------------------------------------------------------------------
+def test_split_holds_out_validation_from_train_only(tiny_archive):
+    reviews = ingest.ingest(IngestConfig(path=str(tiny_archive)))
+    parts = split.split(reviews, SplitConfig(validation_size=8), seed=1)
+    assert parts.sizes() == {"train": 16, "validation": 8, "test": 24}
+    assert (parts.test["split"] == "test").all()
+    assert set(parts.train["text"]).isdisjoint(parts.validation["text"])
+    assert parts.validation["label"].nunique() == 2  # shuffled: not one class
+    again = split.split(reviews, SplitConfig(validation_size=8), seed=1)
+    assert parts.validation["text"].tolist() == again.validation["text"].tolist()
+    other = split.split(reviews, SplitConfig(validation_size=8), seed=2)
+    assert parts.validation["text"].tolist() != other.validation["text"].tolist()
+
+
+def test_split_by_fraction(tiny_archive):
+    reviews = ingest.ingest(IngestConfig(path=str(tiny_archive)))
+    parts = split.split(reviews, SplitConfig(validation_size=None, validation_fraction=0.25), seed=1)
+    assert parts.sizes()["validation"] == 6
+
+
+def test_split_that_leaves_no_training_data_is_an_error(tiny_archive):
+    reviews = ingest.ingest(IngestConfig(path=str(tiny_archive)))
+    with pytest.raises(ValueError, match="validation_size=24 leaves no training data"):
+        split.split(reviews, SplitConfig(validation_size=24), seed=1)
+
+
+# -- build --------------------------------------------------------------------------------------------
+def test_standardize_drops_line_breaks_and_punctuation():
+    vectorizer = textmodel.make_vectorizer(10, ["", "[UNK]", "great", "film", "br"])
+    ids = textmodel.encode(vectorizer, ["Great<br /><br />FILM!!", "film, great."], 4, "pre")
+    assert ids.tolist() == [[2, 3, 0, 0], [3, 2, 0, 0]]  # no "br" token, padding at the end
+
+
+def test_truncation_keeps_the_chosen_end():
+    vectorizer = textmodel.make_vectorizer(10, ["", "[UNK]", "a", "b", "c", "d"])
+    assert textmodel.encode(vectorizer, ["a b c d"], 2, "pre").tolist() == [[4, 5]]
+    assert textmodel.encode(vectorizer, ["a b c d"], 2, "post").tolist() == [[2, 3]]
+
+
+def test_vocabulary_is_adapted_on_training_reviews_only(tiny_archive):
+    reviews = ingest.ingest(IngestConfig(path=str(tiny_archive)))
+    parts = split.split(reviews, SplitConfig(validation_size=8), seed=1)
+    parts.test.loc[:, "text"] = "zzzonlyintest " * 5
+    parts.validation.loc[:, "text"] = "yyyonlyinvalidation " * 5
+    encoded = build.vectorize(parts, BuildConfig(vocabulary_size=500, sequence_length=16))
+    assert "zzzonlyintest" not in encoded.vocabulary and "yyyonlyinvalidation" not in encoded.vocabulary
+    assert (encoded.x_test[:, :5] == 1).all()  # out of vocabulary
+    assert encoded.x_train.shape == (16, 16) and encoded.x_train.dtype == np.int32
+    assert encoded.y_train.tolist() == parts.train["label"].tolist()
+
+
+def test_model_is_the_tutorials_architecture():
+    model = build.build_model(BuildConfig(), vocabulary_size=10000)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["InputLayer", "Embedding", "GlobalAveragePooling1D", "Dense", "Dense"]
+    assert model.get_layer("embedding").get_weights()[0].shape == (10000, 16)
+    assert model.get_layer("hidden_1").units == 16 and model.get_layer("positive").units == 1
+    assert model.count_params() == 10000 * 16 + 16 * 16 + 16 + 16 + 1
+    deeper = build.build_model(BuildConfig(hidden_units=32, hidden_layers=2, dropout_rate=0.2), 100)
+    assert [l.name for l in deeper.layers if l.name.startswith("hidden")] == ["hidden_1", "hidden_2"]
+    assert sum(type(l).__name__ == "Dropout" for l in deeper.layers) == 3
+
+
+# -- fit and evaluate ---------------------------------------------------------------------------------
+@pytest.fixture
+def encoded(tiny_archive):
+    reviews = ingest.ingest(IngestConfig(path=str(tiny_archive)))
+    parts = split.split(reviews, SplitConfig(validation_size=8), seed=1)
+    return build.vectorize(parts, BuildConfig(vocabulary_size=200, sequence_length=32))
+
+
+def test_fit_records_one_row_per_epoch_and_calls_callbacks(encoded):
+    import keras
+
+    seen = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append((epoch, sorted(logs)))
+
+    model = build.build_model(BuildConfig(vocabulary_size=200, sequence_length=32), 200)
+    fitted = fit.fit(model, encoded, FitConfig(epochs=3, batch_size=8, jit_compile=False), seed=1, callbacks=[Spy()])
+    assert fitted.history["epoch"].tolist() == [1, 2, 3]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(fitted.history.columns)
+    assert [epoch for epoch, _ in seen] == [0, 1, 2]
+    assert fitted.stopped_epoch is None and fitted.best_epoch is None
+
+
+def test_early_stopping_records_stopped_and_best_epochs(encoded):
+    cfg = FitConfig(epochs=60, batch_size=8, jit_compile=False)
+    cfg.early_stopping.enabled = True
+    cfg.early_stopping.patience = 2
+    model = build.build_model(BuildConfig(vocabulary_size=200, sequence_length=32, learning_rate=0.05), 200)
+    fitted = fit.fit(model, encoded, cfg, seed=1)
+    assert fitted.stopped_epoch == len(fitted.history) < 60
+    assert fitted.best_epoch == fitted.stopped_epoch - 2
+    assert fitted.history.loc[fitted.best_epoch - 1, "val_loss"] == fitted.history["val_loss"].min()
+
+
+def test_same_seed_same_history(encoded):
+    def history():
+        model = build.build_model(BuildConfig(vocabulary_size=200, sequence_length=32), 200, seed=7)
+        return fit.fit(model, encoded, FitConfig(epochs=2, batch_size=8, jit_compile=False), seed=7).history
+
+    pd.testing.assert_frame_equal(history(), history())
+
+
+def test_evaluate_scores_the_test_split(encoded):
+    model = build.build_model(BuildConfig(vocabulary_size=200, sequence_length=32, learning_rate=0.02), 200)
+    fitted = fit.fit(model, encoded, FitConfig(epochs=15, batch_size=8, jit_compile=False), seed=1)
+    result = evaluate.evaluate(model, encoded, fitted.history, EvaluateConfig())
+    assert set(result.metrics) == {"test_loss", "test_accuracy", "test_precision", "test_recall", "test_roc_auc"}
+    assert result.metrics["test_accuracy"] >= 0.75  # the tiny reviews carry obvious sentiment words
+    assert result.probabilities.shape == (24,)
+    assert set(result.figures) == {"loss.png", "accuracy.png", "roc_curve.png", "precision_recall_curve.png"}
+    loss_axes = result.figures["loss.png"].axes[0]
+    assert [line.get_label() for line in loss_axes.lines][:2] == ["Training loss", "Validation loss"]
+    assert len(loss_axes.lines[0].get_xdata()) == 15
