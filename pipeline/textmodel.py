@@ -92,31 +92,36 @@ def as_texts(model_input: Any) -> list[str]:
 
 
 try:
+    import warnings
+
     import mlflow.pyfunc
 
-    class RawTextModel(mlflow.pyfunc.PythonModel):
-        """Review strings in, probability of a positive review out (one float per review)."""
+    with warnings.catch_warnings():
+        # No type hints on predict, on purpose: with them MLflow's server accepts only {"inputs": ...};
+        # the logged signature (one unnamed string column) also takes dataframe_split/records and lists.
+        warnings.filterwarnings("ignore", message="Add type hints")
 
-        def load_context(self, context) -> None:
-            import keras
+        class RawTextModel(mlflow.pyfunc.PythonModel):
+            """Review strings in, probability of a positive review out (one float per review)."""
 
-            spec = json.loads(Path(context.artifacts["vocabulary"]).read_text())
-            self.sequence_length = spec["sequence_length"]
-            self.truncate = spec["truncate"]
-            self.vectorizer = make_vectorizer(len(spec["vocabulary"]), spec["vocabulary"])
-            # safe_mode refuses to deserialize arbitrary code (lambdas) from the file
-            self.classifier = keras.saving.load_model(context.artifacts["classifier"], compile=False,
-                                                      safe_mode=True)
+            def load_context(self, context) -> None:
+                import keras
 
-        # The type hints are MLflow's contract: it accepts a list of strings or a one-column
-        # DataFrame (from Python or a REST request) and hands predict a list[str].
-        def predict(self, model_input: list[str], params=None) -> list[float]:
-            texts = as_texts(model_input)
-            if not texts:
-                return []
-            ids = encode(self.vectorizer, texts, self.sequence_length, self.truncate)
-            probabilities = self.classifier.predict(ids, batch_size=4096, verbose=0)
-            return probabilities.reshape(-1).astype(float).tolist()
+                spec = json.loads(Path(context.artifacts["vocabulary"]).read_text())
+                self.sequence_length = spec["sequence_length"]
+                self.truncate = spec["truncate"]
+                self.vectorizer = make_vectorizer(len(spec["vocabulary"]), spec["vocabulary"])
+                # safe_mode refuses to deserialize arbitrary code (lambdas) from the file
+                self.classifier = keras.saving.load_model(context.artifacts["classifier"], compile=False,
+                                                          safe_mode=True)
+
+            def predict(self, context, model_input, params=None) -> np.ndarray:
+                texts = as_texts(model_input)
+                if not texts:
+                    return np.zeros((0,), dtype=np.float64)
+                ids = encode(self.vectorizer, texts, self.sequence_length, self.truncate)
+                probabilities = self.classifier.predict(ids, batch_size=4096, verbose=0)
+                return probabilities.reshape(-1).astype(np.float64)
 
     mlflow.models.set_model(RawTextModel())
 except ImportError:  # vectorizing for training needs no MLflow

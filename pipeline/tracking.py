@@ -201,6 +201,9 @@ class TrackedRun:
 
     def log_model(self, model, vocabulary: list[str], cfg: config.PipelineConfig) -> None:
         """Log the raw-text pyfunc: pipeline/textmodel.py as model code, the Keras file and vocabulary."""
+        import numpy as np
+        from mlflow.models import infer_signature
+
         from pipeline import textmodel
 
         with tempfile.TemporaryDirectory() as folder:
@@ -212,7 +215,8 @@ class TrackedRun:
                 name="model",
                 python_model=str(Path(textmodel.__file__)),  # models from code: no pickled classes
                 artifacts={"classifier": str(classifier), "vocabulary": str(vocabulary_file)},
-                input_example=INPUT_EXAMPLE,  # the signature follows predict's type hints
+                signature=infer_signature(INPUT_EXAMPLE, np.full(len(INPUT_EXAMPLE), 0.5)),  # [string] -> [double]
+                input_example=INPUT_EXAMPLE,
                 pip_requirements=_requirements(),  # stated, not inferred: inference reloads the model
                 registered_model_name=cfg.evaluate.registered_model_name,
             )

@@ -1,0 +1,43 @@
+"""Reading the MLflow store back the way a user would."""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow import MlflowClient
+
+CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def runs(uri: str, experiment: str = "imdb-sentiment"):
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time ASC"])
+
+
+def check_complete_run(uri: str, run_id: str, epochs: int) -> None:
+    """What a user checks in the UI for a finished run: params, curves, test metrics, artifacts, model."""
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    for key in ("build.hidden_units", "build.embedding_dim", "fit.epochs", "fit.batch_size",
+                "split.validation_size", "ingest.source", "fit.early_stopping.enabled", "seed"):
+        assert key in params, key
+    assert params["fit.epochs"] == str(epochs)
+    for curve in CURVES:
+        history = client.get_metric_history(run_id, curve)
+        assert sorted(point.step for point in history) == list(range(1, epochs + 1)), curve
+    for metric in ("test_loss", "test_accuracy", "test_precision", "test_recall", "test_roc_auc"):
+        assert metric in run.data.metrics, metric
+    assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
+    for stage in ("ingest", "build", "fit", "evaluate"):
+        assert float(run.data.tags[f"seconds.{stage}"]) >= 0.0
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | {
+        a.path for a in client.list_artifacts(run_id, "figures")} | {a.path for a in client.list_artifacts(run_id, "config")}
+    for path in ("config/config.yaml", "model_summary.txt", "history.csv", "figures/loss.png",
+                 "figures/accuracy.png", "figures/roc_curve.png", "test_confusion_matrix.png"):
+        assert path in artifacts, path
+    dataset = run.inputs.dataset_inputs[0].dataset
+    assert dataset.digest and '"num_rows"' in dataset.profile
+    model = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
+    probabilities = model.predict(["A wonderful, moving film.", "Awful and boring."])
+    assert len(probabilities) == 2 and all(0.0 <= p <= 1.0 for p in probabilities)

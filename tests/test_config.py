@@ -1,0 +1,68 @@
+"""Every option of every config group composes into a valid PipelineConfig; bad settings are refused early."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from pipeline import config
+from tests.conftest import CONF, compose_config
+
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+OPTIONS = [(group, option.stem) for group in GROUPS for option in sorted((CONF / group).glob("*.yaml"))]
+
+
+def test_every_stage_has_a_config_group():
+    assert set(config.STAGES) <= set(GROUPS)
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes(group, option):
+    overrides = [f"{group}={option}", "ingest.path=reviews.csv" if (group, option) == ("ingest", "table") else "seed=1"]
+    cfg = compose_config(overrides)
+    assert isinstance(cfg, config.PipelineConfig)
+    flat = config.flatten(cfg)
+    assert "build.hidden_units" in flat and "fit.early_stopping.patience" in flat
+
+
+def test_defaults_are_the_tutorials():
+    cfg = compose_config([])
+    assert (cfg.build.vocabulary_size, cfg.build.sequence_length, cfg.build.embedding_dim) == (10000, 256, 16)
+    assert (cfg.build.hidden_units, cfg.build.hidden_layers, cfg.build.optimizer) == (16, 1, "adam")
+    assert (cfg.fit.epochs, cfg.fit.batch_size, cfg.split.validation_size) == (40, 512, 10000)
+    assert cfg.build.truncate == "pre" and cfg.build.dropout_rate == 0.0
+    assert cfg.stages == list(config.STAGES)
+
+
+def test_imdb_archive_variable_supplies_the_path(monkeypatch):
+    monkeypatch.setenv("IMDB_ARCHIVE", "/data/somewhere/aclImdb_v1.tar.gz")
+    assert compose_config([]).ingest.path == "/data/somewhere/aclImdb_v1.tar.gz"
+    monkeypatch.delenv("IMDB_ARCHIVE")
+    assert compose_config([]).ingest.path == "data/aclImdb_v1.tar.gz"
+
+
+def test_overrides_reach_the_typed_config():
+    cfg = compose_config(["fit.epochs=20", "build.hidden_units=32", "stages=[ingest,split]"])
+    assert (cfg.fit.epochs, cfg.build.hidden_units, cfg.stages) == (20, 32, ["ingest", "split"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("build.hidden_units=0", "build.hidden_units=0"),
+    ("fit.epochs=-1", "fit.epochs=-1"),
+    ("fit.batch_size=0", "fit.batch_size=0"),
+    ("build.vocabulary_size=0", "build.vocabulary_size=0"),
+    ("build.truncate=middle", "build.truncate='middle'"),
+    ("build.optimizer=lbfgs", "build.optimizer='lbfgs'"),
+    ("split.validation_fraction=0.3", "set exactly one"),
+    ("stages=[fit,evaluate]", "a prefix of"),
+    ("ingest.source=web", "ingest.source='web'"),
+])
+def test_invalid_settings_name_the_setting_and_value(override, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        compose_config([override])
+
+
+@pytest.mark.parametrize("override", ["fit.epoch=3", "build.hidden_units=many", "fit.epochs=2.5"])
+def test_unknown_keys_and_wrong_types_are_refused(override):
+    with pytest.raises(ConfigCompositionException):
+        compose_config([override])

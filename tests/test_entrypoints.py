@@ -1,0 +1,148 @@
+"""The real entry points, as a user starts them, on a tiny archive, into a temporary tracking store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import PROJECT, tiny_overrides
+from tests.helpers import check_complete_run, runs
+
+pytestmark = pytest.mark.slow
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    # `mlflow run --env-manager local` runs `python` from PATH: the environment running these tests
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(PROJECT)
+    env.update(extra)
+    return env
+
+
+def test_python_m_pipeline(tiny_archive, tmp_path):
+    overrides = tiny_overrides(tiny_archive, tmp_path) + ["build.hidden_units=8", f"hydra.run.dir={tmp_path / 'out'}"]
+    done = subprocess.run([sys.executable, "-m", "pipeline", *overrides], cwd=tmp_path, env=environment(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    frame = runs(uri)
+    assert len(frame) == 1 and frame["params.build.hidden_units"][0] == "8"
+    check_complete_run(uri, frame.run_id[0], epochs=3)
+    composed = MlflowClient(uri).download_artifacts(frame.run_id[0], "config/config.yaml", str(tmp_path))
+    assert "hidden_units: 8" in Path(composed).read_text()
+
+
+def test_default_store_is_the_one_mlflow_ui_opens(tiny_archive, tmp_path):
+    overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
+    done = subprocess.run([sys.executable, "-m", "pipeline", *overrides, "evaluate.log_model=false"],
+                          cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "mlflow.db").exists()  # `mlflow ui` in this folder opens sqlite:///mlflow.db
+    assert len(runs("sqlite:///" + str(tmp_path / "mlflow.db"))) == 1
+
+
+def test_mlflow_run_local_env(tiny_archive, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
+    overrides += ["fit.epochs=2", f"hydra.run.dir={tmp_path / 'out'}"]
+    done = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(PROJECT), "--env-manager", "local",
+         "--experiment-name", "imdb-sentiment", "-P", "overrides=" + " ".join(overrides)],
+        cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    frame = runs(uri)
+    assert len(frame) == 1  # the job recorded into the run that `mlflow run` created
+    assert frame["tags.mlflow.project.entryPoint"][0] == "main"
+    check_complete_run(uri, frame.run_id[0], epochs=2)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_run_ends_killed_with_its_finished_epochs(tiny_archive, tmp_path, signum):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = tiny_overrides(tiny_archive, tmp_path) + ["fit.epochs=100000", f"hydra.run.dir={tmp_path / 'out'}"]
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", *overrides], cwd=tmp_path, env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(uri)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(1)
+            if (tmp_path / "mlflow.db").exists():
+                frame = runs(uri) if client.get_experiment_by_name("imdb-sentiment") else []
+                if len(frame) and len(client.get_metric_history(frame.run_id[0], "val_loss")) >= 3:
+                    break
+            assert process.poll() is None, process.stderr.read()[-3000:]
+        process.send_signal(signum)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    run_id = runs(uri).run_id[0]
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    epochs = [p.step for p in client.get_metric_history(run_id, "val_loss")]
+    assert len(epochs) >= 3 and epochs == list(range(1, len(epochs) + 1))
+    assert process.returncode != 0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_logged_model_is_served_over_rest(tiny_archive, tmp_path):
+    import json
+    import urllib.error
+    import urllib.request
+
+    from pipeline import runner
+    from tests.conftest import compose_config
+
+    cfg = compose_config(tiny_overrides(tiny_archive, tmp_path) + ["fit.epochs=15", "build.learning_rate=0.02"])
+    runner.run(cfg)
+    model_uri = runs(cfg.tracking.uri)["tags.model_uri"][0]
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=cfg.tracking.uri),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def post(body: dict) -> list[float]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())["predictions"]
+
+    texts = ["Superb, brilliant and moving.", "Awful, boring, the worst.", "A film."]
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert server.poll() is None, server.stderr.read()[-3000:]
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(1)
+        answers = [post({"inputs": texts}),
+                   post({"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}}),
+                   post({"dataframe_records": [{"text": t} for t in texts]})]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    for predictions in answers:
+        assert len(predictions) == 3 and all(0.0 <= p <= 1.0 for p in predictions)
+        assert predictions == pytest.approx(answers[0])
+    assert answers[0][0] > answers[0][1]  # the tiny model learned the sentiment words
