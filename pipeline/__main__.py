@@ -1,31 +1,44 @@
 """`python -m pipeline [overrides]`: the Hydra entry point, kept thin.
 
 It composes conf/, validates it into a PipelineConfig and calls pipeline.runner.run; the return value
-(validation accuracy) is what a Hydra sweeper optimizes. `--overrides "a=1 b=2"` takes the overrides as
+(the best validation accuracy) is what a Hydra sweeper optimizes. In a sweep a failed job returns
+NaN instead of raising, so that the other jobs run; its child run records the error. `--overrides "a=1 b=2"` takes the overrides as
 one string, which is how `mlflow run` passes them (see MLproject).
 """
 
 from __future__ import annotations
 
+import logging
 import shlex
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config
 
 config.register()
+log = logging.getLogger("pipeline")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from pipeline import runner
+    from pipeline import runner, sweep
 
     settings = config.load(cfg)
     yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    metrics, _ = runner.run(settings, composed_yaml=yaml)
-    return metrics.get("val_accuracy")
+    if not sweep.in_sweep():
+        metrics, _ = runner.run(settings, composed_yaml=yaml)
+        return metrics.get("val_accuracy")
+    job = HydraConfig.get().job
+    settings = sweep.child_settings(settings, list(HydraConfig.get().overrides.task), job.num)
+    try:
+        metrics, _ = runner.run(settings, composed_yaml=yaml)
+    except Exception:  # one failed job must not stop the sweep: its child run is FAILED with the error
+        log.exception("sweep job %s (%s) failed", job.num, settings.tracking.run_name)
+        return float("nan")
+    return metrics.get("val_accuracy", float("nan"))
 
 
 def _expand_overrides(argv: list[str]) -> list[str]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 STAGES = ("ingest", "split", "build", "fit", "evaluate")
 SOURCES = ("archive", "keras", "table")
@@ -143,6 +143,16 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    early_stopping_reference: bool = False  # after a sweep's jobs, also run this config with early stopping
+    threads: Optional[int] = None  # TensorFlow threads per job; null: TensorFlow's choice (all cores)
+
+    def validate(self) -> None:
+        if self.threads is not None:
+            _positive("sweep.threads", self.threads)
+
+
+@dataclass
 class PipelineConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -150,12 +160,13 @@ class PipelineConfig:
     fit: FitConfig = field(default_factory=FitConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # a prefix of the pipeline
     seed: int = 42  # seeds the split, weight initialisation and batch order
     cache_dir: str = ".cache/pipeline"  # stage products, keyed by their config, inputs and code
 
     def validate(self) -> None:
-        for part in (self.ingest, self.split, self.build, self.fit, self.fit.early_stopping, self.evaluate):
+        for part in (self.ingest, self.split, self.build, self.fit, self.fit.early_stopping, self.evaluate, self.sweep):
             part.validate()
         stages = list(self.stages)
         _require(len(stages) > 0 and stages == list(STAGES[: len(stages)]), "stages", stages,
@@ -170,8 +181,10 @@ def register() -> None:
 
 def load(cfg: DictConfig) -> PipelineConfig:
     """The composed Hydra config as a validated PipelineConfig (drops the `hydra` node if present)."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)  # Hydra's own node; its interpolations only resolve inside a running app
     container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("hydra", None)
     config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PipelineConfig), container))
     config.validate()
     return config

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
 
 # Keras's own "lower_and_strip_punctuation" set; the raw reviews also carry HTML line breaks, which
 # that standardizer would turn into a token "br" in every other review, so they become spaces first.
@@ -92,36 +93,32 @@ def as_texts(model_input: Any) -> list[str]:
 
 
 try:
-    import warnings
-
     import mlflow.pyfunc
 
-    with warnings.catch_warnings():
-        # No type hints on predict, on purpose: with them MLflow's server accepts only {"inputs": ...};
-        # the logged signature (one unnamed string column) also takes dataframe_split/records and lists.
-        warnings.filterwarnings("ignore", message="Add type hints")
+    class RawTextModel(mlflow.pyfunc.PythonModel):
+        """Review strings in, probability of a positive review out (one float per review)."""
 
-        class RawTextModel(mlflow.pyfunc.PythonModel):
-            """Review strings in, probability of a positive review out (one float per review)."""
+        def load_context(self, context) -> None:
+            import keras
 
-            def load_context(self, context) -> None:
-                import keras
+            spec = json.loads(Path(context.artifacts["vocabulary"]).read_text())
+            self.sequence_length = spec["sequence_length"]
+            self.truncate = spec["truncate"]
+            self.vectorizer = make_vectorizer(len(spec["vocabulary"]), spec["vocabulary"])
+            # safe_mode refuses to deserialize arbitrary code (lambdas) from the file
+            self.classifier = keras.saving.load_model(context.artifacts["classifier"], compile=False,
+                                                      safe_mode=True)
 
-                spec = json.loads(Path(context.artifacts["vocabulary"]).read_text())
-                self.sequence_length = spec["sequence_length"]
-                self.truncate = spec["truncate"]
-                self.vectorizer = make_vectorizer(len(spec["vocabulary"]), spec["vocabulary"])
-                # safe_mode refuses to deserialize arbitrary code (lambdas) from the file
-                self.classifier = keras.saving.load_model(context.artifacts["classifier"], compile=False,
-                                                          safe_mode=True)
-
-            def predict(self, context, model_input, params=None) -> np.ndarray:
-                texts = as_texts(model_input)
-                if not texts:
-                    return np.zeros((0,), dtype=np.float64)
-                ids = encode(self.vectorizer, texts, self.sequence_length, self.truncate)
-                probabilities = self.classifier.predict(ids, batch_size=4096, verbose=0)
-                return probabilities.reshape(-1).astype(np.float64)
+        # The logged signature (one unnamed string column) makes MLflow hand predict a DataFrame, from a
+        # Python list, a DataFrame or any REST body. A list[str] hint instead would make MLflow's server
+        # accept only {"inputs": ...} bodies; pd.DataFrame is a hint MLflow documents as not inferred from.
+        def predict(self, context, model_input: "pd.DataFrame", params=None) -> np.ndarray:
+            texts = as_texts(model_input)
+            if not texts:
+                return np.zeros((0,), dtype=np.float64)
+            ids = encode(self.vectorizer, texts, self.sequence_length, self.truncate)
+            probabilities = self.classifier.predict(ids, batch_size=4096, verbose=0)
+            return probabilities.reshape(-1).astype(np.float64)
 
     mlflow.models.set_model(RawTextModel())
 except ImportError:  # vectorizing for training needs no MLflow

@@ -16,6 +16,8 @@ import os
 import signal
 import subprocess
 import tempfile
+import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from pipeline import config
 
 log = logging.getLogger(__name__)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact read clutters logs
 
 CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
 PACKAGES = ("tensorflow", "keras", "mlflow", "hydra-core", "numpy", "pandas")
@@ -42,6 +45,13 @@ def tracking_uri(cfg: config.TrackingConfig) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def use(uri: str | None) -> str:
+    """Point the MLflow client at `uri` (or the default, as tracking_uri decides) and return it."""
+    resolved = tracking_uri(config.TrackingConfig(uri=uri))
+    mlflow.set_tracking_uri(resolved)
+    return resolved
 
 
 def _git(*args: str) -> str | None:
@@ -71,7 +81,9 @@ class ReviewsDataset(MetaDataset):
 
     def __init__(self, source: str, digest: str, counts: dict[str, int]):
         try:
-            resolved = resolve_dataset_source(str(Path(source).resolve()) if Path(source).exists() else source)
+            with warnings.catch_warnings():  # a local path matches two equivalent MLflow source types
+                warnings.simplefilter("ignore", UserWarning)
+                resolved = resolve_dataset_source(str(Path(source).resolve()) if Path(source).exists() else source)
         except Exception:  # not a path or URI MLflow knows (keras.datasets.imdb): record it as a code source
             from mlflow.data.code_dataset_source import CodeDatasetSource
 
@@ -102,10 +114,16 @@ class TrackedRun:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> "TrackedRun":
+        from pipeline import sweep
+
         mlflow.set_tracking_uri(tracking_uri(self.cfg.tracking))
-        if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`, the run and experiment are given
-            mlflow.set_experiment(self.cfg.tracking.experiment_name)
-        self.run = mlflow.start_run(run_name=self.cfg.tracking.run_name)
+        if sweep.in_sweep():  # a job of a sweep: a child of the sweep's parent run
+            self.run = mlflow.start_run(experiment_id=os.environ[sweep.EXPERIMENT], run_name=self.cfg.tracking.run_name,
+                                        parent_run_id=os.environ[sweep.PARENT_RUN])
+        else:
+            if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`, the run and experiment are given
+                mlflow.set_experiment(self.cfg.tracking.experiment_name)
+            self.run = mlflow.start_run(run_name=self.cfg.tracking.run_name)
         self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         self._record_setup()
         log.info("MLflow run %s (%s) in experiment %s at %s", self.run.info.run_id, self.run.info.run_name,
@@ -196,8 +214,10 @@ class TrackedRun:
                               "prediction": (result.probabilities > self.cfg.evaluate.threshold).astype(int)})
         # MLflow's classifier evaluation adds the confusion matrix and its label metrics (test_f1_score, ...);
         # given static predictions it has no probabilities, so ROC and PR curves come from evaluate.py.
-        mlflow.models.evaluate(data=frame, targets="label", predictions="prediction", model_type="classifier",
-                               evaluator_config={"log_model_explainability": False, "metric_prefix": "test_"})
+        with warnings.catch_warnings():  # hints about integer columns and empty classes in its own checks
+            warnings.simplefilter("ignore")
+            mlflow.models.evaluate(data=frame, targets="label", predictions="prediction", model_type="classifier",
+                                   evaluator_config={"log_model_explainability": False, "metric_prefix": "test_"})
 
     def log_model(self, model, vocabulary: list[str], cfg: config.PipelineConfig) -> None:
         """Log the raw-text pyfunc: pipeline/textmodel.py as model code, the Keras file and vocabulary."""
@@ -221,3 +241,99 @@ class TrackedRun:
                 registered_model_name=cfg.evaluate.registered_model_name,
             )
         mlflow.set_tag("model_uri", info.model_uri)
+
+
+# -- sweeps: the parent run and its analysis ---------------------------------------------------------
+def _git_tags() -> dict[str, str]:
+    commit = _git("rev-parse", "HEAD")
+    if not commit:
+        return {}
+    return {"git.commit": commit, "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no")))}
+
+
+def open_sweep_parent(cfg: config.PipelineConfig, axes: dict[str, str], sweep_dir: str) -> tuple[str, str]:
+    """Create the sweep's parent run, or adopt the one `mlflow run` created. Returns (run id, experiment id)."""
+    from mlflow.entities import Param
+
+    mlflow.set_tracking_uri(tracking_uri(cfg.tracking))
+    client = mlflow.MlflowClient()
+    # Under `mlflow run` the project's run becomes the parent; the variable must not reach the jobs,
+    # or the first job would record into the parent itself.
+    adopted = os.environ.pop("MLFLOW_RUN_ID", None)
+    if adopted:
+        run = client.get_run(adopted)
+    else:
+        experiment = mlflow.set_experiment(cfg.tracking.experiment_name)
+        name = cfg.tracking.run_name or "sweep " + ",".join(key.rsplit(".", 1)[-1] for key in axes)
+        run = client.create_run(experiment.experiment_id, run_name=name)
+    run_id = run.info.run_id
+    client.log_batch(run_id, params=[Param(f"sweep.{key}", value[:6000]) for key, value in axes.items()],
+                     tags=[mlflow.entities.RunTag(k, v) for k, v in
+                           {"sweep.parent": "true", "sweep.dir": sweep_dir, **_git_tags()}.items()])
+    return run_id, run.info.experiment_id
+
+
+def close_sweep_parent(run_id: str, status: str) -> None:
+    client = mlflow.MlflowClient()
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status)
+
+
+def _history(client, run_id: str):
+    import pandas as pd
+
+    columns = {}
+    for curve in CURVES:
+        columns[curve] = {point.step: point.value for point in client.get_metric_history(run_id, curve)}
+    frame = pd.DataFrame(columns).sort_index()
+    frame.insert(0, "epoch", frame.index.astype(int))
+    return frame.reset_index(drop=True)
+
+
+def analyze_sweep(parent_run_id: str):
+    """Read the parent's children back, analyse them, and write table, figures and report to the parent."""
+    from matplotlib import pyplot as plt
+
+    from pipeline import analysis
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs([parent.info.experiment_id], max_results=5000,
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                  order_by=["attributes.start_time ASC"])
+    rows, histories, failed, early = [], {}, [], None
+    for run in children:
+        name, run_id = run.info.run_name, run.info.run_id
+        params, metrics = run.data.params, run.data.metrics
+        if run.info.status != "FINISHED" or "test_accuracy" not in metrics:
+            failed.append({"job": name, "run_id": run_id,
+                           "error": run.data.tags.get("error", f"run {run.info.status.lower()}")})
+            continue
+        history = _history(client, run_id)
+        if params.get("fit.early_stopping.enabled") == "True":
+            early = {"job": name, "run_id": run_id, "test_accuracy": metrics["test_accuracy"],
+                     "stopped_epoch": int(metrics.get("stopped_epoch", metrics["epochs_trained"])),
+                     "best_epoch": int(metrics.get("best_epoch", metrics["best_val_loss_epoch"]))}
+            continue
+        histories[run_id] = history
+        rows.append(analysis.job_row(name, run_id, int(params["build.hidden_units"]), int(params["fit.epochs"]),
+                                     history, metrics["test_accuracy"]))
+    result = analysis.analyze(rows, histories, failed, early)
+    client.log_text(parent_run_id, result.table.to_csv(index=False), "analysis/jobs.csv")
+    if not result.failed.empty:
+        client.log_text(parent_run_id, result.failed.to_csv(index=False), "analysis/failed_jobs.csv")
+    client.log_text(parent_run_id, result.report, "analysis/report.md")
+    for name, figure in result.figures.items():
+        client.log_figure(parent_run_id, figure, f"analysis/{name}")
+        plt.close(figure)
+    if result.headline:
+        client.log_batch(parent_run_id, metrics=[
+            mlflow.entities.Metric(key, value, int(time.time() * 1000), 0)
+            for key, value in result.headline.items() if value == value])  # NaN: nothing to compare
+    if early:
+        client.set_tag(parent_run_id, "sweep.early_stopping_run", early["run_id"])
+    if not result.table.empty:
+        best = result.table.loc[result.table["best_val_accuracy"].idxmax()]
+        client.set_tag(parent_run_id, "sweep.best_run", best["run_id"])
+        client.set_tag(parent_run_id, "sweep.best_job", best["job"])
+    return result

@@ -1,0 +1,131 @@
+"""Hydra multirun as one MLflow parent run with one child run per job, then the sweep analysis.
+
+SweepCallback is registered in conf/config.yaml and acts only in multirun mode. When the sweep starts
+it opens the parent run (or adopts the one `mlflow run` created, so that every job lands under it),
+records the sweep's axes as parent params and hands the parent's id to the jobs through the
+environment (inherited by joblib and Ray workers). When the jobs are done it optionally runs the
+early-stopping reference job, writes the analysis to the parent and ends it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+from dataclasses import replace
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import PipelineConfig, load
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN = "PIPELINE_SWEEP_PARENT_RUN_ID"
+EXPERIMENT = "PIPELINE_SWEEP_EXPERIMENT_ID"
+AXES = "PIPELINE_SWEEP_AXES"
+
+
+def sweep_axes(hydra_cfg: DictConfig) -> dict[str, str]:
+    """The swept keys and their values as written: sweeper params, then command-line sweeps (which win)."""
+    written = [f"{key}={value}" for key, value in (hydra_cfg.sweeper.get("params") or {}).items()]
+    written += list(hydra_cfg.overrides.task)
+    axes: dict[str, str] = {}
+    for override in OverridesParser.create().parse_overrides(written):
+        if override.is_sweep_override():
+            axes[override.key_or_group] = override.input_line.split("=", 1)[1]
+        else:  # a plain command-line value replaces a swept one from the config
+            axes.pop(override.key_or_group, None)
+    return axes
+
+
+def job_name(task_overrides: list[str], axes: list[str]) -> str:
+    """What differs between jobs, e.g. `hidden_units=32,epochs=20`, in the order of the axes."""
+    values = {o.key_or_group: o.input_line.split("=", 1)[1]
+              for o in OverridesParser.create().parse_overrides(list(task_overrides))}
+    return ",".join(f"{key.rsplit('.', 1)[-1]}={values[key]}" for key in axes if key in values)
+
+
+def in_sweep() -> bool:
+    return bool(os.environ.get(PARENT_RUN))
+
+
+def child_settings(settings: PipelineConfig, task_overrides: list[str], job_number: int) -> PipelineConfig:
+    """A job's settings with its run name (what differs) when it runs inside a sweep."""
+    axes = json.loads(os.environ.get(AXES, "[]"))
+    name = settings.tracking.run_name or job_name(task_overrides, axes) or f"job-{job_number}"
+    return replace(settings, tracking=replace(settings.tracking, run_name=name))
+
+
+class SweepCallback(Callback):
+    def __init__(self) -> None:
+        self.parent: str | None = None
+        self.settings: PipelineConfig | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from pipeline import tracking
+
+        hydra_cfg = config.hydra
+        self.settings = load(config)
+        axes = sweep_axes(hydra_cfg)
+        self.parent, experiment_id = tracking.open_sweep_parent(self.settings, axes, str(hydra_cfg.sweep.dir))
+        os.environ[PARENT_RUN] = self.parent
+        os.environ[EXPERIMENT] = experiment_id
+        os.environ[AXES] = json.dumps(list(axes))
+        os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri(self.settings.tracking)  # for every worker
+        atexit.register(self._abandoned)
+        log.info("sweep over %s: parent MLflow run %s", ", ".join(f"{k}={v}" for k, v in axes.items()), self.parent)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from pipeline import runner, tracking
+
+        if self.settings.sweep.early_stopping_reference:
+            reference = replace(
+                self.settings,
+                fit=replace(self.settings.fit, early_stopping=replace(self.settings.fit.early_stopping, enabled=True)),
+                tracking=replace(self.settings.tracking, run_name=f"early_stopping,hidden_units={self.settings.build.hidden_units}"))
+            try:
+                runner.run(reference, composed_yaml=OmegaConf.to_yaml(OmegaConf.structured(reference)))
+            except Exception:  # recorded as a FAILED child; the analysis lists it
+                log.exception("the early-stopping reference job failed")
+        analysis = tracking.analyze_sweep(self.parent)
+        failed = len(analysis.failed)
+        tracking.close_sweep_parent(self.parent, "FINISHED")
+        self.parent = None
+        for key in (PARENT_RUN, EXPERIMENT, AXES):
+            os.environ.pop(key, None)
+        log.info("sweep analysis: %d jobs finished, %d failed\n%s", len(analysis.table), failed, analysis.report)
+        if failed:
+            raise RuntimeError(f"{failed} sweep job(s) failed: {', '.join(analysis.failed['job'])}; "
+                               "the others are recorded and analysed under the parent run")
+
+    def _abandoned(self) -> None:
+        """The process is ending before the sweep did (Ctrl-C, SIGTERM, a crash): end the parent KILLED."""
+        if self.parent:
+            from pipeline import tracking
+
+            tracking.close_sweep_parent(self.parent, "KILLED")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pipeline.sweep PARENT_RUN_ID`: run the analysis again for a finished sweep."""
+    import argparse
+
+    from pipeline import tracking
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=main.__doc__)
+    parser.add_argument("parent_run_id", help="the sweep's parent run (its id in the MLflow UI)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in this folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    tracking.use(args.tracking_uri)
+    analysis = tracking.analyze_sweep(args.parent_run_id)
+    print(analysis.report)
+
+
+if __name__ == "__main__":
+    main()
