@@ -26,13 +26,20 @@ log = logging.getLogger("pipeline")
 def main(cfg: DictConfig) -> float | None:
     from pipeline import runner, sweep
 
-    settings = config.load(cfg)
     yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if not sweep.in_sweep():
-        metrics, _ = runner.run(settings, composed_yaml=yaml)
+        metrics, _ = runner.run(config.load(cfg), composed_yaml=yaml)
         return metrics.get("val_accuracy")
-    job = HydraConfig.get().job
-    settings = sweep.child_settings(settings, list(HydraConfig.get().overrides.task), job.num)
+    job, overrides = HydraConfig.get().job, list(HydraConfig.get().overrides.task)
+    try:
+        settings = sweep.child_settings(config.load(cfg), overrides, job.num)
+    except ValueError as error:  # a job whose settings are invalid is recorded as a failed child
+        from pipeline import tracking
+
+        name = sweep.child_name(overrides, job.num)
+        log.error("sweep job %s (%s): %s", job.num, name, error)
+        tracking.record_failed_job(name, error)
+        return float("nan")
     try:
         metrics, _ = runner.run(settings, composed_yaml=yaml)
     except Exception:  # one failed job must not stop the sweep: its child run is FAILED with the error

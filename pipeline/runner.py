@@ -36,6 +36,19 @@ class StageClock:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
+def limit_threads(threads: int) -> None:
+    """Cap TensorFlow's thread pools, so that jobs running side by side share the cores instead of
+    oversubscribing them. Only possible before TensorFlow starts; a later job in the same worker keeps
+    the first setting."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        log.debug("TensorFlow already started; thread limits stay as they were")
+
+
 def _ingest_key(cfg: PipelineConfig) -> str:
     settings = {k: v for k, v in asdict(cfg.ingest).items() if k not in INGEST_KEY_SKIPS}
     settings["input"] = ingest.input_digest(cfg.ingest)
@@ -104,6 +117,8 @@ def run(cfg: PipelineConfig, composed_yaml: str = "") -> tuple[dict[str, float],
     """Run the pipeline once, tracked. Returns (metrics, objects)."""
     from pipeline import evaluate, fit  # imported here: they pull in TensorFlow
 
+    if cfg.sweep.threads:
+        limit_threads(cfg.sweep.threads)
     store = cache.StageCache(Path(cfg.cache_dir))
     clock = StageClock()
     objects: dict[str, Any] = {}

@@ -53,10 +53,13 @@ def in_sweep() -> bool:
     return bool(os.environ.get(PARENT_RUN))
 
 
+def child_name(task_overrides: list[str], job_number: int) -> str:
+    return job_name(task_overrides, json.loads(os.environ.get(AXES, "[]"))) or f"job-{job_number}"
+
+
 def child_settings(settings: PipelineConfig, task_overrides: list[str], job_number: int) -> PipelineConfig:
     """A job's settings with its run name (what differs) when it runs inside a sweep."""
-    axes = json.loads(os.environ.get(AXES, "[]"))
-    name = settings.tracking.run_name or job_name(task_overrides, axes) or f"job-{job_number}"
+    name = settings.tracking.run_name or child_name(task_overrides, job_number)
     return replace(settings, tracking=replace(settings.tracking, run_name=name))
 
 
@@ -69,9 +72,13 @@ class SweepCallback(Callback):
         from pipeline import tracking
 
         hydra_cfg = config.hydra
-        self.settings = load(config)
-        axes = sweep_axes(hydra_cfg)
-        self.parent, experiment_id = tracking.open_sweep_parent(self.settings, axes, str(hydra_cfg.sweep.dir))
+        try:
+            self.settings = load(config)
+            axes = sweep_axes(hydra_cfg)
+            self.parent, experiment_id = tracking.open_sweep_parent(self.settings, axes, str(hydra_cfg.sweep.dir))
+        except Exception as error:  # Hydra would only warn and run the jobs untracked as a sweep: stop instead
+            log.error("the sweep cannot start: %s", error)
+            raise SystemExit(2) from error
         os.environ[PARENT_RUN] = self.parent
         os.environ[EXPERIMENT] = experiment_id
         os.environ[AXES] = json.dumps(list(axes))
@@ -98,9 +105,10 @@ class SweepCallback(Callback):
         for key in (PARENT_RUN, EXPERIMENT, AXES):
             os.environ.pop(key, None)
         log.info("sweep analysis: %d jobs finished, %d failed\n%s", len(analysis.table), failed, analysis.report)
-        if failed:
-            raise RuntimeError(f"{failed} sweep job(s) failed: {', '.join(analysis.failed['job'])}; "
-                               "the others are recorded and analysed under the parent run")
+        if failed:  # exit non-zero so that scripts notice (an exception here would only become a warning)
+            log.error("%d sweep job(s) failed: %s; the others are recorded and analysed under the parent run",
+                      failed, ", ".join(analysis.failed["job"]))
+            raise SystemExit(1)
 
     def _abandoned(self) -> None:
         """The process is ending before the sweep did (Ctrl-C, SIGTERM, a crash): end the parent KILLED."""

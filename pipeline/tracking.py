@@ -273,6 +273,17 @@ def open_sweep_parent(cfg: config.PipelineConfig, axes: dict[str, str], sweep_di
     return run_id, run.info.experiment_id
 
 
+def record_failed_job(run_name: str, error: Exception) -> None:
+    """A sweep job that could not start (invalid settings): a FAILED child run that says why."""
+    from pipeline import sweep
+
+    client = mlflow.MlflowClient()
+    run = client.create_run(os.environ[sweep.EXPERIMENT], run_name=run_name,
+                            tags={"mlflow.parentRunId": os.environ[sweep.PARENT_RUN],
+                                  "error": f"{type(error).__name__}: {error}"[:5000]})
+    client.set_terminated(run.info.run_id, "FAILED")
+
+
 def close_sweep_parent(run_id: str, status: str) -> None:
     client = mlflow.MlflowClient()
     if client.get_run(run_id).info.status == "RUNNING":

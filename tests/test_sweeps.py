@@ -1,0 +1,152 @@
+"""Sweeps as a user runs them: multirun, `mlflow run -e`, parallel jobs, a failing job, Optuna."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import PROJECT, tiny_overrides
+from tests.test_entrypoints import environment
+
+pytestmark = pytest.mark.slow
+
+
+def multirun(tmp_path: Path, archive: Path, *overrides: str, tracked: bool = True) -> subprocess.CompletedProcess:
+    base = tiny_overrides(archive, tmp_path)
+    if not tracked:
+        base = [o for o in base if not o.startswith("tracking.uri")]
+    return subprocess.run([sys.executable, "-m", "pipeline", "-m", *base, *overrides, "fit.epochs=2,3",
+                           f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+                          cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=900)
+
+
+def sweep_runs(uri: str) -> tuple[object, list]:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("imdb-sentiment")
+    every = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in every if r.data.tags.get("sweep.parent") == "true"]
+    assert len(parents) == 1, [r.info.run_name for r in every]
+    children = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(every) == 1 + len(children)  # nothing recorded outside the sweep
+    return parents[0], children
+
+
+def analysis_table(uri: str, parent_id: str, tmp_path: Path, name: str = "jobs.csv") -> pd.DataFrame:
+    path = MlflowClient(uri).download_artifacts(parent_id, f"analysis/{name}", str(tmp_path / parent_id))
+    return pd.read_csv(path)
+
+
+def test_grid_sweep_gives_one_parent_a_child_per_job_and_the_analysis(tiny_archive, tmp_path):
+    done = multirun(tmp_path, tiny_archive, "build.hidden_units=4,8", "sweep.early_stopping_reference=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent, children = sweep_runs(uri)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sweep.build.hidden_units"] == "4,8"
+    assert parent.data.params["sweep.fit.epochs"] == "2,3"
+    names = sorted(child.info.run_name for child in children)
+    assert names == ["early_stopping,hidden_units=16", "hidden_units=4,epochs=2", "hidden_units=4,epochs=3",
+                     "hidden_units=8,epochs=2", "hidden_units=8,epochs=3"]
+    assert all(child.info.status == "FINISHED" for child in children)
+    table = analysis_table(uri, parent.info.run_id, tmp_path)
+    assert sorted(zip(table.hidden_units, table.epochs)) == [(4, 2), (4, 3), (8, 2), (8, 3)]
+    by_name = {c.info.run_name: c for c in children}
+    for row in table.itertuples():
+        child = by_name[row.job]
+        assert row.test_accuracy == pytest.approx(child.data.metrics["test_accuracy"])
+        assert row.min_val_loss == pytest.approx(child.data.metrics["best_val_loss"])
+        assert 1 <= row.min_val_loss_epoch <= row.epochs
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id, "analysis")}
+    assert {"analysis/report.md", "analysis/jobs.csv", "analysis/val_loss_by_hidden_units.png",
+            "analysis/test_accuracy_by_epochs.png"} <= artifacts
+    report = Path(MlflowClient(uri).download_artifacts(parent.info.run_id, "analysis/report.md", str(tmp_path))).read_text()
+    assert "Validation loss is lowest at epoch" in report and "Early stopping" in report
+    assert parent.data.tags["sweep.best_run"] in {c.info.run_id for c in children}
+    # the data was prepared once: every job after the first reused it
+    hits = sorted(c.data.tags["cache.vectorize"] for c in children)
+    assert hits.count("miss") == 1
+
+    # the analysis runs again on its own for a finished sweep
+    again = subprocess.run([sys.executable, "-m", "pipeline.sweep", parent.info.run_id, "--tracking-uri", uri],
+                           cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Validation loss is lowest at epoch" in again.stdout
+
+
+def test_mlflow_run_sweep_entry_point_puts_every_job_under_its_run(tiny_archive, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
+    overrides += ["build.hidden_units=4,8", "fit.epochs=2,3", "sweep.early_stopping_reference=false",
+                  f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    done = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(PROJECT), "-e", "overfit_sweep", "--env-manager", "local",
+         "--experiment-name", "imdb-sentiment", "-P", "overrides=" + " ".join(overrides)],
+        cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    parent, children = sweep_runs(uri)
+    assert parent.data.tags["mlflow.project.entryPoint"] == "overfit_sweep"  # the run `mlflow run` made
+    assert sorted(c.info.run_name for c in children) == [
+        "hidden_units=4,epochs=2", "hidden_units=4,epochs=3", "hidden_units=8,epochs=2", "hidden_units=8,epochs=3"]
+    assert len(analysis_table(uri, parent.info.run_id, tmp_path)) == 4
+
+
+def test_parallel_sweep_with_joblib_loses_nothing(tiny_archive, tmp_path):
+    done = multirun(tmp_path, tiny_archive, "build.hidden_units=4,8", "hydra/launcher=joblib",
+                    "hydra.launcher.n_jobs=2", "sweep.threads=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent, children = sweep_runs(uri)
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    client = MlflowClient(uri)
+    for child in children:
+        epochs = int(child.data.params["fit.epochs"])
+        for curve in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert [p.step for p in client.get_metric_history(child.info.run_id, curve)] == list(range(1, epochs + 1))
+        assert child.data.tags["model_uri"]
+    assert len(analysis_table(uri, parent.info.run_id, tmp_path)) == 4
+
+
+def test_a_failing_job_does_not_lose_the_others(tiny_archive, tmp_path):
+    # 30 validation reviews is more than the tiny training split holds: those jobs fail in the split stage
+    done = multirun(tmp_path, tiny_archive, "split.validation_size=8,30")
+    assert done.returncode != 0  # the sweep reports that jobs failed ...
+    assert "2 sweep job(s) failed" in done.stdout + done.stderr
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent, children = sweep_runs(uri)
+    assert parent.info.status == "FINISHED"  # ... after the others ran and were analysed
+    status = {c.info.run_name: c.info.status for c in children}
+    assert status == {"validation_size=8,epochs=2": "FINISHED", "validation_size=8,epochs=3": "FINISHED",
+                      "validation_size=30,epochs=2": "FAILED", "validation_size=30,epochs=3": "FAILED"}
+    failed = [c for c in children if c.info.status == "FAILED"]
+    assert all("leaves no training data" in c.data.tags["error"] for c in failed)
+    assert len(analysis_table(uri, parent.info.run_id, tmp_path)) == 2
+    listed = analysis_table(uri, parent.info.run_id, tmp_path, "failed_jobs.csv")
+    assert sorted(listed.job) == ["validation_size=30,epochs=2", "validation_size=30,epochs=3"]
+
+
+def test_optuna_search_records_trials_as_children(tiny_archive, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "-m", "experiment=optuna_search", *tiny_overrides(tiny_archive, tmp_path),
+         "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+        cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent, children = sweep_runs(uri)
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    assert "choice(8, 16, 32, 64)" in parent.data.params["sweep.build.hidden_units"]
+    for child in children:
+        assert child.data.params["build.hidden_units"] in {"8", "16", "32", "64"}
+        assert 0.0 <= float(child.data.params["build.dropout_rate"]) <= 0.5
+        assert "hidden_units=" in child.info.run_name and "learning_rate=" in child.info.run_name
+    # the objective Optuna maximized is each job's best validation accuracy
+    import yaml
+
+    optimization = yaml.safe_load((tmp_path / "multirun" / "optimization_results.yaml").read_text())
+    client = MlflowClient(uri)
+    best = max(max(p.value for p in client.get_metric_history(c.info.run_id, "val_accuracy")) for c in children)
+    assert optimization["best_value"] == pytest.approx(best)
