@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,43 @@ class ReviewsDataset(MetaDataset):
 
 
 class _Interrupted(KeyboardInterrupt):
-    """SIGTERM, treated as Ctrl-C so the run ends KILLED."""
+    """Ctrl-C or SIGTERM: the run ends KILLED."""
+
+
+class _Signals:
+    """Turns SIGINT and SIGTERM into _Interrupted, but never inside a write to the tracking store:
+    an exception raised in the middle of a database write can leave the store unable to record the
+    run's end. A signal that arrives during a write is raised as soon as the write is done."""
+
+    def __init__(self) -> None:
+        self.writing = 0
+        self.pending: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def _handle(self, signum, frame) -> None:
+        if self.writing:
+            self.pending = signum
+        else:
+            raise _Interrupted(signal.Signals(signum).name)
+
+    @contextmanager
+    def write(self):
+        self.writing += 1
+        try:
+            yield
+        finally:
+            self.writing -= 1
+            if not self.writing and self.pending is not None:
+                signum, self.pending = self.pending, None
+                raise _Interrupted(signal.Signals(signum).name)
 
 
 class TrackedRun:
@@ -110,7 +147,7 @@ class TrackedRun:
         self.cfg = cfg
         self.composed_yaml = composed_yaml
         self.run = None
-        self._previous_sigterm = None
+        self.signals = _Signals()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> "TrackedRun":
@@ -124,14 +161,14 @@ class TrackedRun:
             if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`, the run and experiment are given
                 mlflow.set_experiment(self.cfg.tracking.experiment_name)
             self.run = mlflow.start_run(run_name=self.cfg.tracking.run_name)
-        self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.signals.install()
         self._record_setup()
         log.info("MLflow run %s (%s) in experiment %s at %s", self.run.info.run_id, self.run.info.run_name,
                  self.run.info.experiment_id, mlflow.get_tracking_uri())
         return self
 
     def __exit__(self, kind, error, traceback) -> bool:
-        signal.signal(signal.SIGTERM, self._previous_sigterm or signal.SIG_DFL)
+        self.signals.writing += 1  # from here on a signal waits until the run's end is recorded
         if kind is None:
             status = "FINISHED"
         elif issubclass(kind, KeyboardInterrupt):
@@ -140,11 +177,10 @@ class TrackedRun:
             status = "FAILED"
             mlflow.set_tag("error", f"{kind.__name__}: {error}"[:5000])
         mlflow.end_run(status=status)
+        self.signals.writing -= 1
+        self.signals.pending = None  # the run is KILLED or ending anyway; the original exception propagates
+        self.signals.restore()
         return False
-
-    @staticmethod
-    def _on_sigterm(signum, frame):
-        raise _Interrupted()
 
     def _record_setup(self) -> None:
         mlflow.log_params(config.flatten(self.cfg))
@@ -184,10 +220,13 @@ class TrackedRun:
         """A Keras callback that logs the four curves at step = epoch number, as each epoch ends."""
         import keras
 
+        signals = self.signals
+
         class EpochLogger(keras.callbacks.Callback):
             def on_epoch_end(self, epoch, logs=None):
                 values = {k: float(v) for k, v in (logs or {}).items() if k in CURVES}
-                mlflow.log_metrics(values, step=epoch + 1, synchronous=True)
+                with signals.write():
+                    mlflow.log_metrics(values, step=epoch + 1, synchronous=True)
 
         return EpochLogger()
 

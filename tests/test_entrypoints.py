@@ -87,7 +87,7 @@ def test_an_interrupted_run_ends_killed_with_its_finished_epochs(tiny_archive, t
             process.kill()
     run_id = runs(uri).run_id[0]
     run = client.get_run(run_id)
-    assert run.info.status == "KILLED"
+    assert run.info.status == "KILLED", process.stderr.read()[-3000:]
     epochs = [p.step for p in client.get_metric_history(run_id, "val_loss")]
     assert len(epochs) >= 3 and epochs == list(range(1, len(epochs) + 1))
     assert process.returncode != 0
