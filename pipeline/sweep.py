@@ -18,7 +18,7 @@ from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.config import PipelineConfig, load
 
@@ -79,10 +79,11 @@ class SweepCallback(Callback):
         except Exception as error:  # Hydra would only warn and run the jobs untracked as a sweep: stop instead
             log.error("the sweep cannot start: %s", error)
             raise SystemExit(2) from error
-        os.environ[PARENT_RUN] = self.parent
-        os.environ[EXPERIMENT] = experiment_id
-        os.environ[AXES] = json.dumps(list(axes))
-        os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri(self.settings.tracking)  # for every worker
+        forwarded = {PARENT_RUN: self.parent, EXPERIMENT: experiment_id, AXES: json.dumps(list(axes)),
+                     "MLFLOW_TRACKING_URI": tracking.tracking_uri(self.settings.tracking)}
+        os.environ.update(forwarded)  # jobs in this process, and joblib or local Ray workers, inherit these
+        if "ray" in str(hydra_cfg.launcher.get("_target_", "")):
+            _forward_to_ray(hydra_cfg.launcher, forwarded)
         atexit.register(self._abandoned)
         log.info("sweep over %s: parent MLflow run %s", ", ".join(f"{k}={v}" for k, v in axes.items()), self.parent)
 
@@ -116,6 +117,18 @@ class SweepCallback(Callback):
             from pipeline import tracking
 
             tracking.close_sweep_parent(self.parent, "KILLED")
+
+
+def _forward_to_ray(launcher: DictConfig, variables: dict[str, str]) -> None:
+    """Workers of a Ray cluster started elsewhere do not inherit this process's environment: pass the
+    sweep's variables in the runtime environment that the Ray launcher gives ray.init. (The launcher is
+    built from this same config after the multirun starts, so the change reaches it.)"""
+    with open_dict(launcher):
+        init = launcher.ray.init
+        existing = init.get("runtime_env")
+        runtime_env = OmegaConf.to_container(existing, resolve=True) if existing is not None else {}
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **variables}
+        init.runtime_env = runtime_env
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -115,6 +116,8 @@ class _Signals:
         self.previous: dict[int, Any] = {}
 
     def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():  # e.g. a launcher's worker thread
+            return
         for signum in (signal.SIGINT, signal.SIGTERM):
             self.previous[signum] = signal.signal(signum, self._handle)
 
@@ -184,11 +187,7 @@ class TrackedRun:
 
     def _record_setup(self) -> None:
         mlflow.log_params(config.flatten(self.cfg))
-        tags = {"pipeline.stages": ",".join(self.cfg.stages)}
-        commit = _git("rev-parse", "HEAD")
-        if commit:
-            tags["git.commit"] = commit
-            tags["git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
+        tags = {"pipeline.stages": ",".join(self.cfg.stages), **_git_tags()}
         for package in PACKAGES:
             try:
                 tags[f"version.{package}"] = metadata.version(package)
@@ -200,7 +199,17 @@ class TrackedRun:
 
     # -- what the stages produced ------------------------------------------------------------------
     def dataset(self, meta: dict) -> None:
-        mlflow.log_input(ReviewsDataset(meta["source"], meta["digest"], meta["counts"]), context="training")
+        dataset = ReviewsDataset(meta["source"], meta["digest"], meta["counts"])
+        for attempt in range(3):
+            try:
+                mlflow.log_input(dataset, context="training")
+                break
+            except mlflow.exceptions.MlflowException as error:
+                # Jobs of a parallel sweep can register the same data set at the same moment; the store
+                # then refuses the second insert. On the next try the row exists and is linked instead.
+                if "unique constraint" not in str(error).lower() or attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
         mlflow.set_tag("data.digest", meta["digest"])
 
     def cache_status(self, **stages: str) -> None:

@@ -150,3 +150,28 @@ def test_optuna_search_records_trials_as_children(tiny_archive, tmp_path):
     client = MlflowClient(uri)
     best = max(max(p.value for p in client.get_metric_history(c.info.run_id, "val_accuracy")) for c in children)
     assert optimization["best_value"] == pytest.approx(best)
+
+
+def test_ray_launcher_runs_the_sweep_on_a_local_ray_instance(tiny_archive, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    before = ray_processes()
+    # The launcher starts a local Ray instance for the sweep (2 CPUs) and stops it when the sweep ends.
+    done = multirun(tmp_path, tiny_archive, "build.hidden_units=4,8", "hydra/launcher=ray",
+                    "+hydra.launcher.ray.init.num_cpus=2", "+hydra.launcher.ray.init.include_dashboard=false",
+                    "sweep.threads=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent, children = sweep_runs(uri)
+    assert sorted(c.info.run_name for c in children) == [
+        "hidden_units=4,epochs=2", "hidden_units=4,epochs=3", "hidden_units=8,epochs=2", "hidden_units=8,epochs=3"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert len(analysis_table(uri, parent.info.run_id, tmp_path)) == 4
+    # every job ran in a Ray worker process, not in the process that started the sweep
+    assert "(_run_job pid=" in done.stdout + done.stderr
+    assert ray_processes() == before  # the Ray instance the sweep started is gone
+
+
+def ray_processes() -> set[str]:
+    found = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True)
+    return set(found.stdout.split())
