@@ -14,7 +14,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline import config
 
@@ -26,9 +26,8 @@ log = logging.getLogger("pipeline")
 def main(cfg: DictConfig) -> float | None:
     from pipeline import runner, sweep
 
-    yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if not sweep.in_sweep():
-        metrics, _ = runner.run(config.load(cfg), composed_yaml=yaml)
+        metrics, _ = runner.run(config.load(cfg))
         return metrics.get("val_accuracy")
     job, overrides = HydraConfig.get().job, list(HydraConfig.get().overrides.task)
     try:
@@ -40,8 +39,13 @@ def main(cfg: DictConfig) -> float | None:
         log.error("sweep job %s (%s): %s", job.num, name, error)
         tracking.record_failed_job(name, error)
         return float("nan")
+    previous = sweep.finished_job(settings)
+    if previous is not None:  # resuming a sweep: this job already finished under the parent
+        log.info("sweep job %s (%s) already finished as run %s; not run again", job.num,
+                 settings.tracking.run_name, previous["run_id"])
+        return previous["val_accuracy"]
     try:
-        metrics, _ = runner.run(settings, composed_yaml=yaml)
+        metrics, _ = runner.run(settings)
     except Exception:  # one failed job must not stop the sweep: its child run is FAILED with the error
         log.exception("sweep job %s (%s) failed", job.num, settings.tracking.run_name)
         return float("nan")

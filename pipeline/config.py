@@ -7,6 +7,7 @@ read. Defaults are the tutorial's ("Text classification with movie reviews", Ten
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -146,6 +147,7 @@ class TrackingConfig:
 class SweepConfig:
     early_stopping_reference: bool = False  # after a sweep's jobs, also run this config with early stopping
     threads: Optional[int] = None  # TensorFlow threads per job; null: TensorFlow's choice (all cores)
+    resume: Optional[str] = None  # a sweep's parent run id: continue it, skipping jobs that already finished
 
     def validate(self) -> None:
         if self.threads is not None:
@@ -190,8 +192,23 @@ def load(cfg: DictConfig) -> PipelineConfig:
     return config
 
 
+SECRET_KEY = re.compile(r"password|passwd|secret|token|credential|api_?key|access_?key", re.IGNORECASE)
+URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact(key: str, value: Any) -> Any:
+    """A setting as it may be recorded: secrets-looking keys hidden, credentials in URLs removed."""
+    if SECRET_KEY.search(key.rsplit(".", 1)[-1]) and value not in (None, ""):
+        return REDACTED
+    if isinstance(value, str):
+        return URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", value)
+    return value
+
+
 def flatten(cfg: PipelineConfig) -> dict[str, Any]:
-    """Every setting as a flat dotted key (``build.hidden_units``), the way MLflow shows params."""
+    """Every setting as a flat dotted key (``build.hidden_units``), the way MLflow shows params;
+    credentials redacted (see `redact`)."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, node: Any) -> None:
@@ -199,7 +216,19 @@ def flatten(cfg: PipelineConfig) -> dict[str, Any]:
             for key, value in node.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), value)
         else:
-            out[prefix] = node
+            out[prefix] = redact(prefix, node)
 
     walk("", OmegaConf.to_container(OmegaConf.structured(cfg)))
     return out
+
+
+def recorded_yaml(cfg: PipelineConfig) -> str:
+    """The settings as YAML for the run's artifacts, with the same redaction as the params."""
+    nested: dict[str, Any] = {}
+    for key, value in flatten(cfg).items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return OmegaConf.to_yaml(nested)

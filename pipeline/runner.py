@@ -113,7 +113,7 @@ def prepare(cfg: PipelineConfig, store: cache.StageCache, clock: StageClock, run
     return encoded, parts.sizes()
 
 
-def run(cfg: PipelineConfig, composed_yaml: str = "") -> tuple[dict[str, float], dict[str, Any]]:
+def run(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Run the pipeline once, tracked. Returns (metrics, objects)."""
     from pipeline import evaluate, fit  # imported here: they pull in TensorFlow
 
@@ -122,16 +122,18 @@ def run(cfg: PipelineConfig, composed_yaml: str = "") -> tuple[dict[str, float],
     store = cache.StageCache(Path(cfg.cache_dir))
     clock = StageClock()
     objects: dict[str, Any] = {}
-    with tracking.TrackedRun(cfg, composed_yaml) as run:
+    with tracking.TrackedRun(cfg) as run:
         try:
             encoded, _ = prepare(cfg, store, clock, run)
             if encoded is None:
+                run.complete()
                 return {}, objects
             with clock("build"):
                 model = build.build_model(cfg.build, len(encoded.vocabulary), encoded.x_train.shape[1], cfg.seed)
             run.model_summary(build.summary(model))
             objects.update(encoded=encoded, model=model)
             if "fit" not in cfg.stages:
+                run.complete()
                 return {}, objects
 
             with clock("fit"):
@@ -141,6 +143,7 @@ def run(cfg: PipelineConfig, composed_yaml: str = "") -> tuple[dict[str, float],
             metrics = {"val_loss": float(fitted.history["val_loss"].min()),
                        "val_accuracy": float(fitted.history["val_accuracy"].max())}
             if "evaluate" not in cfg.stages:
+                run.complete()
                 return metrics, objects
 
             with clock("evaluate"):
@@ -151,6 +154,7 @@ def run(cfg: PipelineConfig, composed_yaml: str = "") -> tuple[dict[str, float],
                     run.log_model(model, encoded.vocabulary, cfg)
             objects["evaluation"] = result
             metrics.update(result.metrics)
+            run.complete()
             return metrics, objects
         finally:
             run.stage_seconds(clock.seconds)

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 PARENT_RUN = "PIPELINE_SWEEP_PARENT_RUN_ID"
 EXPERIMENT = "PIPELINE_SWEEP_EXPERIMENT_ID"
 AXES = "PIPELINE_SWEEP_AXES"
+RESUMING = "PIPELINE_SWEEP_RESUMING"
 
 
 def sweep_axes(hydra_cfg: DictConfig) -> dict[str, str]:
@@ -51,6 +52,15 @@ def job_name(task_overrides: list[str], axes: list[str]) -> str:
 
 def in_sweep() -> bool:
     return bool(os.environ.get(PARENT_RUN))
+
+
+def finished_job(settings: PipelineConfig) -> dict | None:
+    """When resuming a sweep: the job's earlier FINISHED child run under the parent, if there is one."""
+    if not os.environ.get(RESUMING):
+        return None
+    from pipeline import tracking
+
+    return tracking.finished_child(os.environ[PARENT_RUN], settings.tracking.run_name)
 
 
 def child_name(task_overrides: list[str], job_number: int) -> str:
@@ -80,6 +90,7 @@ class SweepCallback(Callback):
             log.error("the sweep cannot start: %s", error)
             raise SystemExit(2) from error
         forwarded = {PARENT_RUN: self.parent, EXPERIMENT: experiment_id, AXES: json.dumps(list(axes)),
+                     RESUMING: "1" if self.settings.sweep.resume else "",
                      "MLFLOW_TRACKING_URI": tracking.tracking_uri(self.settings.tracking)}
         os.environ.update(forwarded)  # jobs in this process, and joblib or local Ray workers, inherit these
         if "ray" in str(hydra_cfg.launcher.get("_target_", "")):
@@ -96,14 +107,15 @@ class SweepCallback(Callback):
                 fit=replace(self.settings.fit, early_stopping=replace(self.settings.fit.early_stopping, enabled=True)),
                 tracking=replace(self.settings.tracking, run_name=f"early_stopping,hidden_units={self.settings.build.hidden_units}"))
             try:
-                runner.run(reference, composed_yaml=OmegaConf.to_yaml(OmegaConf.structured(reference)))
+                if finished_job(reference) is None:
+                    runner.run(reference)
             except Exception:  # recorded as a FAILED child; the analysis lists it
                 log.exception("the early-stopping reference job failed")
         analysis = tracking.analyze_sweep(self.parent)
         failed = len(analysis.failed)
         tracking.close_sweep_parent(self.parent, "FINISHED")
         self.parent = None
-        for key in (PARENT_RUN, EXPERIMENT, AXES):
+        for key in (PARENT_RUN, EXPERIMENT, AXES, RESUMING):
             os.environ.pop(key, None)
         log.info("sweep analysis: %d jobs finished, %d failed\n%s", len(analysis.table), failed, analysis.report)
         if failed:  # exit non-zero so that scripts notice (an exception here would only become a warning)

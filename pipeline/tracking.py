@@ -49,6 +49,26 @@ def tracking_uri(cfg: config.TrackingConfig) -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def check_reachable(uri: str, timeout: float = 5.0) -> str:
+    """Fail in seconds, before any work, when a tracking server does not answer (not after 40 epochs)."""
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError as error:
+        if error.code >= 500:
+            raise ConnectionError(f"tracking server {config.redact('uri', uri)} answers /health with {error.code}") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConnectionError(
+            f"cannot reach the tracking server at {config.redact('uri', uri)} ({reason}); start it, or point "
+            "tracking.uri / MLFLOW_TRACKING_URI elsewhere (unset both for the local store mlflow.db)") from None
+    return uri
+
+
 def use(uri: str | None) -> str:
     """Point the MLflow client at `uri` (or the default, as tracking_uri decides) and return it."""
     resolved = tracking_uri(config.TrackingConfig(uri=uri))
@@ -146,9 +166,8 @@ class _Signals:
 class TrackedRun:
     """Context manager around one MLflow run (or, under `mlflow run`, the run it created)."""
 
-    def __init__(self, cfg: config.PipelineConfig, composed_yaml: str = ""):
+    def __init__(self, cfg: config.PipelineConfig):
         self.cfg = cfg
-        self.composed_yaml = composed_yaml
         self.run = None
         self.signals = _Signals()
 
@@ -156,19 +175,33 @@ class TrackedRun:
     def __enter__(self) -> "TrackedRun":
         from pipeline import sweep
 
-        mlflow.set_tracking_uri(tracking_uri(self.cfg.tracking))
-        if sweep.in_sweep():  # a job of a sweep: a child of the sweep's parent run
-            self.run = mlflow.start_run(experiment_id=os.environ[sweep.EXPERIMENT], run_name=self.cfg.tracking.run_name,
-                                        parent_run_id=os.environ[sweep.PARENT_RUN])
-        else:
-            if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`, the run and experiment are given
-                mlflow.set_experiment(self.cfg.tracking.experiment_name)
-            self.run = mlflow.start_run(run_name=self.cfg.tracking.run_name)
+        uri = check_reachable(tracking_uri(self.cfg.tracking))
         self.signals.install()
-        self._record_setup()
+        try:
+            with self.signals.write():  # a Ctrl-C now waits until the run exists and can end KILLED
+                mlflow.set_tracking_uri(uri)
+                if sweep.in_sweep():  # a job of a sweep: a child of the sweep's parent run
+                    self.run = mlflow.start_run(experiment_id=os.environ[sweep.EXPERIMENT],
+                                                run_name=self.cfg.tracking.run_name,
+                                                parent_run_id=os.environ[sweep.PARENT_RUN])
+                else:
+                    if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`, the run and experiment are given
+                        mlflow.set_experiment(self.cfg.tracking.experiment_name)
+                    self.run = mlflow.start_run(run_name=self.cfg.tracking.run_name)
+                self._record_setup()
+        except BaseException as error:
+            if self.run is not None:  # otherwise MLflow's exit hook would record it FINISHED
+                self.__exit__(type(error), error, None)
+            else:
+                self.signals.restore()
+            raise
         log.info("MLflow run %s (%s) in experiment %s at %s", self.run.info.run_id, self.run.info.run_name,
                  self.run.info.experiment_id, mlflow.get_tracking_uri())
         return self
+
+    def complete(self) -> None:
+        """Mark the run as having done every stage it was asked for (what a resumed sweep looks for)."""
+        mlflow.set_tag("pipeline.complete", "true")
 
     def __exit__(self, kind, error, traceback) -> bool:
         self.signals.writing += 1  # from here on a signal waits until the run's end is recorded
@@ -194,8 +227,7 @@ class TrackedRun:
             except metadata.PackageNotFoundError:
                 pass
         mlflow.set_tags(tags)
-        if self.composed_yaml:
-            mlflow.log_text(self.composed_yaml, "config/config.yaml")
+        mlflow.log_text(config.recorded_yaml(self.cfg), "config/config.yaml")
 
     # -- what the stages produced ------------------------------------------------------------------
     def dataset(self, meta: dict) -> None:
@@ -303,12 +335,19 @@ def open_sweep_parent(cfg: config.PipelineConfig, axes: dict[str, str], sweep_di
     """Create the sweep's parent run, or adopt the one `mlflow run` created. Returns (run id, experiment id)."""
     from mlflow.entities import Param
 
-    mlflow.set_tracking_uri(tracking_uri(cfg.tracking))
+    mlflow.set_tracking_uri(check_reachable(tracking_uri(cfg.tracking)))
     client = mlflow.MlflowClient()
     # Under `mlflow run` the project's run becomes the parent; the variable must not reach the jobs,
     # or the first job would record into the parent itself.
     adopted = os.environ.pop("MLFLOW_RUN_ID", None)
-    if adopted:
+    if cfg.sweep.resume:  # an interrupted sweep continues under its own parent
+        run = client.get_run(cfg.sweep.resume)
+        if run.data.tags.get("sweep.parent") != "true":
+            raise ValueError(f"sweep.resume={cfg.sweep.resume}: that run is not a sweep's parent run")
+        client.update_run(run.info.run_id, status="RUNNING")
+        if adopted and adopted != cfg.sweep.resume:  # `mlflow run` made a run of its own: point it to the parent
+            client.set_tag(adopted, "sweep.resumed_parent", cfg.sweep.resume)
+    elif adopted:
         run = client.get_run(adopted)
     else:
         experiment = mlflow.set_experiment(cfg.tracking.experiment_name)
@@ -330,6 +369,22 @@ def record_failed_job(run_name: str, error: Exception) -> None:
                             tags={"mlflow.parentRunId": os.environ[sweep.PARENT_RUN],
                                   "error": f"{type(error).__name__}: {error}"[:5000]})
     client.set_terminated(run.info.run_id, "FAILED")
+
+
+def finished_child(parent_run_id: str, run_name: str) -> dict | None:
+    """The latest complete, FINISHED child of `parent_run_id` named `run_name` (id, best validation accuracy)."""
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    quoted = run_name.replace("'", "\\'")
+    found = client.search_runs([parent.info.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                             f"attributes.run_name = '{quoted}' and attributes.status = 'FINISHED' "
+                                             "and tags.`pipeline.complete` = 'true'")
+    if not found:
+        return None
+    history = client.get_metric_history(found[0].info.run_id, "val_accuracy")
+    best = max((point.value for point in history), default=float("nan"))
+    return {"run_id": found[0].info.run_id, "val_accuracy": best}
 
 
 def close_sweep_parent(run_id: str, status: str) -> None:
@@ -360,8 +415,13 @@ def analyze_sweep(parent_run_id: str):
     children = client.search_runs([parent.info.experiment_id], max_results=5000,
                                   filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                                   order_by=["attributes.start_time ASC"])
+    latest: dict[str, object] = {}  # a resumed sweep can hold several attempts of one job: keep one
+    for run in children:  # oldest first, so later attempts win, and a finished one beats any other
+        kept = latest.get(run.info.run_name)
+        if kept is None or run.info.status == "FINISHED" or kept.info.status != "FINISHED":
+            latest[run.info.run_name] = run
     rows, histories, failed, early = [], {}, [], None
-    for run in children:
+    for run in latest.values():
         name, run_id = run.info.run_name, run.info.run_id
         params, metrics = run.data.params, run.data.metrics
         if run.info.status != "FINISHED" or "test_accuracy" not in metrics:

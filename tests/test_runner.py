@@ -16,7 +16,7 @@ from tests.helpers import check_complete_run, runs
 
 
 def test_a_run_records_everything_a_user_looks_for(tiny_config):
-    metrics, objects = runner.run(tiny_config, composed_yaml="fit:\n  epochs: 3\n")
+    metrics, objects = runner.run(tiny_config)
     frame = runs(tiny_config.tracking.uri)
     assert len(frame) == 1
     check_complete_run(tiny_config.tracking.uri, frame.run_id[0], epochs=3)

@@ -1,0 +1,234 @@
+"""Each case where a record could stop being trustworthy, provoked for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import cache, fit, runner
+from tests.conftest import compose_config, tiny_overrides
+from tests.helpers import runs
+from tests.test_entrypoints import environment, free_port
+from tests.test_sweeps import multirun, sweep_runs
+
+
+def pipeline_command(tmp_path: Path, *overrides: str, env: dict | None = None, timeout: int = 600):
+    return subprocess.run([sys.executable, "-m", "pipeline", *overrides, f"hydra.run.dir={tmp_path / 'out'}"],
+                          cwd=tmp_path, env=env or environment(), capture_output=True, text=True, timeout=timeout)
+
+
+# -- bad input: a clear error before expensive work, nothing half-written --------------------------------
+@pytest.mark.slow
+def test_invalid_setting_is_refused_before_data_or_tracking(tiny_archive, tmp_path):
+    done = pipeline_command(tmp_path, *tiny_overrides(tiny_archive, tmp_path), "build.hidden_units=0")
+    assert done.returncode != 0
+    assert "build.hidden_units=0 is not allowed" in done.stderr + done.stdout
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_unreachable_tracking_server_fails_fast(tiny_archive, tmp_path):
+    overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
+    start = time.monotonic()
+    done = pipeline_command(tmp_path, *overrides, f"tracking.uri=http://127.0.0.1:{free_port()}")
+    assert done.returncode != 0
+    assert "cannot reach the tracking server" in done.stderr + done.stdout
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "cache").exists()  # no data was read
+
+
+# -- faults: nothing lost, nothing left dangling -------------------------------------------------------
+def test_exception_in_a_callback_ends_failed_with_finished_epochs_recorded(tiny_config, monkeypatch):
+    import keras
+
+    class Bomb(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("callback exploded")
+
+    original = fit.fit
+    monkeypatch.setattr(fit, "fit", lambda model, data, cfg, seed, callbacks=(): original(
+        model, data, cfg, seed, callbacks=[*callbacks, Bomb()]))
+    with pytest.raises(RuntimeError, match="callback exploded"):
+        runner.run(tiny_config)
+    frame = runs(tiny_config.tracking.uri)
+    assert frame["status"].tolist() == ["FAILED"]
+    assert "callback exploded" in frame["tags.error"][0]
+    history = MlflowClient(tiny_config.tracking.uri).get_metric_history(frame.run_id[0], "val_loss")
+    assert [p.step for p in history] == [1, 2]
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_duplicates(tiny_archive, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [sys.executable, "-m", "pipeline", "-m", *tiny_overrides(tiny_archive, tmp_path),
+            "build.hidden_units=4,8,12", "fit.epochs=2,3", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    process = subprocess.Popen(args, cwd=tmp_path, env=environment(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(uri)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            experiment = client.get_experiment_by_name("imdb-sentiment") if (tmp_path / "mlflow.db").exists() else None
+            if experiment and len(client.search_runs([experiment.experiment_id],
+                                                     "attributes.status = 'FINISHED'")) >= 2:
+                break
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    parent, children = sweep_runs(uri)
+    assert parent.info.status == "KILLED"
+    assert all(c.info.status in ("FINISHED", "KILLED") for c in children)  # none left RUNNING
+    finished_before = {c.info.run_name: c.info.run_id for c in children if c.info.status == "FINISHED"}
+    assert 2 <= len(finished_before) < 6
+
+    again = subprocess.run(args + [f"sweep.resume={parent.info.run_id}"], cwd=tmp_path, env=environment(),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    parent, children = sweep_runs(uri)
+    assert parent.info.status == "FINISHED"
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    names = sorted(c.info.run_name for c in finished)
+    assert len(names) == len(set(names)) == 6  # every job finished exactly once
+    for name, run_id in finished_before.items():  # and the ones done before were not run again
+        assert {c.info.run_id for c in finished if c.info.run_name == name} == {run_id}
+    table = pd.read_csv(client.download_artifacts(parent.info.run_id, "analysis/jobs.csv", str(tmp_path)))
+    assert len(table) == 6 and set(table.run_id) == {c.info.run_id for c in finished}
+
+
+@pytest.mark.slow
+def test_parallel_jobs_writing_to_the_embedded_store_lose_nothing(tiny_archive, tmp_path):
+    done = multirun(tmp_path, tiny_archive, "build.hidden_units=4,8,12", "hydra/launcher=joblib",
+                    "hydra.launcher.n_jobs=3", "sweep.threads=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent, children = sweep_runs(uri)
+    assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children)
+    client = MlflowClient(uri)
+    for child in children:
+        epochs = int(child.data.params["fit.epochs"])
+        for curve in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert [p.step for p in client.get_metric_history(child.info.run_id, curve)] == list(range(1, epochs + 1))
+        paths = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"history.csv", "model_summary.txt", "config", "figures"} <= paths
+        assert len(child.inputs.dataset_inputs) == 1
+        assert mlflow.pyfunc.load_model(child.data.tags["model_uri"]).predict(["fine"]).shape == (1,)
+
+
+def test_cache_entries_are_keyed_by_code(tmp_path):
+    module = types.SimpleNamespace(__file__=str(tmp_path / "stage.py"))
+    Path(module.__file__).write_text("def stage(): return 1\n")
+    before = cache.make_key("ingest", {"a": 1}, [module])
+    Path(module.__file__).write_text("def stage(): return 2\n")
+    assert cache.make_key("ingest", {"a": 1}, [module]) != before
+    assert cache.make_key("ingest", {"a": 2}, [module]) != cache.make_key("ingest", {"a": 1}, [module])
+
+
+def test_truncated_cache_entry_is_rebuilt_not_used(tmp_path):
+    import numpy as np
+
+    store = cache.StageCache(tmp_path)
+    store.save("vectorize", "k", {"x": np.arange(1000)}, {"m": 1})
+    file = tmp_path / "vectorize" / "k" / "x.npy"
+    file.write_bytes(file.read_bytes()[:-100])
+    assert store.load("vectorize", "k") is None
+    assert not (tmp_path / "vectorize" / "k").exists()
+
+
+# -- reproducibility -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_same_config_same_numbers_cold_and_warm(tiny_archive, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for attempt in range(2):  # the first run fills the cache, the second reads it
+        done = pipeline_command(tmp_path, *tiny_overrides(tiny_archive, tmp_path), "fit.epochs=4")
+        assert done.returncode == 0, done.stderr[-3000:]
+    frame = runs(uri)
+    assert frame["tags.cache.vectorize"].tolist() == ["miss", "hit"]
+    client = MlflowClient(uri)
+    for curve in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        first, second = ([(p.step, p.value) for p in sorted(client.get_metric_history(r, curve), key=lambda p: p.step)]
+                         for r in frame.run_id)
+        assert first == second, curve
+    assert frame["metrics.test_accuracy"][0] == frame["metrics.test_accuracy"][1]
+    assert frame["metrics.test_loss"][0] == frame["metrics.test_loss"][1]
+
+
+def test_a_run_records_what_is_needed_to_repeat_it(tiny_config):
+    runner.run(tiny_config)
+    frame = runs(tiny_config.tracking.uri)
+    run = frame.iloc[0]
+    assert len(run["tags.git.commit"]) == 40 and run["tags.git.dirty"] in ("True", "False")
+    assert len(run["tags.data.digest"]) == 64
+    for package in ("tensorflow", "keras", "mlflow", "hydra-core", "numpy"):
+        assert run[f"tags.version.{package}"] or package == "tensorflow"
+    recorded = Path(MlflowClient(tiny_config.tracking.uri).download_artifacts(
+        run.run_id, "config/config.yaml", str(Path(tiny_config.cache_dir).parent)))
+    rerun = compose_config([f"{k}={v}" for k, v in _leaves(recorded)])
+    assert rerun == tiny_config
+
+
+def _leaves(path: Path):
+    import yaml
+
+    def walk(prefix, node):
+        for key, value in node.items():
+            name = f"{prefix}.{key}" if prefix else key
+            if isinstance(value, dict):
+                yield from walk(name, value)
+            elif isinstance(value, list):
+                yield name, "[" + ",".join(map(str, value)) + "]"
+            else:
+                yield name, "null" if value is None else value
+
+    return list(walk("", yaml.safe_load(path.read_text())))
+
+
+# -- security ------------------------------------------------------------------------------------------
+def test_no_secret_reaches_params_tags_or_artifacts(tiny_archive, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "planted-env-secret")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "planted-password")
+    cfg = compose_config(tiny_overrides(tiny_archive, tmp_path) + [
+        "ingest.url=https://reader:planted-url-secret@data.example.invalid/aclImdb_v1.tar.gz"])
+    runner.run(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.get_run(runs(cfg.tracking.uri).run_id[0])
+    assert run.data.params["ingest.url"] == "https://***@data.example.invalid/aclImdb_v1.tar.gz"
+    recorded = [str(run.data.params), str(run.data.tags), str(run.inputs)]
+    download = tmp_path / "artifacts"
+    client.download_artifacts(run.info.run_id, "", str(download))
+    model = Path(mlflow.artifacts.download_artifacts(run.data.tags["model_uri"], dst_path=str(tmp_path / "model")))
+    for file in [*download.rglob("*"), *model.rglob("*")]:
+        if file.is_file():
+            recorded.append(file.read_bytes().decode("utf-8", errors="ignore"))
+    text = "\n".join(recorded)
+    for secret in ("planted-env-secret", "planted-password", "planted-url-secret"):
+        assert secret not in text, secret
+
+
+def test_loading_a_model_refuses_code_from_the_file(tmp_path):
+    import keras
+
+    from pipeline import textmodel
+
+    inputs = keras.Input(shape=(4,))
+    outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
+    keras.Model(inputs, outputs).save(tmp_path / "classifier.keras")
+    textmodel.save_vocabulary(tmp_path / "vocabulary.json", ["", "[UNK]", "a"], 4, "pre")
+    context = types.SimpleNamespace(artifacts={"classifier": str(tmp_path / "classifier.keras"),
+                                               "vocabulary": str(tmp_path / "vocabulary.json")})
+    with pytest.raises(ValueError, match="(?i)safe"):
+        textmodel.RawTextModel().load_context(context)
