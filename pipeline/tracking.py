@@ -222,10 +222,12 @@ class TrackedRun:
         mlflow.log_params(config.flatten(self.cfg))
         tags = {"pipeline.stages": ",".join(self.cfg.stages), **_git_tags()}
         for package in PACKAGES:
-            try:
-                tags[f"version.{package}"] = metadata.version(package)
-            except metadata.PackageNotFoundError:
-                pass
+            for distribution in (package, f"{package}-cpu"):  # TensorFlow ships as tensorflow or tensorflow-cpu
+                try:
+                    tags[f"version.{package}"] = metadata.version(distribution)
+                    break
+                except metadata.PackageNotFoundError:
+                    continue
         mlflow.set_tags(tags)
         mlflow.log_text(config.recorded_yaml(self.cfg), "config/config.yaml")
 
