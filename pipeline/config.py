@@ -148,6 +148,7 @@ class SweepConfig:
     early_stopping_reference: bool = False  # after a sweep's jobs, also run this config with early stopping
     threads: Optional[int] = None  # TensorFlow threads per job; null: TensorFlow's choice (all cores)
     resume: Optional[str] = None  # a sweep's parent run id: continue it, skipping jobs that already finished
+    champion_alias: Optional[str] = "champion"  # with evaluate.registered_model_name: alias of the best job's version
 
     def validate(self) -> None:
         if self.threads is not None:

@@ -111,7 +111,7 @@ class SweepCallback(Callback):
                     runner.run(reference)
             except Exception:  # recorded as a FAILED child; the analysis lists it
                 log.exception("the early-stopping reference job failed")
-        analysis = tracking.analyze_sweep(self.parent)
+        analysis = tracking.analyze_sweep(self.parent, alias=self.settings.sweep.champion_alias)
         failed = len(analysis.failed)
         tracking.close_sweep_parent(self.parent, "FINISHED")
         self.parent = None
@@ -151,12 +151,13 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=main.__doc__)
     parser.add_argument("parent_run_id", help="the sweep's parent run (its id in the MLflow UI)")
+    parser.add_argument("--alias", default=None, help="also point this registered-model alias at the best job")
     parser.add_argument("--tracking-uri", default=None,
                         help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in this folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     tracking.use(args.tracking_uri)
-    analysis = tracking.analyze_sweep(args.parent_run_id)
+    analysis = tracking.analyze_sweep(args.parent_run_id, alias=args.alias)
     print(analysis.report)
 
 

@@ -406,8 +406,9 @@ def _history(client, run_id: str):
     return frame.reset_index(drop=True)
 
 
-def analyze_sweep(parent_run_id: str):
-    """Read the parent's children back, analyse them, and write table, figures and report to the parent."""
+def analyze_sweep(parent_run_id: str, alias: str | None = None):
+    """Read the parent's children back, analyse them, and write table, figures and report to the parent.
+    With `alias`, the best job's registered model version (if it registered one) gets that alias."""
     from matplotlib import pyplot as plt
 
     from pipeline import analysis
@@ -457,4 +458,19 @@ def analyze_sweep(parent_run_id: str):
         best = result.table.loc[result.table["best_val_accuracy"].idxmax()]
         client.set_tag(parent_run_id, "sweep.best_run", best["run_id"])
         client.set_tag(parent_run_id, "sweep.best_job", best["job"])
+        if alias:
+            promote(client, parent_run_id, best["run_id"], alias)
     return result
+
+
+def promote(client, parent_run_id: str, run_id: str, alias: str) -> None:
+    """Point `alias` of the registered model at the version that run `run_id` registered, if it did."""
+    model_id = client.get_run(run_id).data.tags.get("model_uri", "").removeprefix("models:/")
+    versions = [v for v in client.search_model_versions(f"run_id = '{run_id}'")
+                if not model_id or getattr(v, "model_id", None) in (None, model_id)]
+    if not versions:
+        return
+    version = max(versions, key=lambda v: int(v.version))
+    client.set_registered_model_alias(version.name, alias, version.version)
+    client.set_tag(parent_run_id, "sweep.champion", f"models:/{version.name}@{alias} -> version {version.version}")
+    log.info("models:/%s@%s now serves version %s (run %s)", version.name, alias, version.version, run_id)

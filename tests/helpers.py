@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import sys
+import urllib.request
+from pathlib import Path
+
 import mlflow
 from mlflow import MlflowClient
+
+PROJECT = Path(__file__).resolve().parents[1]
 
 CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -41,3 +50,27 @@ def check_complete_run(uri: str, run_id: str, epochs: int) -> None:
     model = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
     probabilities = model.predict(["A wonderful, moving film.", "Awful and boring."])
     assert len(probabilities) == 2 and all(0.0 <= p <= 1.0 for p in probabilities)
+
+
+def environment(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess of the tests: no MLflow settings of the caller, this project importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    # `mlflow run --env-manager local` runs `python` from PATH: the environment running these tests
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(PROJECT)
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post(url: str, body: dict) -> list[float]:
+    """One scoring request to a model server; the predictions it returns."""
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())["predictions"]

@@ -13,18 +13,9 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import PROJECT, tiny_overrides
-from tests.helpers import check_complete_run, runs
+from tests.helpers import check_complete_run, environment, post, runs
 
 pytestmark = pytest.mark.slow
-
-
-def environment(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    # `mlflow run --env-manager local` runs `python` from PATH: the environment running these tests
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = str(PROJECT)
-    env.update(extra)
-    return env
 
 
 def test_python_m_pipeline(tiny_archive, tmp_path):
@@ -93,55 +84,19 @@ def test_an_interrupted_run_ends_killed_with_its_finished_epochs(tiny_archive, t
     assert process.returncode != 0
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_logged_model_is_served_over_rest(tiny_archive, tmp_path):
-    import json
-    import urllib.error
-    import urllib.request
-
     from pipeline import runner
     from tests.conftest import compose_config
+    from tests.servers import model_server
 
     cfg = compose_config(tiny_overrides(tiny_archive, tmp_path) + ["fit.epochs=15", "build.learning_rate=0.02"])
     runner.run(cfg)
     model_uri = runs(cfg.tracking.uri)["tags.model_uri"][0]
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)],
-        cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=cfg.tracking.uri),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-    def post(body: dict) -> list[float]:
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())["predictions"]
-
     texts = ["Superb, brilliant and moving.", "Awful, boring, the worst.", "A film."]
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5)
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert server.poll() is None, server.stderr.read()[-3000:]
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(1)
-        answers = [post({"inputs": texts}),
-                   post({"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}}),
-                   post({"dataframe_records": [{"text": t} for t in texts]})]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with model_server(model_uri, tmp_path, cfg.tracking.uri) as url:
+        answers = [post(url, {"inputs": texts}),
+                   post(url, {"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}}),
+                   post(url, {"dataframe_records": [{"text": t} for t in texts]})]
     for predictions in answers:
         assert len(predictions) == 3 and all(0.0 <= p <= 1.0 for p in predictions)
         assert predictions == pytest.approx(answers[0])

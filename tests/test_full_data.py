@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import REAL_ARCHIVE
 from tests.helpers import check_complete_run, runs
-from tests.test_entrypoints import environment
+from tests.helpers import environment
 
 pytestmark = [pytest.mark.slow, pytest.mark.full_data,
               pytest.mark.skipif(not REAL_ARCHIVE.exists(), reason=f"no archive at {REAL_ARCHIVE}")]

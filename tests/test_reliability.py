@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from pipeline import cache, fit, runner
 from tests.conftest import compose_config, tiny_overrides
 from tests.helpers import runs
-from tests.test_entrypoints import environment, free_port
+from tests.helpers import environment, free_port
 from tests.test_sweeps import multirun, sweep_runs
 
 

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import PROJECT, tiny_overrides
-from tests.test_entrypoints import environment
+from tests.helpers import environment
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,83 @@
+"""The model in use and a team's tracking server: registry, REST serving, batch scoring, concurrent writers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import runner
+from tests.conftest import compose_config, tiny_overrides
+from tests.helpers import environment, post, runs
+from tests.servers import model_server, tracking_server
+
+REVIEWS = ["Superb, brilliant and moving.", "Awful, boring, the worst.", "A film, with a plot."]
+
+
+def test_evaluate_registers_the_model_under_its_name(tiny_archive, tmp_path):
+    cfg = compose_config(tiny_overrides(tiny_archive, tmp_path) + ["evaluate.registered_model_name=imdb-tiny"])
+    runner.run(cfg)
+    runner.run(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    versions = sorted(client.search_model_versions("name = 'imdb-tiny'"), key=lambda v: int(v.version))
+    assert [int(v.version) for v in versions] == [1, 2]
+    assert {v.run_id for v in versions} == set(runs(cfg.tracking.uri).run_id)
+    model = mlflow.pyfunc.load_model("models:/imdb-tiny/2")
+    assert model.predict(REVIEWS).shape == (3,)
+
+
+@pytest.mark.slow
+def test_team_server_parallel_sweep_champion_serving_and_batch_scoring(tiny_archive, tmp_path):
+    overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
+    with tracking_server(tmp_path) as server:
+        sweep = subprocess.run(
+            [sys.executable, "-m", "pipeline", "-m", *overrides, "build.hidden_units=4,8", "fit.epochs=8,12",
+             "build.learning_rate=0.02", "evaluate.registered_model_name=imdb-tiny", "hydra/launcher=joblib",
+             "hydra.launcher.n_jobs=2", "sweep.threads=1", f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+            cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=server), capture_output=True, text=True, timeout=900)
+        assert sweep.returncode == 0, (sweep.stdout + sweep.stderr)[-3000:]
+        assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
+
+        # every run, metric point and artifact arrived, written by two jobs at once
+        client = MlflowClient(server)
+        experiment = client.get_experiment_by_name("imdb-sentiment")
+        assert experiment.artifact_location.startswith("mlflow-artifacts:")  # served by the server
+        every = client.search_runs([experiment.experiment_id])
+        parent = next(r for r in every if r.data.tags.get("sweep.parent") == "true")
+        children = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert len(every) == 5 and len(children) == 4
+        for child in children:
+            epochs = int(child.data.params["fit.epochs"])
+            for curve in ("loss", "accuracy", "val_loss", "val_accuracy"):
+                steps = [p.step for p in client.get_metric_history(child.info.run_id, curve)]
+                assert steps == list(range(1, epochs + 1))
+            paths = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}
+            assert {"figures/loss.png", "figures/accuracy.png"} <= paths
+        assert {a.path for a in client.list_artifacts(parent.info.run_id, "analysis")} >= {"analysis/report.md"}
+
+        # the sweep pointed the registry's champion alias at its best job
+        champion = client.get_model_version_by_alias("imdb-tiny", "champion")
+        assert champion.run_id == parent.data.tags["sweep.best_run"]
+        assert len(client.search_model_versions("name = 'imdb-tiny'")) == 4
+
+        # served from the registry by alias, answering real requests
+        with model_server("models:/imdb-tiny@champion", tmp_path, server) as url:
+            served = post(url, {"inputs": REVIEWS})
+        assert len(served) == 3 and served[0] > served[1]
+
+        # batch scoring from the command line, a CSV and a text file of reviews
+        pd.DataFrame({"id": [1, 2, 3], "text": REVIEWS}).to_csv(tmp_path / "reviews.csv", index=False)
+        (tmp_path / "reviews.txt").write_text("\n".join(REVIEWS) + "\n")
+        for source in ("reviews.csv", "reviews.txt"):
+            done = subprocess.run([sys.executable, "-m", "pipeline.score", "models:/imdb-tiny@champion", source,
+                                   "-o", f"{source}.scored.csv"], cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=server),
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+            scored = pd.read_csv(tmp_path / f"{source}.scored.csv")
+            assert scored["text"].tolist() == REVIEWS
+            assert scored["probability"].tolist() == pytest.approx(served, abs=1e-6)
+            assert scored["label"].tolist() == ["positive" if p > 0.5 else "negative" for p in served]

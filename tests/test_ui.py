@@ -1,0 +1,155 @@
+"""The MLflow UI in a real browser (headless Debian Chromium driven by Playwright), over a store the
+pipeline filled with one run and a small sweep. Screenshots land in screenshots/ (not committed)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT, tiny_overrides
+from tests.helpers import environment
+from tests.servers import tracking_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SHOTS = PROJECT / "screenshots"
+EPOCHS = 6
+# What this machine's Chromium needs headless and offline (no background calls to Google's hosts).
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def filled_store(tiny_archive, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ui")
+    common = tiny_overrides(tiny_archive, folder) + [f"fit.epochs={EPOCHS}"]
+    single = subprocess.run([sys.executable, "-m", "pipeline", *common, "tracking.run_name=tutorial-tiny",
+                             f"hydra.run.dir={folder / 'out'}"], cwd=folder, env=environment(),
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    sweep = subprocess.run([sys.executable, "-m", "pipeline", "-m", *common, "build.hidden_units=4,8,16",
+                            f"hydra.sweep.dir={folder / 'multirun'}"], cwd=folder, env=environment(),
+                           capture_output=True, text=True, timeout=600)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def browser_page(filled_store):
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"no Chromium at {CHROMIUM}: .ci/run installs Debian's chromium package")
+        pytest.skip("Debian's chromium package is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    SHOTS.mkdir(exist_ok=True)
+    with tracking_server(filled_store, backend=f"sqlite:///{filled_store / 'mlflow.db'}") as url:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.set_default_timeout(60_000)
+            yield url, page
+            browser.close()
+
+
+def ids(url: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("imdb-sentiment")
+    every = client.search_runs([experiment.experiment_id])
+    single = next(r for r in every if r.info.run_name == "tutorial-tiny")
+    parent = next(r for r in every if r.data.tags.get("sweep.parent") == "true")
+    return experiment.experiment_id, single, parent
+
+
+def unfold(page, parent_name: str) -> None:
+    """Show a parent run's children in the runs table (the UI remembers, so only when they are hidden)."""
+    if not page.get_by_text("hidden_units=16", exact=True).count():
+        page.locator("div[role='row']").filter(has_text=parent_name).locator(
+            "button[data-component-id*='runnamecellrenderer']").click()
+    page.get_by_text("hidden_units=16", exact=True).wait_for()
+
+
+def open_page(page, url: str, wait_for: str):
+    page.goto(url)
+    page.get_by_text(wait_for, exact=False).first.wait_for()
+
+
+def test_the_experiment_lists_runs_and_groups_the_sweep(browser_page):
+    url, page = browser_page
+    experiment_id, single, parent = ids(url)
+    open_page(page, f"{url}/#/experiments/{experiment_id}/runs", "tutorial-tiny")
+    body = page.inner_text("body")
+    assert "tutorial-tiny" in body and parent.info.run_name in body
+    assert "hidden_units=4" not in body  # children are folded under their parent ...
+    unfold(page, parent.info.run_name)  # ... and unfold from it
+    body = page.inner_text("body")
+    assert all(f"hidden_units={h}" in body for h in (4, 8, 16))
+    page.screenshot(path=str(SHOTS / "1-experiment-runs.png"))
+
+
+def test_a_run_page_shows_params_test_accuracy_and_one_val_loss_point_per_epoch(browser_page):
+    url, page = browser_page
+    experiment_id, single, _ = ids(url)
+    open_page(page, f"{url}/#/experiments/{experiment_id}/runs/{single.info.run_id}", "build.hidden_units")
+    body = page.inner_text("body")
+    assert "build.hidden_units" in body and "test_accuracy" in body
+    assert repr(single.data.metrics['test_accuracy'])[:4] in body
+    assert "Logged models" in body or "model" in body
+    page.screenshot(path=str(SHOTS / "2-run-overview.png"), full_page=True)
+    open_page(page, f"{url}/#/experiments/{experiment_id}/runs/{single.info.run_id}/model-metrics", "Model metrics")
+    page.get_by_placeholder("Search metric charts").fill("val_loss")
+    card = page.locator("[data-testid='experiment-view-compare-runs-card']").filter(
+        has=page.get_by_text("val_loss", exact=True))
+    card.locator("g.points path").first.wait_for()
+    assert card.locator("g.points path").count() == EPOCHS
+    page.screenshot(path=str(SHOTS / "3-run-val-loss.png"))
+
+
+def test_the_artifacts_view_lists_figures_report_and_model(browser_page):
+    url, page = browser_page
+    experiment_id, single, parent = ids(url)
+    open_page(page, f"{url}/#/experiments/{experiment_id}/runs/{single.info.run_id}/artifacts", "history.csv")
+    body = page.inner_text("body")
+    assert all(name in body for name in ("figures", "history.csv", "config", "model_summary.txt"))
+    page.get_by_text("figures", exact=True).click()
+    page.get_by_text("loss.png", exact=True).click()
+    page.locator("img[alt='figures/loss.png']").first.wait_for()  # the figure itself is shown
+    page.screenshot(path=str(SHOTS / "4-run-artifacts-figure.png"))
+    open_page(page, f"{url}/#/experiments/{experiment_id}/runs/{parent.info.run_id}/artifacts", "analysis")
+    page.get_by_text("analysis", exact=True).click()
+    page.get_by_text("report.md", exact=True).click()
+    page.get_by_text("Validation loss is lowest at epoch").first.wait_for()
+    page.screenshot(path=str(SHOTS / "5-sweep-report.png"))
+    # the trained model is listed with the run (MLflow 3 keeps logged models beside the artifacts)
+    open_page(page, f"{url}/#/experiments/{experiment_id}/runs/{single.info.run_id}", "Logged models (1)")
+    model_id = single.data.tags["model_uri"].removeprefix("models:/")
+    link = page.locator(f"a[href*='/models/{model_id}']").first
+    link.wait_for()
+    link.click()  # the model's own page
+    page.get_by_text(model_id).first.wait_for()
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(SHOTS / "6-logged-model.png"))
+
+
+def test_comparing_the_sweep_children_shows_val_loss_curves_side_by_side(browser_page):
+    url, page = browser_page
+    experiment_id, _, parent = ids(url)
+    open_page(page, f"{url}/#/experiments/{experiment_id}/runs", "tutorial-tiny")
+    search = page.get_by_placeholder('metrics.rmse < 1 and params.model = "tree"')
+    search.fill(f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    search.press("Enter")
+    page.get_by_text("4 matching runs").wait_for()  # the parent and its three children
+    unfold(page, parent.info.run_name)
+    page.locator("label:has(input[value='CHART'])").click()
+    page.get_by_placeholder("Search metric charts").fill("val_loss")
+    card = page.locator("[data-testid='experiment-view-compare-runs-card']").filter(
+        has=page.get_by_text("val_loss", exact=True))
+    card.locator("g.points path").first.wait_for()
+    assert card.locator("g.points path").count() == 3 * EPOCHS  # three children, one point per epoch each
+    page.screenshot(path=str(SHOTS / "7-compare-val-loss.png"))
