@@ -38,7 +38,7 @@ def make_key(stage: str, settings: Any, modules: Iterable[Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
@@ -72,7 +72,7 @@ class StageCache:
             product = {}
             for name, info in manifest["files"].items():
                 path = folder / info["file"]
-                if _sha256(path) != info["sha256"]:
+                if sha256_file(path) != info["sha256"]:
                     raise ValueError(f"{path} does not match its checksum")
                 if info["kind"] == "frame":
                     product[name] = pd.read_parquet(path)
@@ -97,7 +97,7 @@ class StageCache:
                 else:
                     file, kind = f"{name}.npy", "array"
                     np.save(staging / file, np.asarray(value), allow_pickle=False)
-                files[name] = {"file": file, "kind": kind, "sha256": _sha256(staging / file)}
+                files[name] = {"file": file, "kind": kind, "sha256": sha256_file(staging / file)}
             (staging / MANIFEST).write_text(json.dumps({"files": files, "meta": meta}, indent=1))
             try:
                 os.rename(staging, folder)

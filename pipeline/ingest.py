@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.cache import sha256_file
 from pipeline.config import IngestConfig
 
 # aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt, anywhere below the archive's or folder's root
@@ -106,14 +107,6 @@ def read_folder(path: Path) -> Reviews:
     return _finish(rows, str(path))
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(url: str, target: Path, sha256: str | None) -> Path:
     """Fetch `url` to `target` with a progress bar on stderr; verify the checksum before keeping it."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +121,7 @@ def download(url: str, target: Path, sha256: str | None) -> Path:
                 shown = f"{done / total:6.1%}" if total else f"{done >> 20} MB"
                 print(f"\rdownloading {url}: {shown}", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
-        if sha256 and sha256_of(Path(partial)) != sha256:
+        if sha256 and sha256_file(Path(partial)) != sha256:
             raise ValueError(f"{url}: the download's sha256 does not match {sha256}; nothing was kept")
         shutil.move(partial, target)
         return target
@@ -214,7 +207,7 @@ def input_digest(cfg: IngestConfig) -> str:
     if not path.exists():
         return ""
     if path.is_file():
-        return sha256_of(path)
+        return sha256_file(path)
     digest = hashlib.sha256()
     for file in sorted(path.rglob("*.txt")):
         stat = file.stat()

@@ -22,6 +22,13 @@ def runs(uri: str, experiment: str = "imdb-sentiment"):
     return mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time ASC"])
 
 
+def assert_every_epoch_recorded(client: MlflowClient, run_id: str, epochs: int) -> None:
+    """One point per epoch, steps 1..epochs, for each of the four curves."""
+    for curve in CURVES:
+        steps = sorted(point.step for point in client.get_metric_history(run_id, curve))
+        assert steps == list(range(1, epochs + 1)), (curve, steps)
+
+
 def check_complete_run(uri: str, run_id: str, epochs: int) -> None:
     """What a user checks in the UI for a finished run: params, curves, test metrics, artifacts, model."""
     client = MlflowClient(tracking_uri=uri)
@@ -32,9 +39,7 @@ def check_complete_run(uri: str, run_id: str, epochs: int) -> None:
                 "split.validation_size", "ingest.source", "fit.early_stopping.enabled", "seed"):
         assert key in params, key
     assert params["fit.epochs"] == str(epochs)
-    for curve in CURVES:
-        history = client.get_metric_history(run_id, curve)
-        assert sorted(point.step for point in history) == list(range(1, epochs + 1)), curve
+    assert_every_epoch_recorded(client, run_id, epochs)
     for metric in ("test_loss", "test_accuracy", "test_precision", "test_recall", "test_roc_auc"):
         assert metric in run.data.metrics, metric
     assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from pipeline import cache, fit, runner
 from tests.conftest import compose_config, tiny_overrides
-from tests.helpers import runs
+from tests.helpers import assert_every_epoch_recorded, runs
 from tests.helpers import environment, free_port
 from tests.test_sweeps import multirun, sweep_runs
 
@@ -121,9 +121,7 @@ def test_parallel_jobs_writing_to_the_embedded_store_lose_nothing(tiny_archive, 
     client = MlflowClient(uri)
     mlflow.set_tracking_uri(uri)
     for child in children:
-        epochs = int(child.data.params["fit.epochs"])
-        for curve in ("loss", "accuracy", "val_loss", "val_accuracy"):
-            assert [p.step for p in client.get_metric_history(child.info.run_id, curve)] == list(range(1, epochs + 1))
+        assert_every_epoch_recorded(client, child.info.run_id, int(child.data.params["fit.epochs"]))
         paths = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"history.csv", "model_summary.txt", "config", "figures"} <= paths
         training = [i for i in child.inputs.dataset_inputs

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from pipeline import runner
 from tests.conftest import compose_config, tiny_overrides
-from tests.helpers import environment, post, runs
+from tests.helpers import assert_every_epoch_recorded, environment, post, runs
 from tests.servers import model_server, tracking_server
 
 REVIEWS = ["Superb, brilliant and moving.", "Awful, boring, the worst.", "A film, with a plot."]
@@ -51,10 +51,7 @@ def test_team_server_parallel_sweep_champion_serving_and_batch_scoring(tiny_arch
         children = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert len(every) == 5 and len(children) == 4
         for child in children:
-            epochs = int(child.data.params["fit.epochs"])
-            for curve in ("loss", "accuracy", "val_loss", "val_accuracy"):
-                steps = [p.step for p in client.get_metric_history(child.info.run_id, curve)]
-                assert steps == list(range(1, epochs + 1))
+            assert_every_epoch_recorded(client, child.info.run_id, int(child.data.params["fit.epochs"]))
             paths = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}
             assert {"figures/loss.png", "figures/accuracy.png"} <= paths
         assert {a.path for a in client.list_artifacts(parent.info.run_id, "analysis")} >= {"analysis/report.md"}

@@ -54,8 +54,8 @@ def test_missing_archive_offline_says_where_to_put_it(tmp_path):
 
 def test_download_is_verified_and_kept(tiny_archive, tmp_path):
     target = tmp_path / "copy.tar.gz"
-    ingest.download(tiny_archive.as_uri(), target, ingest.sha256_of(tiny_archive))
-    assert ingest.sha256_of(target) == ingest.sha256_of(tiny_archive)
+    ingest.download(tiny_archive.as_uri(), target, ingest.sha256_file(tiny_archive))
+    assert ingest.sha256_file(target) == ingest.sha256_file(tiny_archive)
     with pytest.raises(ValueError, match="sha256 does not match"):
         ingest.download(tiny_archive.as_uri(), tmp_path / "bad.tar.gz", "0" * 64)
     assert not (tmp_path / "bad.tar.gz").exists()

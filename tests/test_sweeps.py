@@ -95,22 +95,6 @@ def test_mlflow_run_sweep_entry_point_puts_every_job_under_its_run(tiny_archive,
     assert len(analysis_table(uri, parent.info.run_id, tmp_path)) == 4
 
 
-def test_parallel_sweep_with_joblib_loses_nothing(tiny_archive, tmp_path):
-    done = multirun(tmp_path, tiny_archive, "build.hidden_units=4,8", "hydra/launcher=joblib",
-                    "hydra.launcher.n_jobs=2", "sweep.threads=1")
-    assert done.returncode == 0, done.stderr[-3000:]
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    parent, children = sweep_runs(uri)
-    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
-    client = MlflowClient(uri)
-    for child in children:
-        epochs = int(child.data.params["fit.epochs"])
-        for curve in ("loss", "accuracy", "val_loss", "val_accuracy"):
-            assert [p.step for p in client.get_metric_history(child.info.run_id, curve)] == list(range(1, epochs + 1))
-        assert child.data.tags["model_uri"]
-    assert len(analysis_table(uri, parent.info.run_id, tmp_path)) == 4
-
-
 def test_a_failing_job_does_not_lose_the_others(tiny_archive, tmp_path):
     # 30 validation reviews is more than the tiny training split holds: those jobs fail in the split stage
     done = multirun(tmp_path, tiny_archive, "split.validation_size=8,30")
