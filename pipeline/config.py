@@ -78,7 +78,7 @@ class SplitConfig:
 class BuildConfig:
     vocabulary_size: int = 10000  # the tutorial's num_words
     sequence_length: int = 256  # the tutorial's maxlen
-    truncate: str = "pre"  # pre keeps each review's last tokens, as pad_sequences does (test acc 0.871 vs 0.857)
+    truncate: str = "pre"  # pre keeps each review's last tokens, as pad_sequences does (test acc 0.873 vs 0.856)
     embedding_dim: int = 16  # the tutorial's value
     hidden_units: int = 16  # the tutorial's Dense(16, relu)
     hidden_layers: int = 1  # how many Dense(hidden_units, relu) layers
