@@ -8,9 +8,12 @@ one string, which is how `mlflow run` passes them (see MLproject).
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import shlex
 import sys
+import threading
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -61,6 +64,22 @@ def _expand_overrides(argv: list[str]) -> list[str]:
     return argv[:at] + shlex.split(argv[at + 1]) + argv[at + 2:]
 
 
+def _leave() -> None:
+    """Exit without the interpreter's teardown. By now every run has ended and every store write has
+    returned; what remains is unloading TensorFlow module by module, about 2 s of every run. Exit
+    handlers run as usual. With worker threads still alive (a parallel launcher's pool), the
+    interpreter's own shutdown stops them in its order instead."""
+    if any(thread.is_alive() and not thread.daemon and thread is not threading.main_thread()
+           for thread in threading.enumerate()):
+        return
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     sys.argv = _expand_overrides(sys.argv)
-    main()
+    main()  # errors leave through Hydra's own exit (status 1), with the usual teardown
+    _leave()

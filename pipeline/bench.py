@@ -1,30 +1,42 @@
 """`python -m pipeline.bench ARCHIVE`: the pipeline against the tutorial's plain script, side by side.
 
-Runs, alternating and repeated, (1) the reference, the tutorial's code as written on the same archive,
-untracked; (2) the pipeline from a cold start (empty stage cache, new tracking store); (3) the pipeline
-again with the cache warm. Each runs in its own process. Prints per-stage seconds, fit seconds per epoch,
-peak memory, test accuracy, the medians with min-max over repeats, and the pipeline/reference ratios.
-A command that prints numbers, not a test.
+Runs, alternating and repeated, each in its own process: (1) the reference, the tutorial's code on the
+same archive, untracked; (2) the pipeline from a cold start (empty stage cache, new tracking store);
+(3) the pipeline again with the cache warm. Prints per-stage seconds, fit seconds per epoch after the
+first, peak memory (the whole process tree, sampled), test accuracy, medians with min-max over the
+repeats, and the pipeline/reference ratios. `--sweep` adds the 16-job overfitting sweep against the
+same 16 jobs run one by one; `--scale` adds cost against corpus size. A command that prints numbers,
+not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+SWEEP_AXES = {"build.hidden_units": (8, 16, 32, 64), "fit.epochs": (10, 20, 30, 40)}  # conf/experiment/overfit_sweep
+
 
 def reference(archive: str) -> dict:
-    """The tutorial's script: read, TextVectorization, Embedding -> GlobalAveragePooling1D -> Dense(16) ->
-    Dense(1), adam, 10,000 validation reviews, 40 epochs, batch 512, then evaluate. Timed by part."""
+    """The tutorial's script, timed by part: Embedding(10000, 16) -> GlobalAveragePooling1D -> Dense(16,
+    relu) -> Dense(1, sigmoid); adam; the first 10,000 (shuffled) training reviews held out; 40 epochs;
+    batch 512; then evaluate. Its inputs are made as the tutorial's are: its text standardization
+    (lower case, `<br />` and punctuation removed), 10,000 tokens adapted on the training reviews, and
+    pad_sequences(maxlen=256, padding="post"), which keeps a review's last 256 tokens. The reviews are
+    ordered and shuffled as the pipeline orders them, so that both train on the same split."""
     times, start = {}, time.perf_counter()
     import re
+    import string
     import tarfile
 
     import numpy as np
@@ -33,31 +45,35 @@ def reference(archive: str) -> dict:
 
     times["import"] = time.perf_counter() - start
     mark = time.perf_counter()
-    texts = {"train": [], "test": []}
-    labels = {"train": [], "test": []}
+    found = {"train": [], "test": []}
     with tarfile.open(archive) as tar:
         for member in tar:
-            found = re.search(r"aclImdb/(train|test)/(pos|neg)/\d+_\d+\.txt$", member.name)
-            if found:
-                texts[found[1]].append(tar.extractfile(member).read().decode("utf-8"))
-                labels[found[1]].append(int(found[2] == "pos"))
-    order = np.random.default_rng(42).permutation(len(texts["train"]))
-    train_texts = np.array(texts["train"], dtype=object)[order]
-    train_labels = np.array(labels["train"], dtype="float32")[order]
+            match = re.search(r"aclImdb/(train|test)/(pos|neg)/(\d+)_\d+\.txt$", member.name)
+            if match:
+                text = tar.extractfile(member).read().decode("utf-8")
+                found[match[1]].append((int(match[2] == "pos"), int(match[3]), text))
+    train, test = sorted(found["train"]), sorted(found["test"])
+    order = np.random.default_rng(42).permutation(len(train))
+    train_texts = np.array([text for _, _, text in train], dtype=object)[order]
+    train_labels = np.array([label for label, _, _ in train], dtype="float32")[order]
+    test_texts = np.array([text for _, _, text in test], dtype=object)
+    test_labels = np.array([label for label, _, _ in test], dtype="float32")
     times["read"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
 
-    def standardize(x):
-        x = tf.strings.lower(x)
-        x = tf.strings.regex_replace(x, "<br />", " ")
-        return tf.strings.regex_replace(x, r"[^\w\s]", "")
+    def custom_standardization(input_data):
+        lowercase = tf.strings.lower(input_data)
+        stripped_html = tf.strings.regex_replace(lowercase, "<br />", " ")
+        return tf.strings.regex_replace(stripped_html, f"[{re.escape(string.punctuation)}]", "")
 
-    vectorize = keras.layers.TextVectorization(max_tokens=10000, standardize=standardize,
-                                               output_sequence_length=256)
+    vectorize = keras.layers.TextVectorization(max_tokens=10000, standardize=custom_standardization, ragged=True)
     vectorize.adapt(train_texts[10000:])
-    x_train = vectorize(train_texts).numpy()
-    x_test = vectorize(np.array(texts["test"], dtype=object)).numpy()
+
+    def pad_sequences(texts):  # keras.utils.pad_sequences(ids, maxlen=256, padding="post"), on the ragged tensor
+        return vectorize(texts)[:, -256:].to_tensor(default_value=0, shape=[None, 256]).numpy()
+
+    x_train, x_test = pad_sequences(train_texts), pad_sequences(test_texts)
     times["vectorize"] = time.perf_counter() - mark
 
     keras.utils.set_random_seed(42)
@@ -79,51 +95,208 @@ def reference(archive: str) -> dict:
                         validation_data=(x_train[:10000], train_labels[:10000]), verbose=0, callbacks=[Clock()])
     times["fit"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    loss, accuracy = model.evaluate(x_test, np.array(labels["test"], dtype="float32"), verbose=0)
+    loss, accuracy = model.evaluate(x_test, test_labels, verbose=0)
     times["evaluate"] = time.perf_counter() - mark
-    times["total"] = time.perf_counter() - start
-    val_loss = history.history["val_loss"]
     return {"seconds": times, "epoch_after_first": statistics.median(epoch_times[1:]),
-            "test_accuracy": accuracy, "best_val_loss_epoch": val_loss.index(min(val_loss)) + 1}
+            "test_accuracy": accuracy, "val_loss": history.history["val_loss"]}
 
 
-def _measured(args: list[str], cwd: Path) -> tuple[float, float, str]:
-    """(wall seconds, peak resident MB, stdout) of one child process."""
+# -- measuring a process ------------------------------------------------------------------------------
+def _tree_rss_mb(root: int) -> float:
+    """Resident memory of `root` and all its descendants, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        rss[int(entry)] = int(fields[21])
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measured(args: list[str], cwd: Path) -> dict:
+    """Wall seconds, peak memory of the process tree (sampled every 50 ms) and stdout of one command."""
     start = time.perf_counter()
     process = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peak = [0.0]
+
+    def sample():
+        while process.poll() is None:
+            peak[0] = max(peak[0], _tree_rss_mb(process.pid))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     stdout = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
+    process.wait()
+    wall = time.perf_counter() - start
+    sampler.join()
     if process.returncode:
         raise RuntimeError(f"{' '.join(args)} failed with exit code {process.returncode}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024, stdout
+    return {"wall": wall, "peak_mb": peak[0], "stdout": stdout}
 
 
-def pipeline_run(archive: str, workdir: Path) -> dict:
+def pipeline_command(archive: str, work: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", f"ingest.path={archive}", f"tracking.uri=sqlite:///{work / 'bench.db'}",
+            f"cache_dir={work / 'cache'}", f"hydra.run.dir={work / 'out'}", f"hydra.sweep.dir={work / 'multirun'}",
+            "tracking.experiment_name=bench", *overrides]
+
+
+def last_run(work: Path) -> dict:
+    """The newest run's stage seconds, per-epoch seconds and results, read back from its store."""
     import mlflow
 
-    uri = f"sqlite:///{workdir / 'bench.db'}"
-    wall, peak, _ = _measured([sys.executable, "-m", "pipeline", f"ingest.path={archive}", f"tracking.uri={uri}",
-                               f"cache_dir={workdir / 'cache'}", f"hydra.run.dir={workdir / 'out'}",
-                               "tracking.experiment_name=bench"], workdir)
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'bench.db'}")
     run = mlflow.search_runs(experiment_names=["bench"], order_by=["attributes.start_time DESC"]).iloc[0]
+    client = mlflow.MlflowClient()
+    epochs = [m.value for m in sorted(client.get_metric_history(run["run_id"], "epoch_seconds"), key=lambda m: m.step)]
+    val_loss = [m.value for m in sorted(client.get_metric_history(run["run_id"], "val_loss"), key=lambda m: m.step)]
     seconds = {k.removeprefix("tags.seconds."): float(v) for k, v in run.items()
                if k.startswith("tags.seconds.") and isinstance(v, str)}  # stages a warm run skipped have none
-    return {"wall": wall, "peak_mb": peak, "seconds": seconds, "test_accuracy": run["metrics.test_accuracy"],
-            "fit_per_epoch": seconds["fit"] / int(run["params.fit.epochs"]),
-            "best_val_loss_epoch": int(run["metrics.best_val_loss_epoch"])}
+    return {"seconds": seconds, "epoch_after_first": statistics.median(epochs[1:]),
+            "test_accuracy": float(run["metrics.test_accuracy"]), "val_loss": val_loss}
 
 
 def spread(values: list[float], digits: int = 2) -> str:
-    return f"{statistics.median(values):7.{digits}f}  ({min(values):.{digits}f}-{max(values):.{digits}f})"
+    return f"{statistics.median(values):8.{digits}f}  ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def best_epoch(val_loss: list[float]) -> int:
+    return val_loss.index(min(val_loss)) + 1
+
+
+# -- the three parts ----------------------------------------------------------------------------------
+def compare_runs(archive: str, repeats: int) -> None:
+    results: dict[str, list[dict]] = {"reference": [], "cold": [], "warm": []}
+    for repeat in range(repeats):
+        with tempfile.TemporaryDirectory(prefix="imdb-bench-") as folder:
+            work = Path(folder)
+            out = measured([sys.executable, "-m", "pipeline.bench", archive, "--reference-only"], work)
+            results["reference"].append({**out, **json.loads(out["stdout"].strip().splitlines()[-1])})
+            for kind in ("cold", "warm"):
+                out = measured(pipeline_command(archive, work), work)
+                results[kind].append({**out, **last_run(work)})
+        print(f"repeat {repeat + 1}/{repeats} done", file=sys.stderr, flush=True)
+
+    ref = results["reference"]
+    print(f"{'':36}{'median':>8}  (min-max) over {repeats} repeats")
+    for part in ("import", "read", "vectorize", "fit", "evaluate"):
+        print(f"reference {part + ' s':26}{spread([r['seconds'][part] for r in ref])}")
+    print(f"reference {'read + vectorize s':26}{spread([r['seconds']['read'] + r['seconds']['vectorize'] for r in ref])}")
+    print(f"reference {'fit s/epoch after 1st':26}{spread([r['epoch_after_first'] for r in ref], 3)}")
+    print(f"reference {'wall s':26}{spread([r['wall'] for r in ref])}")
+    print(f"reference {'peak MB':26}{spread([r['peak_mb'] for r in ref], 0)}")
+    print(f"reference {'test accuracy':26}{spread([r['test_accuracy'] for r in ref], 4)}")
+    for kind in ("cold", "warm"):
+        runs = results[kind]
+        for stage in sorted({s for r in runs for s in r["seconds"]}):
+            print(f"pipeline {kind} {stage + ' s':22}{spread([r['seconds'].get(stage, 0.0) for r in runs])}")
+        if kind == "cold":
+            prepare = [sum(r["seconds"].get(s, 0.0) for s in ("ingest", "split", "vectorize")) for r in runs]
+            print(f"pipeline cold {'ingest+split+vectorize s':22}{spread(prepare)}   floor 5")
+        print(f"pipeline {kind} {'fit s/epoch after 1st':22}{spread([r['epoch_after_first'] for r in runs], 3)}"
+              + ("   floor 0.25" if kind == "cold" else ""))
+        print(f"pipeline {kind} {'wall s':22}{spread([r['wall'] for r in runs])}")
+        print(f"pipeline {kind} {'peak MB':22}{spread([r['peak_mb'] for r in runs], 0)}   floor 2560")
+        print(f"pipeline {kind} {'test accuracy':22}{spread([r['test_accuracy'] for r in runs], 4)}")
+        ratios = [r["wall"] / f["wall"] for r, f in zip(runs, ref)]
+        print(f"ratio {kind} wall / reference wall      {spread(ratios)}   floor {0.5 if kind == 'cold' else 0.3}")
+    epochs = [r["epoch_after_first"] / f["epoch_after_first"] for r, f in zip(results["cold"], ref)]
+    print(f"ratio fit s/epoch / reference           {spread(epochs)}")
+    points = [100 * (r["test_accuracy"] - f["test_accuracy"]) for r, f in zip(results["cold"], ref)]
+    print(f"test accuracy, pipeline - reference (points) {spread(points)}   floor |x| <= 0.5")
+    gap = [max(abs(a - b) for a, b in zip(r["val_loss"], f["val_loss"])) for r, f in zip(results["cold"], ref)]
+    print(f"val_loss curves, largest gap per epoch       {spread(gap, 4)}")
+    print(f"lowest val_loss at epoch: reference {[best_epoch(r['val_loss']) for r in ref]}, "
+          f"pipeline {[best_epoch(r['val_loss']) for r in results['cold']]}")
+
+
+def compare_sweep(archive: str, launchers: list[str]) -> None:
+    """The 16-job overfitting sweep (data prepared once, start-up paid once) against the same 16 jobs each
+    run alone with a warm cache."""
+    axes = [f"{k}={','.join(map(str, v))}" for k, v in SWEEP_AXES.items()]
+    settings = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "sweep.threads=1"]}
+    with tempfile.TemporaryDirectory(prefix="imdb-bench-sweep-") as folder:
+        work = Path(folder)
+        walls = {}
+        for name in launchers:
+            shutil.rmtree(work / "cache", ignore_errors=True)  # each launcher starts cold
+            out = measured(pipeline_command(archive, work, "-m", *axes, "sweep.early_stopping_reference=false",
+                                            *settings[name]), work)
+            walls[name] = out["wall"]
+            print(f"sweep of 16 jobs, {name} launcher, cold cache: {out['wall']:.1f} s, peak {out['peak_mb']:.0f} MB",
+                  flush=True)
+        alone = []
+        for hidden in SWEEP_AXES["build.hidden_units"]:
+            for epochs in SWEEP_AXES["fit.epochs"]:
+                out = measured(pipeline_command(archive, work, f"build.hidden_units={hidden}", f"fit.epochs={epochs}"), work)
+                alone.append(out["wall"])
+        print(f"the 16 jobs one by one, warm cache: sum {sum(alone):.1f} s "
+              f"(each {min(alone):.1f}-{max(alone):.1f} s, median {statistics.median(alone):.1f} s)")
+        for name, wall in walls.items():
+            print(f"ratio sweep ({name}) / sum of jobs alone: {wall / sum(alone):.2f}   floor 0.75")
+
+
+def scaled_archive(source: str, factor: float, target: Path) -> Path:
+    """An archive in the aclImdb layout with `factor` times the reviews of each split and class: a
+    prefix when shrinking, whole copies (with new ids) when growing."""
+    import tarfile
+
+    from pipeline.ingest import MEMBER, _open_tar
+
+    members: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
+    with _open_tar(Path(source)) as tar:
+        for member in tar:
+            match = MEMBER.search(member.name)
+            if match and member.isfile():
+                members.setdefault((match[1], match[2]), []).append((match[4], tar.extractfile(member).read()))
+    with tarfile.open(target, "w:gz", compresslevel=1) as out:
+        for (split, polarity), reviews in members.items():
+            count = int(round(len(reviews) * factor))
+            for number in range(count):
+                rating, data = reviews[number % len(reviews)]
+                info = tarfile.TarInfo(f"aclImdb/{split}/{polarity}/{number}_{rating}.txt")
+                info.size = len(data)
+                out.addfile(info, io.BytesIO(data))
+    return target
+
+
+def compare_scale(archive: str, factors: list[float]) -> None:
+    print(f"{'corpus':>7} {'reviews':>8} {'wall s':>7} {'ingest s':>9} {'vectorize s':>12} {'fit s':>7} "
+          f"{'peak MB':>8} {'wall ms/1k reviews':>19}")
+    for factor in factors:
+        with tempfile.TemporaryDirectory(prefix="imdb-bench-scale-") as folder:
+            work = Path(folder)
+            data = scaled_archive(archive, factor, work / "aclImdb_scaled.tar.gz")
+            out = measured(pipeline_command(str(data), work, "split=fraction"), work)
+            run = last_run(work)
+            reviews = int(round(50000 * factor))
+            seconds = run["seconds"]
+            print(f"{factor:6.2f}x {reviews:8d} {out['wall']:7.1f} {seconds.get('ingest', 0):9.2f} "
+                  f"{seconds.get('vectorize', 0):12.2f} {seconds.get('fit', 0):7.2f} {out['peak_mb']:8.0f} "
+                  f"{1000 * out['wall'] / reviews:19.2f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("archive", nargs="?", default=os.environ.get("IMDB_ARCHIVE"),
                         help="the aclImdb .tar.gz (default: $IMDB_ARCHIVE)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="reference/cold/warm rounds (default 3)")
+    parser.add_argument("--sweep", nargs="?", const="basic,joblib", default=None, metavar="LAUNCHERS",
+                        help="also time the 16-job sweep against its jobs run alone (launchers: basic,joblib)")
+    parser.add_argument("--scale", nargs="?", const="0.25,0.5,1,2,4", default=None, metavar="FACTORS",
+                        help="also time default runs on 0.25x..4x the corpus")
+    parser.add_argument("--skip-runs", action="store_true", help="only the --sweep / --scale parts")
     parser.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.archive:
@@ -132,38 +305,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.reference_only:
         print(json.dumps(reference(archive)))
         return
-
-    results: dict[str, list[dict]] = {"reference": [], "cold": [], "warm": []}
-    for repeat in range(args.repeats):
-        with tempfile.TemporaryDirectory(prefix="imdb-bench-") as folder:
-            work = Path(folder)
-            wall, peak, out = _measured([sys.executable, "-m", "pipeline.bench", archive, "--reference-only"], work)
-            results["reference"].append({"wall": wall, "peak_mb": peak, **json.loads(out.strip().splitlines()[-1])})
-            results["cold"].append(pipeline_run(archive, work))
-            results["warm"].append(pipeline_run(archive, work))
-        print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
-
-    print(f"{'':32}{'median':>7}  (min-max) over {args.repeats} repeats")
-    ref = results["reference"]
-    for part in ("import", "read", "vectorize", "fit", "evaluate"):
-        print(f"reference {part + ' s':22}{spread([r['seconds'][part] for r in ref])}")
-    print(f"reference {'fit s/epoch after 1st':22}{spread([r['epoch_after_first'] for r in ref])}")
-    print(f"reference {'wall s':22}{spread([r['wall'] for r in ref])}")
-    print(f"reference {'peak MB':22}{spread([r['peak_mb'] for r in ref])}")
-    print(f"reference {'test accuracy':22}{spread([r['test_accuracy'] for r in ref], 4)}")
-    for kind in ("cold", "warm"):
-        runs = results[kind]
-        for stage in sorted({s for r in runs for s in r["seconds"]}):
-            print(f"pipeline {kind} {stage + ' s':17}{spread([r['seconds'].get(stage, 0.0) for r in runs])}"
-                  + ("  (cache read + model)" if kind == "warm" and stage == "build" else ""))
-        print(f"pipeline {kind} {'fit s/epoch (all)':17}{spread([r['fit_per_epoch'] for r in runs])}")
-        print(f"pipeline {kind} {'wall s':17}{spread([r['wall'] for r in runs])}")
-        print(f"pipeline {kind} {'peak MB':17}{spread([r['peak_mb'] for r in runs])}")
-        print(f"pipeline {kind} {'test accuracy':17}{spread([r['test_accuracy'] for r in runs], 4)}")
-        ratios = [r["wall"] / f["wall"] for r, f in zip(runs, ref)]
-        print(f"ratio {kind} wall / reference wall    {spread(ratios)}")
-    print(f"best val-loss epoch: reference {[r['best_val_loss_epoch'] for r in ref]}, "
-          f"pipeline {[r['best_val_loss_epoch'] for r in results['cold']]}")
+    if not args.skip_runs:
+        compare_runs(archive, args.repeats)
+    if args.sweep:
+        compare_sweep(archive, args.sweep.split(","))
+    if args.scale:
+        compare_scale(archive, [float(f) for f in args.scale.split(",")])
 
 
 if __name__ == "__main__":

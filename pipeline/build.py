@@ -33,14 +33,11 @@ class Encoded:
 
 def vectorize(splits: Splits, cfg: BuildConfig) -> Encoded:
     """Adapt the vocabulary on the training part only, then encode every split with it."""
-    import tensorflow as tf
-
-    vectorizer = textmodel.make_vectorizer(cfg.vocabulary_size)
-    vectorizer.adapt(tf.data.Dataset.from_tensor_slices(splits.train["text"].tolist()).batch(2048))
-    vocabulary = [str(token) for token in vectorizer.get_vocabulary()]
+    vocabulary = textmodel.adapt(splits.train["text"], cfg.vocabulary_size)
+    index = textmodel.token_index(vocabulary)
 
     def encode(frame):
-        ids = textmodel.encode(vectorizer, frame["text"].tolist(), cfg.sequence_length, cfg.truncate)
+        ids = textmodel.encode(index, frame["text"].tolist(), cfg.sequence_length, cfg.truncate)
         return ids, frame["label"].to_numpy(dtype=np.float32)
 
     x_train, y_train = encode(splits.train)

@@ -7,8 +7,10 @@ read. Defaults are the tutorial's ("Text classification with movie reviews", Ten
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -117,11 +119,13 @@ class FitConfig:
     epochs: int = 40  # the tutorial's value
     batch_size: int = 512  # the tutorial's value
     jit_compile: bool = True  # XLA-compiled training step: same model and numbers, about a third faster on CPU
+    steps_per_execution: int = 32  # batches per compiled call: a whole epoch at once, not 30 Python round trips
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
     def validate(self) -> None:
         _positive("fit.epochs", self.epochs)
         _positive("fit.batch_size", self.batch_size)
+        _positive("fit.steps_per_execution", self.steps_per_execution)
 
 
 @dataclass
@@ -233,3 +237,33 @@ def recorded_yaml(cfg: PipelineConfig) -> str:
             node = node.setdefault(part, {})
         node[leaf] = value
     return OmegaConf.to_yaml(nested)
+
+
+# -- where runs are recorded (no MLflow needed: checked before anything heavy loads) ---------------
+def tracking_uri(cfg: TrackingConfig) -> str:
+    """The configured URI, else $MLFLOW_TRACKING_URI, else the embedded store that `mlflow ui` opens here."""
+    if cfg.uri:
+        return cfg.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> str:
+    """Fail in seconds, before any work, when a tracking server does not answer (not after 40 epochs)."""
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError as error:
+        if error.code >= 500:
+            raise ConnectionError(f"tracking server {redact('uri', uri)} answers /health with {error.code}") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConnectionError(
+            f"cannot reach the tracking server at {redact('uri', uri)} ({reason}); start it, or point "
+            "tracking.uri / MLFLOW_TRACKING_URI elsewhere (unset both for the local store mlflow.db)") from None
+    return uri

@@ -28,7 +28,9 @@ def fit(model, data: Encoded, cfg: FitConfig, seed: int, callbacks: Sequence = (
     import keras
 
     keras.utils.set_random_seed(seed)
+    # How the steps run, not what they compute: read by Keras when fit builds its train function.
     model.jit_compile = cfg.jit_compile
+    model.steps_per_execution = cfg.steps_per_execution
     stopper = None
     all_callbacks = list(callbacks)
     if cfg.early_stopping.enabled:

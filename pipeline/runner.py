@@ -8,15 +8,21 @@ product to `pipeline.tracking`, the one module that speaks to MLflow.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline import build, cache, ingest, split, textmodel, tracking
-from pipeline.config import PipelineConfig
+from pipeline import build, cache, ingest, split, textmodel
+from pipeline.config import PipelineConfig, check_reachable, tracking_uri
 from pipeline.build import Encoded
+
+if TYPE_CHECKING:
+    from pipeline import tracking
 
 log = logging.getLogger(__name__)
 
@@ -62,28 +68,10 @@ def _vectorize_key(cfg: PipelineConfig, ingest_key: str) -> str:
     return cache.make_key("vectorize", settings, [ingest, split, build, textmodel])
 
 
-def prepare(cfg: PipelineConfig, store: cache.StageCache, clock: StageClock, run: tracking.TrackedRun):
-    """Ingest, split and vectorize as far as cfg.stages asks, reusing cached products where they match."""
-    if cfg.ingest.source != "keras":
-        ingest.locate(cfg.ingest)  # download first if needed, so the cache key sees the real file
-    ingest_key = _ingest_key(cfg)
-    wants_vectors = "build" in cfg.stages
-    vector_key = _vectorize_key(cfg, ingest_key) if wants_vectors else None
-    ingest_meta = store.meta("ingest", ingest_key)
-
-    if vector_key and ingest_meta is not None:
-        with clock("build"):
-            hit = store.load("vectorize", vector_key)
-        if hit is not None:
-            arrays, meta = hit
-            log.info("ingest, split, vectorize: reusing cached products (keys %s, %s) from %s",
-                     ingest_key, vector_key, store.root)
-            run.dataset(ingest_meta)
-            run.cache_status(ingest="hit", split="hit", vectorize="hit")
-            run.split_sizes(meta["sizes"])
-            encoded = Encoded(vocabulary=meta["vocabulary"], **{k: arrays[k] for k in Encoded.ARRAYS})
-            return encoded, meta["sizes"]
-
+def _fill(cfg: PipelineConfig, store: cache.StageCache, ingest_key: str, vector_key: str | None,
+          clock: StageClock) -> dict:
+    """Ingest, split and vectorize into the stage cache, reusing a cached ingest product. Returns what
+    the tracked run records about it: ingest meta, split sizes and which stages were cache hits."""
     with clock("ingest"):
         hit = store.load("ingest", ingest_key)
         if hit is not None:
@@ -94,37 +82,148 @@ def prepare(cfg: PipelineConfig, store: cache.StageCache, clock: StageClock, run
             reviews = ingest.ingest(cfg.ingest, cfg.seed)
             ingest_meta = {"digest": reviews.digest, "source": reviews.source, "counts": reviews.counts()}
             store.save("ingest", ingest_key, {"reviews": reviews.frame}, ingest_meta)
-    run.dataset(ingest_meta)
-    run.cache_status(ingest="hit" if hit is not None else "miss")
+    report = {"ingest_meta": ingest_meta, "ingest_hit": hit is not None, "sizes": None, "encoded": None}
     if "split" not in cfg.stages:
-        return None, None
-
+        return report
     with clock("split"):
         parts = split.split(reviews, cfg.split, cfg.seed)
-    run.split_sizes(parts.sizes())
-    if not wants_vectors:
-        return None, parts.sizes()
-
-    with clock("build"):
+    report["sizes"] = parts.sizes()
+    if vector_key is None:
+        return report
+    with clock("vectorize"):
         encoded = build.vectorize(parts, cfg.build)
         store.save("vectorize", vector_key, {k: getattr(encoded, k) for k in Encoded.ARRAYS},
                    {"vocabulary": encoded.vocabulary, "sizes": parts.sizes()})
-    run.cache_status(split="miss", vectorize="miss")
-    return encoded, parts.sizes()
+    report["encoded"] = encoded
+    return report
+
+
+def _fill_in_child(cfg, store, ingest_key, vector_key, pipe) -> None:
+    clock = StageClock()
+    try:
+        report = _fill(cfg, store, ingest_key, vector_key, clock)
+        report["encoded"] = None  # the parent reads the arrays from the cache, not through the pipe
+        pipe.send(("done", report, clock.seconds))
+    except BaseException as error:  # noqa: BLE001 - every failure goes back to the parent, which raises it
+        pipe.send(("failed", error, clock.seconds))
+    finally:
+        pipe.close()
+
+
+class Ahead:
+    """Data preparation started in a forked process before TensorFlow and MLflow are imported, so that
+    reading and tokenizing the reviews (one core) overlaps with those imports (the other core). The
+    products travel through the stage cache."""
+
+    def __init__(self, cfg: PipelineConfig, store: cache.StageCache, ingest_key: str, vector_key: str):
+        context = multiprocessing.get_context("fork")
+        self._pipe, child_end = context.Pipe(duplex=False)
+        self._process = context.Process(target=_fill_in_child, name="pipeline-prepare", daemon=True,
+                                        args=(cfg, store, ingest_key, vector_key, child_end))
+        self._process.start()
+        child_end.close()
+
+    def result(self, clock: StageClock) -> dict:
+        try:
+            status, payload, seconds = self._pipe.recv()
+        except EOFError:
+            raise RuntimeError(f"data preparation died (exit code {self._process.exitcode})") from None
+        finally:
+            self._process.join(timeout=30)
+        for stage, value in seconds.items():
+            clock.seconds[stage] = clock.seconds.get(stage, 0.0) + value
+        if status == "failed":
+            raise payload
+        return payload
+
+    def cancel(self) -> None:
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout=10)
+
+
+def start_ahead(cfg: PipelineConfig, store: cache.StageCache) -> Ahead | None:
+    """Start preparing the data in the background when it is not cached yet and this process can fork
+    safely (Linux, TensorFlow not yet loaded: forking a process that runs TensorFlow's threads is not)."""
+    if ("build" not in cfg.stages or sys.platform != "linux" or "tensorflow" in sys.modules
+            or threading.active_count() > 1 or multiprocessing.current_process().daemon):
+        return None
+    if cfg.ingest.source == "keras":  # reading that source needs TensorFlow itself
+        return None
+    ingest.locate(cfg.ingest)  # download first, in this process, with its progress bar
+    ingest_key = _ingest_key(cfg)
+    vector_key = _vectorize_key(cfg, ingest_key)
+    if store.meta("ingest", ingest_key) is not None and store.meta("vectorize", vector_key) is not None:
+        return None
+    try:
+        ahead = Ahead(cfg, store, ingest_key, vector_key)
+    except (OSError, ValueError, AssertionError) as error:  # cannot fork here: the run prepares the data itself
+        log.debug("no background preparation (%s)", error)
+        return None
+    log.info("ingest, split, vectorize: preparing in a background process while TensorFlow loads")
+    return ahead
+
+
+def prepare(cfg: PipelineConfig, store: cache.StageCache, clock: StageClock, run: tracking.TrackedRun,
+            ahead: Ahead | None = None):
+    """Ingest, split and vectorize as far as cfg.stages asks, reusing cached products where they match."""
+    if cfg.ingest.source != "keras":
+        ingest.locate(cfg.ingest)  # download first if needed, so the cache key sees the real file
+    ingest_key = _ingest_key(cfg)
+    wants_vectors = "build" in cfg.stages
+    vector_key = _vectorize_key(cfg, ingest_key) if wants_vectors else None
+    report = ahead.result(clock) if ahead is not None else None
+
+    ingest_meta = store.meta("ingest", ingest_key)
+    if vector_key and ingest_meta is not None:
+        with clock("vectorize"):  # reading the cached arrays (made earlier, or just now in the background)
+            hit = store.load("vectorize", vector_key)
+        if hit is not None:
+            arrays, meta = hit
+            encoded = Encoded(vocabulary=meta["vocabulary"], **{k: arrays[k] for k in Encoded.ARRAYS})
+            run.dataset(ingest_meta)
+            if report is None:
+                log.info("ingest, split, vectorize: reusing cached products (keys %s, %s) from %s",
+                         ingest_key, vector_key, store.root)
+                run.cache_status(ingest="hit", split="hit", vectorize="hit")
+            else:  # made just now by the background process
+                run.cache_status(ingest="hit" if report["ingest_hit"] else "miss", split="miss", vectorize="miss")
+            run.split_sizes(meta["sizes"])
+            return encoded, meta["sizes"]
+
+    report = _fill(cfg, store, ingest_key, vector_key, clock)
+    run.dataset(report["ingest_meta"])
+    run.cache_status(ingest="hit" if report["ingest_hit"] else "miss")
+    if report["sizes"] is not None:
+        run.split_sizes(report["sizes"])
+    if report["encoded"] is not None:
+        run.cache_status(split="miss", vectorize="miss")
+    return report["encoded"], report["sizes"]
 
 
 def run(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Run the pipeline once, tracked. Returns (metrics, objects)."""
-    from pipeline import evaluate, fit  # imported here: they pull in TensorFlow
+    store = cache.StageCache(Path(cfg.cache_dir))
+    check_reachable(tracking_uri(cfg.tracking))  # an unreachable server fails the run before any data is read
+    ahead = start_ahead(cfg, store)
+    try:
+        return _run(cfg, store, ahead)
+    finally:
+        if ahead is not None:
+            ahead.cancel()
+
+
+def _run(cfg: PipelineConfig, store: cache.StageCache, ahead: Ahead | None):
+    from pipeline import evaluate, fit, tracking  # imported here: TensorFlow and MLflow take seconds
+    import keras  # noqa: F401 - TensorFlow's import, while the data is prepared in the background
 
     if cfg.sweep.threads:
         limit_threads(cfg.sweep.threads)
-    store = cache.StageCache(Path(cfg.cache_dir))
     clock = StageClock()
     objects: dict[str, Any] = {}
     with tracking.TrackedRun(cfg) as run:
         try:
-            encoded, _ = prepare(cfg, store, clock, run)
+            encoded, _ = prepare(cfg, store, clock, run, ahead)
             if encoded is None:
                 run.complete()
                 return {}, objects

@@ -29,44 +29,19 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 
 from pipeline import config
+from pipeline.config import check_reachable, tracking_uri  # noqa: F401 - MLflow-free, used before it loads
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact read clutters logs
+# Per-epoch curves are queued and written by MLflow's logging thread. With a buffer interval that thread
+# waits on an event rather than polling its queue with a 1 s timeout, so a flush returns at once.
+os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
 
 CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
 PACKAGES = ("tensorflow", "keras", "mlflow", "hydra-core", "numpy", "pandas")
 # Made-up reviews, so that no part of the data set is copied into the model's metadata.
 INPUT_EXAMPLE = ["A moving story with wonderful acting; I would watch it again.",
                  "Dull, far too long, and the plot makes no sense at all.<br /><br />Skip it."]
-
-
-def tracking_uri(cfg: config.TrackingConfig) -> str:
-    """The configured URI, else $MLFLOW_TRACKING_URI, else the embedded store that `mlflow ui` opens here."""
-    if cfg.uri:
-        return cfg.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def check_reachable(uri: str, timeout: float = 5.0) -> str:
-    """Fail in seconds, before any work, when a tracking server does not answer (not after 40 epochs)."""
-    if not uri.startswith(("http://", "https://")):
-        return uri
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-    except urllib.error.HTTPError as error:
-        if error.code >= 500:
-            raise ConnectionError(f"tracking server {config.redact('uri', uri)} answers /health with {error.code}") from None
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise ConnectionError(
-            f"cannot reach the tracking server at {config.redact('uri', uri)} ({reason}); start it, or point "
-            "tracking.uri / MLFLOW_TRACKING_URI elsewhere (unset both for the local store mlflow.db)") from None
-    return uri
 
 
 def use(uri: str | None) -> str:
@@ -266,14 +241,20 @@ class TrackedRun:
         signals = self.signals
 
         class EpochLogger(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.started = time.perf_counter()
+
             def on_epoch_end(self, epoch, logs=None):
                 values = {k: float(v) for k, v in (logs or {}).items() if k in CURVES}
-                with signals.write():
-                    mlflow.log_metrics(values, step=epoch + 1, synchronous=True)
+                values["epoch_seconds"] = time.perf_counter() - self.started  # the first includes compiling
+                with signals.write():  # queued and written by MLflow's logging thread: training does not wait
+                    mlflow.log_metrics(values, step=epoch + 1, synchronous=False)
 
         return EpochLogger()
 
     def fitted(self, fitted) -> None:
+        with self.signals.write():
+            mlflow.flush_async_logging()  # every epoch's curves are in the store before the fit counts as done
         mlflow.log_text(fitted.history.to_csv(index=False), "history.csv")
         summary = {"epochs_trained": len(fitted.history),
                    "best_val_loss_epoch": int(fitted.history.loc[fitted.history["val_loss"].idxmin(), "epoch"]),

@@ -24,7 +24,7 @@ def runs(uri: str, experiment: str = "imdb-sentiment"):
 
 def assert_every_epoch_recorded(client: MlflowClient, run_id: str, epochs: int) -> None:
     """One point per epoch, steps 1..epochs, for each of the four curves."""
-    for curve in CURVES:
+    for curve in CURVES + ("epoch_seconds",):
         steps = sorted(point.step for point in client.get_metric_history(run_id, curve))
         assert steps == list(range(1, epochs + 1)), (curve, steps)
 

@@ -29,6 +29,30 @@ def test_python_m_pipeline(tiny_archive, tmp_path):
     check_complete_run(uri, frame.run_id[0], epochs=3)
     composed = MlflowClient(uri).download_artifacts(frame.run_id[0], "config/config.yaml", str(tmp_path))
     assert "hidden_units: 8" in Path(composed).read_text()
+    # the data was prepared in a forked process while TensorFlow loaded; a second run reuses it
+    assert "preparing in a background process" in done.stdout  # Hydra logs to stdout
+    assert frame["tags.cache.vectorize"][0] == "miss" and float(frame["tags.seconds.vectorize"][0]) >= 0
+    again = subprocess.run([sys.executable, "-m", "pipeline", *overrides], cwd=tmp_path, env=environment(),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "preparing in a background process" not in again.stdout and "reusing cached products" in again.stdout
+    second = runs(uri).iloc[1]
+    assert second["tags.cache.vectorize"] == "hit"
+    assert second["metrics.test_accuracy"] == frame["metrics.test_accuracy"][0]  # same products, same result
+
+
+def test_a_failure_while_preparing_in_the_background_fails_the_run(tmp_path):
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(b"\x1f\x8b" + b"not really gzip" * 100)
+    overrides = tiny_overrides(broken, tmp_path) + [f"hydra.run.dir={tmp_path / 'out'}"]
+    done = subprocess.run([sys.executable, "-m", "pipeline", *overrides], cwd=tmp_path, env=environment(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "preparing in a background process" in done.stdout
+    assert "not a readable .tar.gz archive" in done.stdout + done.stderr
+    frame = runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert frame["status"].tolist() == ["FAILED"]
+    assert "not a readable .tar.gz archive" in frame["tags.error"][0]
 
 
 def test_default_store_is_the_one_mlflow_ui_opens(tiny_archive, tmp_path):

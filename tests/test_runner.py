@@ -35,8 +35,8 @@ def test_the_logged_model_predicts_like_the_trained_one(tiny_config):
     encoded = objects["encoded"]
     from pipeline import textmodel
 
-    vectorizer = textmodel.make_vectorizer(len(encoded.vocabulary), encoded.vocabulary)
-    direct = objects["model"].predict(textmodel.encode(vectorizer, texts, 32, "pre"), verbose=0).reshape(-1)
+    index = textmodel.token_index(encoded.vocabulary)
+    direct = objects["model"].predict(textmodel.encode(index, texts, 32, "pre"), verbose=0).reshape(-1)
     assert from_model == pytest.approx(direct.tolist(), abs=1e-6)
     assert model.predict(texts) == pytest.approx(from_model)
 

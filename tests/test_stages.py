@@ -153,15 +153,24 @@ def test_split_that_leaves_no_training_data_is_an_error(tiny_archive):
 
 # -- build --------------------------------------------------------------------------------------------
 def test_standardize_drops_line_breaks_and_punctuation():
-    vectorizer = textmodel.make_vectorizer(10, ["", "[UNK]", "great", "film", "br"])
-    ids = textmodel.encode(vectorizer, ["Great<br /><br />FILM!!", "film, great."], 4, "pre")
-    assert ids.tolist() == [[2, 3, 0, 0], [3, 2, 0, 0]]  # no "br" token, padding at the end
+    index = textmodel.token_index(["", "[UNK]", "great", "film", "br"])
+    ids = textmodel.encode(index, ["Great<br /><br />FILM!!", "film, great.", "Café<br>"], 4, "pre")
+    assert ids.tolist() == [[2, 3, 0, 0], [3, 2, 0, 0], [1, 0, 0, 0]]  # no "br" token, padding at the end
+    assert textmodel.tokens("It's <BR/>a 10/10 — film") == [b"its", b"a", b"1010", "—".encode(), b"film"]
 
 
 def test_truncation_keeps_the_chosen_end():
-    vectorizer = textmodel.make_vectorizer(10, ["", "[UNK]", "a", "b", "c", "d"])
-    assert textmodel.encode(vectorizer, ["a b c d"], 2, "pre").tolist() == [[4, 5]]
-    assert textmodel.encode(vectorizer, ["a b c d"], 2, "post").tolist() == [[2, 3]]
+    index = textmodel.token_index(["", "[UNK]", "a", "b", "c", "d"])
+    assert textmodel.encode(index, ["a b c d"], 2, "pre").tolist() == [[4, 5]]
+    assert textmodel.encode(index, ["a b c d"], 2, "post").tolist() == [[2, 3]]
+    assert textmodel.encode(index, ["  a  b ", "x"], 3, "pre").tolist() == [[2, 3, 0], [1, 0, 0]]
+    assert textmodel.encode(index, [], 3, "pre").shape == (0, 3)
+
+
+def test_vocabulary_ranks_tokens_by_training_count():
+    vocabulary = textmodel.adapt(["b a c", "a c!", "A"], vocabulary_size=4)
+    assert vocabulary == ["", "[UNK]", "a", "c"]  # a: 3, c: 2, b: 1 (cut)
+    assert textmodel.adapt(["y x", "z"], vocabulary_size=10) == ["", "[UNK]", "x", "y", "z"]  # ties in token order
 
 
 def test_vocabulary_is_adapted_on_training_reviews_only(tiny_archive):
@@ -239,6 +248,9 @@ def test_evaluate_scores_the_test_split(encoded):
     assert set(result.metrics) == {"test_loss", "test_accuracy", "test_precision", "test_recall", "test_roc_auc"}
     assert result.metrics["test_accuracy"] >= 0.75  # the tiny reviews carry obvious sentiment words
     assert result.probabilities.shape == (24,)
+    loss, accuracy = model.evaluate(encoded.x_test, encoded.y_test, verbose=0)  # Keras's own numbers
+    assert result.metrics["test_loss"] == pytest.approx(loss, abs=1e-5)
+    assert result.metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
     assert set(result.figures) == {"loss.png", "accuracy.png", "roc_curve.png", "precision_recall_curve.png"}
     loss_axes = result.figures["loss.png"].axes[0]
     assert [line.get_label() for line in loss_axes.lines][:2] == ["Training loss", "Validation loss"]
