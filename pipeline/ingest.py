@@ -54,7 +54,9 @@ def content_digest(frame: pd.DataFrame) -> str:
 
 
 def _finish(rows: list[tuple], source: str) -> Reviews:
-    frame = pd.DataFrame(rows, columns=["split", "label", "id", "rating", "text"])
+    # object columns: inferring pandas' Arrow string type for 50,000 reviews would cost a third of a second
+    frame = pd.DataFrame(rows, columns=["split", "label", "id", "rating", "text"], dtype=object)
+    frame = frame.astype({"label": "int64", "id": "int64", "rating": "int64"})
     frame = frame.sort_values(["split", "label", "id"], kind="stable", ignore_index=True)
     frame = frame[COLUMNS].astype({"label": "int8", "rating": "int8"})
     for split in SPLITS:

@@ -52,12 +52,13 @@ def tokens(text: str, keep: int | None = None, truncate: str = "pre") -> list[by
 
 
 def adapt(texts: Iterable[str], vocabulary_size: int) -> list[str]:
-    """The vocabulary: padding, out-of-vocabulary, then the most frequent tokens of `texts` (ties in
-    token order), `vocabulary_size` entries in all."""
+    """The vocabulary: padding, out-of-vocabulary, then the most frequent tokens of `texts`,
+    `vocabulary_size` entries in all. Ties go to the later token in byte order, as TextVectorization
+    breaks them, so that both number the tokens alike."""
     counts: Counter = Counter()
     for text in texts:
         counts.update(standardize(text).split())
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[: vocabulary_size - 2]
+    ranked = sorted(counts.items(), key=lambda item: (item[1], item[0]), reverse=True)[: vocabulary_size - 2]
     return [PAD, UNKNOWN] + [token.decode("utf-8") for token, _ in ranked]
 
 
