@@ -146,8 +146,9 @@ def measured(args: list[str], cwd: Path) -> dict:
     return {"wall": wall, "peak_mb": peak[0], "stdout": stdout}
 
 
-def pipeline_command(archive: str, work: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", f"ingest.path={archive}", f"tracking.uri=sqlite:///{work / 'bench.db'}",
+def pipeline_command(archive: str, work: Path, *overrides: str, multirun: bool = False) -> list[str]:
+    return [sys.executable, "-m", "pipeline", *(["-m"] if multirun else []), f"ingest.path={archive}",
+            f"tracking.uri=sqlite:///{work / 'bench.db'}",
             f"cache_dir={work / 'cache'}", f"hydra.run.dir={work / 'out'}", f"hydra.sweep.dir={work / 'multirun'}",
             "tracking.experiment_name=bench", *overrides]
 
@@ -231,8 +232,8 @@ def compare_sweep(archive: str, launchers: list[str]) -> None:
         walls = {}
         for name in launchers:
             shutil.rmtree(work / "cache", ignore_errors=True)  # each launcher starts cold
-            out = measured(pipeline_command(archive, work, "-m", *axes, "sweep.early_stopping_reference=false",
-                                            *settings[name]), work)
+            out = measured(pipeline_command(archive, work, *axes, "sweep.early_stopping_reference=false",
+                                            *settings[name], multirun=True), work)
             walls[name] = out["wall"]
             print(f"sweep of 16 jobs, {name} launcher, cold cache: {out['wall']:.1f} s, peak {out['peak_mb']:.0f} MB",
                   flush=True)

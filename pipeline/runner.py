@@ -213,6 +213,14 @@ def run(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
             ahead.cancel()
 
 
+def _preload(*loaders) -> None:
+    for load in loaders:
+        try:
+            load()
+        except Exception:  # noqa: BLE001 - only a head start: evaluation imports (and reports) for itself
+            log.debug("preloading %s failed", load, exc_info=True)
+
+
 def _run(cfg: PipelineConfig, store: cache.StageCache, ahead: Ahead | None):
     from pipeline import evaluate, fit, tracking  # imported here: TensorFlow and MLflow take seconds
     import keras  # noqa: F401 - TensorFlow's import, while the data is prepared in the background
@@ -235,6 +243,9 @@ def _run(cfg: PipelineConfig, store: cache.StageCache, ahead: Ahead | None):
                 run.complete()
                 return {}, objects
 
+            if "evaluate" in cfg.stages:  # the evaluation's imports, while the compiled epochs run
+                threading.Thread(target=_preload, args=(evaluate.preload, run.preload), name="preload",
+                                 daemon=True).start()
             with clock("fit"):
                 fitted = fit.fit(model, encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger()])
             run.fitted(fitted)

@@ -282,6 +282,12 @@ class TrackedRun:
             mlflow.models.evaluate(data=frame, targets="label", predictions="prediction", model_type="classifier",
                                    evaluator_config={"log_model_explainability": False, "metric_prefix": "test_"})
 
+    @staticmethod
+    def preload() -> None:
+        """Import MLflow's evaluator and model flavor code ahead of use (see evaluate.preload)."""
+        import mlflow.models.evaluation.default_evaluator  # noqa: F401
+        import mlflow.pyfunc  # noqa: F401
+
     def log_model(self, model, vocabulary: list[str], cfg: config.PipelineConfig) -> None:
         """Log the raw-text pyfunc: pipeline/textmodel.py as model code, the Keras file and vocabulary."""
         import numpy as np
