@@ -253,10 +253,10 @@ def scaled_archive(source: str, factor: float, target: Path) -> Path:
     prefix when shrinking, whole copies (with new ids) when growing."""
     import tarfile
 
-    from pipeline.ingest import MEMBER, _open_tar
+    from pipeline.ingest import MEMBER
 
     members: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
-    with _open_tar(Path(source)) as tar:
+    with tarfile.open(source) as tar:
         for member in tar:
             match = MEMBER.search(member.name)
             if match and member.isfile():

@@ -33,14 +33,17 @@ class Encoded:
 
 def vectorize(splits: Splits, cfg: BuildConfig) -> Encoded:
     """Adapt the vocabulary on the training part only, then encode every split with it."""
-    vocabulary = textmodel.adapt(splits.train["text"], cfg.vocabulary_size)
+    train = [textmodel.standardize(text) for text in splits.train["text"]]  # once, for counting and encoding
+    vocabulary = textmodel.adapt(train, cfg.vocabulary_size, standardized=True)
     index = textmodel.token_index(vocabulary)
 
     def encode(frame):
         ids = textmodel.encode(index, frame["text"].tolist(), cfg.sequence_length, cfg.truncate)
         return ids, frame["label"].to_numpy(dtype=np.float32)
 
-    x_train, y_train = encode(splits.train)
+    x_train = textmodel.encode(index, train, cfg.sequence_length, cfg.truncate, standardized=True)
+    y_train = splits.train["label"].to_numpy(dtype=np.float32)
+    del train
     x_validation, y_validation = encode(splits.validation)
     x_test, y_test = encode(splits.test)
     return Encoded(vocabulary, x_train, y_train, x_validation, y_validation, x_test, y_test)

@@ -85,26 +85,34 @@ def _row(match: re.Match, text: str) -> tuple:
 IN_MEMORY_LIMIT = 256 << 20  # compressed archives up to this size are unpacked in memory first
 
 
-def _open_tar(path: Path) -> tarfile.TarFile:
+def _open_tar(path: Path) -> tuple[tarfile.TarFile, bytes | None]:
     """The archive, unpacked into memory when it is small enough (tarfile reads its 50,000 headers
-    a third faster from memory), otherwise streamed from disk in one pass."""
+    a third faster from memory, and a member is then a slice of the buffer), otherwise streamed from
+    disk in one pass. Returns the archive and the buffer (None when streamed)."""
     if path.stat().st_size <= IN_MEMORY_LIMIT:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-        return tarfile.open(fileobj=io.BytesIO(raw), mode="r:")
-    return tarfile.open(path, "r|*")
+        return tarfile.open(fileobj=io.BytesIO(raw), mode="r:"), raw
+    return tarfile.open(path, "r|*"), None
+
+
+def _member_bytes(archive: tarfile.TarFile, buffer: bytes | None, member: tarfile.TarInfo) -> bytes:
+    if buffer is not None and not member.issparse():
+        return buffer[member.offset_data: member.offset_data + member.size]
+    return archive.extractfile(member).read()
 
 
 def read_archive(path: Path) -> Reviews:
     """Reviews from an aclImdb .tar.gz; train/unsup and every other member are skipped."""
     rows = []
     try:
-        with _open_tar(path) as archive:
+        archive, buffer = _open_tar(path)
+        with archive:
             for member in archive:
                 match = MEMBER.search(member.name)
                 if match and member.isfile():
-                    rows.append(_row(match, _decode(archive.extractfile(member).read(), member.name)))
+                    rows.append(_row(match, _decode(_member_bytes(archive, buffer, member), member.name)))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
         raise ValueError(f"{path}: not a readable .tar.gz archive ({error}); "
                          "delete it and download it again") from None

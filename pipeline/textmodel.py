@@ -38,10 +38,10 @@ def standardize(text: str) -> bytes:
     return raw.translate(None, PUNCTUATION)
 
 
-def tokens(text: str, keep: int | None = None, truncate: str = "pre") -> list[bytes]:
+def tokens(text: str | bytes, keep: int | None = None, truncate: str = "pre", standardized: bool = False) -> list[bytes]:
     """The review's tokens; with `keep`, only its last (truncate="pre") or first ("post") `keep`
-    tokens, split off without making the others."""
-    clean = standardize(text)
+    tokens, split off without making the others. `standardized`: `text` is standardize()'s output."""
+    clean = text if standardized else standardize(text)
     if keep is None:
         return clean.split()
     if truncate == "pre":
@@ -51,13 +51,13 @@ def tokens(text: str, keep: int | None = None, truncate: str = "pre") -> list[by
     return parts[:keep]
 
 
-def adapt(texts: Iterable[str], vocabulary_size: int) -> list[str]:
+def adapt(texts: Iterable[str | bytes], vocabulary_size: int, standardized: bool = False) -> list[str]:
     """The vocabulary: padding, out-of-vocabulary, then the most frequent tokens of `texts`,
     `vocabulary_size` entries in all. Ties go to the later token in byte order, as TextVectorization
     breaks them, so that both number the tokens alike."""
     counts: Counter = Counter()
     for text in texts:
-        counts.update(standardize(text).split())
+        counts.update(tokens(text, standardized=standardized))
     ranked = sorted(counts.items(), key=lambda item: (item[1], item[0]), reverse=True)[: vocabulary_size - 2]
     return [PAD, UNKNOWN] + [token.decode("utf-8") for token, _ in ranked]
 
@@ -66,13 +66,14 @@ def token_index(vocabulary: Sequence[str]) -> dict[bytes, int]:
     return {token.encode("utf-8"): index for index, token in enumerate(vocabulary) if index >= 2}
 
 
-def encode(index: dict[bytes, int], texts: Sequence[str], sequence_length: int, truncate: str) -> np.ndarray:
+def encode(index: dict[bytes, int], texts: Sequence[str | bytes], sequence_length: int, truncate: str,
+           standardized: bool = False) -> np.ndarray:
     """Token ids, shape (len(texts), sequence_length), int32, 0-padded at the end; unknown tokens are 1.
 
     truncate="pre" keeps a review's last `sequence_length` tokens, as keras pad_sequences does by
     default (and so the tutorial); "post" keeps its first tokens.
     """
-    kept = [tokens(text, sequence_length, truncate) for text in texts]
+    kept = [tokens(text, sequence_length, truncate, standardized) for text in texts]
     lengths = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
     ids = np.fromiter(map(index.get, chain.from_iterable(kept), repeat(1)), dtype=np.int32,
                       count=int(lengths.sum()))
