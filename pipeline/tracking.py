@@ -189,9 +189,13 @@ class TrackedRun:
             mlflow.set_tag("error", f"{kind.__name__}: {error}"[:5000])
         mlflow.end_run(status=status)
         self.signals.writing -= 1
-        self.signals.pending = None  # the run is KILLED or ending anyway; the original exception propagates
+        pending, self.signals.pending = self.signals.pending, None
         self.signals.restore()
-        return False
+        if kind is None and pending is not None:
+            # The run had done its work and is recorded FINISHED; the interrupt still stops the program
+            # (in a sweep: the jobs after this one).
+            raise _Interrupted(signal.Signals(pending).name)
+        return False  # a failing or interrupted run: its own exception propagates
 
     def _record_setup(self) -> None:
         mlflow.log_params(config.flatten(self.cfg))

@@ -69,6 +69,22 @@ def test_exception_in_a_callback_ends_failed_with_finished_epochs_recorded(tiny_
 
 
 @pytest.mark.slow
+def test_a_signal_while_a_finished_run_is_recorded_still_stops_the_program(tiny_config, monkeypatch):
+    from pipeline import tracking
+
+    record_end = mlflow.end_run
+
+    def end_run_interrupted(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C while the run's end is being written
+        return record_end(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "end_run", end_run_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.TrackedRun(tiny_config):
+            pass
+    assert runs(tiny_config.tracking.uri)["status"].tolist() == ["FINISHED"]  # its end was recorded
+
+
 def test_interrupted_sweep_resumes_without_duplicates(tiny_archive, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [sys.executable, "-m", "pipeline", "-m", *tiny_overrides(tiny_archive, tmp_path),
