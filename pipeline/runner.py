@@ -142,17 +142,25 @@ class Ahead:
             self._process.join(timeout=10)
 
 
-def start_ahead(cfg: PipelineConfig, store: cache.StageCache) -> Ahead | None:
-    """Start preparing the data in the background when it is not cached yet and this process can fork
-    safely (Linux, TensorFlow not yet loaded: forking a process that runs TensorFlow's threads is not)."""
-    if ("build" not in cfg.stages or sys.platform != "linux" or "tensorflow" in sys.modules
-            or threading.active_count() > 1 or multiprocessing.current_process().daemon):
-        return None
-    if cfg.ingest.source == "keras":  # reading that source needs TensorFlow itself
-        return None
-    ingest.locate(cfg.ingest)  # download first, in this process, with its progress bar
+def _keys(cfg: PipelineConfig) -> tuple[str, str | None]:
+    """The ingest and vectorize cache keys (None for vectorize when the stages stop before build)."""
+    if cfg.ingest.source != "keras":
+        ingest.locate(cfg.ingest)  # download first if needed, so the key sees the real file
     ingest_key = _ingest_key(cfg)
-    vector_key = _vectorize_key(cfg, ingest_key)
+    return ingest_key, _vectorize_key(cfg, ingest_key) if "build" in cfg.stages else None
+
+
+def _can_prepare_ahead(cfg: PipelineConfig) -> bool:
+    """Whether this process can fork safely to prepare the data (Linux, TensorFlow not yet loaded:
+    forking a process that runs TensorFlow's threads is not safe; the keras source needs TensorFlow)."""
+    return ("build" in cfg.stages and cfg.ingest.source != "keras" and sys.platform == "linux"
+            and "tensorflow" not in sys.modules and threading.active_count() == 1
+            and not multiprocessing.current_process().daemon)
+
+
+def start_ahead(cfg: PipelineConfig, store: cache.StageCache, keys: tuple[str, str]) -> Ahead | None:
+    """Start preparing the data in the background when it is not cached yet."""
+    ingest_key, vector_key = keys
     if store.meta("ingest", ingest_key) is not None and store.meta("vectorize", vector_key) is not None:
         return None
     try:
@@ -165,13 +173,10 @@ def start_ahead(cfg: PipelineConfig, store: cache.StageCache) -> Ahead | None:
 
 
 def prepare(cfg: PipelineConfig, store: cache.StageCache, clock: StageClock, run: tracking.TrackedRun,
-            ahead: Ahead | None = None):
-    """Ingest, split and vectorize as far as cfg.stages asks, reusing cached products where they match."""
-    if cfg.ingest.source != "keras":
-        ingest.locate(cfg.ingest)  # download first if needed, so the cache key sees the real file
-    ingest_key = _ingest_key(cfg)
-    wants_vectors = "build" in cfg.stages
-    vector_key = _vectorize_key(cfg, ingest_key) if wants_vectors else None
+            keys: tuple[str, str | None] | None = None, ahead: Ahead | None = None):
+    """Ingest, split and vectorize as far as cfg.stages asks, reusing cached products where they match.
+    `keys`: the cache keys when the caller has them already (they hash the input file)."""
+    ingest_key, vector_key = keys if keys is not None else _keys(cfg)
     report = ahead.result(clock) if ahead is not None else None
 
     ingest_meta = store.meta("ingest", ingest_key)
@@ -205,9 +210,10 @@ def run(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Run the pipeline once, tracked. Returns (metrics, objects)."""
     store = cache.StageCache(Path(cfg.cache_dir))
     check_reachable(tracking_uri(cfg.tracking))  # an unreachable server fails the run before any data is read
-    ahead = start_ahead(cfg, store)
+    keys = _keys(cfg) if _can_prepare_ahead(cfg) else None  # otherwise computed inside the tracked run
+    ahead = start_ahead(cfg, store, keys) if keys is not None else None
     try:
-        return _run(cfg, store, ahead)
+        return _run(cfg, store, keys, ahead)
     finally:
         if ahead is not None:
             ahead.cancel()
@@ -221,7 +227,7 @@ def _preload(*loaders) -> None:
             log.debug("preloading %s failed", load, exc_info=True)
 
 
-def _run(cfg: PipelineConfig, store: cache.StageCache, ahead: Ahead | None):
+def _run(cfg: PipelineConfig, store: cache.StageCache, keys: tuple[str, str | None] | None, ahead: Ahead | None):
     from pipeline import evaluate, fit, tracking  # imported here: TensorFlow and MLflow take seconds
     import keras  # noqa: F401 - TensorFlow's import, while the data is prepared in the background
 
@@ -231,7 +237,7 @@ def _run(cfg: PipelineConfig, store: cache.StageCache, ahead: Ahead | None):
     objects: dict[str, Any] = {}
     with tracking.TrackedRun(cfg) as run:
         try:
-            encoded, _ = prepare(cfg, store, clock, run, ahead)
+            encoded, _ = prepare(cfg, store, clock, run, keys, ahead)
             if encoded is None:
                 run.complete()
                 return {}, objects

@@ -20,7 +20,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline.config import PipelineConfig, load
+from pipeline.config import PipelineConfig, load, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class SweepCallback(Callback):
             raise SystemExit(2) from error
         forwarded = {PARENT_RUN: self.parent, EXPERIMENT: experiment_id, AXES: json.dumps(list(axes)),
                      RESUMING: "1" if self.settings.sweep.resume else "",
-                     "MLFLOW_TRACKING_URI": tracking.tracking_uri(self.settings.tracking)}
+                     "MLFLOW_TRACKING_URI": tracking_uri(self.settings.tracking)}
         os.environ.update(forwarded)  # jobs in this process, and joblib or local Ray workers, inherit these
         if "ray" in str(hydra_cfg.launcher.get("_target_", "")):
             _forward_to_ray(hydra_cfg.launcher, forwarded)

@@ -21,8 +21,8 @@ import pandas as pd
 # Keras's own "lower_and_strip_punctuation" rules, done on UTF-8 bytes in plain Python: ASCII letters
 # lower-cased (as tf.strings.lower does), ASCII punctuation deleted, split on ASCII whitespace. The raw
 # reviews also carry HTML line breaks, which would otherwise become a token "br" in every other review,
-# so they become spaces first. Plain bytes operations tokenize the 50,000 reviews in about 2 s, where
-# TextVectorization took 6 s, and need no TensorFlow: training and serving share these functions.
+# so they become spaces first. This gives TextVectorization's tokens and, with `adapt`, its ids, as fast
+# (about 2.5 s for the 50,000 reviews) but with no TensorFlow: training and serving share these functions.
 PUNCTUATION = b'!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\''
 LINE_BREAK = re.compile(rb"<br\s*/?>")
 PAD, UNKNOWN = "", "[UNK]"  # ids 0 and 1, as TextVectorization numbers them
@@ -38,7 +38,8 @@ def standardize(text: str) -> bytes:
     return raw.translate(None, PUNCTUATION)
 
 
-def tokens(text: str | bytes, keep: int | None = None, truncate: str = "pre", standardized: bool = False) -> list[bytes]:
+def tokens(text: str | bytes, keep: int | None = None, truncate: str = "pre",
+           standardized: bool = False) -> list[bytes]:
     """The review's tokens; with `keep`, only its last (truncate="pre") or first ("post") `keep`
     tokens, split off without making the others. `standardized`: `text` is standardize()'s output."""
     clean = text if standardized else standardize(text)

@@ -29,7 +29,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 
 from pipeline import config
-from pipeline.config import check_reachable, tracking_uri  # noqa: F401 - MLflow-free, used before it loads
+from pipeline.config import check_reachable, tracking_uri
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact read clutters logs
