@@ -118,14 +118,14 @@ class EarlyStoppingConfig:
 class FitConfig:
     epochs: int = 40  # the tutorial's value
     batch_size: int = 512  # the tutorial's value
-    jit_compile: bool = True  # XLA-compiled training step: same model and numbers, about a third faster on CPU
-    steps_per_execution: int = 32  # batches per compiled call: a whole epoch at once, not 30 Python round trips
+    loop: str = "epoch"  # epoch: one compiled call trains an epoch and validates; keras: model.fit as written
+    jit_compile: bool = True  # compile with XLA: the same steps, several times faster on CPU
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
     def validate(self) -> None:
         _positive("fit.epochs", self.epochs)
         _positive("fit.batch_size", self.batch_size)
-        _positive("fit.steps_per_execution", self.steps_per_execution)
+        _require(self.loop in ("epoch", "keras"), "fit.loop", self.loop, "one of epoch, keras")
 
 
 @dataclass

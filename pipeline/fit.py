@@ -7,13 +7,17 @@ and, with early stopping, the epoch it stopped at and the best epoch whose weigh
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import pandas as pd
 
 from pipeline.build import Encoded
 from pipeline.config import FitConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,9 +32,6 @@ def fit(model, data: Encoded, cfg: FitConfig, seed: int, callbacks: Sequence = (
     import keras
 
     keras.utils.set_random_seed(seed)
-    # How the steps run, not what they compute: read by Keras when fit builds its train function.
-    model.jit_compile = cfg.jit_compile
-    model.steps_per_execution = cfg.steps_per_execution
     stopper = None
     all_callbacks = list(callbacks)
     if cfg.early_stopping.enabled:
@@ -38,10 +39,17 @@ def fit(model, data: Encoded, cfg: FitConfig, seed: int, callbacks: Sequence = (
             monitor=cfg.early_stopping.monitor, patience=cfg.early_stopping.patience,
             restore_best_weights=cfg.early_stopping.restore_best_weights, verbose=1)
         all_callbacks.insert(0, stopper)
-    history = model.fit(data.x_train, data.y_train, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                        validation_data=(data.x_validation, data.y_validation), callbacks=all_callbacks,
-                        verbose=2)
-    table = pd.DataFrame(history.history)
+    if cfg.loop == "epoch" and keras.backend.backend() != "tensorflow":
+        log.warning("fit.loop=epoch needs Keras's TensorFlow backend, not %s: using fit.loop=keras",
+                    keras.backend.backend())
+    if cfg.loop == "epoch" and keras.backend.backend() == "tensorflow":
+        rows = EpochLoop(model, data, cfg, seed).run(cfg.epochs, all_callbacks)
+    else:
+        model.jit_compile = cfg.jit_compile  # read by Keras when fit builds its train function
+        rows = model.fit(data.x_train, data.y_train, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                         validation_data=(data.x_validation, data.y_validation), callbacks=all_callbacks,
+                         verbose=2).history
+    table = pd.DataFrame(rows)
     table.insert(0, "epoch", range(1, len(table) + 1))
     stopped = best = None
     if stopper is not None:
@@ -49,3 +57,104 @@ def fit(model, data: Encoded, cfg: FitConfig, seed: int, callbacks: Sequence = (
         column = table[cfg.early_stopping.monitor]
         best = int(table["epoch"][column.idxmin() if "loss" in cfg.early_stopping.monitor else column.idxmax()])
     return Fitted(history=table, stopped_epoch=stopped, best_epoch=best)
+
+
+class EpochLoop:
+    """Keras's fit, one compiled call per epoch: the model's own forward pass, loss and optimizer on the
+    same shuffled batches of `batch_size`, with the arrays held as tensors and every step of the epoch
+    (then the whole validation pass) inside one XLA program.
+
+    Why: with arrays in memory the work per epoch is tiny (an embedding lookup and two small layers), so
+    Keras's per-epoch machinery (a fresh tf.data iterator for training and validation, a call per
+    `steps_per_execution` batches) costs more than the arithmetic. Every batch has a static shape: the last,
+    short batch is padded and its padding carries zero weight, so its loss and gradient are those of the
+    real rows, as in Keras. Batch callbacks run once per epoch, as Keras runs them with
+    `steps_per_execution`; epoch callbacks (tracking, early stopping) run as in `model.fit`.
+    """
+
+    def __init__(self, model, data: Encoded, cfg: FitConfig, seed: int):
+        import keras
+        import tensorflow as tf
+
+        self.model, self.batch_size = model, cfg.batch_size
+        self.rng = np.random.default_rng(seed)  # the shuffle of each epoch, as fit(shuffle=True) does
+        self.train_rows = len(data.x_train)
+        self.steps = -(-self.train_rows // cfg.batch_size)
+        self.x_train = tf.constant(data.x_train)
+        self.y_train = tf.constant(data.y_train.reshape(-1, 1))
+        self.train_weight = tf.constant(self._weight(self.train_rows))
+        self.validation_rows = len(data.x_validation)
+        order = self._padded(np.arange(self.validation_rows))
+        self.validation = [tf.constant(part.reshape(-1, cfg.batch_size, *part.shape[1:])) for part in (
+            data.x_validation[order], data.y_validation[order].reshape(-1, 1), self._weight(self.validation_rows))]
+        self.loss = keras.losses.get(model.loss)  # per-example losses; weighted and reduced below
+        model.optimizer.build(model.trainable_variables)
+        self.train_epoch = tf.function(self._train_epoch, jit_compile=cfg.jit_compile, reduce_retracing=True)
+
+    def _padded(self, order: np.ndarray) -> np.ndarray:
+        """Row numbers filled up to whole batches (with row 0, which the weights below leave out)."""
+        whole = -(-len(order) // self.batch_size) * self.batch_size
+        return np.concatenate([order, np.zeros(whole - len(order), dtype=order.dtype)]).astype(np.int32)
+
+    def _weight(self, rows: int) -> np.ndarray:
+        """1 for each real row, 0 for the padding, as a column."""
+        return (np.arange(len(self._padded(np.arange(rows)))) < rows).astype(np.float32).reshape(-1, 1)
+
+    def _scores(self, x, y, weight, training: bool):
+        """Summed loss and count of right answers over the weighted rows; the batch's mean loss."""
+        import tensorflow as tf
+
+        predicted = self.model(x, training=training)
+        weight_1d = tf.reshape(weight, [-1])
+        per_row = tf.reshape(self.loss(y, predicted), [-1]) * weight_1d
+        rows = tf.reduce_sum(weight_1d)
+        batch_loss = tf.reduce_sum(per_row) / rows
+        if self.model.losses:  # layer regularizers, added as Keras adds them
+            batch_loss += tf.add_n(self.model.losses)
+        right = tf.cast(tf.equal(tf.cast(predicted > 0.5, y.dtype), y), tf.float32)  # binary_accuracy
+        return batch_loss * rows, tf.reduce_sum(right * weight), batch_loss
+
+    def _train_epoch(self, order):
+        import tensorflow as tf
+
+        variables = self.model.trainable_variables
+        shape = (self.steps, self.batch_size)
+        x = tf.reshape(tf.gather(self.x_train, order), shape + tuple(self.x_train.shape[1:]))
+        y = tf.reshape(tf.gather(self.y_train, order), shape + (1,))
+        weight = tf.reshape(self.train_weight, shape + (1,))
+        totals = tf.zeros([4])
+        for step in tf.range(self.steps):
+            with tf.GradientTape() as tape:
+                loss_sum, right, batch_loss = self._scores(x[step], y[step], weight[step], training=True)
+            self.model.optimizer.apply_gradients(zip(tape.gradient(batch_loss, variables), variables))
+            totals += tf.stack([loss_sum, right, 0.0, 0.0])
+        x_validation, y_validation, validation_weight = self.validation
+        for step in tf.range(x_validation.shape[0]):
+            loss_sum, right, _ = self._scores(x_validation[step], y_validation[step], validation_weight[step],
+                                              training=False)
+            totals += tf.stack([0.0, 0.0, loss_sum, right])
+        return totals
+
+    def run(self, epochs: int, callbacks: Sequence) -> dict[str, list[float]]:
+        import keras
+
+        model = self.model
+        listed = keras.callbacks.CallbackList(list(callbacks), add_history=True, add_progbar=True, model=model,
+                                              verbose=2, epochs=epochs, steps=self.steps)
+        model.stop_training = False
+        rows: dict[str, list[float]] = {}
+        listed.on_train_begin()
+        for epoch in range(epochs):
+            listed.on_epoch_begin(epoch)
+            listed.on_train_batch_begin(0)
+            totals = self.train_epoch(self._padded(self.rng.permutation(self.train_rows))).numpy().astype(np.float64)
+            logs = {"loss": totals[0] / self.train_rows, "accuracy": totals[1] / self.train_rows}
+            listed.on_train_batch_end(self.steps - 1, logs)
+            logs.update(val_loss=totals[2] / self.validation_rows, val_accuracy=totals[3] / self.validation_rows)
+            listed.on_epoch_end(epoch, logs)
+            for name, value in logs.items():
+                rows.setdefault(name, []).append(float(value))
+            if model.stop_training:
+                break
+        listed.on_train_end()
+        return rows

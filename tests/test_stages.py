@@ -222,6 +222,24 @@ def test_fit_records_one_row_per_epoch_and_calls_callbacks(encoded):
     assert fitted.stopped_epoch is None and fitted.best_epoch is None
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_the_compiled_epoch_loop_trains_as_keras_fit_does(encoded, jit_compile):
+    """With one batch per epoch the order of the rows does not matter, so fit.loop=epoch and Keras's own
+    model.fit must give the same curves and weights. The batch is larger than the data, so the loop's
+    padding rows are there and must count for nothing."""
+    results = {}
+    for loop in ("epoch", "keras"):
+        model = build.build_model(BuildConfig(vocabulary_size=200, sequence_length=32, learning_rate=0.02), 200, seed=3)
+        cfg = FitConfig(epochs=4, batch_size=len(encoded.x_train) + 5, loop=loop,
+                        jit_compile=jit_compile if loop == "epoch" else False)
+        results[loop] = fit.fit(model, encoded, cfg, seed=3).history, model.get_weights()
+    (history, weights), (keras_history, keras_weights) = results["epoch"], results["keras"]
+    pd.testing.assert_frame_equal(history, keras_history[history.columns], rtol=1e-5)
+    assert history["loss"].iloc[-1] < history["loss"].iloc[0]  # it did train
+    for ours, theirs in zip(weights, keras_weights):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
 def test_early_stopping_records_stopped_and_best_epochs(encoded):
     cfg = FitConfig(epochs=60, batch_size=8, jit_compile=False)
     cfg.early_stopping.enabled = True
