@@ -89,7 +89,8 @@ class EpochLoop:
             data.x_validation[order], data.y_validation[order].reshape(-1, 1), self._weight(self.validation_rows))]
         self.loss = keras.losses.get(model.loss)  # per-example losses; weighted and reduced below
         model.optimizer.build(model.trainable_variables)
-        self.train_epoch = tf.function(self._train_epoch, jit_compile=cfg.jit_compile, reduce_retracing=True)
+        # autograph off: the loops are written as tf.while_loop, and converting the code would cost tracing time
+        self.train_epoch = tf.function(self._train_epoch, jit_compile=cfg.jit_compile, autograph=False)
 
     def _padded(self, order: np.ndarray) -> np.ndarray:
         """Row numbers filled up to whole batches (with row 0, which the weights below leave out)."""
@@ -122,17 +123,23 @@ class EpochLoop:
         x = tf.reshape(tf.gather(self.x_train, order), shape + tuple(self.x_train.shape[1:]))
         y = tf.reshape(tf.gather(self.y_train, order), shape + (1,))
         weight = tf.reshape(self.train_weight, shape + (1,))
-        totals = tf.zeros([4])
-        for step in tf.range(self.steps):
+
+        def train(step, totals):
             with tf.GradientTape() as tape:
                 loss_sum, right, batch_loss = self._scores(x[step], y[step], weight[step], training=True)
             self.model.optimizer.apply_gradients(zip(tape.gradient(batch_loss, variables), variables))
-            totals += tf.stack([loss_sum, right, 0.0, 0.0])
+            return step + 1, totals + tf.stack([loss_sum, right, 0.0, 0.0])
+
         x_validation, y_validation, validation_weight = self.validation
-        for step in tf.range(x_validation.shape[0]):
+
+        def validate(step, totals):
             loss_sum, right, _ = self._scores(x_validation[step], y_validation[step], validation_weight[step],
                                               training=False)
-            totals += tf.stack([0.0, 0.0, loss_sum, right])
+            return step + 1, totals + tf.stack([0.0, 0.0, loss_sum, right])
+
+        totals = tf.zeros([4])
+        _, totals = tf.while_loop(lambda step, _: step < self.steps, train, (0, totals))
+        _, totals = tf.while_loop(lambda step, _: step < x_validation.shape[0], validate, (0, totals))
         return totals
 
     def run(self, epochs: int, callbacks: Sequence) -> dict[str, list[float]]:

@@ -249,9 +249,11 @@ def _run(cfg: PipelineConfig, store: cache.StageCache, keys: tuple[str, str | No
                 run.complete()
                 return {}, objects
 
+            preloading = None
             if "evaluate" in cfg.stages:  # the evaluation's imports, while the compiled epochs run
-                threading.Thread(target=_preload, args=(evaluate.preload, run.preload), name="preload",
-                                 daemon=True).start()
+                preloading = threading.Thread(target=_preload, args=(evaluate.preload, run.preload),
+                                              name="preload", daemon=True)
+                preloading.start()
             with clock("fit"):
                 fitted = fit.fit(model, encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger()])
             run.fitted(fitted)
@@ -262,6 +264,8 @@ def _run(cfg: PipelineConfig, store: cache.StageCache, keys: tuple[str, str | No
                 run.complete()
                 return metrics, objects
 
+            if preloading is not None:
+                preloading.join()  # done by now unless the fit was very short; pyplot is not for two threads
             with clock("evaluate"):
                 result = evaluate.evaluate(model, encoded, fitted.history, cfg.evaluate)
                 run.evaluation(result, encoded.y_test)
