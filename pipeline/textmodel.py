@@ -28,13 +28,16 @@ LINE_BREAK = re.compile(rb"<br\s*/?>")
 PAD, UNKNOWN = "", "[UNK]"  # ids 0 and 1, as TextVectorization numbers them
 CLASSIFIER_FILE = "classifier.keras"
 VOCABULARY_FILE = "vocabulary.json"
+ENCODE_CHUNK = 4096  # reviews tokenized at once: their token lists are about 10 KB a review while they live
 
 
 def standardize(text: str) -> bytes:
     """Lower case, HTML line breaks to spaces, punctuation removed, as UTF-8 bytes."""
     raw = text.encode("utf-8").lower()
     if b"<br" in raw:
-        raw = LINE_BREAK.sub(b" ", raw)
+        raw = raw.replace(b"<br />", b" ")  # nearly every break is written so; the pattern takes the rest
+        if b"<br" in raw:
+            raw = LINE_BREAK.sub(b" ", raw)
     return raw.translate(None, PUNCTUATION)
 
 
@@ -74,12 +77,14 @@ def encode(index: dict[bytes, int], texts: Sequence[str | bytes], sequence_lengt
     truncate="pre" keeps a review's last `sequence_length` tokens, as keras pad_sequences does by
     default (and so the tutorial); "post" keeps its first tokens.
     """
-    kept = [tokens(text, sequence_length, truncate, standardized) for text in texts]
-    lengths = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
-    ids = np.fromiter(map(index.get, chain.from_iterable(kept), repeat(1)), dtype=np.int32,
-                      count=int(lengths.sum()))
-    out = np.zeros((len(kept), sequence_length), dtype=np.int32)
-    out[np.arange(sequence_length)[None, :] < lengths[:, None]] = ids  # row by row, left-aligned
+    out = np.zeros((len(texts), sequence_length), dtype=np.int32)
+    columns = np.arange(sequence_length)[None, :]
+    for start in range(0, len(texts), ENCODE_CHUNK):  # a chunk's token lists at a time, not the corpus's
+        kept = [tokens(text, sequence_length, truncate, standardized) for text in texts[start:start + ENCODE_CHUNK]]
+        lengths = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
+        ids = np.fromiter(map(index.get, chain.from_iterable(kept), repeat(1)), dtype=np.int32,
+                          count=int(lengths.sum()))
+        out[start:start + len(kept)][columns < lengths[:, None]] = ids  # row by row, left-aligned
     return out
 
 

@@ -167,6 +167,15 @@ def test_truncation_keeps_the_chosen_end():
     assert textmodel.encode(index, [], 3, "pre").shape == (0, 3)
 
 
+def test_encoding_in_chunks_gives_the_same_ids(monkeypatch):
+    index = textmodel.token_index(["", "[UNK]", "a", "b", "c"])
+    texts = ["a b c", "c", "", "b b a x", "a"]
+    whole = textmodel.encode(index, texts, 3, "pre")
+    monkeypatch.setattr(textmodel, "ENCODE_CHUNK", 2)  # chunks of 2, 2 and 1 reviews
+    assert textmodel.encode(index, texts, 3, "pre").tolist() == whole.tolist() == [
+        [2, 3, 4], [4, 0, 0], [0, 0, 0], [3, 2, 1], [2, 0, 0]]
+
+
 def test_vocabulary_ranks_tokens_by_training_count():
     vocabulary = textmodel.adapt(["b a c", "a c!", "A"], vocabulary_size=4)
     assert vocabulary == ["", "[UNK]", "a", "c"]  # a: 3, c: 2, b: 1 (cut)
