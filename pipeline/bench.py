@@ -5,8 +5,8 @@ same archive, untracked; (2) the pipeline from a cold start (empty stage cache, 
 (3) the pipeline again with the cache warm. Prints per-stage seconds, fit seconds per epoch after the
 first, peak memory (the whole process tree, sampled), test accuracy, medians with min-max over the
 repeats, and the pipeline/reference ratios. `--sweep` adds the 16-job overfitting sweep against the
-same 16 jobs run one by one; `--scale` adds cost against corpus size. A command that prints numbers,
-not a test.
+same 16 jobs run one by one; `--seeds` compares accuracy seed by seed; `--scale` adds cost against
+corpus size. A command that prints numbers, not a test.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 SWEEP_AXES = {"build.hidden_units": (8, 16, 32, 64), "fit.epochs": (10, 20, 30, 40)}  # conf/experiment/overfit_sweep
 
 
-def reference(archive: str) -> dict:
+def reference(archive: str, seed: int = 42) -> dict:
     """The tutorial's script, timed by part: Embedding(10000, 16) -> GlobalAveragePooling1D -> Dense(16,
     relu) -> Dense(1, sigmoid); adam; the first 10,000 (shuffled) training reviews held out; 40 epochs;
     batch 512; then evaluate. Its inputs are made as the tutorial's are: its text standardization
@@ -53,7 +53,7 @@ def reference(archive: str) -> dict:
                 text = tar.extractfile(member).read().decode("utf-8")
                 found[match[1]].append((int(match[2] == "pos"), int(match[3]), text))
     train, test = sorted(found["train"]), sorted(found["test"])
-    order = np.random.default_rng(42).permutation(len(train))
+    order = np.random.default_rng(seed).permutation(len(train))
     train_texts = np.array([text for _, _, text in train], dtype=object)[order]
     train_labels = np.array([label for label, _, _ in train], dtype="float32")[order]
     test_texts = np.array([text for _, _, text in test], dtype=object)
@@ -76,7 +76,7 @@ def reference(archive: str) -> dict:
     x_train, x_test = pad_sequences(train_texts), pad_sequences(test_texts)
     times["vectorize"] = time.perf_counter() - mark
 
-    keras.utils.set_random_seed(42)
+    keras.utils.set_random_seed(seed)
     model = keras.Sequential([keras.Input(shape=(256,)), keras.layers.Embedding(10000, 16),
                               keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(16, activation="relu"),
                               keras.layers.Dense(1, activation="sigmoid")])
@@ -248,6 +248,25 @@ def compare_sweep(archive: str, launchers: list[str]) -> None:
             print(f"ratio sweep ({name}) / sum of jobs alone: {wall / sum(alone):.2f}   floor 0.75")
 
 
+def compare_seeds(archive: str, seeds: list[int]) -> None:
+    """Test accuracy and the epoch of lowest validation loss, reference against pipeline, seed by seed."""
+    print(f"{'seed':>5} {'reference accuracy':>19} {'pipeline accuracy':>18} {'points':>7} "
+          f"{'lowest val_loss at epoch (reference, pipeline)':>47}")
+    points = []
+    with tempfile.TemporaryDirectory(prefix="imdb-bench-seeds-") as folder:
+        work = Path(folder)
+        for seed in seeds:
+            out = measured([sys.executable, "-m", "pipeline.bench", archive, "--reference-only", "--seed", str(seed)], work)
+            ref = json.loads(out["stdout"].strip().splitlines()[-1])
+            measured(pipeline_command(archive, work, f"seed={seed}"), work)
+            run = last_run(work)
+            points.append(100 * (run["test_accuracy"] - ref["test_accuracy"]))
+            print(f"{seed:5d} {ref['test_accuracy']:19.4f} {run['test_accuracy']:18.4f} {points[-1]:7.2f} "
+                  f"{best_epoch(ref['val_loss']):>39d}, {best_epoch(run['val_loss'])}", flush=True)
+    print(f"accuracy difference over {len(seeds)} seeds, points: median {statistics.median(points):.2f}, "
+          f"range {min(points):.2f} to {max(points):.2f}")
+
+
 def scaled_archive(source: str, factor: float, target: Path) -> Path:
     """An archive in the aclImdb layout with `factor` times the reviews of each split and class: a
     prefix when shrinking, whole copies (with new ids) when growing."""
@@ -297,6 +316,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time the 16-job sweep against its jobs run alone (launchers: basic,joblib)")
     parser.add_argument("--scale", nargs="?", const="0.25,0.5,1,2,4", default=None, metavar="FACTORS",
                         help="also time default runs on 0.25x..4x the corpus")
+    parser.add_argument("--seeds", default=None, metavar="SEEDS",
+                        help="also compare accuracy, reference against pipeline, for these seeds (e.g. 1,2,3)")
+    parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
     parser.add_argument("--skip-runs", action="store_true", help="only the --sweep / --scale parts")
     parser.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -304,12 +326,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give the archive path or set IMDB_ARCHIVE")
     archive = str(Path(args.archive).resolve())
     if args.reference_only:
-        print(json.dumps(reference(archive)))
+        print(json.dumps(reference(archive, args.seed)))
         return
     if not args.skip_runs:
         compare_runs(archive, args.repeats)
     if args.sweep:
         compare_sweep(archive, args.sweep.split(","))
+    if args.seeds:
+        compare_seeds(archive, [int(seed) for seed in args.seeds.split(",")])
     if args.scale:
         compare_scale(archive, [float(f) for f in args.scale.split(",")])
 

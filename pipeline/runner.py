@@ -69,9 +69,11 @@ def _vectorize_key(cfg: PipelineConfig, ingest_key: str) -> str:
 
 
 def _fill(cfg: PipelineConfig, store: cache.StageCache, ingest_key: str, vector_key: str | None,
-          clock: StageClock) -> dict:
+          clock: StageClock, deferred: list | None = None) -> dict:
     """Ingest, split and vectorize into the stage cache, reusing a cached ingest product. Returns what
-    the tracked run records about it: ingest meta, split sizes and which stages were cache hits."""
+    the tracked run records about it: ingest meta, split sizes and which stages were cache hits.
+    `deferred`: where to leave the writing of a new ingest product (which this run no longer needs) for
+    later; without it the product is written at once."""
     with clock("ingest"):
         hit = store.load("ingest", ingest_key)
         if hit is not None:
@@ -81,7 +83,15 @@ def _fill(cfg: PipelineConfig, store: cache.StageCache, ingest_key: str, vector_
         else:
             reviews = ingest.ingest(cfg.ingest, cfg.seed)
             ingest_meta = {"digest": reviews.digest, "source": reviews.source, "counts": reviews.counts()}
-            store.save("ingest", ingest_key, {"reviews": reviews.frame}, ingest_meta)
+    if hit is None:  # written now, or by the background process once the run has what it needs
+        def save_ingest(frame=reviews.frame, meta=ingest_meta) -> None:
+            with clock("cache_write"):
+                store.save("ingest", ingest_key, {"reviews": frame}, meta)
+
+        if deferred is None:
+            save_ingest()
+        else:
+            deferred.append(save_ingest)
     report = {"ingest_meta": ingest_meta, "ingest_hit": hit is not None, "sizes": None, "encoded": None}
     if "split" not in cfg.stages:
         return report
@@ -92,6 +102,7 @@ def _fill(cfg: PipelineConfig, store: cache.StageCache, ingest_key: str, vector_
         return report
     with clock("vectorize"):
         encoded = build.vectorize(parts, cfg.build)
+    with clock("cache_write"):
         store.save("vectorize", vector_key, {k: getattr(encoded, k) for k in Encoded.ARRAYS},
                    {"vocabulary": encoded.vocabulary, "sizes": parts.sizes()})
     report["encoded"] = encoded
@@ -100,14 +111,21 @@ def _fill(cfg: PipelineConfig, store: cache.StageCache, ingest_key: str, vector_
 
 def _fill_in_child(cfg, store, ingest_key, vector_key, pipe) -> None:
     clock = StageClock()
+    deferred: list = []
     try:
-        report = _fill(cfg, store, ingest_key, vector_key, clock)
+        report = _fill(cfg, store, ingest_key, vector_key, clock, deferred)
         report["encoded"] = None  # the parent reads the arrays from the cache, not through the pipe
         pipe.send(("done", report, clock.seconds))
     except BaseException as error:  # noqa: BLE001 - every failure goes back to the parent, which raises it
         pipe.send(("failed", error, clock.seconds))
+        return
     finally:
         pipe.close()
+    for save in deferred:  # the ingest product, for later runs, while this run trains
+        try:
+            save()
+        except Exception as error:  # noqa: BLE001 - a later run reads the archive again
+            log.warning("could not write the ingest product to the stage cache: %s", error)
 
 
 class Ahead:
@@ -127,14 +145,19 @@ class Ahead:
         try:
             status, payload, seconds = self._pipe.recv()
         except EOFError:
-            raise RuntimeError(f"data preparation died (exit code {self._process.exitcode})") from None
-        finally:
             self._process.join(timeout=30)
+            raise RuntimeError(f"data preparation died (exit code {self._process.exitcode})") from None
         for stage, value in seconds.items():
             clock.seconds[stage] = clock.seconds.get(stage, 0.0) + value
         if status == "failed":
             raise payload
         return payload
+
+    def finish(self) -> None:
+        """Wait while the process writes the ingest product to the cache (it keeps running after the
+        hand-off), then stop it if it has not ended."""
+        self._process.join(timeout=120)
+        self.cancel()
 
     def cancel(self) -> None:
         if self._process.is_alive():
@@ -179,7 +202,8 @@ def prepare(cfg: PipelineConfig, store: cache.StageCache, clock: StageClock, run
     ingest_key, vector_key = keys if keys is not None else _keys(cfg)
     report = ahead.result(clock) if ahead is not None else None
 
-    ingest_meta = store.meta("ingest", ingest_key)
+    # made just now in the background (its ingest product may still be being written), or cached earlier
+    ingest_meta = report["ingest_meta"] if report is not None else store.meta("ingest", ingest_key)
     if vector_key and ingest_meta is not None:
         with clock("vectorize"):  # reading the cached arrays (made earlier, or just now in the background)
             hit = store.load("vectorize", vector_key)
@@ -213,10 +237,14 @@ def run(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
     keys = _keys(cfg) if _can_prepare_ahead(cfg) else None  # otherwise computed inside the tracked run
     ahead = start_ahead(cfg, store, keys) if keys is not None else None
     try:
-        return _run(cfg, store, keys, ahead)
-    finally:
+        result = _run(cfg, store, keys, ahead)
+    except BaseException:
         if ahead is not None:
             ahead.cancel()
+        raise
+    if ahead is not None:
+        ahead.finish()
+    return result
 
 
 def _preload(*loaders) -> None:

@@ -32,6 +32,9 @@ def test_python_m_pipeline(tiny_archive, tmp_path):
     # the data was prepared in a forked process while TensorFlow loaded; a second run reuses it
     assert "preparing in a background process" in done.stdout  # Hydra logs to stdout
     assert frame["tags.cache.vectorize"][0] == "miss" and float(frame["tags.seconds.vectorize"][0]) >= 0
+    assert float(frame["tags.seconds.cache_write"][0]) >= 0
+    # that process wrote the ingest product after handing over the arrays; the run waited for it at the end
+    assert len(list((tmp_path / "cache" / "ingest").glob("*/manifest.json"))) == 1
     again = subprocess.run([sys.executable, "-m", "pipeline", *overrides], cwd=tmp_path, env=environment(),
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
