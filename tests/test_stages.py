@@ -249,6 +249,20 @@ def test_the_compiled_epoch_loop_trains_as_keras_fit_does(encoded, jit_compile):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("loop", ["epoch", "keras"])
+def test_dropout_draws_a_new_mask_at_every_training_step(encoded, loop):
+    """Inside the compiled epoch, each Dropout layer's random state must move on at every step (and not
+    in validation), as in model.fit: otherwise every batch of an epoch would drop the same units."""
+    model = build.build_model(BuildConfig(vocabulary_size=200, sequence_length=32, dropout_rate=0.5), 200, seed=3)
+    generators = [layer.seed_generator for layer in model.layers if type(layer).__name__ == "Dropout"]
+    before = [np.array(generator.state.numpy()) for generator in generators]
+    fit.fit(model, encoded, FitConfig(epochs=2, batch_size=8, loop=loop, jit_compile=loop == "epoch"), seed=3)
+    steps = 2 * -(-len(encoded.x_train) // 8)
+    assert len(generators) == 2
+    for generator, start in zip(generators, before):
+        assert (np.array(generator.state.numpy()) - start).tolist() == [0, steps]
+
+
 def test_early_stopping_records_stopped_and_best_epochs(encoded):
     cfg = FitConfig(epochs=60, batch_size=8, jit_compile=False)
     cfg.early_stopping.enabled = True
