@@ -143,7 +143,7 @@ def test_ray_launcher_runs_the_sweep_on_a_local_ray_instance(tiny_archive, tmp_p
     done = multirun(tmp_path, tiny_archive, "build.hidden_units=4,8", "hydra/launcher=ray",
                     "+hydra.launcher.ray.init.num_cpus=2", "+hydra.launcher.ray.init.include_dashboard=false",
                     "sweep.threads=1")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent, children = sweep_runs(uri)
     assert sorted(c.info.run_name for c in children) == [
