@@ -79,7 +79,7 @@ class EpochLoop:
         self.model, self.batch_size = model, cfg.batch_size
         self.rng = np.random.default_rng(seed)  # the shuffle of each epoch, as fit(shuffle=True) does
         self.train_rows = len(data.x_train)
-        self.steps = -(-self.train_rows // cfg.batch_size)
+        self.steps = self._whole(self.train_rows) // cfg.batch_size
         self.x_train = tf.constant(data.x_train)
         self.y_train = tf.constant(data.y_train.reshape(-1, 1))
         self.train_weight = tf.constant(self._weight(self.train_rows))
@@ -92,14 +92,18 @@ class EpochLoop:
         # autograph off: the loops are written as tf.while_loop, and converting the code would cost tracing time
         self.train_epoch = tf.function(self._train_epoch, jit_compile=cfg.jit_compile, autograph=False)
 
+    def _whole(self, rows: int) -> int:
+        """`rows` rounded up to whole batches."""
+        return -(-rows // self.batch_size) * self.batch_size
+
     def _padded(self, order: np.ndarray) -> np.ndarray:
         """Row numbers filled up to whole batches (with row 0, which the weights below leave out)."""
-        whole = -(-len(order) // self.batch_size) * self.batch_size
-        return np.concatenate([order, np.zeros(whole - len(order), dtype=order.dtype)]).astype(np.int32)
+        padding = np.zeros(self._whole(len(order)) - len(order), dtype=order.dtype)
+        return np.concatenate([order, padding]).astype(np.int32)
 
     def _weight(self, rows: int) -> np.ndarray:
         """1 for each real row, 0 for the padding, as a column."""
-        return (np.arange(len(self._padded(np.arange(rows)))) < rows).astype(np.float32).reshape(-1, 1)
+        return (np.arange(self._whole(rows)) < rows).astype(np.float32).reshape(-1, 1)
 
     def _scores(self, x, y, weight, training: bool):
         """Summed loss and count of right answers over the weighted rows; the batch's mean loss."""
