@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,42 @@ def limit_threads(threads: int) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     except RuntimeError:
         log.debug("TensorFlow already started; thread limits stay as they were")
+
+
+# Packages Keras imports when it starts that the pipeline needs only to evaluate, if at all: its
+# scikit-learn wrappers (and with them scikit-learn) and its image drawing (and with it pyplot), about
+# 1 s of a start that has no other use for them.
+DEFERRED_IMPORTS = ("keras.wrappers", "keras.visualization", "keras.src.visualization")
+
+
+def defer_imports(names: tuple[str, ...] = DEFERRED_IMPORTS) -> None:
+    """Make each package in `names` a module that runs its own code on first use (the first attribute
+    asked of it that it lacks) rather than when it is imported. Keras's imports of them then cost
+    nothing, and the run imports scikit-learn and pyplot while the fit runs (evaluate.preload), when the
+    interpreter is otherwise idle. Nothing changes for code that uses them. Only before Keras is imported."""
+    import importlib.machinery
+    import importlib.util
+
+    for name in names:
+        if name.split(".")[0] in sys.modules:
+            continue
+        spec = importlib.util.find_spec(name.split(".")[0])
+        for depth in range(1, name.count(".") + 1):
+            if spec is None or not spec.submodule_search_locations:
+                break
+            spec = importlib.machinery.PathFinder.find_spec(".".join(name.split(".")[:depth + 1]),
+                                                            list(spec.submodule_search_locations))
+        if spec is None or spec.loader is None or spec.name != name:
+            continue
+        module = importlib.util.module_from_spec(spec)
+
+        def load(attribute: str, module=module, spec=spec):
+            del module.__getattr__
+            spec.loader.exec_module(module)
+            return getattr(module, attribute)
+
+        module.__getattr__ = load
+        sys.modules[name] = module
 
 
 XLA_CACHE_FLAG = "--tf_xla_persistent_cache_directory"
@@ -291,62 +327,174 @@ def run(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return result
 
 
-def _preload(*loaders) -> None:
-    for load in loaders:
-        try:
-            load()
-        except Exception:  # noqa: BLE001 - only a head start: evaluation imports (and reports) for itself
-            log.debug("preloading %s failed", load, exc_info=True)
+class _Later:
+    """Stands in for the tracked run until it is open: keeps the calls made on it, in order, and makes
+    them on the run once it exists."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+    def replay(self, run: tracking.TrackedRun) -> None:
+        for name, args, kwargs in self.calls:
+            getattr(run, name)(*args, **kwargs)
+
+
+class Training:
+    """The fit, in a thread of its own, started as soon as the model is built. Meanwhile the main thread
+    imports MLflow and opens the run (about 1.5 s of Python): a compiled epoch runs outside the
+    interpreter and leaves it free. Epochs that end before the run is open are logged when it opens,
+    in order; later ones as they end. `stop()` ends the fit after the epoch under way."""
+
+    def __init__(self, model, encoded: Encoded, cfg: PipelineConfig, clock: StageClock):
+        from pipeline import fit
+
+        self.sink = None  # the run's epoch logging, once the run is open
+        self.waiting: list[tuple[int, dict, float]] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.fitted = self.error = None
+
+        def train() -> None:
+            try:
+                with clock("fit"):
+                    self.fitted = fit.fit(model, encoded, cfg.fit, cfg.seed, callbacks=[self._relay()])
+            except BaseException as error:  # noqa: BLE001 - raised again in the main thread, inside the run
+                self.error = error
+
+        self.thread = threading.Thread(target=train, name="fit", daemon=True)
+        self.thread.start()
+
+    def _relay(self):
+        import keras
+
+        training = self
+
+        class Relay(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.started = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                finished = (epoch, dict(logs or {}), time.perf_counter() - self.started)  # the first includes compiling
+                with training.lock:
+                    if training.sink is None:
+                        training.waiting.append(finished)
+                    else:
+                        training.sink(*finished)
+                if training.stopping.is_set():
+                    self.model.stop_training = True
+
+        return Relay()
+
+    def attach(self, sink) -> None:
+        """Log the epochs that ended so far with `sink(epoch, logs, seconds)`, and every later one."""
+        with self.lock:
+            for finished in self.waiting:
+                sink(*finished)
+            self.waiting, self.sink = [], sink
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.fitted
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+
+@dataclass
+class _Started:
+    """What happened before the run was open: the calls to record on it, the products, the fit under way
+    (or the error that stopped the preparation, which the run records as its failure)."""
+    later: _Later
+    objects: dict[str, Any]
+    training: Training | None = None
+    failed: Exception | None = None
+
+    def stop(self) -> None:
+        if self.training is not None:
+            self.training.stop()
+
+
+def _start(cfg: PipelineConfig, store: cache.StageCache, keys, ahead: Ahead | None, clock: StageClock) -> _Started:
+    """Prepare the data, build the model and start the fit, all before the run is open."""
+    started = _Started(later=_Later(), objects={})
+    try:
+        encoded, _ = prepare(cfg, store, clock, started.later, keys, ahead)
+        if encoded is None:
+            return started
+        with clock("build"):
+            model = build.build_model(cfg.build, len(encoded.vocabulary), encoded.x_train.shape[1], cfg.seed)
+        started.later.model_summary(build.summary(model))
+        started.objects.update(encoded=encoded, model=model)
+        if "fit" in cfg.stages:
+            started.training = Training(model, encoded, cfg, clock)
+    except Exception as error:  # noqa: BLE001 - the run opens next and ends FAILED with it
+        started.failed = error
+    return started
 
 
 def _run(cfg: PipelineConfig, store: cache.StageCache, keys: tuple[str, str | None] | None, ahead: Ahead | None):
-    from pipeline import evaluate, fit, tracking  # imported here: TensorFlow and MLflow take seconds
+    defer_imports()
     import keras  # noqa: F401 - TensorFlow's import, while the data is prepared in the background
 
     if cfg.sweep.threads:
         limit_threads(cfg.sweep.threads)
     clock = StageClock()
-    objects: dict[str, Any] = {}
-    with tracking.TrackedRun(cfg) as run:
-        try:
-            encoded, _ = prepare(cfg, store, clock, run, keys, ahead)
-            if encoded is None:
-                run.complete()
-                return {}, objects
-            with clock("build"):
-                model = build.build_model(cfg.build, len(encoded.vocabulary), encoded.x_train.shape[1], cfg.seed)
-            run.model_summary(build.summary(model))
-            objects.update(encoded=encoded, model=model)
-            if "fit" not in cfg.stages:
-                run.complete()
-                return {}, objects
+    started = _start(cfg, store, keys, ahead, clock)
+    try:
+        from pipeline import tracking  # MLflow's import and the run's opening overlap the first epochs
 
-            preloading = None
-            if "evaluate" in cfg.stages:  # the evaluation's imports, while the compiled epochs run
-                preloading = threading.Thread(target=_preload, args=(evaluate.preload, run.preload),
-                                              name="preload", daemon=True)
-                preloading.start()
-            with clock("fit"):
-                fitted = fit.fit(model, encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger()])
-            run.fitted(fitted)
-            objects["fitted"] = fitted
-            metrics = {"val_loss": float(fitted.history["val_loss"].min()),
-                       "val_accuracy": float(fitted.history["val_accuracy"].max())}
-            if "evaluate" not in cfg.stages:
-                run.complete()
-                return metrics, objects
+        with tracking.TrackedRun(cfg) as run:
+            try:
+                return _finish(cfg, run, started, clock)
+            finally:
+                started.stop()  # a failed or interrupted run: its fit ends before the run's end is recorded
+                run.stage_seconds(clock.seconds)
+    except BaseException:
+        started.stop()  # interrupted before the run was open
+        raise
 
-            if preloading is not None:
-                preloading.join()  # done by now unless the fit was very short; pyplot is not for two threads
-            with clock("evaluate"):
-                result = evaluate.evaluate(model, encoded, fitted.history, cfg.evaluate)
-                run.evaluation(result, encoded.y_test)
-            if cfg.evaluate.log_model:
-                with clock("log_model"):
-                    run.log_model(model, encoded.vocabulary, cfg)
-            objects["evaluation"] = result
-            metrics.update(result.metrics)
-            run.complete()
-            return metrics, objects
-        finally:
-            run.stage_seconds(clock.seconds)
+
+def _finish(cfg: PipelineConfig, run: tracking.TrackedRun, started: _Started, clock: StageClock):
+    """Inside the open run: record what happened before it, then see the fit through and evaluate."""
+    from pipeline import evaluate
+
+    if started.failed is not None:
+        raise started.failed
+    started.later.replay(run)
+    objects, training = started.objects, started.training
+    if training is None:
+        run.complete()
+        return {}, objects
+    training.attach(run.log_epoch)
+    if "evaluate" in cfg.stages:  # the evaluation's imports, while the compiled epochs run
+        for preload in (evaluate.preload, run.preload):
+            try:
+                preload()
+            except Exception:  # noqa: BLE001 - only a head start: evaluation imports (and reports) for itself
+                log.debug("preloading %s failed", preload, exc_info=True)
+    fitted = training.result()
+    run.fitted(fitted)
+    objects["fitted"] = fitted
+    metrics = {"val_loss": float(fitted.history["val_loss"].min()),
+               "val_accuracy": float(fitted.history["val_accuracy"].max())}
+    if "evaluate" not in cfg.stages:
+        run.complete()
+        return metrics, objects
+
+    model, encoded = objects["model"], objects["encoded"]
+    with clock("evaluate"):
+        result = evaluate.evaluate(model, encoded, fitted.history, cfg.evaluate)
+        run.evaluation(result, encoded.y_test)
+    if cfg.evaluate.log_model:
+        with clock("log_model"):
+            run.log_model(model, encoded.vocabulary, cfg)
+    objects["evaluation"] = result
+    metrics.update(result.metrics)
+    run.complete()
+    return metrics, objects

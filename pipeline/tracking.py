@@ -238,23 +238,13 @@ class TrackedRun:
     def model_summary(self, text: str) -> None:
         mlflow.log_text(text, "model_summary.txt")
 
-    def epoch_logger(self):
-        """A Keras callback that logs the four curves at step = epoch number, as each epoch ends."""
-        import keras
-
-        signals = self.signals
-
-        class EpochLogger(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                self.started = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                values = {k: float(v) for k, v in (logs or {}).items() if k in CURVES}
-                values["epoch_seconds"] = time.perf_counter() - self.started  # the first includes compiling
-                with signals.write():  # queued and written by MLflow's logging thread: training does not wait
-                    mlflow.log_metrics(values, step=epoch + 1, synchronous=False)
-
-        return EpochLogger()
+    def log_epoch(self, epoch: int, logs: dict, seconds: float) -> None:
+        """The four curves and the epoch's seconds, at step = epoch number (`epoch` counts from 0). Called
+        from the thread that trains: the run is named, as MLflow's active run belongs to the main thread."""
+        values = {k: float(v) for k, v in logs.items() if k in CURVES}
+        values["epoch_seconds"] = seconds
+        with self.signals.write():  # queued and written by MLflow's logging thread: training does not wait
+            mlflow.log_metrics(values, step=epoch + 1, synchronous=False, run_id=self.run.info.run_id)
 
     def fitted(self, fitted) -> None:
         with self.signals.write():

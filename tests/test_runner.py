@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import json
 from pathlib import Path
 
@@ -97,3 +98,67 @@ def test_a_failing_run_ends_failed_with_the_error(tiny_archive, tmp_path):
     frame = runs(cfg.tracking.uri)
     assert frame["status"].tolist() == ["FAILED"]
     assert "not a readable" in frame["tags.error"][0]
+
+
+def test_epochs_that_end_before_the_run_is_open_are_recorded_in_order(tiny_config, monkeypatch):
+    # The fit starts while MLflow is still being imported and the run opened; here the opening is held
+    # back until the fit has ended, so every epoch waits for the run and must still reach it, in order.
+    from pipeline import tracking
+
+    opened = tracking.TrackedRun.__enter__
+    fits: list = []
+    started = runner.Training.__init__
+
+    def training(self, *args, **kwargs):
+        started(self, *args, **kwargs)
+        fits.append(self)
+
+    def open_after_the_fit(self):
+        fits[0].thread.join()
+        return opened(self)
+
+    monkeypatch.setattr(runner.Training, "__init__", training)
+    monkeypatch.setattr(tracking.TrackedRun, "__enter__", open_after_the_fit)
+    cfg = dataclasses.replace(tiny_config, fit=dataclasses.replace(tiny_config.fit, epochs=5))
+    runner.run(cfg)
+    assert fits[0].error is None and not fits[0].waiting  # all handed over when the run opened
+    check_complete_run(cfg.tracking.uri, runs(cfg.tracking.uri).run_id[0], epochs=5)
+
+
+def test_an_interrupt_before_the_run_is_open_stops_the_fit(tiny_config, monkeypatch):
+    from pipeline import tracking
+
+    fits: list = []
+    started = runner.Training.__init__
+
+    def training(self, *args, **kwargs):
+        started(self, *args, **kwargs)
+        fits.append(self)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.Training, "__init__", training)
+    monkeypatch.setattr(tracking.TrackedRun, "__enter__", interrupted)
+    cfg = dataclasses.replace(tiny_config, fit=dataclasses.replace(tiny_config.fit, epochs=100000))
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg)
+    assert not fits[0].thread.is_alive()  # stopped after the epoch under way, not left training
+    assert fits[0].fitted is not None and len(fits[0].fitted.history) < 100000
+
+
+def test_a_deferred_package_runs_its_code_on_first_use_only(tmp_path, monkeypatch):
+    package = tmp_path / "lazy_pkg" / "inner"
+    package.mkdir(parents=True)
+    (tmp_path / "lazy_pkg" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("import sys\nsys.modules['lazy_pkg'].ran = True\nvalue = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("lazy_pkg", "lazy_pkg.inner"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    runner.defer_imports(("lazy_pkg.inner",))
+    import lazy_pkg
+    from lazy_pkg import inner  # as Keras imports its wrappers: the code does not run yet
+
+    assert not hasattr(lazy_pkg, "ran")
+    assert inner.value == 42 and lazy_pkg.ran  # the first use runs it
+    assert "__getattr__" not in vars(inner)  # and it is an ordinary module from then on
