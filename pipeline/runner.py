@@ -2,7 +2,10 @@
 
 `run(cfg)` returns (metrics, objects): the final metrics (what a sweeper optimizes) and the products.
 Stages stay free of I/O policy and tracking; this module decides what is cached and hands every
-product to `pipeline.tracking`, the one module that speaks to MLflow.
+product to `pipeline.tracking`, the one module that speaks to MLflow. The order is chosen for time: the
+data is prepared (in a forked process, when not cached) while TensorFlow imports; the fit starts as soon
+as the model is built, and MLflow is imported and the run opened while it trains. What happens before
+the run is open is recorded on it once it is, failures included.
 """
 
 from __future__ import annotations
