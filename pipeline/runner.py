@@ -209,10 +209,9 @@ def _fill_streamed(cfg: PipelineConfig, store: cache.StageCache, ingest_key: str
         raise
     with clock("cache_write"):
         product = {k: staging / f"{k}.npy" if k.startswith("x_") else getattr(encoded, k) for k in Encoded.ARRAYS}
-        store.commit("vectorize", vector_key, staging, product, {"vocabulary": encoded.vocabulary, "sizes": rows.sizes()})
-    for name in Encoded.ARRAYS:  # plain arrays on the mapped files (which outlive the staging folder's name)
-        setattr(encoded, name, np.asarray(getattr(encoded, name)))
-    report["encoded"] = encoded
+        store.commit("vectorize", vector_key, staging, product,
+                     {"vocabulary": encoded.vocabulary, "sizes": rows.sizes()})
+    report["encoded"] = encoded  # its token ids mapped from the cache files; prepare reads them in
     return report
 
 
@@ -334,6 +333,9 @@ def prepare(cfg: PipelineConfig, store: cache.StageCache, clock: StageClock, run
         run.split_sizes(report["sizes"])
     if report["encoded"] is not None:
         run.cache_status(split="miss", vectorize="miss")
+        for name in Encoded.ARRAYS:  # the streamed path's arrays are mapped read-only from its cache files
+            if isinstance(getattr(report["encoded"], name), np.memmap):
+                setattr(report["encoded"], name, np.array(getattr(report["encoded"], name)))
     return report["encoded"], report["sizes"]
 
 

@@ -213,8 +213,10 @@ def _chunks(reviews: StreamedReviews, rows: np.ndarray) -> Iterator[np.ndarray]:
 
 
 def vectorize_stream(reviews: StreamedReviews, rows: RowSplits, cfg: BuildConfig, folder: Path) -> Encoded:
-    """build.vectorize in two passes over the blob: count the training reviews' tokens, then encode
-    every review into its row of x_{train,validation,test}.npy in `folder` (memory-mapped)."""
+    """build.vectorize in two passes over the blob, in the order its texts lie: count the training
+    reviews' tokens, then encode every review and write its row of x_{train,validation,test}.npy in
+    `folder` (with pwrite, not a memory map, so that written rows do not stay resident). Returns the
+    arrays mapped read-only from those files: they are read into memory only where they are used."""
     with reviews.reader() as read:
         counts: Counter = Counter()
         for positions in _chunks(reviews, rows.train):
@@ -224,12 +226,16 @@ def vectorize_stream(reviews: StreamedReviews, rows: RowSplits, cfg: BuildConfig
         index = textmodel.token_index(vocabulary)
         arrays = {}
         for name in ("train", "validation", "test"):
-            part = getattr(rows, name)
-            ids = np.lib.format.open_memmap(Path(folder) / f"x_{name}.npy", mode="w+", dtype=np.int32,
-                                            shape=(len(part), cfg.sequence_length))
-            for positions in _chunks(reviews, part):
-                ids[positions] = textmodel.encode(index, read(part[positions]), cfg.sequence_length, cfg.truncate)
-            ids.flush()
-            arrays[f"x_{name}"] = ids
+            part, path = getattr(rows, name), Path(folder) / f"x_{name}.npy"
+            with open(path, "wb") as out:  # the header np.save writes, so that the files are the same
+                np.lib.format.write_array_header_1_0(out, {"descr": "<i4", "fortran_order": False,
+                                                           "shape": (len(part), cfg.sequence_length)})
+                start, row_bytes = out.tell(), 4 * cfg.sequence_length
+                out.truncate(start + row_bytes * len(part))
+                for positions in _chunks(reviews, part):
+                    ids = textmodel.encode(index, read(part[positions]), cfg.sequence_length, cfg.truncate)
+                    for position, row in zip(positions.tolist(), ids):
+                        os.pwrite(out.fileno(), row.tobytes(), start + row_bytes * position)
+            arrays[f"x_{name}"] = np.load(path, mmap_mode="r")
             arrays[f"y_{name}"] = reviews.label[part].astype(np.float32)
     return Encoded(vocabulary=vocabulary, **arrays)

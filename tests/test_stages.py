@@ -378,3 +378,59 @@ def test_evaluate_scores_the_test_split(encoded):
     loss_axes = result.figures["loss.png"].axes[0]
     assert [line.get_label() for line in loss_axes.lines][:2] == ["Training loss", "Validation loss"]
     assert len(loss_axes.lines[0].get_xdata()) == 15
+
+
+BOUNDED = r"""
+import resource, sys
+from pathlib import Path
+from pipeline import build, ingest, split, stream
+from pipeline.config import BuildConfig, IngestConfig, SplitConfig
+
+def data_bytes():  # private writable memory, what RLIMIT_DATA limits
+    for line in open("/proc/self/status"):
+        if line.startswith("VmData:"):
+            return int(line.split()[1]) * 1024
+
+limit = data_bytes() + (160 << 20)
+resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+mode, path, folder = sys.argv[1:]
+cfg, split_cfg, build_cfg = IngestConfig(path=path), SplitConfig(validation_size=100), BuildConfig(sequence_length=16)
+if mode == "memory":
+    build.vectorize(split.split(ingest.ingest(cfg), split_cfg, 1), build_cfg)
+else:
+    reviews = stream.ingest_stream(cfg, Path(folder))
+    encoded = stream.vectorize_stream(reviews, stream.split_rows(reviews, split_cfg, 1), build_cfg, Path(folder))
+    print(reviews.counts()["train"], encoded.x_train.shape[0])
+"""
+
+
+def test_a_corpus_larger_than_the_memory_limit_is_streamed_rather_than_failing(tmp_path):
+    """120 MB of texts under a 160 MB limit on new memory (RLIMIT_DATA): the in-memory path runs out,
+    the streamed path finishes."""
+    import io
+    import os
+    import subprocess
+    import sys
+
+    paragraphs = [" ".join(f"word{(i * 7 + j) % 997}" for j in range(700)) for i in range(40)]  # ~6 KB each
+    path = tmp_path / "large.tar.gz"
+    with tarfile.open(path, "w:gz", compresslevel=1) as archive:
+        for number in range(20000):
+            name = f"aclImdb/{'train' if number % 2 else 'test'}/{'pos' if number % 4 < 2 else 'neg'}/{number}_5.txt"
+            data = paragraphs[number % len(paragraphs)].encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+    def attempt(mode):
+        folder = tmp_path / mode
+        folder.mkdir()
+        return subprocess.run([sys.executable, "-c", BOUNDED, mode, str(path), str(folder)],
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    in_memory = attempt("memory")
+    assert in_memory.returncode != 0 and "MemoryError" in in_memory.stderr, in_memory.stderr[-2000:]
+    streamed = attempt("stream")
+    assert streamed.returncode == 0, streamed.stderr[-2000:]
+    assert streamed.stdout.split() == ["10000", "9900"]
