@@ -6,7 +6,8 @@ same archive, untracked; (2) the pipeline from a cold start (empty stage cache, 
 first, peak memory (the whole process tree, sampled), test accuracy, medians with min-max over the
 repeats, and the pipeline/reference ratios. `--sweep` adds the 16-job overfitting sweep against the
 same 16 jobs run one by one; `--seeds` compares accuracy seed by seed; `--scale` adds cost against
-corpus size. A command that prints numbers, not a test.
+corpus size; `--stream` compares ingest.mode=memory and stream on scaled corpora. A command that prints
+numbers, not a test.
 """
 
 from __future__ import annotations
@@ -307,6 +308,24 @@ def compare_scale(archive: str, factors: list[float]) -> None:
                   f"{1000 * out['wall'] / reviews:19.2f}", flush=True)
 
 
+def compare_stream(archive: str, factors: list[float]) -> None:
+    """Default runs (split=fraction) on scaled corpora, ingest.mode=memory against ingest.mode=stream, each
+    from a cold cache: the streamed path's peak memory should stay nearly flat as the corpus grows."""
+    print(f"{'corpus':>7} {'reviews':>8} {'mode':>7} {'wall s':>7} {'ingest s':>9} {'vectorize s':>12} "
+          f"{'fit s':>7} {'peak MB':>8}")
+    for factor in factors:
+        with tempfile.TemporaryDirectory(prefix="imdb-bench-stream-") as folder:
+            data = scaled_archive(archive, factor, Path(folder) / "aclImdb_scaled.tar.gz")
+            for mode in ("memory", "stream"):
+                work = Path(folder) / mode
+                work.mkdir()
+                out = measured(pipeline_command(str(data), work, "split=fraction", f"ingest.mode={mode}"), work)
+                seconds = last_run(work)["seconds"]
+                print(f"{factor:6.2f}x {int(round(50000 * factor)):8d} {mode:>7} {out['wall']:7.1f} "
+                      f"{seconds.get('ingest', 0):9.2f} {seconds.get('vectorize', 0):12.2f} "
+                      f"{seconds.get('fit', 0):7.2f} {out['peak_mb']:8.0f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("archive", nargs="?", default=os.environ.get("IMDB_ARCHIVE"),
@@ -316,10 +335,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time the 16-job sweep against its jobs run alone (launchers: basic,joblib)")
     parser.add_argument("--scale", nargs="?", const="0.25,0.5,1,2,4", default=None, metavar="FACTORS",
                         help="also time default runs on 0.25x..4x the corpus")
+    parser.add_argument("--stream", default=None, metavar="FACTORS",
+                        help="also compare ingest.mode=memory and stream on scaled corpora (e.g. 4,8,16)")
     parser.add_argument("--seeds", default=None, metavar="SEEDS",
                         help="also compare accuracy, reference against pipeline, for these seeds (e.g. 1,2,3)")
     parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
-    parser.add_argument("--skip-runs", action="store_true", help="only the --sweep / --scale parts")
+    parser.add_argument("--skip-runs", action="store_true", help="only the --sweep / --scale / --stream parts")
     parser.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.archive:
@@ -336,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
         compare_seeds(archive, [int(seed) for seed in args.seeds.split(",")])
     if args.scale:
         compare_scale(archive, [float(f) for f in args.scale.split(",")])
+    if args.stream:
+        compare_stream(archive, [float(f) for f in args.stream.split(",")])
 
 
 if __name__ == "__main__":

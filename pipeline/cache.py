@@ -47,7 +47,8 @@ def sha256_file(path: Path) -> str:
 
 
 class StageCache:
-    """Products are dicts of named numpy arrays and pandas DataFrames, plus a small JSON `meta`."""
+    """Products are dicts of named numpy arrays, pandas DataFrames and files written in place (a blob
+    of streamed texts, .npy files), plus a small JSON `meta`."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -76,6 +77,8 @@ class StageCache:
                     raise ValueError(f"{path} does not match its checksum")
                 if info["kind"] == "frame":
                     product[name] = pd.read_parquet(path)
+                elif info["kind"] == "blob":  # large: read where it lies, by whoever uses it
+                    product[name] = path
                 else:
                     product[name] = np.load(path, allow_pickle=False)
             return product, manifest["meta"]
@@ -84,24 +87,45 @@ class StageCache:
             shutil.rmtree(folder, ignore_errors=True)
             return None
 
-    def save(self, stage: str, key: str, product: dict[str, Any], meta: dict) -> None:
+    def begin(self, stage: str, key: str) -> Path:
+        """A new staging folder for an entry, for products whose large files are written in place
+        (streamed); `commit` moves it into place, `discard` drops it."""
         folder = self.entry(stage, key)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}-"))
+        return Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}-"))
+
+    @staticmethod
+    def discard(staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def commit(self, stage: str, key: str, staging: Path, product: dict[str, Any], meta: dict,
+               hashes: dict[str, str] | None = None) -> Path:
+        """Write `product` into `staging`, then the manifest, and move the folder into place; returns the
+        entry's folder. A value that is a Path names a file already written into `staging` (a .npy file
+        loads as an array, any other file as its path, kind "blob"); its sha256 is read from the file
+        unless `hashes` has it (computed while the file was written)."""
+        hashes = hashes or {}
         try:
             files = {}
             for name, value in product.items():
-                if isinstance(value, pd.DataFrame):
+                if isinstance(value, Path):
+                    file = value.name
+                    kind = "array" if file.endswith(".npy") else "blob"
+                elif isinstance(value, pd.DataFrame):
                     file, kind = f"{name}.parquet", "frame"
                     value.to_parquet(staging / file, index=False)
                 else:
                     file, kind = f"{name}.npy", "array"
                     np.save(staging / file, np.asarray(value), allow_pickle=False)
-                files[name] = {"file": file, "kind": kind, "sha256": sha256_file(staging / file)}
+                files[name] = {"file": file, "kind": kind, "sha256": hashes.get(name) or sha256_file(staging / file)}
             (staging / MANIFEST).write_text(json.dumps({"files": files, "meta": meta}, indent=1))
             try:
-                os.rename(staging, folder)
+                os.rename(staging, self.entry(stage, key))
             except OSError:  # another process finished the same entry first; theirs is as good
                 pass
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        return self.entry(stage, key)
+
+    def save(self, stage: str, key: str, product: dict[str, Any], meta: dict) -> None:
+        self.commit(stage, key, self.begin(stage, key), product, meta)

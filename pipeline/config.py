@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 STAGES = ("ingest", "split", "build", "fit", "evaluate")
 SOURCES = ("archive", "keras", "table")
+MODES = ("auto", "memory", "stream")
 TRUNCATIONS = ("pre", "post")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "nadam")
 
@@ -46,9 +47,12 @@ class IngestConfig:
     label_column: str = "label"  # table source: 0 = negative, 1 = positive
     split_column: Optional[str] = "split"  # table source: values train/test; a missing column means...
     test_fraction: float = 0.5  # ...this seeded share of rows becomes the test split (IMDB is 50/50)
+    mode: str = "auto"  # archive source: memory holds the texts, stream keeps them on disk; auto streams if memory is short
 
     def validate(self) -> None:
         _require(self.source in SOURCES, "ingest.source", self.source, f"one of {', '.join(SOURCES)}")
+        _require(self.mode in MODES, "ingest.mode", self.mode,
+                 "auto (stream when the corpus would not fit in half the free memory), memory or stream")
         if self.source in ("archive", "table"):
             _require(bool(self.path), "ingest.path", self.path,
                      "set the archive or table location (or the IMDB_ARCHIVE environment variable)")

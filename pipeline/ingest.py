@@ -59,14 +59,32 @@ def _finish(rows: list[tuple], source: str) -> Reviews:
     frame = frame.astype({"label": "int8", "id": "int64", "rating": "int8"})
     frame = frame.sort_values(["split", "label", "id"], kind="stable", ignore_index=True)[COLUMNS]
     for split in SPLITS:
-        part = frame[frame["split"] == split]
-        if part.empty or part["label"].nunique() < 2:
-            raise ValueError(f"{source}: the {split} split needs positive and negative reviews; "
-                             f"found labels {sorted(part['label'].unique().tolist())}")
+        check_classes(source, split, frame.loc[frame["split"] == split, "label"].unique().tolist())
     return Reviews(frame=frame, digest=content_digest(frame), source=source)
 
 
-def _decode(raw: bytes, name: str) -> str:
+def check_classes(source: str, split: str, labels: list[int]) -> None:
+    if len(set(labels)) < 2:
+        raise ValueError(f"{source}: the {split} split needs positive and negative reviews; "
+                         f"found labels {sorted(labels)}")
+
+
+def no_members(path: Path) -> ValueError:
+    return ValueError(f"{path}: no aclImdb/{{train,test}}/{{pos,neg}}/<id>_<rating>.txt files inside")
+
+
+def folder_files(path: Path) -> list[tuple[Path, str]]:
+    """An extracted aclImdb folder's review files (the folder itself or the one that contains it), in
+    name order, with the layout's path for MEMBER: (file, "aclImdb/train/pos/0_9.txt")."""
+    root = path if (path / "train").is_dir() or (path / "test").is_dir() else path / "aclImdb"
+    return [(file, "aclImdb/" + file.relative_to(root).as_posix()) for file in sorted(root.glob("*/*/*.txt"))]
+
+
+def archive_error(path: Path, error: Exception) -> ValueError:
+    return ValueError(f"{path}: not a readable .tar.gz archive ({error}); delete it and download it again")
+
+
+def decode(raw: bytes, name: str) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -112,25 +130,23 @@ def read_archive(path: Path) -> Reviews:
             for member in archive:
                 match = MEMBER.search(member.name)
                 if match and member.isfile():
-                    rows.append(_row(match, _decode(_member_bytes(archive, buffer, member), member.name)))
+                    rows.append(_row(match, decode(_member_bytes(archive, buffer, member), member.name)))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
-        raise ValueError(f"{path}: not a readable .tar.gz archive ({error}); "
-                         "delete it and download it again") from None
+        raise archive_error(path, error) from None
     if not rows:
-        raise ValueError(f"{path}: no aclImdb/{{train,test}}/{{pos,neg}}/<id>_<rating>.txt files inside")
+        raise no_members(path)
     return _finish(rows, str(path))
 
 
 def read_folder(path: Path) -> Reviews:
     """Reviews from an extracted aclImdb folder (the folder itself or the one that contains it)."""
-    root = path if (path / "train").is_dir() or (path / "test").is_dir() else path / "aclImdb"
     rows = []
-    for file in sorted(root.glob("*/*/*.txt")):
-        match = MEMBER.search("aclImdb/" + file.relative_to(root).as_posix())
+    for file, name in folder_files(path):
+        match = MEMBER.search(name)
         if match:
-            rows.append(_row(match, _decode(file.read_bytes(), str(file))))
+            rows.append(_row(match, decode(file.read_bytes(), str(file))))
     if not rows:
-        raise ValueError(f"{path}: no aclImdb/{{train,test}}/{{pos,neg}}/<id>_<rating>.txt files inside")
+        raise no_members(path)
     return _finish(rows, str(path))
 
 

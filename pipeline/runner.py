@@ -20,7 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import build, cache, ingest, split, textmodel
+import numpy as np
+
+from pipeline import build, cache, ingest, split, stream, textmodel
 from pipeline.config import PipelineConfig, check_reachable, tracking_uri
 from pipeline.build import Encoded
 
@@ -29,7 +31,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INGEST_KEY_SKIPS = ("path", "url", "sha256", "download")  # where a copy lives is not what it holds
+# Where a copy lives is not what it holds; nor is how it is read: both modes give the same rows and digest
+# and byte-identical vectorize products, so the mode stays out of the keys. The two ingest products differ
+# in form (a table; a blob of texts and arrays), so each mode keeps its own under its own stage name.
+INGEST_KEY_SKIPS = ("path", "url", "sha256", "download", "mode")
+INGEST_STAGES = {"memory": "ingest", "stream": "ingest_stream"}
 
 
 class StageClock:
@@ -140,13 +146,22 @@ def _ingest_key(cfg: PipelineConfig) -> str:
     settings = {k: v for k, v in asdict(cfg.ingest).items() if k not in INGEST_KEY_SKIPS}
     settings["input"] = ingest.input_digest(cfg.ingest)
     settings["seed"] = cfg.seed if cfg.ingest.source == "table" else None
-    return cache.make_key("ingest", settings, [ingest])
+    return cache.make_key("ingest", settings, [ingest, stream])
 
 
 def _vectorize_key(cfg: PipelineConfig, ingest_key: str) -> str:
     settings = {"ingest": ingest_key, "split": asdict(cfg.split), "seed": cfg.seed,
                 "build": {name: getattr(cfg.build, name) for name in build.VECTORIZE_FIELDS}}
-    return cache.make_key("vectorize", settings, [ingest, split, build, textmodel])
+    return cache.make_key("vectorize", settings, [ingest, split, build, textmodel, stream])
+
+
+def _ingest_meta(store: cache.StageCache, ingest_key: str) -> dict | None:
+    """The cached ingest product's meta, from either mode's entry (they describe the same rows)."""
+    for stage in INGEST_STAGES.values():
+        meta = store.meta(stage, ingest_key)
+        if meta is not None:
+            return meta
+    return None
 
 
 def _fill(cfg: PipelineConfig, store: cache.StageCache, ingest_key: str, vector_key: str | None,
@@ -155,6 +170,10 @@ def _fill(cfg: PipelineConfig, store: cache.StageCache, ingest_key: str, vector_
     the tracked run records about it: ingest meta, split sizes and which stages were cache hits.
     `deferred`: where to leave the writing of a new ingest product (which this run no longer needs) for
     later; without it the product is written at once."""
+    mode, reason = stream.resolve_mode(cfg.ingest)
+    log.info("ingest: %s mode (%s)", mode, reason)
+    if mode == "stream":
+        return _fill_streamed(cfg, store, ingest_key, vector_key, clock)
     with clock("ingest"):
         hit = store.load("ingest", ingest_key)
         if hit is not None:
@@ -187,6 +206,51 @@ def _fill(cfg: PipelineConfig, store: cache.StageCache, ingest_key: str, vector_
         store.save("vectorize", vector_key, {k: getattr(encoded, k) for k in Encoded.ARRAYS},
                    {"vocabulary": encoded.vocabulary, "sizes": parts.sizes()})
     report["encoded"] = encoded
+    return report
+
+
+def _fill_streamed(cfg: PipelineConfig, store: cache.StageCache, ingest_key: str, vector_key: str | None,
+                   clock: StageClock) -> dict:
+    """_fill with the texts on disk: the blob is written straight into the ingest entry's staging
+    folder and the token ids into the vectorize entry's, so neither product is held to be saved."""
+    stage = INGEST_STAGES["stream"]
+    with clock("ingest"):
+        hit = store.load(stage, ingest_key)
+        if hit is not None:
+            log.info("ingest: reusing cached product %s", store.entry(stage, ingest_key))
+            reviews = stream.StreamedReviews.from_product(*hit)
+        else:
+            staging = store.begin(stage, ingest_key)
+            try:
+                reviews = stream.ingest_stream(cfg.ingest, staging)
+            except BaseException:
+                store.discard(staging)
+                raise
+    if hit is None:
+        with clock("cache_write"):
+            entry = store.commit(stage, ingest_key, staging, reviews.product(), reviews.meta(),
+                                 hashes={"texts": reviews.blob_sha256})
+        reviews.blob = entry / stream.BLOB  # the same bytes, whichever process's entry won
+    report = {"ingest_meta": reviews.meta(), "ingest_hit": hit is not None, "sizes": None, "encoded": None}
+    if "split" not in cfg.stages:
+        return report
+    with clock("split"):
+        rows = stream.split_rows(reviews, cfg.split, cfg.seed)
+    report["sizes"] = rows.sizes()
+    if vector_key is None:
+        return report
+    staging = store.begin("vectorize", vector_key)
+    try:
+        with clock("vectorize"):
+            encoded = stream.vectorize_stream(reviews, rows, cfg.build, staging)
+    except BaseException:
+        store.discard(staging)
+        raise
+    with clock("cache_write"):
+        product = {k: staging / f"{k}.npy" if k.startswith("x_") else getattr(encoded, k) for k in Encoded.ARRAYS}
+        store.commit("vectorize", vector_key, staging, product,
+                     {"vocabulary": encoded.vocabulary, "sizes": rows.sizes()})
+    report["encoded"] = encoded  # its token ids mapped from the cache files; prepare reads them in
     return report
 
 
@@ -265,7 +329,7 @@ def _can_prepare_ahead(cfg: PipelineConfig) -> bool:
 def start_ahead(cfg: PipelineConfig, store: cache.StageCache, keys: tuple[str, str]) -> Ahead | None:
     """Start preparing the data in the background when it is not cached yet."""
     ingest_key, vector_key = keys
-    if store.meta("ingest", ingest_key) is not None and store.meta("vectorize", vector_key) is not None:
+    if _ingest_meta(store, ingest_key) is not None and store.meta("vectorize", vector_key) is not None:
         return None
     try:
         ahead = Ahead(cfg, store, ingest_key, vector_key)
@@ -284,7 +348,7 @@ def prepare(cfg: PipelineConfig, store: cache.StageCache, clock: StageClock, run
     report = ahead.result(clock) if ahead is not None else None
 
     # made just now in the background (its ingest product may still be being written), or cached earlier
-    ingest_meta = report["ingest_meta"] if report is not None else store.meta("ingest", ingest_key)
+    ingest_meta = report["ingest_meta"] if report is not None else _ingest_meta(store, ingest_key)
     if vector_key and ingest_meta is not None:
         with clock("vectorize"):  # reading the cached arrays (made earlier, or just now in the background)
             hit = store.load("vectorize", vector_key)
@@ -308,6 +372,9 @@ def prepare(cfg: PipelineConfig, store: cache.StageCache, clock: StageClock, run
         run.split_sizes(report["sizes"])
     if report["encoded"] is not None:
         run.cache_status(split="miss", vectorize="miss")
+        for name in Encoded.ARRAYS:  # the streamed path's arrays are mapped read-only from its cache files
+            if isinstance(getattr(report["encoded"], name), np.memmap):
+                setattr(report["encoded"], name, np.array(getattr(report["encoded"], name)))
     return report["encoded"], report["sizes"]
 
 

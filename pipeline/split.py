@@ -26,16 +26,23 @@ class Splits:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
 
 
+def holdout(count: int, cfg: SplitConfig, seed: int) -> tuple[np.ndarray, int]:
+    """The training reviews' order (positions 0..count-1, shuffled with the seed unless
+    split.shuffle=false) and how many of the first are held out for validation."""
+    size = cfg.validation_size if cfg.validation_size is not None else int(round(cfg.validation_fraction * count))
+    if not 0 < size < count:
+        raise ValueError(f"split.validation_size={size} leaves no training data: the training split has "
+                         f"{count} reviews; hold out fewer (e.g. split.validation_fraction=0.4)")
+    order = np.random.default_rng(seed).permutation(count) if cfg.shuffle else np.arange(count)
+    return order, size
+
+
 def split(reviews: Reviews, cfg: SplitConfig, seed: int) -> Splits:
     """Hold out `validation_size` reviews (or `validation_fraction` of them) from the training split."""
     frame = reviews.frame
     train = frame[frame["split"] == "train"]
     test = frame[frame["split"] == "test"].reset_index(drop=True)
-    size = cfg.validation_size if cfg.validation_size is not None else int(round(cfg.validation_fraction * len(train)))
-    if not 0 < size < len(train):
-        raise ValueError(f"split.validation_size={size} leaves no training data: the training split has "
-                         f"{len(train)} reviews; hold out fewer (e.g. split.validation_fraction=0.4)")
-    order = np.random.default_rng(seed).permutation(len(train)) if cfg.shuffle else np.arange(len(train))
+    order, size = holdout(len(train), cfg, seed)
     train = train.iloc[order].reset_index(drop=True)
     # like the tutorial: the first `size` (shuffled) training reviews are the validation set
     return Splits(train=train.iloc[size:].reset_index(drop=True),

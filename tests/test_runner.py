@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 import json
+import sys
 from pathlib import Path
 
 import mlflow
@@ -162,3 +162,48 @@ def test_a_deferred_package_runs_its_code_on_first_use_only(tmp_path, monkeypatc
     assert not hasattr(lazy_pkg, "ran")
     assert inner.value == 42 and lazy_pkg.ran  # the first use runs it
     assert "__getattr__" not in vars(inner)  # and it is an ordinary module from then on
+
+
+def test_stream_mode_records_what_memory_mode_records(tiny_archive, tmp_path):
+    def overrides(mode: str, cache_name: str) -> list[str]:
+        base = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("cache_dir=")]
+        return base + [f"ingest.mode={mode}", f"cache_dir={tmp_path / cache_name}", "fit.epochs=2"]
+
+    memory_metrics, _ = runner.run(compose_config(overrides("memory", "memory_cache")))
+    stream_metrics, objects = runner.run(compose_config(overrides("stream", "stream_cache")))
+    frame = runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert frame["params.ingest.mode"].tolist() == ["memory", "stream"]
+    for column in ("tags.data.digest", "params.data.train_rows", "params.data.validation_rows",
+                   "params.data.test_rows", "tags.cache.ingest", "tags.cache.vectorize"):
+        assert frame[column].nunique() == 1, column
+    assert stream_metrics == pytest.approx(memory_metrics, abs=1e-6)
+    assert objects["encoded"].x_train.shape == (16, 32)
+
+    # the stage cache: the streamed ingest product is a blob of texts plus arrays, kept under its own
+    # stage name; the vectorize products are byte for byte the same, under the same key
+    entries = {name: {p.name: p for p in (tmp_path / name / "vectorize").iterdir()}
+               for name in ("memory_cache", "stream_cache")}
+    assert entries["memory_cache"].keys() == entries["stream_cache"].keys()
+    manifests = [json.loads((next(iter(e.values())) / "manifest.json").read_text()) for e in entries.values()]
+    assert manifests[0] == manifests[1]
+    assert [p.name for p in (tmp_path / "memory_cache").iterdir() if p.name.startswith("ingest")] == ["ingest"]
+    streamed = next((tmp_path / "stream_cache" / "ingest_stream").iterdir())
+    assert (streamed / "texts.bin").stat().st_size > 0
+
+    # a streamed run on the memory run's cache reuses its vectorize product
+    runner.run(compose_config(overrides("stream", "memory_cache")))
+    assert runs(f"sqlite:///{tmp_path / 'mlflow.db'}")["tags.cache.vectorize"].tolist()[-1] == "hit"
+
+
+def test_fill_logs_the_chosen_mode_and_reuses_the_streamed_product(tiny_archive, tmp_path, caplog):
+    cfg = compose_config(tiny_overrides(tiny_archive, tmp_path) + ["ingest.mode=stream"])
+    store = cache.StageCache(tmp_path / "cache")
+    ingest_key, vector_key = runner._keys(cfg)
+    caplog.set_level("INFO")
+    first = runner._fill(cfg, store, ingest_key, vector_key, runner.StageClock())
+    assert "ingest: stream mode (ingest.mode=stream)" in caplog.text
+    second = runner._fill(cfg, store, ingest_key, vector_key, runner.StageClock())
+    assert (first["ingest_hit"], second["ingest_hit"]) == (False, True)
+    assert first["ingest_meta"] == second["ingest_meta"]
+    assert first["ingest_meta"]["counts"] == {"train": 24, "test": 24}
+    assert second["encoded"].vocabulary == first["encoded"].vocabulary

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import build, evaluate, fit, ingest, split, textmodel
+from pipeline import build, evaluate, fit, ingest, split, stream, textmodel
 from pipeline.config import BuildConfig, EvaluateConfig, FitConfig, IngestConfig, SplitConfig
 from tests.conftest import write_archive
 
@@ -85,6 +85,88 @@ def test_bad_review_names_the_file(tmp_path, content, message):
     with pytest.raises(ValueError, match=message) as error:
         ingest.ingest(IngestConfig(path=str(path)))
     assert "train/pos/3_" in str(error.value)
+
+
+# -- the streamed path (ingest.mode=stream) ----------------------------------------------------------
+def _input(kind: str, tmp_path):
+    archive = write_archive(tmp_path / "data.tar.gz", per_class=20, seed=3)
+    if kind == "archive":
+        return archive
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "folder", filter="data")
+    return tmp_path / "folder"
+
+
+@pytest.mark.parametrize("truncate", ["pre", "post"])
+@pytest.mark.parametrize("kind", ["archive", "folder"])
+def test_streamed_path_gives_what_the_memory_path_gives(kind, truncate, tmp_path):
+    cfg = IngestConfig(path=str(_input(kind, tmp_path)))
+    split_cfg, build_cfg = SplitConfig(validation_size=9), BuildConfig(vocabulary_size=30, sequence_length=12,
+                                                                     truncate=truncate)
+    in_memory = ingest.ingest(cfg)
+    parts = split.split(in_memory, split_cfg, seed=7)
+    expected = build.vectorize(parts, build_cfg)
+
+    (tmp_path / "ingest").mkdir()
+    (tmp_path / "vectorize").mkdir()
+    streamed = stream.ingest_stream(cfg, tmp_path / "ingest")
+    rows = stream.split_rows(streamed, split_cfg, seed=7)
+    encoded = stream.vectorize_stream(streamed, rows, build_cfg, tmp_path / "vectorize")
+
+    assert streamed.digest == in_memory.digest
+    assert streamed.counts() == in_memory.counts() == {"train": 40, "test": 40}
+    assert rows.sizes() == parts.sizes() == {"train": 31, "validation": 9, "test": 40}
+    assert encoded.vocabulary == expected.vocabulary
+    for name in build.Encoded.ARRAYS:
+        np.testing.assert_array_equal(getattr(encoded, name), getattr(expected, name), err_msg=name)
+        assert getattr(encoded, name).dtype == getattr(expected, name).dtype
+    # the .npy files written in place are what np.save writes for the in-memory arrays
+    np.save(tmp_path / "expected.npy", expected.x_test)
+    assert (tmp_path / "vectorize" / "x_test.npy").read_bytes() == (tmp_path / "expected.npy").read_bytes()
+    # texts live in the blob, in the order read; only the metadata arrays are per review
+    assert streamed.blob.stat().st_size == sum(len(t.encode()) for t in in_memory.frame["text"])
+
+
+@pytest.mark.parametrize("overrides, skip, message", [
+    ({"train/pos/3": b"   "}, (), "train/pos/3_.*is empty"),
+    ({"test/neg/2": b"caf\xe9"}, (), "test/neg/2_.*not valid UTF-8"),
+    ({}, ("test/neg",), "test split needs positive and negative reviews; found labels \\[1\\]"),
+    ({}, ("train/pos", "train/neg", "test/pos", "test/neg"), "no aclImdb/"),
+])
+def test_streamed_ingest_raises_what_the_memory_path_raises(tmp_path, overrides, skip, message):
+    cfg = IngestConfig(path=str(write_archive(tmp_path / "bad.tar.gz", overrides=overrides, skip=skip)))
+    with pytest.raises(ValueError, match=message) as in_memory:
+        ingest.ingest(cfg)
+    with pytest.raises(ValueError, match=message) as streamed:
+        stream.ingest_stream(cfg, tmp_path)
+    assert str(streamed.value) == str(in_memory.value)
+
+
+def test_streamed_ingest_of_a_corrupt_archive_is_a_clear_error(tiny_archive, tmp_path):
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(tiny_archive.read_bytes()[:300])
+    with pytest.raises(ValueError, match="not a readable .tar.gz"):
+        stream.ingest_stream(IngestConfig(path=str(broken)), tmp_path)
+
+
+def test_auto_mode_streams_when_the_corpus_needs_over_half_the_free_memory(tmp_path):
+    gb = 1 << 30
+    assert stream.choose_mode("auto", need=3 * gb, available=8 * gb)[0] == "memory"
+    assert stream.choose_mode("auto", need=4 * gb, available=8 * gb)[0] == "memory"
+    mode, reason = stream.choose_mode("auto", need=5 * gb, available=8 * gb)
+    assert mode == "stream" and "5120 MB" in reason and "8192 MB" in reason
+    assert stream.choose_mode("memory", need=50 * gb, available=gb)[0] == "memory"  # an explicit mode wins
+    assert stream.choose_mode("stream", need=1, available=50 * gb)[0] == "stream"
+    assert stream.available_memory() > 0
+    archive = write_archive(tmp_path / "a.tar.gz")
+    assert stream.estimated_need(archive) == int(stream.ARCHIVE_FACTOR * archive.stat().st_size)
+    assert stream.resolve_mode(IngestConfig(source="keras", mode="stream"))[0] == "memory"  # only archives stream
+    assert stream.resolve_mode(IngestConfig(path=str(archive)))[0] == "memory"  # a few KB
+
+
+def test_ingest_mode_is_validated():
+    with pytest.raises(ValueError, match="ingest.mode='disk' is not allowed"):
+        IngestConfig(path="x", mode="disk").validate()
 
 
 def test_table_source_with_and_without_split_column(tmp_path):
@@ -296,3 +378,59 @@ def test_evaluate_scores_the_test_split(encoded):
     loss_axes = result.figures["loss.png"].axes[0]
     assert [line.get_label() for line in loss_axes.lines][:2] == ["Training loss", "Validation loss"]
     assert len(loss_axes.lines[0].get_xdata()) == 15
+
+
+BOUNDED = r"""
+import resource, sys
+from pathlib import Path
+from pipeline import build, ingest, split, stream
+from pipeline.config import BuildConfig, IngestConfig, SplitConfig
+
+def data_bytes():  # private writable memory, what RLIMIT_DATA limits
+    for line in open("/proc/self/status"):
+        if line.startswith("VmData:"):
+            return int(line.split()[1]) * 1024
+
+limit = data_bytes() + (160 << 20)
+resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+mode, path, folder = sys.argv[1:]
+cfg, split_cfg, build_cfg = IngestConfig(path=path), SplitConfig(validation_size=100), BuildConfig(sequence_length=16)
+if mode == "memory":
+    build.vectorize(split.split(ingest.ingest(cfg), split_cfg, 1), build_cfg)
+else:
+    reviews = stream.ingest_stream(cfg, Path(folder))
+    encoded = stream.vectorize_stream(reviews, stream.split_rows(reviews, split_cfg, 1), build_cfg, Path(folder))
+    print(reviews.counts()["train"], encoded.x_train.shape[0])
+"""
+
+
+def test_a_corpus_larger_than_the_memory_limit_is_streamed_rather_than_failing(tmp_path):
+    """120 MB of texts under a 160 MB limit on new memory (RLIMIT_DATA): the in-memory path runs out,
+    the streamed path finishes."""
+    import io
+    import os
+    import subprocess
+    import sys
+
+    paragraphs = [" ".join(f"word{(i * 7 + j) % 997}" for j in range(700)) for i in range(40)]  # ~6 KB each
+    path = tmp_path / "large.tar.gz"
+    with tarfile.open(path, "w:gz", compresslevel=1) as archive:
+        for number in range(20000):
+            name = f"aclImdb/{'train' if number % 2 else 'test'}/{'pos' if number % 4 < 2 else 'neg'}/{number}_5.txt"
+            data = paragraphs[number % len(paragraphs)].encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+    def attempt(mode):
+        folder = tmp_path / mode
+        folder.mkdir()
+        return subprocess.run([sys.executable, "-c", BOUNDED, mode, str(path), str(folder)],
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    in_memory = attempt("memory")
+    assert in_memory.returncode != 0 and "MemoryError" in in_memory.stderr, in_memory.stderr[-2000:]
+    streamed = attempt("stream")
+    assert streamed.returncode == 0, streamed.stderr[-2000:]
+    assert streamed.stdout.split() == ["10000", "9900"]
