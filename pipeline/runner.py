@@ -412,6 +412,9 @@ class _Later:
             getattr(run, name)(*args, **kwargs)
 
 
+FIT_SWITCH_INTERVAL = 0.0002  # seconds; measured over alternating runs: 0.3-0.8 s sooner than the default 0.005
+
+
 class Training:
     """The fit, in a thread of its own, started as soon as the model is built. Meanwhile the main thread
     imports MLflow and opens the run (about 1.5 s of Python): a compiled epoch runs outside the
@@ -435,6 +438,10 @@ class Training:
                 self.error = error
 
         self.thread = threading.Thread(target=train, name="fit", daemon=True)
+        # While the main thread imports and opens the run, the fit thread needs the interpreter for a
+        # moment between compiled calls; a shorter switch interval than Python's 5 ms lets it in sooner.
+        self.switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(FIT_SWITCH_INTERVAL)
         self.thread.start()
 
     def _relay(self):
@@ -467,6 +474,7 @@ class Training:
 
     def result(self):
         self.thread.join()
+        sys.setswitchinterval(self.switch_interval)
         if self.error is not None:
             raise self.error
         return self.fitted
@@ -474,6 +482,7 @@ class Training:
     def stop(self) -> None:
         self.stopping.set()
         self.thread.join()
+        sys.setswitchinterval(self.switch_interval)
 
 
 @dataclass
