@@ -63,8 +63,9 @@ class StageCache:
         except (OSError, ValueError, KeyError):
             return None
 
-    def load(self, stage: str, key: str) -> tuple[dict[str, Any], dict] | None:
-        """(product, meta) when a complete, verified entry exists; otherwise None (and a broken one is removed)."""
+    def load(self, stage: str, key: str, mmap: bool = False) -> tuple[dict[str, Any], dict] | None:
+        """(product, meta) when a complete, verified entry exists; otherwise None (and a broken one is removed).
+        `mmap`: arrays are mapped read-only from their files rather than read into memory."""
         folder = self.entry(stage, key)
         if not folder.exists():
             return None
@@ -80,7 +81,7 @@ class StageCache:
                 elif info["kind"] == "blob":  # large: read where it lies, by whoever uses it
                     product[name] = path
                 else:
-                    product[name] = np.load(path, allow_pickle=False)
+                    product[name] = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
             return product, manifest["meta"]
         except (OSError, ValueError, KeyError) as error:
             log.warning("%s: cache entry %s is damaged (%s); rebuilding it", stage, folder, error)

@@ -19,6 +19,8 @@ from pipeline.config import FitConfig
 
 log = logging.getLogger(__name__)
 
+CHUNK_BATCHES = 64  # batches read from disk per compiled call when the arrays stay on disk (32 MB at 512 x 256)
+
 
 @dataclass
 class Fitted:
@@ -70,6 +72,11 @@ class EpochLoop:
     short batch is padded and its padding carries zero weight, so its loss and gradient are those of the
     real rows, as in Keras. Batch callbacks run once per epoch, as Keras runs them with
     `steps_per_execution`; epoch callbacks (tracking, early stopping) run as in `model.fit`.
+
+    Arrays that arrive as memory maps (the streamed path's, which may not fit in memory) stay on disk:
+    each epoch then reads its shuffled rows CHUNK_BATCHES batches at a time and trains on each chunk in
+    one compiled call, then validates chunk by chunk; the batches and steps are those of the in-memory
+    loop, so the numbers are too.
     """
 
     def __init__(self, model, data: Encoded, cfg: FitConfig, seed: int):
@@ -80,17 +87,24 @@ class EpochLoop:
         self.rng = np.random.default_rng(seed)  # the shuffle of each epoch, as fit(shuffle=True) does
         self.train_rows = len(data.x_train)
         self.steps = self._whole(self.train_rows) // cfg.batch_size
-        self.x_train = tf.constant(data.x_train)
-        self.y_train = tf.constant(data.y_train.reshape(-1, 1))
-        self.train_weight = tf.constant(self._weight(self.train_rows))
         self.validation_rows = len(data.x_validation)
-        order = self._padded(np.arange(self.validation_rows))
-        self.validation = [tf.constant(part.reshape(-1, cfg.batch_size, *part.shape[1:])) for part in (
-            data.x_validation[order], data.y_validation[order].reshape(-1, 1), self._weight(self.validation_rows))]
+        self.chunked = isinstance(data.x_train, np.memmap) or isinstance(data.x_validation, np.memmap)
         self.loss = keras.losses.get(model.loss)  # per-example losses; weighted and reduced below
         model.optimizer.build(model.trainable_variables)
         # autograph off: the loops are written as tf.while_loop, and converting the code would cost tracing time
-        self.train_epoch = tf.function(self._train_epoch, jit_compile=cfg.jit_compile, autograph=False)
+        compiled = dict(jit_compile=cfg.jit_compile, autograph=False)
+        if self.chunked:  # rows read from disk a chunk at a time, passed to the compiled loops
+            self.data = data
+            self.train_steps = tf.function(lambda x, y, weight: self._steps(x, y, weight, True), **compiled)
+            self.validate_steps = tf.function(lambda x, y, weight: self._steps(x, y, weight, False), **compiled)
+            return
+        self.x_train = tf.constant(data.x_train)
+        self.y_train = tf.constant(data.y_train.reshape(-1, 1))
+        self.train_weight = tf.constant(self._weight(self.train_rows))
+        order = self._padded(np.arange(self.validation_rows))
+        self.validation = [tf.constant(part.reshape(-1, cfg.batch_size, *part.shape[1:])) for part in (
+            data.x_validation[order], data.y_validation[order].reshape(-1, 1), self._weight(self.validation_rows))]
+        self.train_epoch = tf.function(self._train_epoch, **compiled)
 
     def _whole(self, rows: int) -> int:
         """`rows` rounded up to whole batches."""
@@ -119,31 +133,55 @@ class EpochLoop:
         right = tf.cast(tf.equal(tf.cast(predicted > 0.5, y.dtype), y), tf.float32)  # binary_accuracy
         return batch_loss * rows, tf.reduce_sum(right * weight), batch_loss
 
-    def _train_epoch(self, order):
+    def _steps(self, x, y, weight, training: bool):
+        """One pass over the batches of x, y, weight (shaped (steps, batch, ...)): a training step on each
+        (training=True), or scores only. Returns summed loss and right answers, as [loss, right]."""
         import tensorflow as tf
 
         variables = self.model.trainable_variables
+
+        def step(index, totals):
+            if not training:
+                loss_sum, right, _ = self._scores(x[index], y[index], weight[index], training=False)
+                return index + 1, totals + tf.stack([loss_sum, right])
+            with tf.GradientTape() as tape:
+                loss_sum, right, batch_loss = self._scores(x[index], y[index], weight[index], training=True)
+            self.model.optimizer.apply_gradients(zip(tape.gradient(batch_loss, variables), variables))
+            return index + 1, totals + tf.stack([loss_sum, right])
+
+        _, totals = tf.while_loop(lambda index, _: index < x.shape[0], step, (0, tf.zeros([2])))
+        return totals
+
+    def _train_epoch(self, order):
+        import tensorflow as tf
+
         shape = (self.steps, self.batch_size)
         x = tf.reshape(tf.gather(self.x_train, order), shape + tuple(self.x_train.shape[1:]))
         y = tf.reshape(tf.gather(self.y_train, order), shape + (1,))
         weight = tf.reshape(self.train_weight, shape + (1,))
+        return tf.concat([self._steps(x, y, weight, True), self._steps(*self.validation, False)], 0)
 
-        def train(step, totals):
-            with tf.GradientTape() as tape:
-                loss_sum, right, batch_loss = self._scores(x[step], y[step], weight[step], training=True)
-            self.model.optimizer.apply_gradients(zip(tape.gradient(batch_loss, variables), variables))
-            return step + 1, totals + tf.stack([loss_sum, right, 0.0, 0.0])
+    def _chunks(self, x, y, order: np.ndarray, rows: int):
+        """(x, y, weight) of CHUNK_BATCHES batches at a time, in the order `order` gives (padded to whole
+        batches, the padding weighted 0); the rows are read from `x` in file order, then put in place."""
+        weight = self._weight(rows)
+        rows_per_chunk = CHUNK_BATCHES * self.batch_size
+        for start in range(0, len(order), rows_per_chunk):
+            part = order[start:start + rows_per_chunk]
+            by_position = np.argsort(part, kind="stable")
+            x_part = np.empty((len(part), *x.shape[1:]), dtype=x.dtype)
+            x_part[by_position] = x[part[by_position]]  # a memory map reads fastest in file order
+            batches = (-1, self.batch_size)
+            yield (x_part.reshape(batches + x.shape[1:]), y[part].reshape(batches + (1,)),
+                   weight[start:start + rows_per_chunk].reshape(batches + (1,)))
 
-        x_validation, y_validation, validation_weight = self.validation
-
-        def validate(step, totals):
-            loss_sum, right, _ = self._scores(x_validation[step], y_validation[step], validation_weight[step],
-                                              training=False)
-            return step + 1, totals + tf.stack([0.0, 0.0, loss_sum, right])
-
-        totals = tf.zeros([4])
-        _, totals = tf.while_loop(lambda step, _: step < self.steps, train, (0, totals))
-        _, totals = tf.while_loop(lambda step, _: step < x_validation.shape[0], validate, (0, totals))
+    def _chunked_epoch(self, order: np.ndarray) -> np.ndarray:
+        totals = np.zeros(4)
+        for chunk in self._chunks(self.data.x_train, self.data.y_train, order, self.train_rows):
+            totals[:2] += self.train_steps(*chunk).numpy()
+        validation = self._padded(np.arange(self.validation_rows))
+        for chunk in self._chunks(self.data.x_validation, self.data.y_validation, validation, self.validation_rows):
+            totals[2:] += self.validate_steps(*chunk).numpy()
         return totals
 
     def run(self, epochs: int, callbacks: Sequence) -> dict[str, list[float]]:
@@ -158,7 +196,9 @@ class EpochLoop:
         for epoch in range(epochs):
             listed.on_epoch_begin(epoch)
             listed.on_train_batch_begin(0)
-            totals = self.train_epoch(self._padded(self.rng.permutation(self.train_rows))).numpy().astype(np.float64)
+            order = self._padded(self.rng.permutation(self.train_rows))
+            totals = (self._chunked_epoch(order) if self.chunked
+                      else self.train_epoch(order).numpy().astype(np.float64))
             logs = {"loss": totals[0] / self.train_rows, "accuracy": totals[1] / self.train_rows}
             listed.on_train_batch_end(self.steps - 1, logs)
             logs.update(val_loss=totals[2] / self.validation_rows, val_accuracy=totals[3] / self.validation_rows)

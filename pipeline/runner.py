@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 
 from pipeline import build, cache, ingest, split, stream, textmodel
 from pipeline.config import PipelineConfig, check_reachable, tracking_uri
@@ -250,7 +249,7 @@ def _fill_streamed(cfg: PipelineConfig, store: cache.StageCache, ingest_key: str
         product = {k: staging / f"{k}.npy" if k.startswith("x_") else getattr(encoded, k) for k in Encoded.ARRAYS}
         store.commit("vectorize", vector_key, staging, product,
                      {"vocabulary": encoded.vocabulary, "sizes": rows.sizes()})
-    report["encoded"] = encoded  # its token ids mapped from the cache files; prepare reads them in
+    report["encoded"] = encoded  # its token ids mapped from the cache files: the fit reads them from there
     return report
 
 
@@ -349,9 +348,10 @@ def prepare(cfg: PipelineConfig, store: cache.StageCache, clock: StageClock, run
 
     # made just now in the background (its ingest product may still be being written), or cached earlier
     ingest_meta = report["ingest_meta"] if report is not None else _ingest_meta(store, ingest_key)
+    streamed = stream.resolve_mode(cfg.ingest)[0] == "stream"  # then the arrays stay on disk, mapped
     if vector_key and ingest_meta is not None:
         with clock("vectorize"):  # reading the cached arrays (made earlier, or just now in the background)
-            hit = store.load("vectorize", vector_key)
+            hit = store.load("vectorize", vector_key, mmap=streamed)
         if hit is not None:
             arrays, meta = hit
             encoded = Encoded(vocabulary=meta["vocabulary"], **{k: arrays[k] for k in Encoded.ARRAYS})
@@ -372,9 +372,6 @@ def prepare(cfg: PipelineConfig, store: cache.StageCache, clock: StageClock, run
         run.split_sizes(report["sizes"])
     if report["encoded"] is not None:
         run.cache_status(split="miss", vectorize="miss")
-        for name in Encoded.ARRAYS:  # the streamed path's arrays are mapped read-only from its cache files
-            if isinstance(getattr(report["encoded"], name), np.memmap):
-                setattr(report["encoded"], name, np.array(getattr(report["encoded"], name)))
     return report["encoded"], report["sizes"]
 
 

@@ -331,6 +331,28 @@ def test_the_compiled_epoch_loop_trains_as_keras_fit_does(encoded, jit_compile):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_arrays_left_on_disk_train_as_the_same_arrays_in_memory(encoded, tmp_path, monkeypatch, jit_compile):
+    """The streamed path's arrays arrive as memory maps and are read a chunk at a time: with 3-row
+    batches and 4 batches a chunk, an epoch of 16 rows is a full chunk and a short one (its last batch
+    padded), and validation one chunk. Curves and weights must be the in-memory loop's."""
+    monkeypatch.setattr(fit, "CHUNK_BATCHES", 4)
+    for name in build.Encoded.ARRAYS:
+        np.save(tmp_path / f"{name}.npy", getattr(encoded, name))
+    mapped = dataclasses.replace(encoded, **{name: np.load(tmp_path / f"{name}.npy", mmap_mode="r")
+                                              for name in build.Encoded.ARRAYS})
+    results = []
+    for data in (encoded, mapped):
+        model = build.build_model(BuildConfig(vocabulary_size=200, sequence_length=32, learning_rate=0.02), 200, seed=3)
+        loop = fit.EpochLoop(model, data, FitConfig(epochs=3, batch_size=3, jit_compile=jit_compile), seed=3)
+        results.append((loop.chunked, pd.DataFrame(loop.run(3, [])), model.get_weights()))
+    (in_memory, history, weights), (chunked, chunked_history, chunked_weights) = results
+    assert chunked and not in_memory
+    pd.testing.assert_frame_equal(chunked_history, history, rtol=1e-5)
+    for ours, theirs in zip(chunked_weights, weights):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("loop", ["epoch", "keras"])
 def test_dropout_draws_a_new_mask_at_every_training_step(encoded, loop):
     """Inside the compiled epoch, each Dropout layer's random state must move on at every step (and not
