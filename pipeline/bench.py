@@ -103,8 +103,10 @@ def reference(archive: str, seed: int = 42) -> dict:
 
 
 # -- measuring a process ------------------------------------------------------------------------------
-def _tree_rss_mb(root: int) -> float:
-    """Resident memory of `root` and all its descendants, from /proc (Linux)."""
+def _tree_rss_mb(root: int) -> tuple[float, float]:
+    """Resident memory of `root` and all its descendants, from /proc (Linux), in all and its anonymous
+    part (RssAnon: what the processes allocated, without pages of files they map, which the kernel can
+    drop and read again)."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -117,23 +119,28 @@ def _tree_rss_mb(root: int) -> float:
             continue
         children.setdefault(int(fields[1]), []).append(int(entry))
         rss[int(entry)] = int(fields[21])
-    total, todo = 0, [root]
+    total, anonymous, todo = 0, 0, [root]
     while todo:
         pid = todo.pop()
         total += rss.get(pid, 0)
+        try:
+            with open(f"/proc/{pid}/status") as handle:
+                anonymous += next((int(line.split()[1]) for line in handle if line.startswith("RssAnon:")), 0)
+        except OSError:
+            pass
         todo.extend(children.get(pid, []))
-    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return total * os.sysconf("SC_PAGE_SIZE") / 2**20, anonymous / 1024
 
 
 def measured(args: list[str], cwd: Path) -> dict:
     """Wall seconds, peak memory of the process tree (sampled every 50 ms) and stdout of one command."""
     start = time.perf_counter()
     process = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    peak = [0.0]
+    peak = [0.0, 0.0]
 
     def sample():
         while process.poll() is None:
-            peak[0] = max(peak[0], _tree_rss_mb(process.pid))
+            peak[:] = map(max, peak, _tree_rss_mb(process.pid))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -144,7 +151,7 @@ def measured(args: list[str], cwd: Path) -> dict:
     sampler.join()
     if process.returncode:
         raise RuntimeError(f"{' '.join(args)} failed with exit code {process.returncode}")
-    return {"wall": wall, "peak_mb": peak[0], "stdout": stdout}
+    return {"wall": wall, "peak_mb": peak[0], "peak_anon_mb": peak[1], "stdout": stdout}
 
 
 def pipeline_command(archive: str, work: Path, *overrides: str, multirun: bool = False) -> list[str]:
@@ -312,7 +319,7 @@ def compare_stream(archive: str, factors: list[float]) -> None:
     """Default runs (split=fraction) on scaled corpora, ingest.mode=memory against ingest.mode=stream, each
     from a cold cache: the streamed path's peak memory should stay nearly flat as the corpus grows."""
     print(f"{'corpus':>7} {'reviews':>8} {'mode':>7} {'wall s':>7} {'ingest s':>9} {'vectorize s':>12} "
-          f"{'fit s':>7} {'peak MB':>8}")
+          f"{'fit s':>7} {'peak MB':>8} {'of it anonymous':>16}")
     for factor in factors:
         with tempfile.TemporaryDirectory(prefix="imdb-bench-stream-") as folder:
             data = scaled_archive(archive, factor, Path(folder) / "aclImdb_scaled.tar.gz")
@@ -323,7 +330,7 @@ def compare_stream(archive: str, factors: list[float]) -> None:
                 seconds = last_run(work)["seconds"]
                 print(f"{factor:6.2f}x {int(round(50000 * factor)):8d} {mode:>7} {out['wall']:7.1f} "
                       f"{seconds.get('ingest', 0):9.2f} {seconds.get('vectorize', 0):12.2f} "
-                      f"{seconds.get('fit', 0):7.2f} {out['peak_mb']:8.0f}", flush=True)
+                      f"{seconds.get('fit', 0):7.2f} {out['peak_mb']:8.0f} {out['peak_anon_mb']:16.0f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
