@@ -100,24 +100,30 @@ def test_a_failing_run_ends_failed_with_the_error(tiny_archive, tmp_path):
     assert "not a readable" in frame["tags.error"][0]
 
 
-def test_epochs_that_end_before_the_run_is_open_are_recorded_in_order(tiny_config, monkeypatch):
+@pytest.fixture
+def fits(monkeypatch) -> list:
+    """Every runner.Training (the fit thread) a run starts, as it starts."""
+    started, trainings = runner.Training.__init__, []
+
+    def training(self, *args, **kwargs):
+        started(self, *args, **kwargs)
+        trainings.append(self)
+
+    monkeypatch.setattr(runner.Training, "__init__", training)
+    return trainings
+
+
+def test_epochs_that_end_before_the_run_is_open_are_recorded_in_order(tiny_config, monkeypatch, fits):
     # The fit starts while MLflow is still being imported and the run opened; here the opening is held
     # back until the fit has ended, so every epoch waits for the run and must still reach it, in order.
     from pipeline import tracking
 
     opened = tracking.TrackedRun.__enter__
-    fits: list = []
-    started = runner.Training.__init__
-
-    def training(self, *args, **kwargs):
-        started(self, *args, **kwargs)
-        fits.append(self)
 
     def open_after_the_fit(self):
         fits[0].thread.join()
         return opened(self)
 
-    monkeypatch.setattr(runner.Training, "__init__", training)
     monkeypatch.setattr(tracking.TrackedRun, "__enter__", open_after_the_fit)
     cfg = dataclasses.replace(tiny_config, fit=dataclasses.replace(tiny_config.fit, epochs=5))
     runner.run(cfg)
@@ -125,20 +131,12 @@ def test_epochs_that_end_before_the_run_is_open_are_recorded_in_order(tiny_confi
     check_complete_run(cfg.tracking.uri, runs(cfg.tracking.uri).run_id[0], epochs=5)
 
 
-def test_an_interrupt_before_the_run_is_open_stops_the_fit(tiny_config, monkeypatch):
+def test_an_interrupt_before_the_run_is_open_stops_the_fit(tiny_config, monkeypatch, fits):
     from pipeline import tracking
-
-    fits: list = []
-    started = runner.Training.__init__
-
-    def training(self, *args, **kwargs):
-        started(self, *args, **kwargs)
-        fits.append(self)
 
     def interrupted(self):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner.Training, "__init__", training)
     monkeypatch.setattr(tracking.TrackedRun, "__enter__", interrupted)
     cfg = dataclasses.replace(tiny_config, fit=dataclasses.replace(tiny_config.fit, epochs=100000))
     with pytest.raises(KeyboardInterrupt):
