@@ -48,8 +48,9 @@ def curves(history: pd.DataFrame) -> dict[str, object]:
 
 
 def preload() -> None:
-    """Import what evaluation draws and scores with. Run in a thread during the fit, these imports cost
-    nothing: a compiled epoch runs outside the interpreter and leaves it free."""
+    """Import what evaluation draws and scores with, ahead of use. The runner calls it while the fit
+    thread trains: a compiled epoch runs outside the interpreter, so the imports mostly use time the fit
+    leaves free (epochs that overlap them are slower, as both share the cores)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -95,6 +95,8 @@ class EpochLoop:
         compiled = dict(jit_compile=cfg.jit_compile, autograph=False)
         if self.chunked:  # rows read from disk a chunk at a time, passed to the compiled loops
             self.data = data
+            self.chunk_weights = self._weight(self.train_rows), self._weight(self.validation_rows)
+            self.validation_order = self._padded(np.arange(self.validation_rows))
             self.train_steps = tf.function(lambda x, y, weight: self._steps(x, y, weight, True), **compiled)
             self.validate_steps = tf.function(lambda x, y, weight: self._steps(x, y, weight, False), **compiled)
             return
@@ -161,10 +163,10 @@ class EpochLoop:
         weight = tf.reshape(self.train_weight, shape + (1,))
         return tf.concat([self._steps(x, y, weight, True), self._steps(*self.validation, False)], 0)
 
-    def _chunks(self, x, y, order: np.ndarray, rows: int):
+    def _chunks(self, x, y, order: np.ndarray, weight: np.ndarray):
         """(x, y, weight) of CHUNK_BATCHES batches at a time, in the order `order` gives (padded to whole
-        batches, the padding weighted 0); the rows are read from `x` in file order, then put in place."""
-        weight = self._weight(rows)
+        batches, the padding weighted 0 by `weight`); the rows are read from `x` in file order, then put
+        in place."""
         rows_per_chunk = CHUNK_BATCHES * self.batch_size
         for start in range(0, len(order), rows_per_chunk):
             part = order[start:start + rows_per_chunk]
@@ -177,10 +179,11 @@ class EpochLoop:
 
     def _chunked_epoch(self, order: np.ndarray) -> np.ndarray:
         totals = np.zeros(4)
-        for chunk in self._chunks(self.data.x_train, self.data.y_train, order, self.train_rows):
+        train_weight, validation_weight = self.chunk_weights
+        for chunk in self._chunks(self.data.x_train, self.data.y_train, order, train_weight):
             totals[:2] += self.train_steps(*chunk).numpy()
-        validation = self._padded(np.arange(self.validation_rows))
-        for chunk in self._chunks(self.data.x_validation, self.data.y_validation, validation, self.validation_rows):
+        for chunk in self._chunks(self.data.x_validation, self.data.y_validation, self.validation_order,
+                                  validation_weight):
             totals[2:] += self.validate_steps(*chunk).numpy()
         return totals
 

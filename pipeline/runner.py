@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
 from pipeline import build, cache, ingest, split, stream, textmodel
 from pipeline.config import PipelineConfig, check_reachable, tracking_uri
 from pipeline.build import Encoded
@@ -172,7 +171,7 @@ def _fill(cfg: PipelineConfig, store: cache.StageCache, ingest_key: str, vector_
     mode, reason = stream.resolve_mode(cfg.ingest)
     log.info("ingest: %s mode (%s)", mode, reason)
     if mode == "stream":
-        return _fill_streamed(cfg, store, ingest_key, vector_key, clock)
+        return {**_fill_streamed(cfg, store, ingest_key, vector_key, clock), "mode": mode}
     with clock("ingest"):
         hit = store.load("ingest", ingest_key)
         if hit is not None:
@@ -191,7 +190,8 @@ def _fill(cfg: PipelineConfig, store: cache.StageCache, ingest_key: str, vector_
             save_ingest()
         else:
             deferred.append(save_ingest)
-    report = {"ingest_meta": ingest_meta, "ingest_hit": hit is not None, "sizes": None, "encoded": None}
+    report = {"ingest_meta": ingest_meta, "ingest_hit": hit is not None, "sizes": None, "encoded": None,
+              "mode": mode}
     if "split" not in cfg.stages:
         return report
     with clock("split"):
@@ -348,7 +348,8 @@ def prepare(cfg: PipelineConfig, store: cache.StageCache, clock: StageClock, run
 
     # made just now in the background (its ingest product may still be being written), or cached earlier
     ingest_meta = report["ingest_meta"] if report is not None else _ingest_meta(store, ingest_key)
-    streamed = stream.resolve_mode(cfg.ingest)[0] == "stream"  # then the arrays stay on disk, mapped
+    # streamed: the arrays stay on disk, mapped (the mode the background process chose, or this run's)
+    streamed = (report["mode"] if report is not None else stream.resolve_mode(cfg.ingest)[0]) == "stream"
     if vector_key and ingest_meta is not None:
         with clock("vectorize"):  # reading the cached arrays (made earlier, or just now in the background)
             hit = store.load("vectorize", vector_key, mmap=streamed)
@@ -469,17 +470,19 @@ class Training:
                 sink(*finished)
             self.waiting, self.sink = [], sink
 
-    def result(self):
+    def _join(self) -> None:
         self.thread.join()
         sys.setswitchinterval(self.switch_interval)
+
+    def result(self):
+        self._join()
         if self.error is not None:
             raise self.error
         return self.fitted
 
     def stop(self) -> None:
         self.stopping.set()
-        self.thread.join()
-        sys.setswitchinterval(self.switch_interval)
+        self._join()
 
 
 @dataclass
