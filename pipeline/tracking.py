@@ -73,6 +73,21 @@ def _requirements() -> list[str]:
     return [f"{package}=={version}" for package, version in installed.items()]
 
 
+def _registering_dataset(call, attempts: int = 3):
+    """`call()`, which registers a data set with the store first thing. Jobs of a parallel sweep register
+    the same data set (same name and digest) at the same moment; a tracking server's SQL store checks
+    for the row, then inserts it, and refuses the second insert as a duplicate. Nothing else was logged
+    by then, and on the next try the row exists and is linked instead."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except mlflow.exceptions.MlflowException as error:
+            if "unique constraint" not in str(error).lower() or attempt == attempts - 1:
+                raise
+            log.info("another job registered the same data set at the same moment; linking it instead")
+            time.sleep(0.2 * (attempt + 1))
+
+
 class ReviewsDataset(MetaDataset):
     """The reviews as MLflow sees them: where they came from, their digest and how many there are."""
 
@@ -213,16 +228,7 @@ class TrackedRun:
     # -- what the stages produced ------------------------------------------------------------------
     def dataset(self, meta: dict) -> None:
         dataset = ReviewsDataset(meta["source"], meta["digest"], meta["counts"])
-        for attempt in range(3):
-            try:
-                mlflow.log_input(dataset, context="training")
-                break
-            except mlflow.exceptions.MlflowException as error:
-                # Jobs of a parallel sweep can register the same data set at the same moment; the store
-                # then refuses the second insert. On the next try the row exists and is linked instead.
-                if "unique constraint" not in str(error).lower() or attempt == 2:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
+        _registering_dataset(lambda: mlflow.log_input(dataset, context="training"))
         mlflow.set_tag("data.digest", meta["digest"])
 
     def cache_status(self, **stages: str) -> None:
@@ -273,8 +279,10 @@ class TrackedRun:
         # given static predictions it has no probabilities, so ROC and PR curves come from evaluate.py.
         with warnings.catch_warnings():  # hints about integer columns and empty classes in its own checks
             warnings.simplefilter("ignore")
-            mlflow.models.evaluate(data=frame, targets="label", predictions="prediction", model_type="classifier",
-                                   evaluator_config={"log_model_explainability": False, "metric_prefix": "test_"})
+            # Its first step registers `frame` as the run's evaluation data set, before it logs anything else.
+            _registering_dataset(lambda: mlflow.models.evaluate(
+                data=frame, targets="label", predictions="prediction", model_type="classifier",
+                evaluator_config={"log_model_explainability": False, "metric_prefix": "test_"}))
 
     @staticmethod
     def preload() -> None:

@@ -67,6 +67,12 @@ def environment(**extra: str) -> dict[str, str]:
     return env
 
 
+def output(process, limit: int = 3000) -> str:
+    """What a finished subprocess printed, for an assertion's message: the end of stdout (where Hydra's
+    job logging writes, errors included) and the end of stderr."""
+    return f"--- stdout ---\n{(process.stdout or '')[-limit:]}\n--- stderr ---\n{(process.stderr or '')[-limit:]}"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -11,8 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import REAL_ARCHIVE
-from tests.helpers import check_complete_run, runs
-from tests.helpers import environment
+from tests.helpers import check_complete_run, environment, output, runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.full_data,
               pytest.mark.skipif(not REAL_ARCHIVE.exists(), reason=f"no archive at {REAL_ARCHIVE}")]
@@ -24,7 +23,7 @@ def test_default_run_reproduces_the_tutorial(tmp_path):
         [sys.executable, "-m", "pipeline", f"ingest.path={REAL_ARCHIVE}", f"tracking.uri={uri}",
          f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'out'}"],
         cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, output(done)
     frame = runs(uri)
     run = frame.iloc[0]
     check_complete_run(uri, run.run_id, epochs=40)

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from pipeline import runner
 from tests.conftest import compose_config, tiny_overrides
-from tests.helpers import assert_every_epoch_recorded, environment, post, runs
+from tests.helpers import assert_every_epoch_recorded, environment, output, post, runs
 from tests.servers import model_server, tracking_server
 
 REVIEWS = ["Superb, brilliant and moving.", "Awful, boring, the worst.", "A film, with a plot."]
@@ -39,7 +39,7 @@ def test_team_server_parallel_sweep_champion_serving_and_batch_scoring(tiny_arch
              "build.learning_rate=0.02", "evaluate.registered_model_name=imdb-tiny", "hydra/launcher=joblib",
              "hydra.launcher.n_jobs=2", "sweep.threads=1", f"hydra.sweep.dir={tmp_path / 'multirun'}"],
             cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=server), capture_output=True, text=True, timeout=900)
-        assert sweep.returncode == 0, (sweep.stdout + sweep.stderr)[-3000:]
+        assert sweep.returncode == 0, output(sweep)
         assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
 
         # every run, metric point and artifact arrived, written by two jobs at once
@@ -73,7 +73,7 @@ def test_team_server_parallel_sweep_champion_serving_and_batch_scoring(tiny_arch
             done = subprocess.run([sys.executable, "-m", "pipeline.score", "models:/imdb-tiny@champion", source,
                                    "-o", f"{source}.scored.csv"], cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=server),
                                   capture_output=True, text=True, timeout=300)
-            assert done.returncode == 0, done.stderr[-3000:]
+            assert done.returncode == 0, output(done)
             scored = pd.read_csv(tmp_path / f"{source}.scored.csv")
             assert scored["text"].tolist() == REVIEWS
             assert scored["probability"].tolist() == pytest.approx(served, abs=1e-6)

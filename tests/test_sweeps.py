@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import PROJECT, tiny_overrides
-from tests.helpers import environment
+from tests.helpers import environment, output
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def analysis_table(uri: str, parent_id: str, tmp_path: Path, name: str = "jobs.c
 
 def test_grid_sweep_gives_one_parent_a_child_per_job_and_the_analysis(tiny_archive, tmp_path):
     done = multirun(tmp_path, tiny_archive, "build.hidden_units=4,8", "sweep.early_stopping_reference=true")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, output(done)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent, children = sweep_runs(uri)
     assert parent.info.status == "FINISHED"
@@ -74,7 +74,7 @@ def test_grid_sweep_gives_one_parent_a_child_per_job_and_the_analysis(tiny_archi
     # the analysis runs again on its own for a finished sweep
     again = subprocess.run([sys.executable, "-m", "pipeline.sweep", parent.info.run_id, "--tracking-uri", uri],
                            cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, output(again)
     assert "Validation loss is lowest at epoch" in again.stdout
 
 
@@ -87,7 +87,7 @@ def test_mlflow_run_sweep_entry_point_puts_every_job_under_its_run(tiny_archive,
         [sys.executable, "-m", "mlflow", "run", str(PROJECT), "-e", "overfit_sweep", "--env-manager", "local",
          "--experiment-name", "imdb-sentiment", "-P", "overrides=" + " ".join(overrides)],
         cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, output(done)
     parent, children = sweep_runs(uri)
     assert parent.data.tags["mlflow.project.entryPoint"] == "overfit_sweep"  # the run `mlflow run` made
     assert sorted(c.info.run_name for c in children) == [
@@ -118,7 +118,7 @@ def test_optuna_search_records_trials_as_children(tiny_archive, tmp_path):
         [sys.executable, "-m", "pipeline", "-m", "experiment=optuna_search", *tiny_overrides(tiny_archive, tmp_path),
          "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 'multirun'}"],
         cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, output(done)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent, children = sweep_runs(uri)
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
@@ -143,7 +143,7 @@ def test_ray_launcher_runs_the_sweep_on_a_local_ray_instance(tiny_archive, tmp_p
     done = multirun(tmp_path, tiny_archive, "build.hidden_units=4,8", "hydra/launcher=ray",
                     "+hydra.launcher.ray.init.num_cpus=2", "+hydra.launcher.ray.init.include_dashboard=false",
                     "sweep.threads=1")
-    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    assert done.returncode == 0, output(done)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent, children = sweep_runs(uri)
     assert sorted(c.info.run_name for c in children) == [

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PROJECT, tiny_overrides
-from tests.helpers import environment
+from tests.helpers import environment, output
 from tests.servers import tracking_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -31,11 +31,11 @@ def filled_store(tiny_archive, tmp_path_factory):
     single = subprocess.run([sys.executable, "-m", "pipeline", *common, "tracking.run_name=tutorial-tiny",
                              f"hydra.run.dir={folder / 'out'}"], cwd=folder, env=environment(),
                             capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert single.returncode == 0, output(single)
     sweep = subprocess.run([sys.executable, "-m", "pipeline", "-m", *common, "build.hidden_units=4,8,16",
                             f"hydra.sweep.dir={folder / 'multirun'}"], cwd=folder, env=environment(),
                            capture_output=True, text=True, timeout=600)
-    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    assert sweep.returncode == 0, output(sweep)
     return folder
 
 
