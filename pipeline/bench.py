@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default=None, metavar="SEEDS",
                         help="also compare accuracy, reference against pipeline, for these seeds (e.g. 1,2,3)")
     parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
-    parser.add_argument("--skip-runs", action="store_true", help="only the --sweep / --scale / --stream parts")
+    parser.add_argument("--skip-runs", action="store_true", help="only the --sweep / --seeds / --scale / --stream parts")
     parser.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--reshuffle", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
