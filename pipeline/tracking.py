@@ -153,6 +153,9 @@ class _Signals:
                 raise _Interrupted(signal.Signals(signum).name)
 
 
+HEADLINE = ("test_accuracy", "test_loss", "best_val_loss", "best_val_loss_epoch", "epochs_trained")
+
+
 class TrackedRun:
     """Context manager around one MLflow run (or, under `mlflow run`, the run it created)."""
 
@@ -160,6 +163,7 @@ class TrackedRun:
         self.cfg = cfg
         self.run = None
         self.signals = _Signals()
+        self.headline: dict[str, float] = {}  # what the closing log line reports
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> "TrackedRun":
@@ -203,6 +207,8 @@ class TrackedRun:
             status = "FAILED"
             mlflow.set_tag("error", f"{kind.__name__}: {error}"[:5000])
         mlflow.end_run(status=status)
+        log.info("MLflow run %s ended %s%s", self.run.info.run_id, status, "".join(
+            f", {name} {self.headline[name]:.4g}" for name in HEADLINE if name in self.headline))
         self.signals.writing -= 1
         pending, self.signals.pending = self.signals.pending, None
         self.signals.restore()
@@ -264,12 +270,14 @@ class TrackedRun:
         if fitted.best_epoch is not None:
             summary["best_epoch"] = fitted.best_epoch
         mlflow.log_metrics(summary)
+        self.headline.update(summary)
 
     def evaluation(self, result, y_test) -> None:
         import pandas as pd
         from matplotlib import pyplot as plt
 
         mlflow.log_metrics(result.metrics)
+        self.headline.update(result.metrics)
         for name, figure in result.figures.items():
             mlflow.log_figure(figure, f"figures/{name}")
             plt.close(figure)

@@ -29,6 +29,9 @@ def test_python_m_pipeline(tiny_archive, tmp_path):
     check_complete_run(uri, frame.run_id[0], epochs=3)
     composed = MlflowClient(uri).download_artifacts(frame.run_id[0], "config/config.yaml", str(tmp_path))
     assert "hidden_units: 8" in Path(composed).read_text()
+    # the last line the run logs says how it ended and what it scored, as the store has it
+    assert (f"MLflow run {frame.run_id[0]} ended FINISHED, test_accuracy {frame['metrics.test_accuracy'][0]:.4g}, "
+            f"test_loss {frame['metrics.test_loss'][0]:.4g}") in done.stdout
     # the data was prepared in a forked process while TensorFlow loaded; a second run reuses it
     assert "preparing in a background process" in done.stdout  # Hydra logs to stdout
     assert frame["tags.cache.vectorize"][0] == "miss" and float(frame["tags.seconds.vectorize"][0]) >= 0
