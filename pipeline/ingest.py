@@ -22,6 +22,7 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -47,10 +48,16 @@ class Reviews:
 
 def content_digest(frame: pd.DataFrame) -> str:
     digest = hashlib.sha256()
-    for split, label, rating, text in frame[["split", "label", "rating", "text"]].itertuples(index=False):
+    update_digest(digest, frame[["split", "label", "rating", "text"]].itertuples(index=False))
+    return digest.hexdigest()
+
+
+def update_digest(digest, rows: Iterable[tuple[str, int, int, str]]) -> None:
+    """Add (split, label, rating, text) rows, in order, to the sha256 `digest`: the content digest's form,
+    shared by the streamed path (stream.content_digest), which reads the texts in chunks."""
+    for split, label, rating, text in rows:
         digest.update(f"{split}\t{label}\t{rating}\t{len(text)}\n".encode())
         digest.update(text.encode("utf-8"))
-    return digest.hexdigest()
 
 
 def _finish(rows: list[tuple], source: str) -> Reviews:

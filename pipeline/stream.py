@@ -176,11 +176,8 @@ def content_digest(reviews: StreamedReviews) -> str:
     with reviews.reader() as read:
         for start in range(0, len(reviews.offset), textmodel.ENCODE_CHUNK):
             rows = np.arange(start, min(start + textmodel.ENCODE_CHUNK, len(reviews.offset)))
-            fields = zip(reviews.split[rows].tolist(), reviews.label[rows].tolist(),
-                         reviews.rating[rows].tolist(), read(rows))
-            for code, label, rating, text in fields:
-                digest.update(f"{SPLIT_CODES[code]}\t{label}\t{rating}\t{len(text)}\n".encode())
-                digest.update(text.encode("utf-8"))
+            ingest.update_digest(digest, zip([SPLIT_CODES[code] for code in reviews.split[rows].tolist()],
+                                             reviews.label[rows].tolist(), reviews.rating[rows].tolist(), read(rows)))
     return digest.hexdigest()
 
 
