@@ -163,12 +163,13 @@ def _ingest_meta(store: cache.StageCache, ingest_key: str) -> dict | None:
 
 
 def _fill(cfg: PipelineConfig, store: cache.StageCache, ingest_key: str, vector_key: str | None,
-          clock: StageClock, deferred: list | None = None) -> dict:
+          clock: StageClock, deferred: list | None = None, resolved: tuple[str, str] | None = None) -> dict:
     """Ingest, split and vectorize into the stage cache, reusing a cached ingest product. Returns what
     the tracked run records about it: ingest meta, split sizes and which stages were cache hits.
     `deferred`: where to leave the writing of a new ingest product (which this run no longer needs) for
-    later; without it the product is written at once."""
-    mode, reason = stream.resolve_mode(cfg.ingest)
+    later; without it the product is written at once. `resolved`: the ingest mode and why, when the
+    caller has decided it (stream.resolve_mode)."""
+    mode, reason = resolved or stream.resolve_mode(cfg.ingest)
     log.info("ingest: %s mode (%s)", mode, reason)
     if mode == "stream":
         return {**_fill_streamed(cfg, store, ingest_key, vector_key, clock), "mode": mode}
@@ -349,7 +350,8 @@ def prepare(cfg: PipelineConfig, store: cache.StageCache, clock: StageClock, run
     # made just now in the background (its ingest product may still be being written), or cached earlier
     ingest_meta = report["ingest_meta"] if report is not None else _ingest_meta(store, ingest_key)
     # streamed: the arrays stay on disk, mapped (the mode the background process chose, or this run's)
-    streamed = (report["mode"] if report is not None else stream.resolve_mode(cfg.ingest)[0]) == "stream"
+    resolved = stream.resolve_mode(cfg.ingest) if report is None else None
+    streamed = (report["mode"] if report is not None else resolved[0]) == "stream"
     if vector_key and ingest_meta is not None:
         with clock("vectorize"):  # reading the cached arrays (made earlier, or just now in the background)
             hit = store.load("vectorize", vector_key, mmap=streamed)
@@ -366,7 +368,7 @@ def prepare(cfg: PipelineConfig, store: cache.StageCache, clock: StageClock, run
             run.split_sizes(meta["sizes"])
             return encoded, meta["sizes"]
 
-    report = _fill(cfg, store, ingest_key, vector_key, clock)
+    report = _fill(cfg, store, ingest_key, vector_key, clock, resolved=resolved)
     run.dataset(report["ingest_meta"])
     run.cache_status(ingest="hit" if report["ingest_hit"] else "miss")
     if report["sizes"] is not None:
