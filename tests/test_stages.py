@@ -331,6 +331,44 @@ def test_the_compiled_epoch_loop_trains_as_keras_fit_does(encoded, jit_compile):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
+def test_a_review_as_a_bag_holds_each_distinct_id_with_its_count():
+    tokens, counts = fit.Bags.encode(np.array([[0, 0, 5, 3, 5], [7, 7, 7, 7, 7], [4, 1, 2, 3, 9]], dtype=np.int32))
+    assert tokens.tolist() == [[0, 3, 5, 0, 0], [7, 0, 0, 0, 0], [1, 2, 3, 4, 9]]
+    assert counts.tolist() == [[2, 1, 2, 0, 0], [5, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+    wider, _ = fit.Bags.encode(np.array([[2, 2, 1]], dtype=np.int32), width=4)
+    assert wider.tolist() == [[1, 2, 0, 0]] and fit.Bags.width(np.array([[2, 2, 1], [1, 2, 3]])) == 3
+
+
+@pytest.mark.parametrize("dropout_rate", [0.0, 0.5])
+def test_training_on_bags_matches_training_on_token_ids_through_keras(encoded, monkeypatch, dropout_rate):
+    """fit.loop=epoch trains the tutorial's model on each review's distinct ids and their counts, with its
+    own Adam step for the embedding. Over many shuffled 5-row batches, curves and weights must be those
+    of the same loop calling the model on token ids and stepping it with Keras's Adam."""
+    results = []
+    for bags in (True, False):
+        if not bags:
+            monkeypatch.setattr(fit.Bags, "of", classmethod(lambda cls, model: None))
+        model = build.build_model(BuildConfig(vocabulary_size=200, sequence_length=32, learning_rate=0.02,
+                                              dropout_rate=dropout_rate), 200, seed=3)
+        initial = model.get_weights()
+        loop = fit.EpochLoop(model, encoded, FitConfig(epochs=4, batch_size=5), seed=3)
+        results.append((loop.bags is not None, pd.DataFrame(loop.run(4, [])), model.get_weights()))
+    (used, history, weights), (not_used, token_history, token_weights) = results
+    assert used and not not_used
+    assert all(np.abs(after - before).max() > 1e-3 for after, before in zip(weights, initial))  # every layer trained
+    pd.testing.assert_frame_equal(history, token_history, rtol=1e-5)
+    for ours, theirs in zip(weights, token_weights):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "rmsprop"])
+def test_other_optimizers_train_on_token_ids_through_keras(encoded, optimizer):
+    model = build.build_model(BuildConfig(vocabulary_size=200, sequence_length=32, optimizer=optimizer), 200, seed=3)
+    assert fit.Bags.of(model) is None
+    fitted = fit.fit(model, encoded, FitConfig(epochs=2, batch_size=8), seed=3)
+    assert fitted.history["loss"].notna().all() and len(fitted.history) == 2
+
+
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_arrays_left_on_disk_train_as_the_same_arrays_in_memory(encoded, tmp_path, monkeypatch, jit_compile):
     """The streamed path's arrays arrive as memory maps and are read a chunk at a time: with 3-row
