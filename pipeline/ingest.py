@@ -122,6 +122,33 @@ def _open_tar(path: Path) -> tuple[tarfile.TarFile, bytes | None]:
     return tarfile.open(path, "r|*"), None
 
 
+def plain_members(buffer: bytes) -> list[tuple[str, int, int]] | None:
+    """(name, data offset, size) of each regular file in the unpacked tar `buffer`, read straight from
+    its 512-byte headers. tarfile spends about a second on this archive's 50,000 headers (a TarInfo each,
+    checksums, PAX and GNU extensions); this takes a tenth of that. None when a header is anything but a
+    plain file or folder in ustar or GNU form (PAX records, long names, links, base-256 sizes): tarfile
+    then reads the archive. The bytes themselves were checked by gzip's CRC on decompression."""
+    members, offset, end = [], 0, len(buffer)
+    while offset + 512 <= end:
+        header = buffer[offset:offset + 512]
+        if header[0] == 0:  # the end-of-archive block
+            break
+        magic, kind = header[257:265], header[156:157]
+        if magic not in (b"ustar\x0000", b"ustar  \x00") or kind not in (b"0", b"\x00", b"5") or header[124] & 0x80:
+            return None
+        try:
+            size = int(header[124:136].split(b"\x00", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            return None
+        name = header[:100].split(b"\x00", 1)[0]
+        if magic == b"ustar\x0000" and header[345]:  # POSIX ustar: a long name's leading folders
+            name = header[345:500].split(b"\x00", 1)[0] + b"/" + name
+        if kind != b"5":
+            members.append((name.decode("utf-8", "surrogateescape"), offset + 512, size))
+        offset += 512 + -(-size // 512) * 512
+    return members
+
+
 def _member_bytes(archive: tarfile.TarFile, buffer: bytes | None, member: tarfile.TarInfo) -> bytes:
     if buffer is not None and not member.issparse():
         return buffer[member.offset_data: member.offset_data + member.size]
@@ -134,10 +161,17 @@ def read_archive(path: Path) -> Reviews:
     try:
         archive, buffer = _open_tar(path)
         with archive:
-            for member in archive:
-                match = MEMBER.search(member.name)
-                if match and member.isfile():
-                    rows.append(_row(match, decode(_member_bytes(archive, buffer, member), member.name)))
+            listed = plain_members(buffer) if buffer is not None else None
+            if listed is not None:
+                for name, start, size in listed:
+                    match = MEMBER.search(name)
+                    if match:
+                        rows.append(_row(match, decode(buffer[start:start + size], name)))
+            else:
+                for member in archive:
+                    match = MEMBER.search(member.name)
+                    if match and member.isfile():
+                        rows.append(_row(match, decode(_member_bytes(archive, buffer, member), member.name)))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
         raise archive_error(path, error) from None
     if not rows:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import io
 import tarfile
 
 import numpy as np
@@ -33,6 +35,34 @@ def test_ingest_folder_and_archive_agree(tiny_archive, tmp_path):
     from_archive = ingest.ingest(IngestConfig(path=str(tiny_archive)))
     assert from_folder.digest == from_archive.digest
     pd.testing.assert_frame_equal(from_folder.frame, from_archive.frame)
+
+
+@pytest.mark.parametrize("form", [tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("long_name", [False, True])
+def test_every_tar_form_gives_the_same_reviews(tiny_archive, tmp_path, form, long_name):
+    """Plain headers are read directly (ingest.plain_members), the rest by tarfile: a name over 100
+    characters is ustar's prefix field, GNU's long-name record or a PAX record. The reviews are the same."""
+    with tarfile.open(tiny_archive) as source:
+        members = [(member, source.extractfile(member).read()) for member in source if member.isfile()]
+    path = tmp_path / "repacked.tar.gz"
+    with tarfile.open(path, "w:gz", format=form) as archive:
+        for member, data in members:
+            archive.addfile(member, io.BytesIO(data))
+        if long_name:
+            deep = tarfile.TarInfo("folder/" * 20 + "aclImdb/train/pos/99_9.txt")
+            deep.size = 6
+            archive.addfile(deep, io.BytesIO(b"A gem."))
+    raw = gzip.decompress(path.read_bytes())
+    listed = ingest.plain_members(raw)
+    if long_name and form != tarfile.USTAR_FORMAT:
+        assert listed is None
+    else:
+        with tarfile.open(fileobj=io.BytesIO(raw)) as archive:
+            assert listed == [(member.name, member.offset_data, member.size) for member in archive if member.isfile()]
+    reviews = ingest.ingest(IngestConfig(path=str(path))).frame
+    assert len(reviews) == 48 + long_name and ("A gem." in set(reviews["text"])) == long_name
+    expected = ingest.ingest(IngestConfig(path=str(tiny_archive))).frame
+    pd.testing.assert_frame_equal(reviews[reviews["text"] != "A gem."].reset_index(drop=True), expected)
 
 
 def test_digest_follows_content(tmp_path):
