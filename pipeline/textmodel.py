@@ -7,6 +7,7 @@ Training vectorizes with the same functions, so what is served is what was train
 
 from __future__ import annotations
 
+import heapq
 import json
 import re
 import sys
@@ -73,7 +74,7 @@ def count_tokens(texts: Iterable[str | bytes], counts: Counter | None = None,
 
 def rank(counts: Counter, vocabulary_size: int) -> list[str]:
     """`adapt`'s vocabulary from token counts: the order does not depend on how the counts were gathered."""
-    ranked = sorted(counts.items(), key=lambda item: (item[1], item[0]), reverse=True)[: vocabulary_size - 2]
+    ranked = heapq.nlargest(max(vocabulary_size - 2, 0), counts.items(), key=lambda item: (item[1], item[0]))
     return [PAD, UNKNOWN] + [token.decode("utf-8") for token, _ in ranked]
 
 
