@@ -100,8 +100,9 @@ class EpochLoop:
             self.data = data
             self.chunk_weights = self._weight(self.train_rows), self._weight(self.validation_rows)
             self.validation_order = self._padded(np.arange(self.validation_rows))
-            if self.bags is not None:  # one width for every chunk, so that the compiled loops keep one shape
-                self.widths = Bags.width(data.x_train), Bags.width(data.x_validation)
+            # bags: one width for every chunk, so that the compiled loops keep one shape
+            self.widths = ((Bags.width(data.x_train), Bags.width(data.x_validation)) if self.bags is not None
+                           else (None, None))
             self.train_steps = tf.function(lambda y, weight, *x: self._steps(x, y, weight, True), **compiled)
             self.validate_steps = tf.function(lambda y, weight, *x: self._steps(x, y, weight, False), **compiled)
             return
@@ -202,7 +203,7 @@ class EpochLoop:
     def _chunked_epoch(self, order: np.ndarray) -> np.ndarray:
         totals = np.zeros(4)
         train_weight, validation_weight = self.chunk_weights
-        train_width, validation_width = self.widths if self.bags is not None else (None, None)
+        train_width, validation_width = self.widths
         for chunk in self._chunks(self.data.x_train, self.data.y_train, order, train_weight, train_width):
             totals[:2] += self.train_steps(*chunk).numpy()
         for chunk in self._chunks(self.data.x_validation, self.data.y_validation, self.validation_order,
@@ -255,7 +256,7 @@ class Bags:
     """
 
     def __init__(self, model):
-        self.model, self.optimizer = model, model.optimizer
+        self.optimizer = model.optimizer
         self.embedding = model.layers[1].embeddings
         self.head = model.layers[3:]
         self.head_variables = [variable for layer in self.head for variable in layer.trainable_variables]
@@ -308,7 +309,7 @@ class Bags:
         distinct ids if None); the columns left over hold id 0 with count 0, which adds nothing."""
         ordered, starts = cls.distinct(x)
         runs = starts.sum(axis=1)
-        width = width or max(int(runs.max(initial=1)), 1)
+        width = width or int(runs.max(initial=1))
         first = np.flatnonzero(starts)  # each run's first position, counted over the whole array
         rows = first // x.shape[1]
         columns = np.arange(len(first)) - np.repeat(np.cumsum(runs) - runs, runs)  # the run's place in its row
