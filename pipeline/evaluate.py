@@ -3,7 +3,8 @@
 In: the fitted model, Encoded arrays (the test split is read here for the first time), the fit's
 history and an EvaluateConfig. Out: Evaluation, with test_loss, test_accuracy, test_precision,
 test_recall and test_roc_auc, the test probabilities, and figures (matplotlib): the tutorial's loss and
-accuracy curves, and the ROC and precision-recall curves.
+accuracy curves, and the ROC and precision-recall curves. In two steps where the model and the run
+live apart: `predict` needs the model, `score` only its probabilities.
 """
 
 from __future__ import annotations
@@ -48,9 +49,8 @@ def curves(history: pd.DataFrame) -> dict[str, object]:
 
 
 def preload() -> None:
-    """Import what evaluation draws and scores with, ahead of use. The runner calls it while the fit
-    thread trains: a compiled epoch runs outside the interpreter, so the imports mostly use time the fit
-    leaves free (epochs that overlap them are slower, as both share the cores)."""
+    """Import what `score` draws and scores with, ahead of use: the tracked run calls it while the fit
+    trains, so that evaluation does not wait for the imports."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,13 +67,18 @@ def predict(model, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 def evaluate(model, data: Encoded, history: pd.DataFrame, cfg: EvaluateConfig) -> Evaluation:
     """Score the test split once and draw the training curves."""
+    return score(predict(model, data.x_test, cfg.batch_size), data.y_test, history, cfg)
+
+
+def score(probabilities: np.ndarray, y_test: np.ndarray, history: pd.DataFrame, cfg: EvaluateConfig) -> Evaluation:
+    """The test metrics and figures from the model's test probabilities. Needs no model (nor TensorFlow):
+    the runner predicts where the model is, and scores where the run is recorded."""
     from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
-    # One inference pass; loss and accuracy follow from the probabilities as Keras computes them
-    # (binary cross-entropy with outputs clipped to [1e-7, 1 - 1e-7]; accuracy at 0.5).
-    probabilities = predict(model, data.x_test, cfg.batch_size)
+    # Loss and accuracy follow from the probabilities as Keras computes them (binary cross-entropy with
+    # outputs clipped to [1e-7, 1 - 1e-7]; accuracy at 0.5).
     predicted = (probabilities > cfg.threshold).astype(int)
-    truth = data.y_test.astype(int)
+    truth = y_test.astype(int)
     clipped = np.clip(probabilities.astype(np.float64), 1e-7, 1 - 1e-7)
     loss = -np.mean(truth * np.log(clipped) + (1 - truth) * np.log1p(-clipped))
     accuracy = np.mean((probabilities > 0.5) == truth)

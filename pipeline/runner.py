@@ -3,9 +3,10 @@
 `run(cfg)` returns (metrics, objects): the final metrics (what a sweeper optimizes) and the products.
 Stages stay free of I/O policy and tracking; this module decides what is cached and hands every
 product to `pipeline.tracking`, the one module that speaks to MLflow. The order is chosen for time: the
-data is prepared (in a forked process, when not cached) while TensorFlow imports; the fit starts as soon
-as the model is built, and MLflow is imported and the run opened while it trains. What happens before
-the run is open is recorded on it once it is, failures included.
+data is prepared (in a forked process, when not cached) while TensorFlow imports, and so is the run,
+opened by a recorder process (pipeline.recorder) where the process can fork, else in this one while the
+fit trains; the fit starts as soon as the model is built. What happens before the run is open is
+recorded on it once it is, failures included.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -20,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import build, cache, ingest, split, stream, textmodel
+from pipeline import build, cache, ingest, recorder, split, stream, textmodel
 from pipeline.config import PipelineConfig, check_reachable, tracking_uri
 from pipeline.build import Encoded
 
@@ -321,9 +323,7 @@ def _keys(cfg: PipelineConfig) -> tuple[str, str | None]:
 def _can_prepare_ahead(cfg: PipelineConfig) -> bool:
     """Whether this process can fork safely to prepare the data (Linux, TensorFlow not yet loaded:
     forking a process that runs TensorFlow's threads is not safe; the keras source needs TensorFlow)."""
-    return ("build" in cfg.stages and cfg.ingest.source != "keras" and sys.platform == "linux"
-            and "tensorflow" not in sys.modules and threading.active_count() == 1
-            and not multiprocessing.current_process().daemon)
+    return "build" in cfg.stages and cfg.ingest.source != "keras" and recorder.can_fork()
 
 
 def start_ahead(cfg: PipelineConfig, store: cache.StageCache, keys: tuple[str, str]) -> Ahead | None:
@@ -386,11 +386,14 @@ def run(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
     check_reachable(tracking_uri(cfg.tracking))  # an unreachable server fails the run before any data is read
     keys = _keys(cfg) if _can_prepare_ahead(cfg) else None  # otherwise computed inside the tracked run
     ahead = start_ahead(cfg, store, keys) if keys is not None else None
+    kept = recorder.start(cfg)  # the run, kept by a process of its own where possible
     try:
-        result = _run(cfg, store, keys, ahead)
-    except BaseException:
+        result = _run(cfg, store, keys, ahead, kept)
+    except BaseException as error:
         if ahead is not None:
             ahead.cancel()
+        if kept is not None:  # ended before the run was entered: end it as this error says
+            kept.close(type(error), error)
         raise
     if ahead is not None:
         ahead.finish()
@@ -519,18 +522,21 @@ def _start(cfg: PipelineConfig, store: cache.StageCache, keys, ahead: Ahead | No
     return started
 
 
-def _run(cfg: PipelineConfig, store: cache.StageCache, keys: tuple[str, str | None] | None, ahead: Ahead | None):
+def _run(cfg: PipelineConfig, store: cache.StageCache, keys: tuple[str, str | None] | None, ahead: Ahead | None,
+         kept: recorder.Recorder | None):
     defer_imports()
-    import keras  # noqa: F401 - TensorFlow's import, while the data is prepared in the background
+    import keras  # noqa: F401 - TensorFlow's import, while the data is prepared and the run opened elsewhere
 
     if cfg.sweep.threads:
         limit_threads(cfg.sweep.threads)
     clock = StageClock()
     started = _start(cfg, store, keys, ahead, clock)
     try:
-        from pipeline import tracking  # MLflow's import and the run's opening overlap the first epochs
+        if kept is None:
+            from pipeline import tracking  # MLflow's import and the run's opening overlap the first epochs
 
-        with tracking.TrackedRun(cfg) as run:
+            kept = tracking.TrackedRun(cfg)
+        with kept as run:
             try:
                 return _finish(cfg, run, started, clock)
             finally:
@@ -541,7 +547,7 @@ def _run(cfg: PipelineConfig, store: cache.StageCache, keys: tuple[str, str | No
         raise
 
 
-def _finish(cfg: PipelineConfig, run: tracking.TrackedRun, started: _Started, clock: StageClock):
+def _finish(cfg: PipelineConfig, run: tracking.TrackedRun | recorder.Recorder, started: _Started, clock: StageClock):
     """Inside the open run: record what happened before it, then see the fit through and evaluate."""
     from pipeline import evaluate
 
@@ -554,11 +560,10 @@ def _finish(cfg: PipelineConfig, run: tracking.TrackedRun, started: _Started, cl
         return {}, objects
     training.attach(run.log_epoch)
     if "evaluate" in cfg.stages:  # the evaluation's imports, while the compiled epochs run
-        for preload in (evaluate.preload, run.preload):
-            try:
-                preload()
-            except Exception:  # noqa: BLE001 - only a head start: evaluation imports (and reports) for itself
-                log.debug("preloading %s failed", preload, exc_info=True)
+        try:
+            run.preload()
+        except Exception:  # noqa: BLE001 - only a head start: evaluation imports (and reports) for itself
+            log.debug("preloading failed", exc_info=True)
     fitted = training.result()
     run.fitted(fitted)
     objects["fitted"] = fitted
@@ -569,13 +574,19 @@ def _finish(cfg: PipelineConfig, run: tracking.TrackedRun, started: _Started, cl
         return metrics, objects
 
     model, encoded = objects["model"], objects["encoded"]
-    with clock("evaluate"):
-        result = evaluate.evaluate(model, encoded, fitted.history, cfg.evaluate)
-        run.evaluation(result, encoded.y_test)
-    if cfg.evaluate.log_model:
-        with clock("log_model"):
-            run.log_model(model, encoded.vocabulary, cfg)
-    objects["evaluation"] = result
-    metrics.update(result.metrics)
+    with tempfile.TemporaryDirectory() as folder:
+        classifier = Path(folder) / textmodel.CLASSIFIER_FILE
+        with clock("evaluate"):  # the model predicts here, where it is
+            probabilities = evaluate.predict(model, encoded.x_test, cfg.evaluate.batch_size)
+        if cfg.evaluate.log_model:
+            with clock("log_model"):  # saved while a recorder process still records the fit
+                model.save(classifier)
+        with clock("evaluate"):  # the run scores and draws (evaluate.score) and records it
+            scores = run.evaluation(probabilities, encoded.y_test, fitted.history)
+        if cfg.evaluate.log_model:
+            with clock("log_model"):
+                run.log_model(classifier, encoded.vocabulary, cfg)
+    objects["evaluation"] = evaluate.Evaluation(metrics=scores, probabilities=probabilities)
+    metrics.update(scores)
     run.complete()
     return metrics, objects

@@ -13,13 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import tempfile
-import threading
 import time
 import warnings
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 
 from pipeline import config
+from pipeline.recorder import Interrupted, Signals, outcome
 from pipeline.config import check_reachable, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -111,58 +109,18 @@ class ReviewsDataset(MetaDataset):
         return {**super().to_dict(), "profile": json.dumps(self.profile)}
 
 
-class _Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM: the run ends KILLED."""
-
-
-class _Signals:
-    """Turns SIGINT and SIGTERM into _Interrupted, but never inside a write to the tracking store:
-    an exception raised in the middle of a database write can leave the store unable to record the
-    run's end. A signal that arrives during a write is raised as soon as the write is done."""
-
-    def __init__(self) -> None:
-        self.writing = 0
-        self.pending: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():  # e.g. a launcher's worker thread
-            return
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self.previous[signum] = signal.signal(signum, self._handle)
-
-    def restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-
-    def _handle(self, signum, frame) -> None:
-        if self.writing:
-            self.pending = signum
-        else:
-            raise _Interrupted(signal.Signals(signum).name)
-
-    @contextmanager
-    def write(self):
-        self.writing += 1
-        try:
-            yield
-        finally:
-            self.writing -= 1
-            if not self.writing and self.pending is not None:
-                signum, self.pending = self.pending, None
-                raise _Interrupted(signal.Signals(signum).name)
-
-
 HEADLINE = ("test_accuracy", "test_loss", "best_val_loss", "best_val_loss_epoch", "epochs_trained")
 
 
 class TrackedRun:
     """Context manager around one MLflow run (or, under `mlflow run`, the run it created)."""
 
-    def __init__(self, cfg: config.PipelineConfig):
+    def __init__(self, cfg: config.PipelineConfig, signals: bool = True):
+        """`signals`: turn Ctrl-C and SIGTERM into a KILLED end (False where another process decides how
+        the run ends, as for the recorder process)."""
         self.cfg = cfg
         self.run = None
-        self.signals = _Signals()
+        self.signals = Signals(enabled=signals)
         self.headline: dict[str, float] = {}  # what the closing log line reports
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -198,25 +156,24 @@ class TrackedRun:
         mlflow.set_tag("pipeline.complete", "true")
 
     def __exit__(self, kind, error, traceback) -> bool:
+        self.end(*outcome(kind, error))
+        return False  # a failing or interrupted run: its own exception propagates
+
+    def end(self, status: str, failure: str | None = None) -> None:
+        """Record the run's end: FINISHED, KILLED, or FAILED with `failure` as its error tag."""
         self.signals.writing += 1  # from here on a signal waits until the run's end is recorded
-        if kind is None:
-            status = "FINISHED"
-        elif issubclass(kind, KeyboardInterrupt):
-            status = "KILLED"
-        else:
-            status = "FAILED"
-            mlflow.set_tag("error", f"{kind.__name__}: {error}"[:5000])
+        if failure:
+            mlflow.set_tag("error", failure[:5000])
         mlflow.end_run(status=status)
         log.info("MLflow run %s ended %s%s", self.run.info.run_id, status, "".join(
             f", {name} {self.headline[name]:.4g}" for name in HEADLINE if name in self.headline))
         self.signals.writing -= 1
         pending, self.signals.pending = self.signals.pending, None
         self.signals.restore()
-        if kind is None and pending is not None:
+        if status == "FINISHED" and pending is not None:
             # The run had done its work and is recorded FINISHED; the interrupt still stops the program
             # (in a sweep: the jobs after this one).
-            raise _Interrupted(signal.Signals(pending).name)
-        return False  # a failing or interrupted run: its own exception propagates
+            raise Interrupted(pending)
 
     def _record_setup(self) -> None:
         mlflow.log_params(config.flatten(self.cfg))
@@ -272,17 +229,22 @@ class TrackedRun:
         mlflow.log_metrics(summary)
         self.headline.update(summary)
 
-    def evaluation(self, result, y_test) -> None:
+    def evaluation(self, probabilities, y_test, history) -> dict[str, float]:
+        """Score the model's test probabilities (evaluate.score), record the metrics and figures, and
+        return the metrics."""
         import pandas as pd
         from matplotlib import pyplot as plt
 
+        from pipeline import evaluate
+
+        result = evaluate.score(probabilities, y_test, history, self.cfg.evaluate)
         mlflow.log_metrics(result.metrics)
         self.headline.update(result.metrics)
         for name, figure in result.figures.items():
             mlflow.log_figure(figure, f"figures/{name}")
             plt.close(figure)
         frame = pd.DataFrame({"label": y_test.astype(int),
-                              "prediction": (result.probabilities > self.cfg.evaluate.threshold).astype(int)})
+                              "prediction": (probabilities > self.cfg.evaluate.threshold).astype(int)})
         # MLflow's classifier evaluation adds the confusion matrix and its label metrics (test_f1_score, ...);
         # given static predictions it has no probabilities, so ROC and PR curves come from evaluate.py.
         with warnings.catch_warnings():  # hints about integer columns and empty classes in its own checks
@@ -291,27 +253,37 @@ class TrackedRun:
             _registering_dataset(lambda: mlflow.models.evaluate(
                 data=frame, targets="label", predictions="prediction", model_type="classifier",
                 evaluator_config={"log_model_explainability": False, "metric_prefix": "test_"}))
+        return result.metrics
 
     @staticmethod
     def preload() -> None:
-        """Import MLflow's evaluator and model flavor code ahead of use (see evaluate.preload)."""
+        """Import what evaluation and model logging use, ahead of use (while the fit trains)."""
+        from pipeline import evaluate
+
+        evaluate.preload()
         import mlflow.models.evaluation.default_evaluator  # noqa: F401
         import mlflow.pyfunc  # noqa: F401
 
-    def log_model(self, model, vocabulary: list[str], cfg: config.PipelineConfig) -> None:
-        """Log the raw-text pyfunc: pipeline/textmodel.py as model code, the Keras file and vocabulary."""
+    def log_model(self, classifier: Path, vocabulary: list[str], cfg: config.PipelineConfig) -> None:
+        """Log the raw-text pyfunc: pipeline/textmodel.py as model code, the saved Keras file `classifier`
+        and the vocabulary."""
         import numpy as np
-        from mlflow.models import infer_signature
+        from mlflow.models import Model, infer_signature
 
         from pipeline import textmodel
 
         with tempfile.TemporaryDirectory() as folder:
-            classifier = Path(folder) / textmodel.CLASSIFIER_FILE
             vocabulary_file = Path(folder) / textmodel.VOCABULARY_FILE
-            model.save(classifier)
             textmodel.save_vocabulary(vocabulary_file, vocabulary, cfg.build.sequence_length, cfg.build.truncate)
-            info = mlflow.pyfunc.log_model(
+            # What mlflow.pyfunc.log_model does, less its check that the input example serves: the check
+            # loads the model, and with it TensorFlow, into this process (3 s where the run is recorded
+            # apart from the fit; see pipeline.recorder). The project's serving tests make that check.
+            info = Model.log(
+                artifact_path=None,  # the model's name is `name`, as in MLflow 3
                 name="model",
+                flavor=_UncheckedPyfunc,
+                flavor_name="pyfunc.ModelFromCode",
+                validate_serving_input=False,
                 python_model=str(Path(textmodel.__file__)),  # models from code: no pickled classes
                 artifacts={"classifier": str(classifier), "vocabulary": str(vocabulary_file)},
                 signature=infer_signature(INPUT_EXAMPLE, np.full(len(INPUT_EXAMPLE), 0.5)),  # [string] -> [double]
@@ -320,6 +292,18 @@ class TrackedRun:
                 registered_model_name=cfg.evaluate.registered_model_name,
             )
         mlflow.set_tag("model_uri", info.model_uri)
+
+
+class _UncheckedPyfunc:
+    """mlflow.pyfunc as the flavor that mlflow.models.Model.log saves with (a flavor is any object with
+    a save_model), taking Model.log's switch `validate_serving_input`, which mlflow.pyfunc.save_model
+    does not accept."""
+
+    @staticmethod
+    def save_model(validate_serving_input: bool = True, **kwargs):
+        import mlflow.pyfunc
+
+        return mlflow.pyfunc.save_model(**kwargs)
 
 
 # -- sweeps: the parent run and its analysis ---------------------------------------------------------

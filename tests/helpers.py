@@ -52,6 +52,9 @@ def check_complete_run(uri: str, run_id: str, epochs: int) -> None:
         assert path in artifacts, path
     dataset = run.inputs.dataset_inputs[0].dataset
     assert dataset.digest and '"num_rows"' in dataset.profile
+    info = mlflow.models.get_model_info(run.data.tags["model_uri"])
+    assert "python_function" in info.flavors and info.signature is not None
+    assert info.saved_input_example_info is not None  # a served model's example request, as the UI shows it
     model = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
     probabilities = model.predict(["A wonderful, moving film.", "Awful and boring."])
     assert len(probabilities) == 2 and all(0.0 <= p <= 1.0 for p in probabilities)

@@ -26,6 +26,7 @@ def test_python_m_pipeline(tiny_archive, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     frame = runs(uri)
     assert len(frame) == 1 and frame["params.build.hidden_units"][0] == "8"
+    assert "kept by a recorder process" in done.stdout  # MLflow's share of the run, in a process of its own
     check_complete_run(uri, frame.run_id[0], epochs=3)
     composed = MlflowClient(uri).download_artifacts(frame.run_id[0], "config/config.yaml", str(tmp_path))
     assert "hidden_units: 8" in Path(composed).read_text()
@@ -85,8 +86,9 @@ def test_mlflow_run_local_env(tiny_archive, tmp_path):
     check_complete_run(uri, frame.run_id[0], epochs=2)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_an_interrupted_run_ends_killed_with_its_finished_epochs(tiny_archive, tmp_path, signum):
+def _training(tiny_archive, tmp_path) -> tuple[subprocess.Popen, MlflowClient, str]:
+    """`python -m pipeline` training for a very long time, once its run has recorded 3 epochs: the process,
+    a client of its store and the run's id."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = tiny_overrides(tiny_archive, tmp_path) + ["fit.epochs=100000", f"hydra.run.dir={tmp_path / 'out'}"]
     process = subprocess.Popen([sys.executable, "-m", "pipeline", *overrides], cwd=tmp_path, env=environment(),
@@ -99,19 +101,46 @@ def test_an_interrupted_run_ends_killed_with_its_finished_epochs(tiny_archive, t
             if (tmp_path / "mlflow.db").exists():
                 frame = runs(uri) if client.get_experiment_by_name("imdb-sentiment") else []
                 if len(frame) and len(client.get_metric_history(frame.run_id[0], "val_loss")) >= 3:
-                    break
+                    return process, client, frame.run_id[0]
             assert process.poll() is None, process.stderr.read()[-3000:]
+        raise AssertionError("no 3 epochs recorded in 300 s")
+    except BaseException:
+        process.kill()
+        raise
+
+
+def _check_epochs_in_order(client: MlflowClient, run_id: str) -> None:
+    epochs = [p.step for p in client.get_metric_history(run_id, "val_loss")]
+    assert len(epochs) >= 3 and epochs == list(range(1, len(epochs) + 1))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_run_ends_killed_with_its_finished_epochs(tiny_archive, tmp_path, signum):
+    process, client, run_id = _training(tiny_archive, tmp_path)
+    try:
         process.send_signal(signum)
         process.wait(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-    run_id = runs(uri).run_id[0]
     run = client.get_run(run_id)
     assert run.info.status == "KILLED", process.stderr.read()[-3000:]
-    epochs = [p.step for p in client.get_metric_history(run_id, "val_loss")]
-    assert len(epochs) >= 3 and epochs == list(range(1, len(epochs) + 1))
+    _check_epochs_in_order(client, run_id)
     assert process.returncode != 0
+
+
+def test_a_run_whose_process_is_killed_outright_is_not_left_running(tiny_archive, tmp_path):
+    # SIGKILL gives the process no chance to record anything; its recorder process sees it go.
+    process, client, run_id = _training(tiny_archive, tmp_path)
+    process.kill()
+    process.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert "ended before it ended the run" in run.data.tags["error"]
+    _check_epochs_in_order(client, run_id)
 
 
 def test_logged_model_is_served_over_rest(tiny_archive, tmp_path):

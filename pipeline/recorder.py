@@ -1,0 +1,248 @@
+"""The tracked run kept by a process of its own, so that MLflow's share of a run stays off the fit's cores.
+
+A fresh `python -m pipeline` forks a Recorder before it imports TensorFlow. The recorder process imports
+MLflow, opens the run (tracking.TrackedRun) and imports what evaluation scores and draws with: about 4 s
+of Python, on the core that TensorFlow's import leaves idle, at a lower priority so that it never slows
+the fit. The training process makes the same calls on the Recorder as on a TrackedRun; they travel
+through a pipe, in order, and the two that answer (the evaluation's metrics, the model's logging) are
+waited for. The run ends as the training process says: FINISHED, FAILED with its error, or KILLED on
+Ctrl-C or SIGTERM; KILLED, too, if that process disappears without a word.
+
+Where a process cannot fork safely (TensorFlow already loaded: a sweep's later jobs, or tests that call
+runner.run), the runner keeps the TrackedRun in its own process; both record the same things.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import threading
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+NICENESS = 10  # the recorder's work waits while the fit needs the cores, and runs at once when they are free
+ANSWERED = ("evaluation", "log_model")  # calls whose result (or error) the training process waits for
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: the run ends KILLED."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+
+
+def outcome(kind, error) -> tuple[str, str | None]:
+    """How a run ends, given the exception (type and value) that ended it, if any: (status, error text)."""
+    if kind is None:
+        return "FINISHED", None
+    if issubclass(kind, KeyboardInterrupt):
+        return "KILLED", None
+    return "FAILED", f"{kind.__name__}: {error}"
+
+
+class Signals:
+    """Turns SIGINT and SIGTERM into Interrupted, but never inside a write to the tracking store (or to the
+    recorder's pipe): an exception raised in the middle of a write can leave the store unable to record
+    the run's end. A signal that arrives during a write is raised as soon as the write is done."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.writing = 0
+        self.pending: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if not self.enabled or threading.current_thread() is not threading.main_thread():  # e.g. a launcher's worker
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.writing:
+            self.pending = signum
+        else:
+            raise Interrupted(signum)
+
+    @contextmanager
+    def write(self):
+        self.writing += 1
+        try:
+            yield
+        finally:
+            self.writing -= 1
+            if not self.writing and self.pending is not None:
+                signum, self.pending = self.pending, None
+                raise Interrupted(signum)
+
+
+def can_fork() -> bool:
+    """Whether this process can fork safely: Linux, no TensorFlow loaded (forking a process that runs
+    TensorFlow's threads is not safe), no other thread, not a daemonic process (which may not have children)."""
+    return (sys.platform == "linux" and "tensorflow" not in sys.modules and threading.active_count() == 1
+            and not multiprocessing.current_process().daemon)
+
+
+def start(cfg) -> "Recorder | None":
+    """A Recorder for `cfg`'s run, where this process can fork one and has not loaded MLflow (whose store
+    connections a forked process must not share: a sweep's parent run, a test session); else None."""
+    if not can_fork() or "mlflow" in sys.modules:
+        return None
+    try:
+        kept = Recorder(cfg)
+    except OSError as error:  # cannot fork here: the run is kept in this process
+        log.debug("no recorder process (%s)", error)
+        return None
+    log.info("tracking: the MLflow run is kept by a recorder process (pid %s)", kept.pid)
+    return kept
+
+
+class Recorder:
+    """The training process's end of the tracked run: TrackedRun's methods, made in the recorder process."""
+
+    def __init__(self, cfg):
+        context = multiprocessing.get_context("fork")
+        self._pipe, child_end = context.Pipe()
+        self._process = context.Process(target=_serve, name="pipeline-recorder", daemon=True,
+                                        args=(cfg, child_end, self._pipe))
+        self._process.start()
+        child_end.close()
+        self.pid = self._process.pid
+        self._lock = threading.Lock()  # the fit thread logs epochs while the main thread makes other calls
+        self._ended = False
+        self.signals = Signals()
+        self.signals.install()  # from now on an interrupt ends the run KILLED, whenever it comes
+
+    def __enter__(self) -> "Recorder":
+        """Wait until the run is open (raising what stopped it from opening)."""
+        self._answer()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        self.close(kind, error)
+        return False
+
+    def close(self, kind=None, error=None) -> None:
+        """End the run as the exception `error` of type `kind` (None: FINISHED) says, and wait until its end
+        is recorded. Raises what the recorder failed with, unless the run already failed here."""
+        if self._ended:
+            return
+        self._ended = True
+        status, failure = outcome(kind, error)
+        failed = None
+        self.signals.writing += 1  # from here on a signal waits until the run's end is recorded
+        try:
+            self._send(("end", status, failure))
+            self._answer()
+        except Exception as problem:  # noqa: BLE001 - raised below, unless the run failed here already
+            failed = problem
+        finally:
+            self._process.join(timeout=60)
+            if self._process.is_alive():
+                self._process.terminate()
+            self.signals.writing -= 1
+            pending, self.signals.pending = self.signals.pending, None
+            self.signals.restore()
+        if failed is not None and kind is None:
+            raise failed
+        if status == "FINISHED" and pending is not None:
+            raise Interrupted(pending)  # the run is recorded FINISHED; the interrupt still stops the program
+
+    def preload(self) -> None:
+        """The recorder imports what it needs by itself."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def call(*args, **kwargs):
+            self._send(("ask" if name in ANSWERED else "call", name, args, kwargs))
+            return self._answer() if name in ANSWERED else None
+
+        return call
+
+    def _send(self, message: tuple) -> None:
+        in_main = threading.current_thread() is threading.main_thread()
+        with self._lock, self.signals.write() if in_main else nullcontext():  # whole messages only
+            self._pipe.send(message)
+
+    def _answer(self):
+        try:
+            kind, value = self._pipe.recv()
+        except (EOFError, OSError):
+            self._process.join(timeout=10)
+            raise RuntimeError(f"the recorder process ended unexpectedly (exit code {self._process.exitcode}); "
+                               "see its log above") from None
+        if kind == "failed":
+            raise value
+        return value
+
+
+def _portable(error: BaseException) -> BaseException:
+    """`error` if it survives pickling, else a RuntimeError that says what it was."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any exception type may refuse to pickle
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _serve(cfg, pipe, parent_end) -> None:
+    """The recorder process: open the run, make the calls that arrive, end the run when told (or when the
+    training process is gone)."""
+    parent_end.close()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # the training process decides how the run ends
+        signal.signal(signum, signal.SIG_IGN)
+    try:
+        os.nice(NICENESS)
+    except OSError:
+        pass
+    from pipeline import tracking
+
+    run = tracking.TrackedRun(cfg, signals=False)
+    try:
+        run.__enter__()
+    except BaseException as error:  # noqa: BLE001 - the training process raises it
+        pipe.send(("failed", _portable(error)))
+        return
+    pipe.send(("opened", run.run.info.run_id))
+    try:
+        run.preload()
+    except Exception:  # noqa: BLE001 - only a head start: evaluation imports (and reports) for itself
+        log.debug("preloading failed", exc_info=True)
+    failure = None
+    while True:
+        try:
+            kind, *message = pipe.recv()
+        except (EOFError, OSError):
+            kind, message = "end", ["KILLED", "the training process ended before it ended the run"]
+        if kind == "end":
+            status, text = message
+            if failure is None:
+                run.end(status, text)
+            try:
+                pipe.send(("ended", None) if failure is None else ("failed", failure))
+            except OSError:
+                pass
+            return
+        name, args, kwargs = message
+        answer = None
+        if failure is None:
+            try:
+                answer = ("done", getattr(run, name)(*args, **kwargs))
+            except Exception as error:  # noqa: BLE001 - the run ends FAILED with it; the training process raises it
+                log.exception("recording %s failed", name)
+                failure = _portable(error)
+                run.end(*outcome(type(error), error))
+        if kind == "ask":
+            pipe.send(answer if failure is None else ("failed", failure))
