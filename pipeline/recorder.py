@@ -143,7 +143,8 @@ class Recorder:
         self.signals.writing += 1  # from here on a signal waits until the run's end is recorded
         try:
             self._send(("end", status, failure))
-            self._answer()
+            while self._answer(ending=True) != "ended":
+                pass  # the answer to a call this process stopped waiting for when it was interrupted
         except Exception as problem:  # noqa: BLE001 - raised below, unless the run failed here already
             failed = problem
         finally:
@@ -176,7 +177,8 @@ class Recorder:
         with self._lock, self.signals.write() if in_main else nullcontext():  # whole messages only
             self._pipe.send(message)
 
-    def _answer(self):
+    def _answer(self, ending: bool = False):
+        """The recorder's next answer: its value, or (`ending`) its kind. Raises what the recorder failed with."""
         try:
             kind, value = self._pipe.recv()
         except (EOFError, OSError):
@@ -185,7 +187,7 @@ class Recorder:
                                "see its log above") from None
         if kind == "failed":
             raise value
-        return value
+        return kind if ending else value
 
 
 def _portable(error: BaseException) -> BaseException:
@@ -231,8 +233,8 @@ def _serve(cfg, pipe, parent_end) -> None:
             if failure is None:
                 run.end(status, text)
             try:
-                pipe.send(("ended", None) if failure is None else ("failed", failure))
-            except OSError:
+                pipe.send(("failed", failure) if failure is not None else ("ended", None))
+            except OSError:  # the training process is gone
                 pass
             return
         name, args, kwargs = message

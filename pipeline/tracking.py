@@ -5,7 +5,8 @@ dataset input (source, content digest, row counts), tags (git commit and dirty s
 per-stage seconds, cache hits), per-epoch loss/accuracy/val_loss/val_accuracy at step = epoch (logged
 as each epoch ends), the test metrics, artifacts (composed config, model summary, history CSV, figures,
 MLflow's classifier evaluation plots) and the raw-text model. A run that raises ends FAILED; one
-interrupted by Ctrl-C or SIGTERM ends KILLED.
+interrupted by Ctrl-C or SIGTERM ends KILLED. It lives in the training process, or in a recorder
+process that the training process sends its calls to (pipeline.recorder).
 """
 
 from __future__ import annotations

@@ -67,6 +67,36 @@ def test_exception_in_a_callback_ends_failed_with_finished_epochs_recorded(tiny_
     assert [p.step for p in history] == [1, 2]
 
 
+RECORDER_FAILS = """
+import sys
+from pathlib import Path
+from pipeline import recorder
+from tests.conftest import compose_config
+
+cfg = compose_config(sys.argv[1:])
+with recorder.Recorder(cfg) as run:  # forked before this process has used MLflow
+    run.model_summary("a summary")
+    try:
+        run.log_model(Path("no-such-model.keras"), ["", "[UNK]"], cfg)  # fails in the recorder process
+    except Exception as error:
+        print("raised here:", type(error).__name__, error)
+        raise
+"""
+
+
+@pytest.mark.slow
+def test_a_failure_in_the_recorder_process_fails_the_run_and_reaches_the_training_process(tiny_archive, tmp_path):
+    done = subprocess.run([sys.executable, "-c", RECORDER_FAILS, *tiny_overrides(tiny_archive, tmp_path)],
+                          cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "raised here:" in done.stdout and "no-such-model.keras" in done.stdout, output(done)
+    frame = runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert frame["status"].tolist() == ["FAILED"]
+    assert "no-such-model.keras" in frame["tags.error"][0]
+    run_id = frame.run_id[0]
+    assert "model_summary.txt" in {a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(run_id)}
+
+
 @pytest.mark.slow
 def test_a_signal_while_a_finished_run_is_recorded_still_stops_the_program(tiny_config, monkeypatch):
     from pipeline import tracking
