@@ -143,6 +143,9 @@ class EvaluateConfig:
     def validate(self) -> None:
         _require(0.0 < self.threshold < 1.0, "evaluate.threshold", self.threshold, "use a value strictly between 0 and 1")
         _positive("evaluate.batch_size", self.batch_size)
+        name = self.registered_model_name
+        _require(name is None or (name.strip() != "" and not any(c in name for c in "/:")),
+                 "evaluate.registered_model_name", name, "use a name without '/' or ':' (the model registry's rule)")
 
 
 @dataclass

@@ -56,6 +56,7 @@ def test_overrides_reach_the_typed_config():
     ("split.validation_fraction=0.3", "set exactly one"),
     ("stages=[fit,evaluate]", "a prefix of"),
     ("ingest.source=web", "ingest.source='web'"),
+    ("evaluate.registered_model_name=team/imdb", "evaluate.registered_model_name='team/imdb'"),
 ])
 def test_invalid_settings_name_the_setting_and_value(override, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
