@@ -20,15 +20,14 @@ import time
 import warnings
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import mlflow
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 
 from pipeline import config
-from pipeline.recorder import Interrupted, Signals, outcome
 from pipeline.config import check_reachable, tracking_uri
+from pipeline.recorder import Interrupted, Signals, outcome
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact read clutters logs
