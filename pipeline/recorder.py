@@ -2,14 +2,14 @@
 
 A fresh `python -m pipeline` forks a Recorder before it imports TensorFlow. The recorder process imports
 MLflow, opens the run (tracking.TrackedRun) and imports what evaluation scores and draws with: about 4 s
-of Python, on the core that TensorFlow's import leaves idle, at a lower priority so that it never slows
+of Python, on the core that TensorFlow's import leaves idle, at a lower priority so that it yields to
 the fit. The training process makes the same calls on the Recorder as on a TrackedRun; they travel
 through a pipe, in order, and the two that answer (the evaluation's metrics, the model's logging) are
 waited for. The run ends as the training process says: FINISHED, FAILED with its error, or KILLED on
 Ctrl-C or SIGTERM; KILLED, too, if that process disappears without a word.
 
-Where a process cannot fork safely (TensorFlow already loaded: a sweep's later jobs, or tests that call
-runner.run), the runner keeps the TrackedRun in its own process; both record the same things.
+Where a process cannot fork safely, or has used MLflow already (a sweep's jobs in one process, tests that
+call runner.run), the runner keeps the TrackedRun in its own process; both record the same things.
 """
 
 from __future__ import annotations
