@@ -115,8 +115,10 @@ def test_a_signal_while_a_finished_run_is_recorded_still_stops_the_program(tiny_
 
 def test_interrupted_sweep_resumes_without_duplicates(tiny_archive, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Every other job trains 200 epochs (a few seconds): the sweep is still running when two jobs have
+    # finished and the interrupt comes, however fast the short jobs are.
     args = [sys.executable, "-m", "pipeline", "-m", *tiny_overrides(tiny_archive, tmp_path),
-            "build.hidden_units=4,8,12", "fit.epochs=2,3", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+            "build.hidden_units=4,8,12", "fit.epochs=2,200", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
     process = subprocess.Popen(args, cwd=tmp_path, env=environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     client = MlflowClient(uri)
