@@ -228,6 +228,13 @@ def _serve(cfg, pipe, parent_end) -> None:
             kind, *message = pipe.recv()
         except (EOFError, OSError):
             kind, message = "end", ["KILLED", "the training process ended before it ended the run"]
+        except Exception as error:  # noqa: BLE001 - a message that cannot be read: the run fails with it
+            if failure is None:
+                log.exception("a call from the training process could not be read")
+                failure = _portable(error)
+                run.end(*outcome(type(error), error))
+            pipe.send(("failed", failure))  # the answer to that call, if it wanted one; else read at the end
+            continue
         if kind == "end":
             status, text = message
             if failure is None:
