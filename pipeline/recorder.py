@@ -85,6 +85,21 @@ class Signals:
                 signum, self.pending = self.pending, None
                 raise Interrupted(signum)
 
+    @contextmanager
+    def ending(self, status: str):
+        """Around recording the run's end: a signal waits until it is recorded, then the handlers are
+        restored. A signal that came meanwhile still stops the program once a run is recorded FINISHED
+        (in a sweep: the jobs after this one); any other end has its own exception under way."""
+        self.writing += 1
+        try:
+            yield
+        finally:
+            self.writing -= 1
+            pending, self.pending = self.pending, None
+            self.restore()
+        if status == "FINISHED" and pending is not None:
+            raise Interrupted(pending)
+
 
 def can_fork() -> bool:
     """Whether this process can fork safely: Linux, no TensorFlow loaded (forking a process that runs
@@ -139,25 +154,20 @@ class Recorder:
             return
         self._ended = True
         status, failure = outcome(kind, error)
-        failed = None
-        self.signals.writing += 1  # from here on a signal waits until the run's end is recorded
-        try:
-            self._send(("end", status, failure))
-            while self._answer(ending=True) != "ended":
-                pass  # the answer to a call this process stopped waiting for when it was interrupted
-        except Exception as problem:  # noqa: BLE001 - raised below, unless the run failed here already
-            failed = problem
-        finally:
-            self._process.join(timeout=60)
-            if self._process.is_alive():
-                self._process.terminate()
-            self.signals.writing -= 1
-            pending, self.signals.pending = self.signals.pending, None
-            self.signals.restore()
-        if failed is not None and kind is None:
-            raise failed
-        if status == "FINISHED" and pending is not None:
-            raise Interrupted(pending)  # the run is recorded FINISHED; the interrupt still stops the program
+        with self.signals.ending(status):
+            failed = None
+            try:
+                self._send(("end", status, failure))
+                while self._answer(ending=True) != "ended":
+                    pass  # the answer to a call this process stopped waiting for when it was interrupted
+            except Exception as problem:  # noqa: BLE001 - raised below, unless the run failed here already
+                failed = problem
+            finally:
+                self._process.join(timeout=60)
+                if self._process.is_alive():
+                    self._process.terminate()
+            if failed is not None and kind is None:
+                raise failed
 
     def preload(self) -> None:
         """The recorder imports what it needs by itself."""
@@ -222,6 +232,13 @@ def _serve(cfg, pipe, parent_end) -> None:
         run.preload()
     except Exception:  # noqa: BLE001 - only a head start: evaluation imports (and reports) for itself
         log.debug("preloading failed", exc_info=True)
+
+    def fail(error: Exception, what: str) -> BaseException:
+        """End the run FAILED with `error`; what the training process will raise."""
+        log.exception(what)
+        run.end(*outcome(type(error), error))
+        return _portable(error)
+
     failure = None
     while True:
         try:
@@ -230,9 +247,7 @@ def _serve(cfg, pipe, parent_end) -> None:
             kind, message = "end", ["KILLED", "the training process ended before it ended the run"]
         except Exception as error:  # noqa: BLE001 - a message that cannot be read: the run fails with it
             if failure is None:
-                log.exception("a call from the training process could not be read")
-                failure = _portable(error)
-                run.end(*outcome(type(error), error))
+                failure = fail(error, "a call from the training process could not be read")
             pipe.send(("failed", failure))  # the answer to that call, if it wanted one; else read at the end
             continue
         if kind == "end":
@@ -250,8 +265,6 @@ def _serve(cfg, pipe, parent_end) -> None:
             try:
                 answer = ("done", getattr(run, name)(*args, **kwargs))
             except Exception as error:  # noqa: BLE001 - the run ends FAILED with it; the training process raises it
-                log.exception("recording %s failed", name)
-                failure = _portable(error)
-                run.end(*outcome(type(error), error))
+                failure = fail(error, f"recording {name} failed")
         if kind == "ask":
             pipe.send(answer if failure is None else ("failed", failure))

@@ -27,7 +27,7 @@ from mlflow.data.meta_dataset import MetaDataset
 
 from pipeline import config
 from pipeline.config import check_reachable, tracking_uri
-from pipeline.recorder import Interrupted, Signals, outcome
+from pipeline.recorder import Signals, outcome
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact read clutters logs
@@ -161,19 +161,12 @@ class TrackedRun:
 
     def end(self, status: str, failure: str | None = None) -> None:
         """Record the run's end: FINISHED, KILLED, or FAILED with `failure` as its error tag."""
-        self.signals.writing += 1  # from here on a signal waits until the run's end is recorded
-        if failure:
-            mlflow.set_tag("error", failure[:5000])
-        mlflow.end_run(status=status)
-        log.info("MLflow run %s ended %s%s", self.run.info.run_id, status, "".join(
-            f", {name} {self.headline[name]:.4g}" for name in HEADLINE if name in self.headline))
-        self.signals.writing -= 1
-        pending, self.signals.pending = self.signals.pending, None
-        self.signals.restore()
-        if status == "FINISHED" and pending is not None:
-            # The run had done its work and is recorded FINISHED; the interrupt still stops the program
-            # (in a sweep: the jobs after this one).
-            raise Interrupted(pending)
+        with self.signals.ending(status):
+            if failure:
+                mlflow.set_tag("error", failure[:5000])
+            mlflow.end_run(status=status)
+            log.info("MLflow run %s ended %s%s", self.run.info.run_id, status, "".join(
+                f", {name} {self.headline[name]:.4g}" for name in HEADLINE if name in self.headline))
 
     def _record_setup(self) -> None:
         mlflow.log_params(config.flatten(self.cfg))
