@@ -35,6 +35,7 @@ class Interrupted(KeyboardInterrupt):
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def outcome(kind, error) -> tuple[str, str | None]:
@@ -49,24 +50,43 @@ def outcome(kind, error) -> tuple[str, str | None]:
 class Signals:
     """Turns SIGINT and SIGTERM into Interrupted, but never inside a write to the tracking store (or to the
     recorder's pipe): an exception raised in the middle of a write can leave the store unable to record
-    the run's end. A signal that arrives during a write is raised as soon as the write is done."""
+    the run's end. A signal that arrives during a write is raised as soon as the write is done.
+
+    Python runs a signal's handler wherever the main thread is, and that can be a finalizer or a weakref
+    callback run by the garbage collector, where an exception is printed as "Exception ignored" and
+    dropped: the Ctrl-C would be lost. Python hands such an exception to sys.unraisablehook; the one
+    installed here sends the signal again a moment later, so that it lands outside."""
+
+    REDELIVERY = 0.05  # seconds: long enough for the finalizer to return, short next to any stage
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.writing = 0
         self.pending: int | None = None
         self.previous: dict[int, Any] = {}
+        self.previous_hook = None
 
     def install(self) -> None:
         if not self.enabled or threading.current_thread() is not threading.main_thread():  # e.g. a launcher's worker
             return
         for signum in (signal.SIGINT, signal.SIGTERM):
             self.previous[signum] = signal.signal(signum, self._handle)
+        self.previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self.previous = {}
+        if self.previous_hook is not None:
+            sys.unraisablehook, self.previous_hook = self.previous_hook, None
+
+    def _unraisable(self, unraisable) -> None:
+        if not isinstance(unraisable.exc_value, Interrupted):
+            self.previous_hook(unraisable)
+            return
+        resend = threading.Timer(self.REDELIVERY, os.kill, (os.getpid(), unraisable.exc_value.signum))
+        resend.daemon = True
+        resend.start()
 
     def _handle(self, signum, frame) -> None:
         if self.writing:

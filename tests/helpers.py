@@ -22,6 +22,18 @@ def runs(uri: str, experiment: str = "imdb-sentiment"):
     return mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time ASC"])
 
 
+def created_store(uri: str) -> MlflowClient:
+    """A client of the store at `uri`, created and migrated before a process under test writes to it.
+
+    A test that polls a store while the process it started creates that store would run MLflow's schema
+    migrations in two processes at once, and MLflow does not guard against that: the slower one can read a
+    half-migrated schema and fail.
+    """
+    client = MlflowClient(uri)
+    client.search_experiments()
+    return client
+
+
 def assert_every_epoch_recorded(client: MlflowClient, run_id: str, epochs: int) -> None:
     """One point per epoch, steps 1..epochs, for each of the four curves."""
     for curve in CURVES + ("epoch_seconds",):

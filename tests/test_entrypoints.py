@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import PROJECT, tiny_overrides
-from tests.helpers import check_complete_run, environment, output, post, runs
+from tests.helpers import check_complete_run, created_store, environment, output, post, runs
 
 pytestmark = pytest.mark.slow
 
@@ -90,17 +90,16 @@ def _training(tiny_archive, tmp_path) -> tuple[subprocess.Popen, MlflowClient, s
     a client of its store and the run's id."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = tiny_overrides(tiny_archive, tmp_path) + ["fit.epochs=100000", f"hydra.run.dir={tmp_path / 'out'}"]
+    client = created_store(uri)
     process = subprocess.Popen([sys.executable, "-m", "pipeline", *overrides], cwd=tmp_path, env=environment(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    client = MlflowClient(uri)
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
             time.sleep(1)
-            if (tmp_path / "mlflow.db").exists():
-                frame = runs(uri) if client.get_experiment_by_name("imdb-sentiment") else []
-                if len(frame) and len(client.get_metric_history(frame.run_id[0], "val_loss")) >= 3:
-                    return process, client, frame.run_id[0]
+            frame = runs(uri) if client.get_experiment_by_name("imdb-sentiment") else []
+            if len(frame) and len(client.get_metric_history(frame.run_id[0], "val_loss")) >= 3:
+                return process, client, frame.run_id[0]
             assert process.poll() is None, process.stderr.read()[-3000:]
         raise AssertionError("no 3 epochs recorded in 300 s")
     except BaseException:

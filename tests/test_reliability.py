@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from pipeline import cache, fit, runner
 from tests.conftest import compose_config, tiny_overrides
-from tests.helpers import assert_every_epoch_recorded, environment, free_port, output, runs
+from tests.helpers import assert_every_epoch_recorded, created_store, environment, free_port, output, runs
 from tests.test_sweeps import multirun, sweep_runs
 
 
@@ -113,21 +113,38 @@ def test_a_signal_while_a_finished_run_is_recorded_still_stops_the_program(tiny_
     assert runs(tiny_config.tracking.uri)["status"].tolist() == ["FINISHED"]  # its end was recorded
 
 
+@pytest.mark.slow
+def test_a_ctrl_c_whose_handler_runs_in_a_finalizer_still_stops_the_run(tiny_config):
+    from pipeline import tracking
+
+    class Finalized:  # as the garbage collector runs finalizers and weakref callbacks, at any moment
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # the handler raises here, where Python drops exceptions
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.TrackedRun(tiny_config):
+            Finalized()
+            time.sleep(30)  # the run's work goes on; the Ctrl-C must still stop it
+    assert time.monotonic() - started < 10
+    assert runs(tiny_config.tracking.uri)["status"].tolist() == ["KILLED"]
+
+
 def test_interrupted_sweep_resumes_without_duplicates(tiny_archive, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # Every other job trains 200 epochs (a few seconds): the sweep is still running when two jobs have
     # finished and the interrupt comes, however fast the short jobs are.
     args = [sys.executable, "-m", "pipeline", "-m", *tiny_overrides(tiny_archive, tmp_path),
             "build.hidden_units=4,8,12", "fit.epochs=2,200", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    client = created_store(uri)
     process = subprocess.Popen(args, cwd=tmp_path, env=environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
-    client = MlflowClient(uri)
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
             time.sleep(0.5)
             assert process.poll() is None, process.stderr.read()[-3000:]
-            experiment = client.get_experiment_by_name("imdb-sentiment") if (tmp_path / "mlflow.db").exists() else None
+            experiment = client.get_experiment_by_name("imdb-sentiment")
             if experiment and len(client.search_runs([experiment.experiment_id],
                                                      "attributes.status = 'FINISHED'")) >= 2:
                 break
@@ -137,7 +154,7 @@ def test_interrupted_sweep_resumes_without_duplicates(tiny_archive, tmp_path):
         if process.poll() is None:
             process.kill()
     parent, children = sweep_runs(uri)
-    assert parent.info.status == "KILLED"
+    assert parent.info.status == "KILLED", process.stderr.read()[-3000:]
     assert all(c.info.status in ("FINISHED", "KILLED") for c in children)  # none left RUNNING
     finished_before = {c.info.run_name: c.info.run_id for c in children if c.info.status == "FINISHED"}
     assert 2 <= len(finished_before) < 6
