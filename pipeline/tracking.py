@@ -11,6 +11,7 @@ process that the training process sends its calls to (pipeline.recorder).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import subprocess
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -44,9 +46,45 @@ INPUT_EXAMPLE = ["A moving story with wonderful acting; I would watch it again."
 
 def use(uri: str | None) -> str:
     """Point the MLflow client at `uri` (or the default, as tracking_uri decides) and return it."""
-    resolved = tracking_uri(config.TrackingConfig(uri=uri))
-    mlflow.set_tracking_uri(resolved)
-    return resolved
+    return point_at(tracking_uri(config.TrackingConfig(uri=uri)))
+
+
+def point_at(uri: str) -> str:
+    """Point the MLflow client at `uri`, a store that is ready to write to: a new SQLite store is created
+    (its schema migrated) by one process at a time.
+
+    MLflow's tracking store migrates a new database on first use without a lock, so two runs started
+    at once into a fresh mlflow.db (two terminals, a shell loop with &) both migrate it, and one fails
+    half-way ("Online migration expected to match one row", "duplicate column name").
+    """
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:"):
+        with _exclusive(_sqlite_file(uri)):
+            mlflow.MlflowClient(uri)  # creates the store, or finds it current; MLflow keeps it for later calls
+    return uri
+
+
+def _sqlite_file(uri: str) -> str:
+    """The database file a sqlite:/// URI names, made absolute (the same file, from whichever folder)."""
+    path = uri.split("?", 1)[0].removeprefix("sqlite:///")
+    return uri if path in (uri, "", ":memory:") else os.path.abspath(path)
+
+
+@contextmanager
+def _exclusive(name: str):
+    """Held by one process at a time, for `name` (a lock file in the temp folder, not beside the store)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock (MLflow's own store initialization has none there either)
+        yield
+        return
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"pipeline-mlflow-store-{digest}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _git(*args: str) -> str | None:
@@ -131,7 +169,7 @@ class TrackedRun:
         self.signals.install()
         try:
             with self.signals.write():  # a Ctrl-C now waits until the run exists and can end KILLED
-                mlflow.set_tracking_uri(uri)
+                point_at(uri)
                 if sweep.in_sweep():  # a job of a sweep: a child of the sweep's parent run
                     self.run = mlflow.start_run(experiment_id=os.environ[sweep.EXPERIMENT],
                                                 run_name=self.cfg.tracking.run_name,
@@ -311,7 +349,7 @@ def open_sweep_parent(cfg: config.PipelineConfig, axes: dict[str, str], sweep_di
     """Create the sweep's parent run, or adopt the one `mlflow run` created. Returns (run id, experiment id)."""
     from mlflow.entities import Param
 
-    mlflow.set_tracking_uri(check_reachable(tracking_uri(cfg.tracking)))
+    point_at(check_reachable(tracking_uri(cfg.tracking)))
     client = mlflow.MlflowClient()
     # Under `mlflow run` the project's run becomes the parent; the variable must not reach the jobs,
     # or the first job would record into the parent itself.

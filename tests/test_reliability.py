@@ -114,6 +114,21 @@ def test_a_signal_while_a_finished_run_is_recorded_still_stops_the_program(tiny_
 
 
 @pytest.mark.slow
+def test_runs_started_together_into_a_new_store_both_finish(tiny_archive, tmp_path):
+    # Each creates the store on first use; MLflow's migration of a new SQLite file is not safe twice at once.
+    overrides = tiny_overrides(tiny_archive, tmp_path) + ["evaluate.log_model=false"]
+    together = [subprocess.Popen([sys.executable, "-m", "pipeline", *overrides, f"build.hidden_units={units}",
+                                  f"hydra.run.dir={tmp_path / str(units)}"], cwd=tmp_path, env=environment(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for units in (4, 8)]
+    for process in together:
+        log, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, log[-3000:]
+    frame = runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert sorted(frame["params.build.hidden_units"]) == ["4", "8"] and set(frame["status"]) == {"FINISHED"}
+
+
+@pytest.mark.slow
 def test_a_ctrl_c_whose_handler_runs_in_a_finalizer_still_stops_the_run(tiny_config):
     from pipeline import tracking
 
