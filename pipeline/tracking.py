@@ -72,19 +72,23 @@ def _sqlite_file(uri: str) -> str:
 
 @contextmanager
 def _exclusive(name: str):
-    """Held by one process at a time, for `name` (a lock file in the temp folder, not beside the store)."""
+    """Held by one process at a time, for `name` (a lock file in the temp folder, not beside the store).
+    Where no lock can be had (Windows has no fcntl; a lock file another user owns), it goes without:
+    the store is then created as MLflow alone would."""
     try:
         import fcntl
-    except ImportError:  # Windows: no lock (MLflow's own store initialization has none there either)
+
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        handle = open(Path(tempfile.gettempdir()) / f"pipeline-mlflow-store-{digest}.lock", "a")
+    except (ImportError, OSError) as error:
+        log.debug("creating the store without a lock: %s", error)
+        handle = None
+    if handle is None:
         yield
         return
-    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"pipeline-mlflow-store-{digest}.lock", "a") as handle:
+    with handle:  # closing the file releases the lock
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
 
 
 def _git(*args: str) -> str | None:
