@@ -147,8 +147,9 @@ def test_a_ctrl_c_whose_handler_runs_in_a_finalizer_still_stops_the_run(tiny_con
 
 def test_interrupted_sweep_resumes_without_duplicates(tiny_archive, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # Every other job trains 200 epochs (a few seconds): the sweep is still running when two jobs have
-    # finished and the interrupt comes, however fast the short jobs are.
+    # Half the jobs train 200 epochs (a few seconds each; Hydra runs them after the three 2-epoch ones):
+    # the sweep is still running when two jobs have finished and the interrupt comes, however fast the
+    # short jobs are.
     args = [sys.executable, "-m", "pipeline", "-m", *tiny_overrides(tiny_archive, tmp_path),
             "build.hidden_units=4,8,12", "fit.epochs=2,200", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
     client = created_store(uri)
