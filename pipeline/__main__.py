@@ -1,46 +1,49 @@
 """`python -m pipeline [overrides]`: the Hydra entry point, kept thin.
 
-It composes conf/, validates it into a PipelineConfig and calls pipeline.runner.run; the return value
-(the best validation accuracy) is what a Hydra sweeper optimizes. In a sweep a failed job returns
-NaN instead of raising, so that the other jobs run; its child run records the error. `--overrides "a=1 b=2"` takes the overrides as
-one string, which is how `mlflow run` passes them (see MLproject).
+It composes conf/, validates it into a PipelineConfig and calls pipeline.train.train; the return value
+(the best validation accuracy) is what a Hydra sweeper optimizes. In a sweep a failed job returns NaN
+instead of raising, so that the other jobs run; its child run records the error. `--overrides "a=1 b=2"`
+takes the overrides as one string, which is how `mlflow run` passes them (see MLproject).
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import shlex
 import sys
-import threading
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from pipeline.signals import SIGNALS
 
-from pipeline import config
+# From the first moment, Ctrl-C and SIGTERM wait until the run is open, then end it KILLED.
+SIGNALS.install(held=True)
 
-config.register()
+import hydra  # noqa: E402 - after the handlers, so that a Ctrl-C during the imports is not lost
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from pipeline import config, sweep  # noqa: E402
+
+sweep.register()
 log = logging.getLogger("pipeline")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from pipeline import runner, sweep
+    from pipeline.train import train
 
-    if not sweep.in_sweep():
-        metrics, _ = runner.run(config.load(cfg))
+    if not os.environ.get(config.PARENT_RUN):  # a single run
+        metrics, _ = train(config.load(cfg))
         return metrics.get("val_accuracy")
     job, overrides = HydraConfig.get().job, list(HydraConfig.get().overrides.task)
     try:
         settings = sweep.child_settings(config.load(cfg), overrides, job.num)
     except ValueError as error:  # a job whose settings are invalid is recorded as a failed child
-        from pipeline import tracking
+        from pipeline.tracking import sweeps
 
         name = sweep.child_name(overrides, job.num)
         log.error("sweep job %s (%s): %s", job.num, name, error)
-        tracking.record_failed_job(name, error)
+        sweeps.record_failed_job(name, error)
         return float("nan")
     previous = sweep.finished_job(settings)
     if previous is not None:  # resuming a sweep: this job already finished under the parent
@@ -48,14 +51,14 @@ def main(cfg: DictConfig) -> float | None:
                  settings.tracking.run_name, previous["run_id"])
         return previous["val_accuracy"]
     try:
-        metrics, _ = runner.run(settings)
+        metrics, _ = train(settings)
     except Exception:  # one failed job must not stop the sweep: its child run is FAILED with the error
         log.exception("sweep job %s (%s) failed", job.num, settings.tracking.run_name)
         return float("nan")
     return metrics.get("val_accuracy", float("nan"))
 
 
-def _expand_overrides(argv: list[str]) -> list[str]:
+def expand_overrides(argv: list[str]) -> list[str]:
     if "--overrides" not in argv:
         return argv
     at = argv.index("--overrides")
@@ -64,22 +67,6 @@ def _expand_overrides(argv: list[str]) -> list[str]:
     return argv[:at] + shlex.split(argv[at + 1]) + argv[at + 2:]
 
 
-def _leave() -> None:
-    """Exit without the interpreter's teardown. By now every run has ended and every store write has
-    returned; what remains is unloading TensorFlow module by module, about 2 s of every run. Exit
-    handlers run as usual. With worker threads still alive (a parallel launcher's pool), the
-    interpreter's own shutdown stops them in its order instead."""
-    if any(thread.is_alive() and not thread.daemon and thread is not threading.main_thread()
-           for thread in threading.enumerate()):
-        return
-    atexit._run_exitfuncs()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 if __name__ == "__main__":
-    sys.argv = _expand_overrides(sys.argv)
-    main()  # errors leave through Hydra's own exit (status 1), with the usual teardown
-    _leave()
+    sys.argv = expand_overrides(sys.argv)
+    main()

@@ -8,12 +8,15 @@ test, plus the vocabulary), and an uncompiled-to-compiled Keras model: Embedding
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline import textmodel
 from pipeline.config import BuildConfig
-from pipeline.split import Splits
+
+if TYPE_CHECKING:
+    from pipeline.split import Splits
 
 VECTORIZE_FIELDS = ("vocabulary_size", "sequence_length", "truncate")  # what the encoded arrays depend on
 

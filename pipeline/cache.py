@@ -1,10 +1,13 @@
-"""The stage cache: products of ingest, split and vectorization kept on disk between runs.
+"""The data stages through the stage cache: ingest -> split -> vectorize, or their products from disk.
+
+`prepare(cfg)` runs the data stages as far as cfg.stages goes and returns Prepared. With
+stage_cache=true (the default) their products are kept on disk between runs and reused.
 
 An entry lives in `<cache_dir>/<stage>/<key>/`, where the key hashes the stage's settings, the
 identity of its inputs and the source code of the modules that made it, so a changed input, setting or
 code never reuses a stale product. Every file's sha256 is in `manifest.json`, written last into a
-temporary folder that is then renamed into place: a partial or corrupted entry fails verification and is
-rebuilt, never used.
+temporary folder that is then renamed into place: a partial or corrupted entry fails verification and
+is rebuilt, never used.
 """
 
 from __future__ import annotations
@@ -15,40 +18,36 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import pandas as pd
 
+from pipeline import build, ingest, split, textmodel
+from pipeline.build import Encoded
+from pipeline.config import PipelineConfig
+from pipeline.ingest import sha256_file
+
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
-
-
-def code_digest(modules: Iterable[Any]) -> str:
-    digest = hashlib.sha256()
-    for module in modules:
-        digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()
+INGEST_KEY_SKIPS = ("path", "url", "sha256", "download")  # where a copy lives is not what it holds
 
 
 def make_key(stage: str, settings: Any, modules: Iterable[Any]) -> str:
-    text = json.dumps({"stage": stage, "settings": settings, "code": code_digest(modules)},
-                      sort_keys=True, default=str)
+    """A key for `stage`'s product made with `settings` by the code of `modules`."""
+    code = hashlib.sha256()
+    for module in modules:
+        code.update(Path(module.__file__).read_bytes())
+    text = json.dumps({"stage": stage, "settings": settings, "code": code.hexdigest()}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class StageCache:
-    """Products are dicts of named numpy arrays, pandas DataFrames and files written in place (a blob
-    of streamed texts, .npy files), plus a small JSON `meta`."""
+    """Products are dicts of named numpy arrays and pandas DataFrames, plus a small JSON `meta`."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -56,16 +55,8 @@ class StageCache:
     def entry(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
-    def meta(self, stage: str, key: str) -> dict | None:
-        """The entry's meta without loading its files, or None when there is no usable entry."""
-        try:
-            return json.loads((self.entry(stage, key) / MANIFEST).read_text())["meta"]
-        except (OSError, ValueError, KeyError):
-            return None
-
-    def load(self, stage: str, key: str, mmap: bool = False) -> tuple[dict[str, Any], dict] | None:
-        """(product, meta) when a complete, verified entry exists; otherwise None (and a broken one is removed).
-        `mmap`: arrays are mapped read-only from their files rather than read into memory."""
+    def load(self, stage: str, key: str) -> tuple[dict[str, Any], dict] | None:
+        """(product, meta) when a complete, verified entry exists; otherwise None (a broken one is removed)."""
         folder = self.entry(stage, key)
         if not folder.exists():
             return None
@@ -76,57 +67,103 @@ class StageCache:
                 path = folder / info["file"]
                 if sha256_file(path) != info["sha256"]:
                     raise ValueError(f"{path} does not match its checksum")
-                if info["kind"] == "frame":
-                    product[name] = pd.read_parquet(path)
-                elif info["kind"] == "blob":  # large: read where it lies, by whoever uses it
-                    product[name] = path
-                else:
-                    product[name] = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+                product[name] = (pd.read_parquet(path) if info["kind"] == "frame"
+                                 else np.load(path, allow_pickle=False))
             return product, manifest["meta"]
         except (OSError, ValueError, KeyError) as error:
             log.warning("%s: cache entry %s is damaged (%s); rebuilding it", stage, folder, error)
             shutil.rmtree(folder, ignore_errors=True)
             return None
 
-    def begin(self, stage: str, key: str) -> Path:
-        """A new staging folder for an entry, for products whose large files are written in place
-        (streamed); `commit` moves it into place, `discard` drops it."""
+    def save(self, stage: str, key: str, product: dict[str, Any], meta: dict) -> None:
+        """Write `product` and `meta` into a staging folder, then move it into place."""
         folder = self.entry(stage, key)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}-"))
-
-    @staticmethod
-    def discard(staging: Path) -> None:
-        shutil.rmtree(staging, ignore_errors=True)
-
-    def commit(self, stage: str, key: str, staging: Path, product: dict[str, Any], meta: dict,
-               hashes: dict[str, str] | None = None) -> Path:
-        """Write `product` into `staging`, then the manifest, and move the folder into place; returns the
-        entry's folder. A value that is a Path names a file already written into `staging` (a .npy file
-        loads as an array, any other file as its path, kind "blob"); its sha256 is read from the file
-        unless `hashes` has it (computed while the file was written)."""
-        hashes = hashes or {}
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}-"))
         try:
             files = {}
             for name, value in product.items():
-                if isinstance(value, Path):
-                    file = value.name
-                    kind = "array" if file.endswith(".npy") else "blob"
-                elif isinstance(value, pd.DataFrame):
+                if isinstance(value, pd.DataFrame):
                     file, kind = f"{name}.parquet", "frame"
                     value.to_parquet(staging / file, index=False)
                 else:
                     file, kind = f"{name}.npy", "array"
                     np.save(staging / file, np.asarray(value), allow_pickle=False)
-                files[name] = {"file": file, "kind": kind, "sha256": hashes.get(name) or sha256_file(staging / file)}
+                files[name] = {"file": file, "kind": kind, "sha256": sha256_file(staging / file)}
             (staging / MANIFEST).write_text(json.dumps({"files": files, "meta": meta}, indent=1))
             try:
-                os.rename(staging, self.entry(stage, key))
+                os.rename(staging, folder)
             except OSError:  # another process finished the same entry first; theirs is as good
                 pass
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return self.entry(stage, key)
 
-    def save(self, stage: str, key: str, product: dict[str, Any], meta: dict) -> None:
-        self.commit(stage, key, self.begin(stage, key), product, meta)
+
+@dataclass
+class Prepared:
+    """What the data stages made, and how: the arrays (None when cfg.stages stops before build), the
+    reviews' source, digest and counts, split sizes, cache hit or miss per stage, seconds per stage."""
+    encoded: Optional[Encoded]
+    ingest_meta: dict
+    sizes: Optional[dict[str, int]]
+    cache: dict[str, str]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def clocked(seconds: dict[str, float], stage: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def prepare(cfg: PipelineConfig) -> Prepared:
+    """ingest -> split -> vectorize, as far as cfg.stages goes, reusing cached products that match."""
+    seconds: dict[str, float] = {}
+    store = StageCache(cfg.cache_dir) if cfg.stage_cache else None
+    if cfg.ingest.source != "keras":
+        ingest.locate(cfg.ingest)  # download first if needed, so that the key sees the real file
+    settings = {k: v for k, v in asdict(cfg.ingest).items() if k not in INGEST_KEY_SKIPS}
+    settings.update(input=ingest.input_digest(cfg.ingest), seed=cfg.seed if cfg.ingest.source == "table" else None)
+    ingest_key = make_key("ingest", settings, [ingest])
+    vector_key = make_key("vectorize", {
+        "ingest": ingest_key, "split": asdict(cfg.split), "seed": cfg.seed,
+        "build": {name: getattr(cfg.build, name) for name in build.VECTORIZE_FIELDS}},
+        [ingest, split, build, textmodel]) if "build" in cfg.stages else None
+    status = "miss" if store else "off"
+
+    with clocked(seconds, "vectorize"):
+        hit = store.load("vectorize", vector_key) if store and vector_key else None
+    if hit is not None:
+        arrays, meta = hit
+        log.info("ingest, split, vectorize: reusing cached products from %s", store.root)
+        return Prepared(Encoded(vocabulary=meta["vocabulary"], **arrays), meta["ingest"], meta["sizes"],
+                        dict.fromkeys(("ingest", "split", "vectorize"), "hit"), seconds)
+    with clocked(seconds, "ingest"):
+        kept = store.load("ingest", ingest_key) if store else None
+        if kept is not None:
+            reviews = ingest.Reviews(kept[0]["reviews"], kept[1]["digest"], kept[1]["source"])
+        else:
+            reviews = ingest.ingest(cfg.ingest, cfg.seed)
+    meta = {"source": reviews.source, "digest": reviews.digest, "counts": reviews.counts()}
+    if store is not None and kept is None:
+        with clocked(seconds, "cache_write"):
+            store.save("ingest", ingest_key, {"reviews": reviews.frame}, meta)
+    prepared = Prepared(None, meta, None, {"ingest": "hit" if kept is not None else status}, seconds)
+    if "split" not in cfg.stages:
+        return prepared
+    with clocked(seconds, "split"):
+        parts = split.split(reviews, cfg.split, cfg.seed)
+    prepared.sizes = parts.sizes()
+    if vector_key is None:
+        return prepared
+    with clocked(seconds, "vectorize"):
+        prepared.encoded = build.vectorize(parts, cfg.build)
+    prepared.cache.update(split=status, vectorize=status)
+    if store is not None:
+        with clocked(seconds, "cache_write"):
+            store.save("vectorize", vector_key, {k: getattr(prepared.encoded, k) for k in Encoded.ARRAYS},
+                       {"vocabulary": prepared.encoded.vocabulary, "sizes": prepared.sizes, "ingest": meta})
+    return prepared

@@ -1,8 +1,9 @@
-"""Typed configuration: one dataclass per stage, registered in Hydra's ConfigStore.
+"""Typed configuration: one dataclass per stage, plus where runs are recorded.
 
-The YAML files under ``conf/`` fill these schemas; ``load(cfg)`` turns the composed DictConfig into
-a ``PipelineConfig`` and ``validate()`` rejects values a run cannot use, before any data is
-read. Defaults are the tutorial's ("Text classification with movie reviews", TensorFlow docs).
+The YAML files under ``conf/`` fill these schemas (registered with Hydra by pipeline.sweep, the one
+module that knows Hydra); ``load(cfg)`` turns the composed config into a ``PipelineConfig`` and
+``validate()`` rejects values a run cannot use, before any data is read. Defaults are the tutorial's
+("Text classification with movie reviews", TensorFlow docs).
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 STAGES = ("ingest", "split", "build", "fit", "evaluate")
 SOURCES = ("archive", "keras", "table")
-MODES = ("auto", "memory", "stream")
 TRUNCATIONS = ("pre", "post")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "nadam")
 
+# A sweep's jobs find their parent run through these (set by pipeline.sweep, read by pipeline.tracking).
+PARENT_RUN, EXPERIMENT = "PIPELINE_SWEEP_PARENT_RUN_ID", "PIPELINE_SWEEP_EXPERIMENT_ID"
 CANONICAL_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 CANONICAL_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
 
@@ -47,12 +48,9 @@ class IngestConfig:
     label_column: str = "label"  # table source: 0 = negative, 1 = positive
     split_column: Optional[str] = "split"  # table source: values train/test; a missing column means...
     test_fraction: float = 0.5  # ...this seeded share of rows becomes the test split (IMDB is 50/50)
-    mode: str = "auto"  # archive source: memory holds the texts, stream keeps them on disk; auto streams if memory is short
 
     def validate(self) -> None:
         _require(self.source in SOURCES, "ingest.source", self.source, f"one of {', '.join(SOURCES)}")
-        _require(self.mode in MODES, "ingest.mode", self.mode,
-                 "auto (stream when the corpus would not fit in half the free memory), memory or stream")
         if self.source in ("archive", "table"):
             _require(bool(self.path), "ingest.path", self.path,
                      "set the archive or table location (or the IMDB_ARCHIVE environment variable)")
@@ -178,7 +176,11 @@ class PipelineConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # a prefix of the pipeline
     seed: int = 42  # seeds the split, weight initialisation and batch order
-    cache_dir: str = ".cache/pipeline"  # stage products, keyed by their config, inputs and code
+    cache_dir: str = ".cache/pipeline"  # stage products and compiled programs, keyed by what made them
+    # Speed switches, each measured by `python -m pipeline.bench --ablate` (docs/performance.md)
+    stage_cache: bool = True  # reuse ingest/split/vectorize products from cache_dir (pipeline.cache)
+    prepare_ahead: bool = True  # prepare the data in a worker process while TensorFlow loads
+    freeze_gc: bool = True  # once TensorFlow is loaded, leave its objects out of garbage collection
 
     def validate(self) -> None:
         for part in (self.ingest, self.split, self.build, self.fit, self.fit.early_stopping, self.evaluate, self.sweep):
@@ -186,12 +188,6 @@ class PipelineConfig:
         stages = list(self.stages)
         _require(len(stages) > 0 and stages == list(STAGES[: len(stages)]), "stages", stages,
                  f"a prefix of {list(STAGES)}, e.g. [ingest,split]")
-
-
-def register() -> None:
-    """Register the schemas so that conf/config.yaml (and every group option) is type-checked."""
-    store = ConfigStore.instance()
-    store.store(name="pipeline_schema", node=PipelineConfig)
 
 
 def load(cfg: DictConfig) -> PipelineConfig:

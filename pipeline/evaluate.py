@@ -1,10 +1,10 @@
-"""Stage 5, evaluate: test metrics and the tutorial's two figures.
+"""Stage 5, evaluate: test metrics and figures.
 
 In: the fitted model, Encoded arrays (the test split is read here for the first time), the fit's
 history and an EvaluateConfig. Out: Evaluation, with test_loss, test_accuracy, test_precision,
-test_recall and test_roc_auc, the test probabilities, and figures (matplotlib): the tutorial's loss and
-accuracy curves, and the ROC and precision-recall curves. In two steps where the model and the run
-live apart: `predict` needs the model, `score` only its probabilities.
+test_recall, test_f1_score, test_roc_auc and the confusion counts, the test probabilities, and figures
+(matplotlib): the tutorial's loss and accuracy curves, the ROC and precision-recall curves and the
+confusion matrix.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from pipeline.build import Encoded
 from pipeline.config import EvaluateConfig
 
 
@@ -48,16 +47,6 @@ def curves(history: pd.DataFrame) -> dict[str, object]:
     return figures
 
 
-def preload() -> None:
-    """Import what `score` draws and scores with, ahead of use: the tracked run calls it while the fit
-    trains, so that evaluation does not wait for the imports."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot  # noqa: F401
-    from sklearn import metrics  # noqa: F401
-
-
 def predict(model, x: np.ndarray, batch_size: int) -> np.ndarray:
     """P(positive) for each row of `x`: the model called on batches directly. For one pass this is
     quicker than model.predict, which first builds an input pipeline and traces a predict function."""
@@ -65,15 +54,14 @@ def predict(model, x: np.ndarray, batch_size: int) -> np.ndarray:
                            for start in range(0, len(x), batch_size)] or [np.zeros(0, np.float32)])
 
 
-def evaluate(model, data: Encoded, history: pd.DataFrame, cfg: EvaluateConfig) -> Evaluation:
+def evaluate(model, data, history: pd.DataFrame, cfg: EvaluateConfig) -> Evaluation:
     """Score the test split once and draw the training curves."""
     return score(predict(model, data.x_test, cfg.batch_size), data.y_test, history, cfg)
 
 
 def score(probabilities: np.ndarray, y_test: np.ndarray, history: pd.DataFrame, cfg: EvaluateConfig) -> Evaluation:
-    """The test metrics and figures from the model's test probabilities. Needs no model (nor TensorFlow):
-    the runner predicts where the model is, and scores where the run is recorded."""
-    from sklearn.metrics import precision_score, recall_score, roc_auc_score
+    """The test metrics and figures from the model's test probabilities."""
+    from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
 
     # Loss and accuracy follow from the probabilities as Keras computes them (binary cross-entropy with
     # outputs clipped to [1e-7, 1 - 1e-7]; accuracy at 0.5).
@@ -87,16 +75,21 @@ def score(probabilities: np.ndarray, y_test: np.ndarray, history: pd.DataFrame, 
         "test_accuracy": float(accuracy),
         "test_precision": float(precision_score(truth, predicted, zero_division=0)),
         "test_recall": float(recall_score(truth, predicted, zero_division=0)),
+        "test_f1_score": float(f1_score(truth, predicted, zero_division=0)),
         "test_roc_auc": float(roc_auc_score(truth, probabilities)),
     }
+    counts = confusion_matrix(truth, predicted, labels=[0, 1]).ravel()
+    metrics.update({f"test_{name}": float(count) for name, count in
+                    zip(("true_negatives", "false_positives", "false_negatives", "true_positives"), counts)})
     return Evaluation(metrics=metrics, probabilities=probabilities,
-                      figures={**curves(history), **threshold_curves(truth, probabilities)})
+                      figures={**curves(history), **threshold_curves(truth, probabilities, predicted)})
 
 
-def threshold_curves(truth: np.ndarray, probabilities: np.ndarray) -> dict[str, object]:
-    """ROC and precision-recall curves of the test probabilities (scikit-learn's displays)."""
+def threshold_curves(truth: np.ndarray, probabilities: np.ndarray, predicted: np.ndarray) -> dict[str, object]:
+    """ROC and precision-recall curves of the test probabilities, and the confusion matrix at the
+    threshold (scikit-learn's displays)."""
     from matplotlib import pyplot as plt
-    from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
+    from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 
     figures = {}
     for name, display in (("roc_curve.png", RocCurveDisplay), ("precision_recall_curve.png", PrecisionRecallDisplay)):
@@ -104,4 +97,10 @@ def threshold_curves(truth: np.ndarray, probabilities: np.ndarray) -> dict[str, 
         display.from_predictions(truth, probabilities, ax=axes, name="test split")
         figure.tight_layout()
         figures[name] = figure
+    figure, axes = plt.subplots(figsize=(5, 4.5))
+    ConfusionMatrixDisplay.from_predictions(truth, predicted, display_labels=["negative", "positive"], ax=axes,
+                                            colorbar=False)
+    axes.set_title("Test split, at the threshold")
+    figure.tight_layout()
+    figures["confusion_matrix.png"] = figure
     return figures

@@ -8,9 +8,7 @@ Out: Reviews, a table with columns text, label (0/1), rating (1-10, or -1 where 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import os
 import re
 import shutil
@@ -22,12 +20,10 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
-from pipeline.cache import sha256_file
 from pipeline.config import IngestConfig
 
 # aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt, anywhere below the archive's or folder's root
@@ -46,18 +42,21 @@ class Reviews:
         return {split: int((self.frame["split"] == split).sum()) for split in SPLITS}
 
 
-def content_digest(frame: pd.DataFrame) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    update_digest(digest, frame[["split", "label", "rating", "text"]].itertuples(index=False))
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
     return digest.hexdigest()
 
 
-def update_digest(digest, rows: Iterable[tuple[str, int, int, str]]) -> None:
-    """Add (split, label, rating, text) rows, in order, to the sha256 `digest`: the content digest's form,
-    shared by the streamed path (stream.content_digest), which reads the texts in chunks."""
-    for split, label, rating, text in rows:
+def content_digest(frame: pd.DataFrame) -> str:
+    """sha256 over (split, label, rating, text) of every row, in order."""
+    digest = hashlib.sha256()
+    for split, label, rating, text in frame[["split", "label", "rating", "text"]].itertuples(index=False):
         digest.update(f"{split}\t{label}\t{rating}\t{len(text)}\n".encode())
         digest.update(text.encode("utf-8"))
+    return digest.hexdigest()
 
 
 def _finish(rows: list[tuple], source: str) -> Reviews:
@@ -106,72 +105,15 @@ def _row(match: re.Match, text: str) -> tuple:
     return split, int(polarity == "pos"), int(review_id), int(rating), text
 
 
-IN_MEMORY_LIMIT = 256 << 20  # .tar.gz archives up to this size are unpacked in memory first
-
-
-def _open_tar(path: Path) -> tuple[tarfile.TarFile, bytes | None]:
-    """The archive and, for a .tar.gz small enough, its unpacked bytes: tarfile reads the 50,000
-    headers a third faster from memory, and a member is then a slice of them. Other archives (larger,
-    or compressed otherwise) are read by tarfile from disk in one pass, with no buffer."""
-    if path.stat().st_size <= IN_MEMORY_LIMIT:
-        with open(path, "rb") as handle:
-            gzipped = handle.read(2) == b"\x1f\x8b"
-        if gzipped:
-            raw = gzip.decompress(path.read_bytes())
-            return tarfile.open(fileobj=io.BytesIO(raw), mode="r:"), raw
-    return tarfile.open(path, "r|*"), None
-
-
-def plain_members(buffer: bytes) -> list[tuple[str, int, int]] | None:
-    """(name, data offset, size) of each regular file in the unpacked tar `buffer`, read straight from
-    its 512-byte headers. tarfile spends about a second on this archive's 50,000 headers (a TarInfo each,
-    checksums, PAX and GNU extensions); this takes a tenth of that. None when a header is anything but a
-    plain file or folder in ustar or GNU form (PAX records, long names, links, base-256 sizes): tarfile
-    then reads the archive. The bytes themselves were checked by gzip's CRC on decompression."""
-    members, offset, end = [], 0, len(buffer)
-    while offset + 512 <= end:
-        header = buffer[offset:offset + 512]
-        if header[0] == 0:  # the end-of-archive block
-            break
-        magic, kind = header[257:265], header[156:157]
-        if magic not in (b"ustar\x0000", b"ustar  \x00") or kind not in (b"0", b"\x00", b"5") or header[124] & 0x80:
-            return None
-        try:
-            size = int(header[124:136].split(b"\x00", 1)[0].strip() or b"0", 8)
-        except ValueError:
-            return None
-        name = header[:100].split(b"\x00", 1)[0]
-        if magic == b"ustar\x0000" and header[345]:  # POSIX ustar: a long name's leading folders
-            name = header[345:500].split(b"\x00", 1)[0] + b"/" + name
-        if kind != b"5":
-            members.append((name.decode("utf-8", "surrogateescape"), offset + 512, size))
-        offset += 512 + -(-size // 512) * 512
-    return members
-
-
-def _member_bytes(archive: tarfile.TarFile, buffer: bytes | None, member: tarfile.TarInfo) -> bytes:
-    if buffer is not None and not member.issparse():
-        return buffer[member.offset_data: member.offset_data + member.size]
-    return archive.extractfile(member).read()
-
-
 def read_archive(path: Path) -> Reviews:
-    """Reviews from an aclImdb .tar.gz; train/unsup and every other member are skipped."""
+    """Reviews from an aclImdb .tar.gz, read in one pass; train/unsup and every other member are skipped."""
     rows = []
     try:
-        archive, buffer = _open_tar(path)
-        with archive:
-            listed = plain_members(buffer) if buffer is not None else None
-            if listed is not None:
-                for name, start, size in listed:
-                    match = MEMBER.search(name)
-                    if match:
-                        rows.append(_row(match, decode(buffer[start:start + size], name)))
-            else:
-                for member in archive:
-                    match = MEMBER.search(member.name)
-                    if match and member.isfile():
-                        rows.append(_row(match, decode(_member_bytes(archive, buffer, member), member.name)))
+        with tarfile.open(path, "r|*") as archive:
+            for member in archive:
+                match = MEMBER.search(member.name)
+                if match and member.isfile():
+                    rows.append(_row(match, decode(archive.extractfile(member).read(), member.name)))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
         raise archive_error(path, error) from None
     if not rows:

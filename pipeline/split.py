@@ -8,12 +8,15 @@ passed through untouched and is read by nothing before evaluate.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from pipeline.config import SplitConfig
-from pipeline.ingest import Reviews
+
+if TYPE_CHECKING:
+    from pipeline.ingest import Reviews
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""Hydra multirun as one MLflow parent run with one child run per job, then the sweep analysis.
+"""Hydra's side of the pipeline: the typed schema, and a multirun as one parent run with a child per job.
 
-SweepCallback is registered in conf/config.yaml and acts only in multirun mode. When the sweep starts
+`register()` puts the PipelineConfig schema in Hydra's ConfigStore (conf/config.yaml names it), so that
+every YAML value is type-checked. SweepCallback is registered in conf/config.yaml and acts only in
+multirun mode. When the sweep starts
 it opens the parent run (or adopts the one `mlflow run` created, so that every job lands under it),
 records the sweep's axes as parent params and hands the parent's id to the jobs through the
 environment (inherited by joblib and Ray workers). When the jobs are done it optionally runs the
@@ -16,18 +18,21 @@ import os
 from dataclasses import replace
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline.config import PipelineConfig, load, tracking_uri
+from pipeline.config import EXPERIMENT, PARENT_RUN, PipelineConfig, load, tracking_uri
 
 log = logging.getLogger(__name__)
-
-PARENT_RUN = "PIPELINE_SWEEP_PARENT_RUN_ID"
-EXPERIMENT = "PIPELINE_SWEEP_EXPERIMENT_ID"
 AXES = "PIPELINE_SWEEP_AXES"
 RESUMING = "PIPELINE_SWEEP_RESUMING"
+
+
+def register() -> None:
+    """Register the schema so that conf/config.yaml (and every group option) is type-checked."""
+    ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
 
 
 def sweep_axes(hydra_cfg: DictConfig) -> dict[str, str]:
@@ -58,9 +63,9 @@ def finished_job(settings: PipelineConfig) -> dict | None:
     """When resuming a sweep: the job's earlier FINISHED child run under the parent, if there is one."""
     if not os.environ.get(RESUMING):
         return None
-    from pipeline import tracking
+    from pipeline.tracking import sweeps
 
-    return tracking.finished_child(os.environ[PARENT_RUN], settings.tracking.run_name)
+    return sweeps.finished_child(os.environ[PARENT_RUN], settings.tracking.run_name)
 
 
 def child_name(task_overrides: list[str], job_number: int) -> str:
@@ -79,13 +84,13 @@ class SweepCallback(Callback):
         self.settings: PipelineConfig | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from pipeline import tracking
+        from pipeline.tracking import sweeps
 
         hydra_cfg = config.hydra
         try:
             self.settings = load(config)
             axes = sweep_axes(hydra_cfg)
-            self.parent, experiment_id = tracking.open_sweep_parent(self.settings, axes, str(hydra_cfg.sweep.dir))
+            self.parent, experiment_id = sweeps.open_sweep_parent(self.settings, axes, str(hydra_cfg.sweep.dir))
         except Exception as error:  # Hydra would only warn and run the jobs untracked as a sweep: stop instead
             log.error("the sweep cannot start: %s", error)
             raise SystemExit(2) from error
@@ -99,7 +104,8 @@ class SweepCallback(Callback):
         log.info("sweep over %s: parent MLflow run %s", ", ".join(f"{k}={v}" for k, v in axes.items()), self.parent)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from pipeline import runner, tracking
+        from pipeline import train
+        from pipeline.tracking import sweeps
 
         if self.settings.sweep.early_stopping_reference:
             reference = replace(
@@ -108,12 +114,12 @@ class SweepCallback(Callback):
                 tracking=replace(self.settings.tracking, run_name=f"early_stopping,hidden_units={self.settings.build.hidden_units}"))
             try:
                 if finished_job(reference) is None:
-                    runner.run(reference)
+                    train.train(reference)
             except Exception:  # recorded as a FAILED child; the analysis lists it
                 log.exception("the early-stopping reference job failed")
-        analysis = tracking.analyze_sweep(self.parent, alias=self.settings.sweep.champion_alias)
+        analysis = sweeps.analyze_sweep(self.parent, alias=self.settings.sweep.champion_alias)
         failed = len(analysis.failed)
-        tracking.close_sweep_parent(self.parent, "FINISHED")
+        sweeps.close_sweep_parent(self.parent, "FINISHED")
         self.parent = None
         for key in (PARENT_RUN, EXPERIMENT, AXES, RESUMING):
             os.environ.pop(key, None)
@@ -126,9 +132,9 @@ class SweepCallback(Callback):
     def _abandoned(self) -> None:
         """The process is ending before the sweep did (Ctrl-C, SIGTERM, a crash): end the parent KILLED."""
         if self.parent:
-            from pipeline import tracking
+            from pipeline.tracking import sweeps
 
-            tracking.close_sweep_parent(self.parent, "KILLED")
+            sweeps.close_sweep_parent(self.parent, "KILLED")
 
 
 def _forward_to_ray(launcher: DictConfig, variables: dict[str, str]) -> None:
@@ -148,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from pipeline import tracking
+    from pipeline.tracking import sweeps
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=main.__doc__)
     parser.add_argument("parent_run_id", help="the sweep's parent run (its id in the MLflow UI)")
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     tracking.use(args.tracking_uri)
-    analysis = tracking.analyze_sweep(args.parent_run_id, alias=args.alias)
+    analysis = sweeps.analyze_sweep(args.parent_run_id, alias=args.alias)
     print(analysis.report)
 
 

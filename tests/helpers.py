@@ -52,7 +52,7 @@ def check_complete_run(uri: str, run_id: str, epochs: int) -> None:
         assert key in params, key
     assert params["fit.epochs"] == str(epochs)
     assert_every_epoch_recorded(client, run_id, epochs)
-    for metric in ("test_loss", "test_accuracy", "test_precision", "test_recall", "test_roc_auc"):
+    for metric in ("test_loss", "test_accuracy", "test_precision", "test_recall", "test_f1_score", "test_roc_auc"):
         assert metric in run.data.metrics, metric
     assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
     for stage in ("ingest", "build", "fit", "evaluate"):
@@ -60,7 +60,7 @@ def check_complete_run(uri: str, run_id: str, epochs: int) -> None:
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
         a.path for a in client.list_artifacts(run_id, "figures")} | {a.path for a in client.list_artifacts(run_id, "config")}
     for path in ("config/config.yaml", "model_summary.txt", "history.csv", "figures/loss.png",
-                 "figures/accuracy.png", "figures/roc_curve.png", "test_confusion_matrix.png"):
+                 "figures/accuracy.png", "figures/roc_curve.png", "figures/confusion_matrix.png"):
         assert path in artifacts, path
     dataset = run.inputs.dataset_inputs[0].dataset
     assert dataset.digest and '"num_rows"' in dataset.profile

@@ -25,36 +25,34 @@ def test_python_m_pipeline(tiny_archive, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     frame = runs(uri)
     assert len(frame) == 1 and frame["params.build.hidden_units"][0] == "8"
-    assert "kept by a recorder process" in done.stdout  # MLflow's share of the run, in a process of its own
     check_complete_run(uri, frame.run_id[0], epochs=3)
     composed = MlflowClient(uri).download_artifacts(frame.run_id[0], "config/config.yaml", str(tmp_path))
     assert "hidden_units: 8" in Path(composed).read_text()
     # the last line the run logs says how it ended and what it scored, as the store has it
     assert (f"MLflow run {frame.run_id[0]} ended FINISHED, test_accuracy {frame['metrics.test_accuracy'][0]:.4g}, "
             f"test_loss {frame['metrics.test_loss'][0]:.4g}") in done.stdout
-    # the data was prepared in a forked process while TensorFlow loaded; a second run reuses it
-    assert "preparing in a background process" in done.stdout  # Hydra logs to stdout
+    # the data was prepared in a worker process while TensorFlow loaded; a second run reuses it
+    assert "in a worker process while TensorFlow loads" in done.stdout  # Hydra logs to stdout
     assert frame["tags.cache.vectorize"][0] == "miss" and float(frame["tags.seconds.vectorize"][0]) >= 0
     assert float(frame["tags.seconds.cache_write"][0]) >= 0
-    # that process wrote the ingest product after handing over the arrays; the run waited for it at the end
     assert len(list((tmp_path / "cache" / "ingest").glob("*/manifest.json"))) == 1
     again = subprocess.run([sys.executable, "-m", "pipeline", *overrides], cwd=tmp_path, env=environment(),
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, output(again)
-    assert "preparing in a background process" not in again.stdout and "reusing cached products" in again.stdout
+    assert "reusing cached products" in again.stdout
     second = runs(uri).iloc[1]
     assert second["tags.cache.vectorize"] == "hit"
     assert second["metrics.test_accuracy"] == frame["metrics.test_accuracy"][0]  # same products, same result
 
 
-def test_a_failure_while_preparing_in_the_background_fails_the_run(tmp_path):
+def test_a_failure_while_preparing_in_the_worker_fails_the_run(tmp_path):
     broken = tmp_path / "broken.tar.gz"
     broken.write_bytes(b"\x1f\x8b" + b"not really gzip" * 100)
     overrides = tiny_overrides(broken, tmp_path) + [f"hydra.run.dir={tmp_path / 'out'}"]
     done = subprocess.run([sys.executable, "-m", "pipeline", *overrides], cwd=tmp_path, env=environment(),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
-    assert "preparing in a background process" in done.stdout
+    assert "in a worker process while TensorFlow loads" in done.stdout
     assert "not a readable .tar.gz archive" in done.stdout + done.stderr
     frame = runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert frame["status"].tolist() == ["FAILED"]
@@ -128,7 +126,7 @@ def test_an_interrupted_run_ends_killed_with_its_finished_epochs(tiny_archive, t
 
 
 def test_a_run_whose_process_is_killed_outright_is_not_left_running(tiny_archive, tmp_path):
-    # SIGKILL gives the process no chance to record anything; its recorder process sees it go.
+    # SIGKILL gives the process no chance to record anything; the run's watchdog process sees it go.
     process, client, run_id = _training(tiny_archive, tmp_path)
     process.kill()
     process.wait(timeout=60)
@@ -142,12 +140,12 @@ def test_a_run_whose_process_is_killed_outright_is_not_left_running(tiny_archive
 
 
 def test_logged_model_is_served_over_rest(tiny_archive, tmp_path):
-    from pipeline import runner
+    from pipeline.train import train
     from tests.conftest import compose_config
     from tests.servers import model_server
 
     cfg = compose_config(tiny_overrides(tiny_archive, tmp_path) + ["fit.epochs=15", "build.learning_rate=0.02"])
-    runner.run(cfg)
+    train(cfg)
     model_uri = runs(cfg.tracking.uri)["tags.model_uri"][0]
     texts = ["Superb, brilliant and moving.", "Awful, boring, the worst.", "A film."]
     with model_server(model_uri, tmp_path, cfg.tracking.uri) as url:

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import cache, fit, runner
+from pipeline import cache, fit
+from pipeline.train import train
 from tests.conftest import compose_config, tiny_overrides
 from tests.helpers import assert_every_epoch_recorded, created_store, environment, free_port, output, runs
 from tests.test_sweeps import multirun, sweep_runs
@@ -58,42 +59,12 @@ def test_exception_in_a_callback_ends_failed_with_finished_epochs_recorded(tiny_
     monkeypatch.setattr(fit, "fit", lambda model, data, cfg, seed, callbacks=(): original(
         model, data, cfg, seed, callbacks=[*callbacks, Bomb()]))
     with pytest.raises(RuntimeError, match="callback exploded"):
-        runner.run(tiny_config)
+        train(tiny_config)
     frame = runs(tiny_config.tracking.uri)
     assert frame["status"].tolist() == ["FAILED"]
     assert "callback exploded" in frame["tags.error"][0]
     history = MlflowClient(tiny_config.tracking.uri).get_metric_history(frame.run_id[0], "val_loss")
     assert [p.step for p in history] == [1, 2]
-
-
-RECORDER_FAILS = """
-import sys
-from pathlib import Path
-from pipeline import recorder
-from tests.conftest import compose_config
-
-cfg = compose_config(sys.argv[1:])
-with recorder.Recorder(cfg) as run:  # forked before this process has used MLflow
-    run.model_summary("a summary")
-    try:
-        run.log_model(Path("no-such-model.keras"), ["", "[UNK]"], cfg)  # fails in the recorder process
-    except Exception as error:
-        print("raised here:", type(error).__name__, error)
-        raise
-"""
-
-
-@pytest.mark.slow
-def test_a_failure_in_the_recorder_process_fails_the_run_and_reaches_the_training_process(tiny_archive, tmp_path):
-    done = subprocess.run([sys.executable, "-c", RECORDER_FAILS, *tiny_overrides(tiny_archive, tmp_path)],
-                          cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
-    assert "raised here:" in done.stdout and "no-such-model.keras" in done.stdout, output(done)
-    frame = runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert frame["status"].tolist() == ["FAILED"]
-    assert "no-such-model.keras" in frame["tags.error"][0]
-    run_id = frame.run_id[0]
-    assert "model_summary.txt" in {a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(run_id)}
 
 
 @pytest.mark.slow
@@ -212,7 +183,7 @@ def test_parallel_jobs_writing_to_the_embedded_store_lose_nothing(tiny_archive, 
 def test_a_data_set_registered_by_another_job_at_the_same_moment_is_linked_not_fatal(tiny_config, monkeypatch):
     """A tracking server's SQL store checks for a data set's row, then inserts it: two jobs of a parallel
     sweep registering the same data at once make it refuse the second insert. Here every data set's first
-    registration loses that race, as it did on a team server (the training data and the evaluation data)."""
+    registration loses that race, as it did on a team server."""
     from mlflow.exceptions import RestException
 
     original = MlflowClient.log_inputs
@@ -229,12 +200,12 @@ def test_a_data_set_registered_by_another_job_at_the_same_moment_is_linked_not_f
         return original(self, run_id, datasets, *args, **kwargs)
 
     monkeypatch.setattr(MlflowClient, "log_inputs", racing)
-    runner.run(tiny_config)
+    train(tiny_config)
     (run,) = [mlflow.get_run(r) for r in runs(tiny_config.tracking.uri).run_id]
     assert run.info.status == "FINISHED"
     contexts = sorted({t.key: t.value for t in i.tags}["mlflow.data.context"] for i in run.inputs.dataset_inputs)
-    assert contexts == ["test_", "training"] and len(refused) == 2
-    assert "test_f1_score" in run.data.metrics  # MLflow's evaluation ran after its data set was linked
+    assert contexts == ["training"] and len(refused) == 1
+    assert "test_f1_score" in run.data.metrics  # the run went on after the data set was linked
 
 
 def test_cache_entries_are_keyed_by_code(tmp_path):
@@ -276,7 +247,7 @@ def test_same_config_same_numbers_cold_and_warm(tiny_archive, tmp_path):
 
 
 def test_a_run_records_what_is_needed_to_repeat_it(tiny_config):
-    runner.run(tiny_config)
+    train(tiny_config)
     frame = runs(tiny_config.tracking.uri)
     run = frame.iloc[0]
     assert len(run["tags.git.commit"]) == 40 and run["tags.git.dirty"] in ("True", "False")
@@ -300,7 +271,7 @@ def test_no_secret_reaches_params_tags_or_artifacts(tiny_archive, tmp_path, monk
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "planted-password")
     cfg = compose_config(tiny_overrides(tiny_archive, tmp_path) + [
         "ingest.url=https://reader:planted-url-secret@data.example.invalid/aclImdb_v1.tar.gz"])
-    runner.run(cfg)
+    train(cfg)
     client = MlflowClient(cfg.tracking.uri)
     run = client.get_run(runs(cfg.tracking.uri).run_id[0])
     assert run.data.params["ingest.url"] == "https://***@data.example.invalid/aclImdb_v1.tar.gz"

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import runner
+from pipeline.train import train
 from tests.conftest import compose_config, tiny_overrides
 from tests.helpers import assert_every_epoch_recorded, environment, output, post, runs
 from tests.servers import model_server, tracking_server
@@ -20,8 +20,8 @@ REVIEWS = ["Superb, brilliant and moving.", "Awful, boring, the worst.", "A film
 
 def test_evaluate_registers_the_model_under_its_name(tiny_archive, tmp_path):
     cfg = compose_config(tiny_overrides(tiny_archive, tmp_path) + ["evaluate.registered_model_name=imdb-tiny"])
-    runner.run(cfg)
-    runner.run(cfg)
+    train(cfg)
+    train(cfg)
     client = MlflowClient(cfg.tracking.uri)
     versions = sorted(client.search_model_versions("name = 'imdb-tiny'"), key=lambda v: int(v.version))
     assert [int(v.version) for v in versions] == [1, 2]

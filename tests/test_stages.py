@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import gzip
 import io
 import tarfile
 
@@ -11,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import build, evaluate, fit, ingest, split, stream, textmodel
+from pipeline import build, evaluate, fit, ingest, split, textmodel
 from pipeline.config import BuildConfig, EvaluateConfig, FitConfig, IngestConfig, SplitConfig
 from tests.conftest import write_archive
 
@@ -40,8 +38,8 @@ def test_ingest_folder_and_archive_agree(tiny_archive, tmp_path):
 @pytest.mark.parametrize("form", [tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT])
 @pytest.mark.parametrize("long_name", [False, True])
 def test_every_tar_form_gives_the_same_reviews(tiny_archive, tmp_path, form, long_name):
-    """Plain headers are read directly (ingest.plain_members), the rest by tarfile: a name over 100
-    characters is ustar's prefix field, GNU's long-name record or a PAX record. The reviews are the same."""
+    """A name over 100 characters is ustar's prefix field, GNU's long-name record or a PAX record; tarfile
+    reads them all, and the reviews are the same."""
     with tarfile.open(tiny_archive) as source:
         members = [(member, source.extractfile(member).read()) for member in source if member.isfile()]
     path = tmp_path / "repacked.tar.gz"
@@ -52,13 +50,6 @@ def test_every_tar_form_gives_the_same_reviews(tiny_archive, tmp_path, form, lon
             deep = tarfile.TarInfo("folder/" * 20 + "aclImdb/train/pos/99_9.txt")
             deep.size = 6
             archive.addfile(deep, io.BytesIO(b"A gem."))
-    raw = gzip.decompress(path.read_bytes())
-    listed = ingest.plain_members(raw)
-    if long_name and form != tarfile.USTAR_FORMAT:
-        assert listed is None
-    else:
-        with tarfile.open(fileobj=io.BytesIO(raw)) as archive:
-            assert listed == [(member.name, member.offset_data, member.size) for member in archive if member.isfile()]
     reviews = ingest.ingest(IngestConfig(path=str(path))).frame
     assert len(reviews) == 48 + long_name and ("A gem." in set(reviews["text"])) == long_name
     expected = ingest.ingest(IngestConfig(path=str(tiny_archive))).frame
@@ -115,88 +106,6 @@ def test_bad_review_names_the_file(tmp_path, content, message):
     with pytest.raises(ValueError, match=message) as error:
         ingest.ingest(IngestConfig(path=str(path)))
     assert "train/pos/3_" in str(error.value)
-
-
-# -- the streamed path (ingest.mode=stream) ----------------------------------------------------------
-def _input(kind: str, tmp_path):
-    archive = write_archive(tmp_path / "data.tar.gz", per_class=20, seed=3)
-    if kind == "archive":
-        return archive
-    with tarfile.open(archive) as tar:
-        tar.extractall(tmp_path / "folder", filter="data")
-    return tmp_path / "folder"
-
-
-@pytest.mark.parametrize("truncate", ["pre", "post"])
-@pytest.mark.parametrize("kind", ["archive", "folder"])
-def test_streamed_path_gives_what_the_memory_path_gives(kind, truncate, tmp_path):
-    cfg = IngestConfig(path=str(_input(kind, tmp_path)))
-    split_cfg, build_cfg = SplitConfig(validation_size=9), BuildConfig(vocabulary_size=30, sequence_length=12,
-                                                                     truncate=truncate)
-    in_memory = ingest.ingest(cfg)
-    parts = split.split(in_memory, split_cfg, seed=7)
-    expected = build.vectorize(parts, build_cfg)
-
-    (tmp_path / "ingest").mkdir()
-    (tmp_path / "vectorize").mkdir()
-    streamed = stream.ingest_stream(cfg, tmp_path / "ingest")
-    rows = stream.split_rows(streamed, split_cfg, seed=7)
-    encoded = stream.vectorize_stream(streamed, rows, build_cfg, tmp_path / "vectorize")
-
-    assert streamed.digest == in_memory.digest
-    assert streamed.counts() == in_memory.counts() == {"train": 40, "test": 40}
-    assert rows.sizes() == parts.sizes() == {"train": 31, "validation": 9, "test": 40}
-    assert encoded.vocabulary == expected.vocabulary
-    for name in build.Encoded.ARRAYS:
-        np.testing.assert_array_equal(getattr(encoded, name), getattr(expected, name), err_msg=name)
-        assert getattr(encoded, name).dtype == getattr(expected, name).dtype
-    # the .npy files written in place are what np.save writes for the in-memory arrays
-    np.save(tmp_path / "expected.npy", expected.x_test)
-    assert (tmp_path / "vectorize" / "x_test.npy").read_bytes() == (tmp_path / "expected.npy").read_bytes()
-    # texts live in the blob, in the order read; only the metadata arrays are per review
-    assert streamed.blob.stat().st_size == sum(len(t.encode()) for t in in_memory.frame["text"])
-
-
-@pytest.mark.parametrize("overrides, skip, message", [
-    ({"train/pos/3": b"   "}, (), "train/pos/3_.*is empty"),
-    ({"test/neg/2": b"caf\xe9"}, (), "test/neg/2_.*not valid UTF-8"),
-    ({}, ("test/neg",), "test split needs positive and negative reviews; found labels \\[1\\]"),
-    ({}, ("train/pos", "train/neg", "test/pos", "test/neg"), "no aclImdb/"),
-])
-def test_streamed_ingest_raises_what_the_memory_path_raises(tmp_path, overrides, skip, message):
-    cfg = IngestConfig(path=str(write_archive(tmp_path / "bad.tar.gz", overrides=overrides, skip=skip)))
-    with pytest.raises(ValueError, match=message) as in_memory:
-        ingest.ingest(cfg)
-    with pytest.raises(ValueError, match=message) as streamed:
-        stream.ingest_stream(cfg, tmp_path)
-    assert str(streamed.value) == str(in_memory.value)
-
-
-def test_streamed_ingest_of_a_corrupt_archive_is_a_clear_error(tiny_archive, tmp_path):
-    broken = tmp_path / "broken.tar.gz"
-    broken.write_bytes(tiny_archive.read_bytes()[:300])
-    with pytest.raises(ValueError, match="not a readable .tar.gz"):
-        stream.ingest_stream(IngestConfig(path=str(broken)), tmp_path)
-
-
-def test_auto_mode_streams_when_the_corpus_needs_over_half_the_free_memory(tmp_path):
-    gb = 1 << 30
-    assert stream.choose_mode("auto", need=3 * gb, available=8 * gb)[0] == "memory"
-    assert stream.choose_mode("auto", need=4 * gb, available=8 * gb)[0] == "memory"
-    mode, reason = stream.choose_mode("auto", need=5 * gb, available=8 * gb)
-    assert mode == "stream" and "5120 MB" in reason and "8192 MB" in reason
-    assert stream.choose_mode("memory", need=50 * gb, available=gb)[0] == "memory"  # an explicit mode wins
-    assert stream.choose_mode("stream", need=1, available=50 * gb)[0] == "stream"
-    assert stream.available_memory() > 0
-    archive = write_archive(tmp_path / "a.tar.gz")
-    assert stream.estimated_need(archive) == int(stream.ARCHIVE_FACTOR * archive.stat().st_size)
-    assert stream.resolve_mode(IngestConfig(source="keras", mode="stream"))[0] == "memory"  # only archives stream
-    assert stream.resolve_mode(IngestConfig(path=str(archive)))[0] == "memory"  # a few KB
-
-
-def test_ingest_mode_is_validated():
-    with pytest.raises(ValueError, match="ingest.mode='disk' is not allowed"):
-        IngestConfig(path="x", mode="disk").validate()
 
 
 def test_table_source_with_and_without_split_column(tmp_path):
@@ -361,66 +270,6 @@ def test_the_compiled_epoch_loop_trains_as_keras_fit_does(encoded, jit_compile):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
-def test_a_review_as_a_bag_holds_each_distinct_id_with_its_count():
-    tokens, counts = fit.Bags.encode(np.array([[0, 0, 5, 3, 5], [7, 7, 7, 7, 7], [4, 1, 2, 3, 9]], dtype=np.int32))
-    assert tokens.tolist() == [[0, 3, 5, 0, 0], [7, 0, 0, 0, 0], [1, 2, 3, 4, 9]]
-    assert counts.tolist() == [[2, 1, 2, 0, 0], [5, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
-    wider, _ = fit.Bags.encode(np.array([[2, 2, 1]], dtype=np.int32), width=4)
-    assert wider.tolist() == [[1, 2, 0, 0]] and fit.Bags.width(np.array([[2, 2, 1], [1, 2, 3]])) == 3
-
-
-@pytest.mark.parametrize("dropout_rate", [0.0, 0.5])
-def test_training_on_bags_matches_training_on_token_ids_through_keras(encoded, monkeypatch, dropout_rate):
-    """fit.loop=epoch trains the tutorial's model on each review's distinct ids and their counts, with its
-    own Adam step for the embedding. Over many shuffled 5-row batches, curves and weights must be those
-    of the same loop calling the model on token ids and stepping it with Keras's Adam."""
-    results = []
-    for bags in (True, False):
-        if not bags:
-            monkeypatch.setattr(fit.Bags, "of", classmethod(lambda cls, model: None))
-        model = build.build_model(BuildConfig(vocabulary_size=200, sequence_length=32, learning_rate=0.02,
-                                              dropout_rate=dropout_rate), 200, seed=3)
-        initial = model.get_weights()
-        loop = fit.EpochLoop(model, encoded, FitConfig(epochs=4, batch_size=5), seed=3)
-        results.append((loop.bags is not None, pd.DataFrame(loop.run(4, [])), model.get_weights()))
-    (used, history, weights), (not_used, token_history, token_weights) = results
-    assert used and not not_used
-    assert all(np.abs(after - before).max() > 1e-3 for after, before in zip(weights, initial))  # every layer trained
-    pd.testing.assert_frame_equal(history, token_history, rtol=1e-5)
-    for ours, theirs in zip(weights, token_weights):
-        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "rmsprop"])
-def test_other_optimizers_train_on_token_ids_through_keras(encoded, optimizer):
-    model = build.build_model(BuildConfig(vocabulary_size=200, sequence_length=32, optimizer=optimizer), 200, seed=3)
-    assert fit.Bags.of(model) is None
-    fitted = fit.fit(model, encoded, FitConfig(epochs=2, batch_size=8), seed=3)
-    assert fitted.history["loss"].notna().all() and len(fitted.history) == 2
-
-
-@pytest.mark.parametrize("jit_compile", [False, True])
-def test_arrays_left_on_disk_train_as_the_same_arrays_in_memory(encoded, tmp_path, monkeypatch, jit_compile):
-    """The streamed path's arrays arrive as memory maps and are read a chunk at a time: with 3-row
-    batches and 4 batches a chunk, an epoch of 16 rows is a full chunk and a short one (its last batch
-    padded), and validation one chunk. Curves and weights must be the in-memory loop's."""
-    monkeypatch.setattr(fit, "CHUNK_BATCHES", 4)
-    for name in build.Encoded.ARRAYS:
-        np.save(tmp_path / f"{name}.npy", getattr(encoded, name))
-    mapped = dataclasses.replace(encoded, **{name: np.load(tmp_path / f"{name}.npy", mmap_mode="r")
-                                              for name in build.Encoded.ARRAYS})
-    results = []
-    for data in (encoded, mapped):
-        model = build.build_model(BuildConfig(vocabulary_size=200, sequence_length=32, learning_rate=0.02), 200, seed=3)
-        loop = fit.EpochLoop(model, data, FitConfig(epochs=3, batch_size=3, jit_compile=jit_compile), seed=3)
-        results.append((loop.chunked, pd.DataFrame(loop.run(3, [])), model.get_weights()))
-    (in_memory, history, weights), (chunked, chunked_history, chunked_weights) = results
-    assert chunked and not in_memory
-    pd.testing.assert_frame_equal(chunked_history, history, rtol=1e-5)
-    for ours, theirs in zip(chunked_weights, weights):
-        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
-
-
 @pytest.mark.parametrize("loop", ["epoch", "keras"])
 def test_dropout_draws_a_new_mask_at_every_training_step(encoded, loop):
     """Inside the compiled epoch, each Dropout layer's random state must move on at every step (and not
@@ -458,69 +307,18 @@ def test_evaluate_scores_the_test_split(encoded):
     model = build.build_model(BuildConfig(vocabulary_size=200, sequence_length=32, learning_rate=0.02), 200)
     fitted = fit.fit(model, encoded, FitConfig(epochs=15, batch_size=8, jit_compile=False), seed=1)
     result = evaluate.evaluate(model, encoded, fitted.history, EvaluateConfig())
-    assert set(result.metrics) == {"test_loss", "test_accuracy", "test_precision", "test_recall", "test_roc_auc"}
+    assert set(result.metrics) == {"test_loss", "test_accuracy", "test_precision", "test_recall", "test_f1_score",
+                                   "test_roc_auc", "test_true_negatives", "test_false_positives",
+                                   "test_false_negatives", "test_true_positives"}
+    assert sum(result.metrics[f"test_{n}"] for n in ("true_negatives", "false_positives", "false_negatives",
+                                                      "true_positives")) == 24
     assert result.metrics["test_accuracy"] >= 0.75  # the tiny reviews carry obvious sentiment words
     assert result.probabilities.shape == (24,)
     loss, accuracy = model.evaluate(encoded.x_test, encoded.y_test, verbose=0)  # Keras's own numbers
     assert result.metrics["test_loss"] == pytest.approx(loss, abs=1e-5)
     assert result.metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
-    assert set(result.figures) == {"loss.png", "accuracy.png", "roc_curve.png", "precision_recall_curve.png"}
+    assert set(result.figures) == {"loss.png", "accuracy.png", "roc_curve.png", "precision_recall_curve.png",
+                                   "confusion_matrix.png"}
     loss_axes = result.figures["loss.png"].axes[0]
     assert [line.get_label() for line in loss_axes.lines][:2] == ["Training loss", "Validation loss"]
     assert len(loss_axes.lines[0].get_xdata()) == 15
-
-
-BOUNDED = r"""
-import resource, sys
-from pathlib import Path
-from pipeline import build, ingest, split, stream
-from pipeline.config import BuildConfig, IngestConfig, SplitConfig
-
-def data_bytes():  # private writable memory, what RLIMIT_DATA limits
-    for line in open("/proc/self/status"):
-        if line.startswith("VmData:"):
-            return int(line.split()[1]) * 1024
-
-limit = data_bytes() + (160 << 20)
-resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-mode, path, folder = sys.argv[1:]
-cfg, split_cfg, build_cfg = IngestConfig(path=path), SplitConfig(validation_size=100), BuildConfig(sequence_length=16)
-if mode == "memory":
-    build.vectorize(split.split(ingest.ingest(cfg), split_cfg, 1), build_cfg)
-else:
-    reviews = stream.ingest_stream(cfg, Path(folder))
-    encoded = stream.vectorize_stream(reviews, stream.split_rows(reviews, split_cfg, 1), build_cfg, Path(folder))
-    print(reviews.counts()["train"], encoded.x_train.shape[0])
-"""
-
-
-def test_a_corpus_larger_than_the_memory_limit_is_streamed_rather_than_failing(tmp_path):
-    """120 MB of texts under a 160 MB limit on new memory (RLIMIT_DATA): the in-memory path runs out,
-    the streamed path finishes."""
-    import io
-    import os
-    import subprocess
-    import sys
-
-    paragraphs = [" ".join(f"word{(i * 7 + j) % 997}" for j in range(700)) for i in range(40)]  # ~6 KB each
-    path = tmp_path / "large.tar.gz"
-    with tarfile.open(path, "w:gz", compresslevel=1) as archive:
-        for number in range(20000):
-            name = f"aclImdb/{'train' if number % 2 else 'test'}/{'pos' if number % 4 < 2 else 'neg'}/{number}_5.txt"
-            data = paragraphs[number % len(paragraphs)].encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-
-    def attempt(mode):
-        folder = tmp_path / mode
-        folder.mkdir()
-        return subprocess.run([sys.executable, "-c", BOUNDED, mode, str(path), str(folder)],
-                              capture_output=True, text=True, env=env, timeout=300)
-
-    in_memory = attempt("memory")
-    assert in_memory.returncode != 0 and "MemoryError" in in_memory.stderr, in_memory.stderr[-2000:]
-    streamed = attempt("stream")
-    assert streamed.returncode == 0, streamed.stderr[-2000:]
-    assert streamed.stdout.split() == ["10000", "9900"]

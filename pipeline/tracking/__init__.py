@@ -1,0 +1,281 @@
+"""The one module that speaks to MLflow: what a run records, when, and how it ends.
+
+A TrackedRun opens as the run's work starts (its start time is the process's, for the first run of a
+process) and records: every setting as a flat dotted param, the data set as a dataset input, tags (git
+commit, package versions, per-stage seconds, cache hits), per-epoch curves at step = epoch, each with
+the time its epoch ended, the test metrics, artifacts (config, model summary, history, figures) and the
+raw-text model. It ends FINISHED, FAILED with the error, or KILLED on Ctrl-C or SIGTERM, holding every
+epoch finished before; a watchdog process ends it KILLED if the process is killed outright. The sweep's
+parent run and its analysis are recorded here too (see the end of the file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+
+import pipeline
+from pipeline import config, textmodel
+from pipeline.config import EXPERIMENT, PARENT_RUN
+from pipeline.signals import SIGNALS
+
+log = logging.getLogger(__name__)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact clutters logs
+# Epoch curves are queued and written by MLflow's logging thread. With a buffer interval that thread waits
+# on an event rather than polling its queue with a 1 s timeout, so that a flush (and the run's end) returns
+# at once instead of up to a second later. Each point carries its own timestamp either way.
+os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
+CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
+PACKAGES = ("tensorflow", "keras", "mlflow", "hydra-core", "numpy", "pandas")
+# Made-up reviews, so that no part of the data set is copied into the model's metadata.
+INPUT_EXAMPLE = ["A moving story with wonderful acting; I would watch it again.",
+                 "Dull, far too long, and the plot makes no sense at all.<br /><br />Skip it."]
+HEADLINE = ("test_accuracy", "test_loss", "best_val_loss", "best_val_loss_epoch", "epochs_trained")
+
+
+def use(uri: str | None) -> str:
+    """Point the MLflow client at `uri` (None: as config.tracking_uri decides), creating a new SQLite store
+    one process at a time: MLflow migrates a new database without a lock, and two runs started at once
+    into a fresh mlflow.db would both migrate it and one would fail half-way."""
+    uri = config.check_reachable(uri or config.tracking_uri(config.TrackingConfig()))
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:"):
+        path = uri.split("?", 1)[0].removeprefix("sqlite:///")
+        with _exclusive(os.path.abspath(path) if path not in ("", ":memory:") else uri):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates the store, or finds it current
+    return uri
+
+
+@contextmanager
+def _exclusive(name: str):
+    """Held by one process at a time, for `name` (a lock file in the temp folder); without fcntl, or where
+    another user owns the lock file, it goes without."""
+    try:
+        import fcntl
+
+        handle = open(Path(tempfile.gettempdir()) / f"pipeline-store-{hashlib.sha256(name.encode()).hexdigest()[:16]}.lock", "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:  # closing the file releases the lock
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of what the run depends on (TensorFlow under whichever name it was installed)."""
+    found = {}
+    for package in PACKAGES:
+        for distribution in (f"{package}-cpu", package):
+            try:
+                found[distribution] = metadata.version(distribution)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return found
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def git_tags() -> dict[str, str]:
+    commit = _git("rev-parse", "HEAD")
+    return {"git.commit": commit, "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no")))} if commit else {}
+
+
+class ReviewsDataset(MetaDataset):
+    """The reviews as MLflow shows them: where they came from, their content digest and row counts."""
+
+    def __init__(self, source: str, digest: str, counts: dict[str, int]):
+        try:
+            with warnings.catch_warnings():  # a local path matches two equivalent MLflow source types
+                warnings.simplefilter("ignore", UserWarning)
+                resolved = resolve_dataset_source(str(Path(source).resolve()) if Path(source).exists() else source)
+        except Exception:  # not a path or URI MLflow knows (keras.datasets.imdb): a code source
+            from mlflow.data.code_dataset_source import CodeDatasetSource
+
+            resolved = CodeDatasetSource(tags={"source": source})
+        self._counts = counts
+        super().__init__(source=resolved, name="imdb-reviews", digest=digest[:20])
+
+    @property
+    def profile(self) -> dict[str, int]:
+        return {"num_rows": sum(self._counts.values()), **{f"{k}_rows": v for k, v in self._counts.items()}}
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
+
+def _registering(call, attempts: int = 3):
+    """`call()`, which registers a data set first thing. Jobs of a parallel sweep register the same data
+    set at the same moment; a server's SQL store checks for the row, then inserts it, and refuses the
+    second insert. On the next try the row exists and is linked instead."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except mlflow.exceptions.MlflowException as error:
+            if "unique constraint" not in str(error).lower() or attempt == attempts - 1:
+                raise
+            log.info("another job registered the same data set at the same moment; linking it instead")
+            time.sleep(0.2 * (attempt + 1))
+
+
+class TrackedRun:
+    """Context manager around one MLflow run (under `mlflow run`, the run it created; in a sweep, a child
+    of the sweep's parent)."""
+
+    first_in_process = True  # the first run of a process started with the process
+
+    def __init__(self, cfg: config.PipelineConfig):
+        self.cfg, self.run_id = cfg, None
+        self.headline: dict[str, float] = {}  # what the closing log line reports
+        self.watchdog: subprocess.Popen | None = None
+
+    def __enter__(self) -> "TrackedRun":
+        first = TrackedRun.first_in_process and not os.environ.get(PARENT_RUN)  # a sweep's jobs start later
+        start = pipeline.STARTED if first else time.time()
+        TrackedRun.first_in_process = False
+        SIGNALS.install()
+        try:
+            with SIGNALS.held():  # a Ctrl-C now waits until the run exists, then ends it KILLED
+                uri = use(config.tracking_uri(self.cfg.tracking))
+                client, name = mlflow.MlflowClient(), self.cfg.tracking.run_name
+                if os.environ.get(PARENT_RUN):
+                    run = client.create_run(os.environ[EXPERIMENT], start_time=int(start * 1000), run_name=name,
+                                            tags={"mlflow.parentRunId": os.environ[PARENT_RUN]})
+                elif os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run, started when it started us
+                    run = client.get_run(os.environ["MLFLOW_RUN_ID"])
+                else:
+                    experiment = mlflow.set_experiment(self.cfg.tracking.experiment_name)
+                    run = client.create_run(experiment.experiment_id, start_time=int(start * 1000), run_name=name)
+                self.run_id = run.info.run_id
+                mlflow.start_run(run_id=self.run_id)
+                self.watchdog = subprocess.Popen(  # ends the run KILLED if this process is killed outright
+                    [sys.executable, str(Path(__file__).with_name("watchdog.py")), uri, self.run_id], stdin=subprocess.PIPE,
+                    start_new_session=True)
+                self._record_setup()
+            SIGNALS.release()  # a Ctrl-C from the first moments of the process ends this run KILLED
+        except BaseException as error:
+            self.__exit__(type(error), error, None)
+            raise
+        log.info("MLflow run %s (%s) in experiment %s at %s", self.run_id, run.info.run_name,
+                 run.info.experiment_id, config.redact("uri", uri))
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        status = "FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
+        with SIGNALS.held():
+            if self.run_id is not None:
+                mlflow.flush_async_logging()  # every epoch queued so far is in the store before the end
+                if status == "FAILED":
+                    mlflow.set_tag("error", f"{kind.__name__}: {error}"[:5000])
+                mlflow.end_run(status=status)
+                log.info("MLflow run %s ended %s%s", self.run_id, status, "".join(
+                    f", {name} {self.headline[name]:.4g}" for name in HEADLINE if name in self.headline))
+            if self.watchdog is not None:
+                self.watchdog.communicate(b"ended")  # the run has ended as it should: the watchdog leaves
+        return False  # a failing or interrupted run: its own exception propagates
+
+    def _record_setup(self) -> None:
+        mlflow.log_params(config.flatten(self.cfg))
+        found = versions()
+        tags = {f"version.{name.removesuffix('-cpu')}": version for name, version in found.items()}
+        mlflow.set_tags({"pipeline.stages": ",".join(self.cfg.stages), **git_tags(), **tags})
+        mlflow.log_text(config.recorded_yaml(self.cfg), "config/config.yaml")
+
+    def data(self, prepared) -> None:
+        """What the data stages produced: the dataset input, split sizes, cache hits, stage seconds."""
+        meta = prepared.ingest_meta
+        _registering(lambda: mlflow.log_input(ReviewsDataset(meta["source"], meta["digest"], meta["counts"]),
+                                              context="training"))
+        mlflow.set_tags({"data.digest": meta["digest"], **{f"cache.{k}": v for k, v in prepared.cache.items()}})
+        if prepared.sizes:
+            mlflow.log_params({f"data.{name}_rows": count for name, count in prepared.sizes.items()})
+
+    def stage_seconds(self, seconds: dict[str, float]) -> None:
+        mlflow.set_tags({f"seconds.{stage}": f"{value:.2f}" for stage, value in seconds.items()})
+
+    def model_summary(self, text: str) -> None:
+        mlflow.log_text(text, "model_summary.txt")
+
+    def epoch_logger(self):
+        """A Keras callback that records each epoch's curves and seconds as it ends, stamped with that
+        moment. MLflow's own async logging writes them; training does not wait for the store."""
+        import keras
+
+        run = self
+
+        class RecordEpochs(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.began = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                values = {k: float(v) for k, v in (logs or {}).items() if k in CURVES}
+                values["epoch_seconds"] = time.perf_counter() - self.began  # the first includes compiling
+                with SIGNALS.held():  # whole, or not at all
+                    mlflow.log_metrics(values, step=epoch + 1, timestamp=int(time.time() * 1000), synchronous=False)
+
+        return RecordEpochs()
+
+    def fitted(self, fitted) -> None:
+        history = fitted.history
+        mlflow.log_text(history.to_csv(index=False), "history.csv")
+        summary = {"epochs_trained": len(history), "best_val_loss": float(history["val_loss"].min()),
+                   "best_val_loss_epoch": int(history.loc[history["val_loss"].idxmin(), "epoch"])}
+        summary.update({k: v for k, v in (("stopped_epoch", fitted.stopped_epoch), ("best_epoch", fitted.best_epoch))
+                        if v is not None})
+        mlflow.log_metrics(summary)
+        self.headline.update(summary)
+
+    def evaluation(self, result) -> None:
+        from matplotlib import pyplot as plt
+
+        mlflow.log_metrics(result.metrics)
+        self.headline.update(result.metrics)
+        for name, figure in result.figures.items():
+            mlflow.log_figure(figure, f"figures/{name}")
+            plt.close(figure)
+
+    def log_model(self, model, vocabulary: list[str], cfg: config.PipelineConfig) -> None:
+        """The raw-text pyfunc: pipeline/textmodel.py as model code, the Keras classifier and the
+        vocabulary. MLflow checks that the input example serves before it keeps the model."""
+        import numpy as np
+        from mlflow.models import infer_signature
+
+        with tempfile.TemporaryDirectory() as folder:
+            classifier, vocabulary_file = Path(folder) / textmodel.CLASSIFIER_FILE, Path(folder) / textmodel.VOCABULARY_FILE
+            model.save(classifier)
+            textmodel.save_vocabulary(vocabulary_file, vocabulary, cfg.build.sequence_length, cfg.build.truncate)
+            requirements = {**versions()}
+            requirements.pop("hydra-core", None)
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(Path(textmodel.__file__)),  # models from code: nothing pickled
+                artifacts={"classifier": str(classifier), "vocabulary": str(vocabulary_file)},
+                signature=infer_signature(INPUT_EXAMPLE, np.full(len(INPUT_EXAMPLE), 0.5)),  # [string] -> [double]
+                input_example=INPUT_EXAMPLE,
+                pip_requirements=[f"{name}=={version}" for name, version in requirements.items()],
+                registered_model_name=cfg.evaluate.registered_model_name)
+        mlflow.set_tag("model_uri", info.model_uri)
+
+    def complete(self) -> None:
+        """Mark the run as having done every stage it was asked for (what a resumed sweep looks for)."""
+        mlflow.set_tag("pipeline.complete", "true")

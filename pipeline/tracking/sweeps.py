@@ -1,0 +1,164 @@
+"""The sweep as MLflow shows it: one parent run, a child run per job, the analysis on the parent.
+
+pipeline.sweep (Hydra's side) calls these: the parent is opened when the multirun starts (or adopted
+from `mlflow run`), jobs record into children through TrackedRun, and at the end the children are read
+back, analysed (pipeline.analysis, pure) and the table, figures and report are written to the parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import mlflow
+
+import pipeline
+from pipeline import config
+from pipeline.config import EXPERIMENT, PARENT_RUN
+from pipeline.signals import SIGNALS
+from pipeline.tracking import CURVES, git_tags, use
+
+log = logging.getLogger(__name__)
+
+
+def open_sweep_parent(cfg: config.PipelineConfig, axes: dict[str, str], sweep_dir: str) -> tuple[str, str]:
+    """Create the sweep's parent run, or adopt the one `mlflow run` created. Returns (run id, experiment id)."""
+    from mlflow.entities import Param
+
+    use(config.tracking_uri(cfg.tracking))
+    client = mlflow.MlflowClient()
+    # Under `mlflow run` the project's run becomes the parent; the variable must not reach the jobs,
+    # or the first job would record into the parent itself.
+    adopted = os.environ.pop("MLFLOW_RUN_ID", None)
+    if cfg.sweep.resume:  # an interrupted sweep continues under its own parent
+        run = client.get_run(cfg.sweep.resume)
+        if run.data.tags.get("sweep.parent") != "true":
+            raise ValueError(f"sweep.resume={cfg.sweep.resume}: that run is not a sweep's parent run")
+        client.update_run(run.info.run_id, status="RUNNING")
+        if adopted and adopted != cfg.sweep.resume:  # `mlflow run` made a run of its own: point it to the parent
+            client.set_tag(adopted, "sweep.resumed_parent", cfg.sweep.resume)
+    elif adopted:
+        run = client.get_run(adopted)
+    else:
+        experiment = mlflow.set_experiment(cfg.tracking.experiment_name)
+        name = cfg.tracking.run_name or "sweep " + ",".join(key.rsplit(".", 1)[-1] for key in axes)
+        run = client.create_run(experiment.experiment_id, run_name=name, start_time=int(pipeline.STARTED * 1000))
+    run_id = run.info.run_id
+    SIGNALS.release()  # a Ctrl-C from the first moments ends the sweep with its parent KILLED
+    client.log_batch(run_id, params=[Param(f"sweep.{key}", value[:6000]) for key, value in axes.items()],
+                     tags=[mlflow.entities.RunTag(k, v) for k, v in
+                           {"sweep.parent": "true", "sweep.dir": sweep_dir, **git_tags()}.items()])
+    return run_id, run.info.experiment_id
+
+
+def record_failed_job(run_name: str, error: Exception) -> None:
+    """A sweep job that could not start (invalid settings): a FAILED child run that says why."""
+    client = mlflow.MlflowClient()
+    run = client.create_run(os.environ[EXPERIMENT], run_name=run_name,
+                            tags={"mlflow.parentRunId": os.environ[PARENT_RUN],
+                                  "error": f"{type(error).__name__}: {error}"[:5000]})
+    client.set_terminated(run.info.run_id, "FAILED")
+
+
+def finished_child(parent_run_id: str, run_name: str) -> dict | None:
+    """The latest complete, FINISHED child of `parent_run_id` named `run_name` (id, best validation accuracy)."""
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    quoted = run_name.replace("'", "\\'")
+    found = client.search_runs([parent.info.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                             f"attributes.run_name = '{quoted}' and attributes.status = 'FINISHED' "
+                                             "and tags.`pipeline.complete` = 'true'")
+    if not found:
+        return None
+    history = client.get_metric_history(found[0].info.run_id, "val_accuracy")
+    best = max((point.value for point in history), default=float("nan"))
+    return {"run_id": found[0].info.run_id, "val_accuracy": best}
+
+
+def close_sweep_parent(run_id: str, status: str) -> None:
+    client = mlflow.MlflowClient()
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status)
+
+
+def _history(client, run_id: str):
+    import pandas as pd
+
+    columns = {}
+    for curve in CURVES:
+        columns[curve] = {point.step: point.value for point in client.get_metric_history(run_id, curve)}
+    frame = pd.DataFrame(columns).sort_index()
+    frame.insert(0, "epoch", frame.index.astype(int))
+    return frame.reset_index(drop=True)
+
+
+def analyze_sweep(parent_run_id: str, alias: str | None = None):
+    """Read the parent's children back, analyse them, and write table, figures and report to the parent.
+    With `alias`, the best job's registered model version (if it registered one) gets that alias."""
+    from matplotlib import pyplot as plt
+
+    from pipeline import analysis
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs([parent.info.experiment_id], max_results=5000,
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                  order_by=["attributes.start_time ASC"])
+    latest: dict[str, object] = {}  # a resumed sweep can hold several attempts of one job: keep one
+    for run in children:  # oldest first, so later attempts win, and a finished one beats any other
+        kept = latest.get(run.info.run_name)
+        if kept is None or run.info.status == "FINISHED" or kept.info.status != "FINISHED":
+            latest[run.info.run_name] = run
+    rows, histories, failed, early = [], {}, [], None
+    for run in latest.values():
+        name, run_id = run.info.run_name, run.info.run_id
+        params, metrics = run.data.params, run.data.metrics
+        if run.info.status != "FINISHED" or "test_accuracy" not in metrics:
+            failed.append({"job": name, "run_id": run_id,
+                           "error": run.data.tags.get("error", f"run {run.info.status.lower()}")})
+            continue
+        history = _history(client, run_id)
+        if params.get("fit.early_stopping.enabled") == "True":
+            early = {"job": name, "run_id": run_id, "test_accuracy": metrics["test_accuracy"],
+                     "stopped_epoch": int(metrics.get("stopped_epoch", metrics["epochs_trained"])),
+                     "best_epoch": int(metrics.get("best_epoch", metrics["best_val_loss_epoch"]))}
+            continue
+        histories[run_id] = history
+        rows.append(analysis.job_row(name, run_id, int(params["build.hidden_units"]), int(params["fit.epochs"]),
+                                     history, metrics["test_accuracy"]))
+    result = analysis.analyze(rows, histories, failed, early)
+    client.log_text(parent_run_id, result.table.to_csv(index=False), "analysis/jobs.csv")
+    if not result.failed.empty:
+        client.log_text(parent_run_id, result.failed.to_csv(index=False), "analysis/failed_jobs.csv")
+    client.log_text(parent_run_id, result.report, "analysis/report.md")
+    for name, figure in result.figures.items():
+        client.log_figure(parent_run_id, figure, f"analysis/{name}")
+        plt.close(figure)
+    if result.headline:
+        client.log_batch(parent_run_id, metrics=[
+            mlflow.entities.Metric(key, value, int(time.time() * 1000), 0)
+            for key, value in result.headline.items() if value == value])  # NaN: nothing to compare
+    if early:
+        client.set_tag(parent_run_id, "sweep.early_stopping_run", early["run_id"])
+    if not result.table.empty:
+        best = result.table.loc[result.table["best_val_accuracy"].idxmax()]
+        client.set_tag(parent_run_id, "sweep.best_run", best["run_id"])
+        client.set_tag(parent_run_id, "sweep.best_job", best["job"])
+        if alias:
+            promote(client, parent_run_id, best["run_id"], alias)
+    return result
+
+
+def promote(client, parent_run_id: str, run_id: str, alias: str) -> None:
+    """Point `alias` of the registered model at the version that run `run_id` registered, if it did."""
+    model_id = client.get_run(run_id).data.tags.get("model_uri", "").removeprefix("models:/")
+    versions = [v for v in client.search_model_versions(f"run_id = '{run_id}'")
+                if not model_id or getattr(v, "model_id", None) in (None, model_id)]
+    if not versions:
+        return
+    version = max(versions, key=lambda v: int(v.version))
+    client.set_registered_model_alias(version.name, alias, version.version)
+    client.set_tag(parent_run_id, "sweep.champion", f"models:/{version.name}@{alias} -> version {version.version}")
+    log.info("models:/%s@%s now serves version %s (run %s)", version.name, alias, version.version, run_id)

@@ -1,0 +1,122 @@
+"""One run, top to bottom: ingest -> split -> build -> fit -> evaluate, recorded as one MLflow run.
+
+`train(cfg)` returns (metrics, objects): the final metrics (what a sweeper optimizes) and the products.
+The stages are plain functions (pipeline/ingest.py ... evaluate.py) that know nothing of Hydra or
+MLflow; this module calls them in order and hands each product to the run (pipeline.tracking, the one
+place that speaks to MLflow). The run is opened first, so that what MLflow shows is what happened: its
+start is the process's, each epoch is recorded as it ends, and an interrupt ends it KILLED.
+
+Three speed switches live here, each measured with it off by `python -m pipeline.bench --ablate`:
+`stage_cache` (reuse prepared data), `prepare_ahead` (prepare it in a worker process while
+TensorFlow loads) and `freeze_gc` (TensorFlow's objects left out of garbage collection).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing
+import signal
+import sys
+from contextlib import contextmanager
+from typing import Any
+
+from pipeline import build, evaluate, fit, tracking
+from pipeline.cache import Prepared, clocked, prepare
+from pipeline.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+def start_tensorflow(cfg: PipelineConfig) -> None:
+    """Import TensorFlow (through Keras) as this run needs it: XLA's compilation cache and the thread
+    limits are read once, when TensorFlow starts; a later job in the same process keeps them."""
+    if cfg.fit.jit_compile and cfg.fit.compile_cache:
+        fit.use_compile_cache(cfg.cache_dir)
+    import tensorflow as tf
+
+    if cfg.sweep.threads:
+        try:  # jobs side by side share the cores instead of oversubscribing them
+            tf.config.threading.set_intra_op_parallelism_threads(cfg.sweep.threads)
+            tf.config.threading.set_inter_op_parallelism_threads(cfg.sweep.threads)
+        except RuntimeError:
+            log.debug("TensorFlow already started; thread limits stay as they were")
+    import keras  # noqa: F401
+
+    if cfg.freeze_gc:
+        # Nothing TensorFlow and Keras create at import is ever freed: move it out of the collector's
+        # sight, so that no collection walks it again (the one at exit took 3 s of every run).
+        gc.freeze()
+
+
+@contextmanager
+def preparing(cfg: PipelineConfig):
+    """Yields a function that returns the run's Prepared data. With prepare_ahead (and TensorFlow not
+    loaded yet) the data stages start at once in a worker process, a fresh interpreter (safe whatever
+    threads run here), while this process opens the run and imports TensorFlow; the worker is stopped
+    as soon as its result is in, or when the run ends first. A spawned worker imports the main module
+    again: only a module started with -m (`python -m pipeline`, whose code is guarded) is safe to."""
+    main = sys.modules["__main__"]
+    if not (cfg.prepare_ahead and "build" in cfg.stages and "tensorflow" not in sys.modules
+            and getattr(main, "__spec__", None) is not None and multiprocessing.parent_process() is None):
+        yield lambda: prepare(cfg)
+        return
+    pool = multiprocessing.get_context("spawn").Pool(1, initializer=signal.signal,
+                                                       initargs=(signal.SIGINT, signal.SIG_IGN))  # Ctrl-C is the run's
+    pending = pool.apply_async(prepare, (cfg,))
+    log.info("ingest, split, vectorize: in a worker process while TensorFlow loads")
+
+    def result() -> Prepared:
+        try:
+            return pending.get()
+        finally:
+            pool.terminate()
+
+    try:
+        yield result
+    finally:
+        pool.terminate()
+
+
+def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Run the pipeline once, tracked. Returns (metrics, objects)."""
+    with preparing(cfg) as prepared, tracking.TrackedRun(cfg) as run:
+        seconds: dict[str, float] = {}
+        if "build" in cfg.stages:
+            with clocked(seconds, "start_tensorflow"):
+                start_tensorflow(cfg)
+        data = prepared()
+        seconds.update(data.seconds)
+        run.data(data)
+        objects: dict[str, Any] = {"prepared": data}
+        metrics: dict[str, float] = {}
+        try:
+            if data.encoded is None:  # cfg.stages ends before build
+                run.complete()
+                return metrics, objects
+            with clocked(seconds, "build"):
+                model = build.build_model(cfg.build, len(data.encoded.vocabulary), data.encoded.x_train.shape[1],
+                                          cfg.seed)
+            run.model_summary(build.summary(model))
+            objects.update(encoded=data.encoded, model=model)
+            if "fit" in cfg.stages:
+                with clocked(seconds, "fit"):
+                    fitted = fit.fit(model, data.encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger()])
+                run.fitted(fitted)
+                objects["fitted"] = fitted
+                metrics.update(val_loss=float(fitted.history["val_loss"].min()),
+                               val_accuracy=float(fitted.history["val_accuracy"].max()))
+            if "evaluate" in cfg.stages:
+                with clocked(seconds, "evaluate"):
+                    evaluation = evaluate.evaluate(model, data.encoded, fitted.history, cfg.evaluate)
+                    run.evaluation(evaluation)
+                objects["evaluation"] = evaluation
+                metrics.update(evaluation.metrics)
+                if cfg.evaluate.log_model:
+                    with clocked(seconds, "log_model"):
+                        run.log_model(model, data.encoded.vocabulary, cfg)
+            run.complete()
+            return metrics, objects
+        finally:
+            run.stage_seconds(seconds)
+

@@ -1,0 +1,107 @@
+"""The whole pipeline in-process on a tiny archive (pipeline.train): what it records, and what the stage cache reuses."""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+import pytest
+
+from pipeline import cache
+from pipeline.train import train
+from tests.conftest import compose_config, tiny_overrides
+from tests.helpers import check_complete_run, runs
+
+
+def test_a_run_records_everything_a_user_looks_for(tiny_config):
+    metrics, objects = train(tiny_config)
+    frame = runs(tiny_config.tracking.uri)
+    assert len(frame) == 1
+    check_complete_run(tiny_config.tracking.uri, frame.run_id[0], epochs=3)
+    assert metrics["test_accuracy"] == pytest.approx(frame["metrics.test_accuracy"][0])
+    assert frame["params.data.validation_rows"][0] == "8"
+    assert frame["tags.cache.vectorize"][0] == "miss"
+    assert objects["fitted"].history.shape[0] == 3
+
+
+def test_with_the_stage_cache_off_nothing_is_cached_and_the_numbers_are_the_same(tiny_archive, tmp_path):
+    base = tiny_overrides(tiny_archive, tmp_path)
+    cached, _ = train(compose_config(base))
+    again, _ = train(compose_config(base))  # from the cache
+    off, _ = train(compose_config(base + ["stage_cache=false", f"cache_dir={tmp_path / 'unused'}"]))
+    frame = runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert frame["tags.cache.vectorize"].tolist() == ["miss", "hit", "off"]
+    assert not (tmp_path / "unused").exists()
+    assert cached == pytest.approx(again, abs=1e-9) and off == pytest.approx(cached, abs=1e-9)
+
+
+def test_the_logged_model_predicts_like_the_trained_one(tiny_config):
+    _, objects = train(tiny_config)
+    uri = runs(tiny_config.tracking.uri)["tags.model_uri"][0]
+    model = mlflow.pyfunc.load_model(uri)
+    texts = ["Brilliant, superb and moving.", "Dull, awful, a waste.<br /><br />The worst."]
+    from_model = model.predict(pd.DataFrame({"text": texts}))
+    encoded = objects["encoded"]
+    from pipeline import textmodel
+
+    index = textmodel.token_index(encoded.vocabulary)
+    direct = objects["model"].predict(textmodel.encode(index, texts, 32, "pre"), verbose=0).reshape(-1)
+    assert from_model == pytest.approx(direct.tolist(), abs=1e-6)
+    assert model.predict(texts) == pytest.approx(from_model)
+
+
+def test_a_prefix_of_stages_runs_only_that_prefix(tiny_archive, tmp_path):
+    cfg = compose_config(tiny_overrides(tiny_archive, tmp_path) + ["stages=[ingest,split]"])
+    metrics, objects = train(cfg)
+    frame = runs(cfg.tracking.uri)
+    assert metrics == {} and "model" not in objects
+    assert frame["status"][0] == "FINISHED" and "metrics.val_loss" not in frame
+    assert frame["params.data.train_rows"][0] == "16"
+
+
+def test_second_run_that_changes_only_the_model_reuses_prepared_data(tiny_archive, tmp_path, caplog):
+    base = tiny_overrides(tiny_archive, tmp_path)
+    train(compose_config(base))
+    caplog.set_level("INFO")
+    train(compose_config(base + ["build.hidden_units=8", "fit.epochs=2"]))
+    assert "reusing cached products" in caplog.text
+    train(compose_config(base + ["split.validation_size=6"]))
+    frame = runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert frame["tags.cache.vectorize"].tolist() == ["miss", "hit", "miss"]
+    assert frame["tags.cache.ingest"].tolist() == ["miss", "hit", "hit"]
+    assert frame["params.data.validation_rows"].tolist() == ["8", "8", "6"]
+
+
+def test_a_changed_archive_is_never_served_from_the_cache(tmp_path):
+    from tests.conftest import write_archive
+
+    archive = write_archive(tmp_path / "data.tar.gz", seed=1)
+    overrides = tiny_overrides(archive, tmp_path) + ["fit.epochs=1"]
+    train(compose_config(overrides))
+    write_archive(archive, seed=2)  # same path, new content
+    train(compose_config(overrides))
+    frame = runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert frame["tags.cache.ingest"].tolist() == ["miss", "miss"]
+    assert frame["tags.data.digest"][0] != frame["tags.data.digest"][1]
+
+
+def test_a_damaged_cache_entry_is_rebuilt(tiny_archive, tmp_path):
+    overrides = tiny_overrides(tiny_archive, tmp_path) + ["fit.epochs=1"]
+    train(compose_config(overrides))
+    entry = next((tmp_path / "cache" / "vectorize").iterdir())
+    (entry / "x_train.npy").write_bytes(b"\x93NUMPY garbage")
+    train(compose_config(overrides))
+    frame = runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert frame["tags.cache.vectorize"].tolist() == ["miss", "miss"]
+    store = cache.StageCache(tmp_path / "cache")
+    assert store.load("vectorize", entry.name) is not None  # rebuilt and verified
+
+
+def test_a_failing_run_ends_failed_with_the_error(tiny_archive, tmp_path):
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(tiny_archive.read_bytes()[:200])
+    cfg = compose_config(tiny_overrides(broken, tmp_path))
+    with pytest.raises(ValueError, match="not a readable"):
+        train(cfg)
+    frame = runs(cfg.tracking.uri)
+    assert frame["status"].tolist() == ["FAILED"]
+    assert "not a readable" in frame["tags.error"][0]
