@@ -4,17 +4,14 @@ Runs, alternating and repeated, each in its own process: (1) the reference, the 
 same archive, untracked; (2) the pipeline from a cold start (empty stage cache, new tracking store);
 (3) the pipeline again with the cache warm. Prints per-stage seconds, fit seconds per epoch after the
 first, peak memory (the whole process tree, sampled), test accuracy, medians with min-max over the
-repeats, and the pipeline/reference ratios. `--sweep` adds the 16-job overfitting sweep against the
-same 16 jobs run one by one; `--seeds` compares accuracy seed by seed (against the reference as
-seeded, and reshuffled every epoch as the unseeded tutorial trains); `--scale` adds cost against
-corpus size; `--stream` compares ingest.mode=memory and stream on scaled corpora. A command that prints
-numbers, not a test.
+repeats, and the pipeline/reference ratios. `--ablate` runs the pipeline again with each speed
+mechanism switched off, one row per mechanism with what it saves; `--sweep` times the 16-job
+overfitting sweep against the same jobs run alone. A command that prints numbers, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -29,7 +26,7 @@ from pathlib import Path
 SWEEP_AXES = {"build.hidden_units": (8, 16, 32, 64), "fit.epochs": (10, 20, 30, 40)}  # conf/experiment/overfit_sweep
 
 
-def reference(archive: str, seed: int = 42, reshuffle: bool = False) -> dict:
+def reference(archive: str, seed: int = 42) -> dict:
     """The tutorial's script, timed by part: Embedding(10000, 16) -> GlobalAveragePooling1D -> Dense(16,
     relu) -> Dense(1, sigmoid); adam; the first 10,000 (shuffled) training reviews held out; 40 epochs;
     batch 512; then evaluate. Its inputs are made as the tutorial's are: its text standardization
@@ -37,11 +34,7 @@ def reference(archive: str, seed: int = 42, reshuffle: bool = False) -> dict:
     pad_sequences(maxlen=256, padding="post"), which keeps a review's last 256 tokens. The reviews are
     ordered and shuffled as the pipeline orders them, so that both train on the same split.
 
-    `seed` seeds everything, as keras.utils.set_random_seed does. With TensorFlow's global seed set,
-    Keras 3's fit(shuffle=True) on arrays repeats its first shuffle every epoch (each epoch's new tf.data
-    iterator restarts the seeded shuffle); the tutorial, which sets no seed, reshuffles. `reshuffle`
-    clears TensorFlow's global seed once the weights are drawn: the same start for the seed, and a new
-    (unseeded) batch order every epoch, as the tutorial trains."""
+    `seed` seeds everything, as keras.utils.set_random_seed does."""
     times, start = {}, time.perf_counter()
     import re
     import string
@@ -89,8 +82,6 @@ def reference(archive: str, seed: int = 42, reshuffle: bool = False) -> dict:
                               keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(16, activation="relu"),
                               keras.layers.Dense(1, activation="sigmoid")])
     model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
-    if reshuffle:
-        tf.random.set_seed(None)
     epoch_times = []
 
     class Clock(keras.callbacks.Callback):
@@ -112,10 +103,8 @@ def reference(archive: str, seed: int = 42, reshuffle: bool = False) -> dict:
 
 
 # -- measuring a process ------------------------------------------------------------------------------
-def _tree_rss_mb(root: int) -> tuple[float, float]:
-    """Resident memory of `root` and all its descendants, from /proc (Linux), in all and its anonymous
-    part (RssAnon: what the processes allocated, without pages of files they map, which the kernel can
-    drop and read again)."""
+def _tree_rss_mb(root: int) -> float:
+    """Resident memory of `root` and all its descendants, from /proc (Linux)."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -128,28 +117,23 @@ def _tree_rss_mb(root: int) -> tuple[float, float]:
             continue
         children.setdefault(int(fields[1]), []).append(int(entry))
         rss[int(entry)] = int(fields[21])
-    total, anonymous, todo = 0, 0, [root]
+    total, todo = 0, [root]
     while todo:
         pid = todo.pop()
         total += rss.get(pid, 0)
-        try:
-            with open(f"/proc/{pid}/status") as handle:
-                anonymous += next((int(line.split()[1]) for line in handle if line.startswith("RssAnon:")), 0)
-        except OSError:
-            pass
         todo.extend(children.get(pid, []))
-    return total * os.sysconf("SC_PAGE_SIZE") / 2**20, anonymous / 1024
+    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def measured(args: list[str], cwd: Path) -> dict:
     """Wall seconds, peak memory of the process tree (sampled every 50 ms) and stdout of one command."""
     start = time.perf_counter()
     process = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    peak = [0.0, 0.0]
+    peak = [0.0]
 
     def sample():
         while process.poll() is None:
-            peak[:] = map(max, peak, _tree_rss_mb(process.pid))
+            peak[0] = max(peak[0], _tree_rss_mb(process.pid))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -160,7 +144,7 @@ def measured(args: list[str], cwd: Path) -> dict:
     sampler.join()
     if process.returncode:
         raise RuntimeError(f"{' '.join(args)} failed with exit code {process.returncode}")
-    return {"wall": wall, "peak_mb": peak[0], "peak_anon_mb": peak[1], "stdout": stdout}
+    return {"wall": wall, "peak_mb": peak[0], "stdout": stdout}
 
 
 def pipeline_command(archive: str, work: Path, *overrides: str, multirun: bool = False) -> list[str]:
@@ -194,8 +178,15 @@ def best_epoch(val_loss: list[float]) -> int:
 
 
 # -- the three parts ----------------------------------------------------------------------------------
-def compare_runs(archive: str, repeats: int) -> None:
-    results: dict[str, list[dict]] = {"reference": [], "cold": [], "warm": []}
+# Each speed mechanism: the run it speeds up (cold: empty cache, new store; warm: both from the cold run)
+# and the override that switches it off.
+ABLATIONS = {"prepare_ahead": ("cold", "prepare_ahead=false"), "stage_cache": ("warm", "stage_cache=false"),
+             "freeze_gc": ("warm", "freeze_gc=false"), "fit.compile_cache": ("warm", "fit.compile_cache=false"),
+             "fit.loop=epoch": ("warm", "fit.loop=keras")}
+
+
+def compare_runs(archive: str, repeats: int, ablate: bool = False) -> None:
+    results: dict[str, list[dict]] = {"reference": [], "cold": [], "warm": [], **{name: [] for name in ABLATIONS}}
     for repeat in range(repeats):
         with tempfile.TemporaryDirectory(prefix="imdb-bench-") as folder:
             work = Path(folder)
@@ -204,6 +195,11 @@ def compare_runs(archive: str, repeats: int) -> None:
             for kind in ("cold", "warm"):
                 out = measured(pipeline_command(archive, work), work)
                 results[kind].append({**out, **last_run(work)})
+            for name, (kind, override) in ABLATIONS.items() if ablate else ():
+                where = work if kind == "warm" else work / name  # a cold run starts in a folder of its own
+                where.mkdir(exist_ok=True)
+                out = measured(pipeline_command(archive, where, override), where)
+                results[name].append({**out, **last_run(where)})
         print(f"repeat {repeat + 1}/{repeats} done", file=sys.stderr, flush=True)
 
     ref = results["reference"]
@@ -221,9 +217,9 @@ def compare_runs(archive: str, repeats: int) -> None:
             print(f"pipeline {kind} {stage + ' s':22}{spread([r['seconds'].get(stage, 0.0) for r in runs])}")
         if kind == "cold":
             prepare = [sum(r["seconds"].get(s, 0.0) for s in ("ingest", "split", "vectorize")) for r in runs]
-            print(f"pipeline cold {'ingest+split+vectorize s':22}{spread(prepare)}   floor 5")
+            print(f"pipeline cold {'ingest+split+vectorize s':22}{spread(prepare)}")
         print(f"pipeline {kind} {'fit s/epoch after 1st':22}{spread([r['epoch_after_first'] for r in runs], 3)}"
-              + ("   floor 0.25" if kind == "cold" else ""))
+              + ("   floor 0.15" if kind == "cold" else ""))
         print(f"pipeline {kind} {'wall s':22}{spread([r['wall'] for r in runs])}")
         print(f"pipeline {kind} {'peak MB':22}{spread([r['peak_mb'] for r in runs], 0)}   floor 2560")
         print(f"pipeline {kind} {'test accuracy':22}{spread([r['test_accuracy'] for r in runs], 4)}")
@@ -237,6 +233,16 @@ def compare_runs(archive: str, repeats: int) -> None:
     print(f"val_loss curves, largest gap per epoch       {spread(gap, 4)}")
     print(f"lowest val_loss at epoch: reference {[best_epoch(r['val_loss']) for r in ref]}, "
           f"pipeline {[best_epoch(r['val_loss']) for r in results['cold']]}")
+    if ablate:
+        print(f"\n{'mechanism (switched off by)':44} {'run':>4} {'with s':>7} {'without s':>10} "
+              f"{'saving s':>9}  saving % of the run (min-max)   keep if >= 5 %")
+        for name, (kind, override) in ABLATIONS.items():
+            on, off = [r["wall"] for r in results[kind]], [r["wall"] for r in results[name]]
+            shares = [100 * (b - a) / a for a, b in zip(on, off)]
+            same = all(r["test_accuracy"] == d["test_accuracy"] for r, d in zip(results[name], results[kind]))
+            print(f"{name + ' (' + override + ')':44} {kind:>4} {statistics.median(on):7.1f} "
+                  f"{statistics.median(off):10.1f} {statistics.median(off) - statistics.median(on):9.1f}  "
+                  f"{spread(shares, 1)}   test accuracy {'the same' if same else 'differs'}")
 
 
 def compare_sweep(archive: str, launchers: list[str]) -> None:
@@ -265,91 +271,6 @@ def compare_sweep(archive: str, launchers: list[str]) -> None:
             print(f"ratio sweep ({name}) / sum of jobs alone: {wall / sum(alone):.2f}   floor 0.75")
 
 
-def compare_seeds(archive: str, seeds: list[int]) -> None:
-    """Test accuracy and the epoch of lowest validation loss, reference against pipeline, seed by seed;
-    the reference both as seeded (its batch order frozen, see `reference`) and reshuffled every epoch."""
-    print(f"{'seed':>5} {'reference':>10} {'reshuffled':>11} {'pipeline':>9} {'points':>7} {'reshuffled':>11} "
-          f"{'lowest val_loss at epoch (reference, reshuffled, pipeline)':>59}")
-    points, points_reshuffled = [], []
-    with tempfile.TemporaryDirectory(prefix="imdb-bench-seeds-") as folder:
-        work = Path(folder)
-        for seed in seeds:
-            refs = []
-            for extra in ([], ["--reshuffle"]):
-                out = measured([sys.executable, "-m", "pipeline.bench", archive, "--reference-only", "--seed",
-                                str(seed), *extra], work)
-                refs.append(json.loads(out["stdout"].strip().splitlines()[-1]))
-            measured(pipeline_command(archive, work, f"seed={seed}"), work)
-            run = last_run(work)
-            points.append(100 * (run["test_accuracy"] - refs[0]["test_accuracy"]))
-            points_reshuffled.append(100 * (run["test_accuracy"] - refs[1]["test_accuracy"]))
-            epochs = ", ".join(str(best_epoch(r["val_loss"])) for r in (*refs, run))
-            print(f"{seed:5d} {refs[0]['test_accuracy']:10.4f} {refs[1]['test_accuracy']:11.4f} "
-                  f"{run['test_accuracy']:9.4f} {points[-1]:7.2f} {points_reshuffled[-1]:11.2f} {epochs:>59}",
-                  flush=True)
-    for name, values in (("seeded", points), ("reshuffled", points_reshuffled)):
-        print(f"accuracy, pipeline - reference ({name}), over {len(seeds)} seeds, points: median "
-              f"{statistics.median(values):.2f}, range {min(values):.2f} to {max(values):.2f}   floor |x| <= 0.5")
-
-
-def scaled_archive(source: str, factor: float, target: Path) -> Path:
-    """An archive in the aclImdb layout with `factor` times the reviews of each split and class: a
-    prefix when shrinking, whole copies (with new ids) when growing."""
-    import tarfile
-
-    from pipeline.ingest import MEMBER
-
-    members: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
-    with tarfile.open(source) as tar:
-        for member in tar:
-            match = MEMBER.search(member.name)
-            if match and member.isfile():
-                members.setdefault((match[1], match[2]), []).append((match[4], tar.extractfile(member).read()))
-    with tarfile.open(target, "w:gz", compresslevel=1) as out:
-        for (split, polarity), reviews in members.items():
-            count = int(round(len(reviews) * factor))
-            for number in range(count):
-                rating, data = reviews[number % len(reviews)]
-                info = tarfile.TarInfo(f"aclImdb/{split}/{polarity}/{number}_{rating}.txt")
-                info.size = len(data)
-                out.addfile(info, io.BytesIO(data))
-    return target
-
-
-def compare_scale(archive: str, factors: list[float]) -> None:
-    print(f"{'corpus':>7} {'reviews':>8} {'wall s':>7} {'ingest s':>9} {'vectorize s':>12} {'fit s':>7} "
-          f"{'peak MB':>8} {'wall ms/1k reviews':>19}")
-    for factor in factors:
-        with tempfile.TemporaryDirectory(prefix="imdb-bench-scale-") as folder:
-            work = Path(folder)
-            data = scaled_archive(archive, factor, work / "aclImdb_scaled.tar.gz")
-            out = measured(pipeline_command(str(data), work, "split=fraction"), work)
-            run = last_run(work)
-            reviews = int(round(50000 * factor))
-            seconds = run["seconds"]
-            print(f"{factor:6.2f}x {reviews:8d} {out['wall']:7.1f} {seconds.get('ingest', 0):9.2f} "
-                  f"{seconds.get('vectorize', 0):12.2f} {seconds.get('fit', 0):7.2f} {out['peak_mb']:8.0f} "
-                  f"{1000 * out['wall'] / reviews:19.2f}", flush=True)
-
-
-def compare_stream(archive: str, factors: list[float]) -> None:
-    """Default runs (split=fraction) on scaled corpora, ingest.mode=memory against ingest.mode=stream, each
-    from a cold cache: the streamed path's peak memory should stay nearly flat as the corpus grows."""
-    print(f"{'corpus':>7} {'reviews':>8} {'mode':>7} {'wall s':>7} {'ingest s':>9} {'vectorize s':>12} "
-          f"{'fit s':>7} {'peak MB':>8} {'of it anonymous':>16}")
-    for factor in factors:
-        with tempfile.TemporaryDirectory(prefix="imdb-bench-stream-") as folder:
-            data = scaled_archive(archive, factor, Path(folder) / "aclImdb_scaled.tar.gz")
-            for mode in ("memory", "stream"):
-                work = Path(folder) / mode
-                work.mkdir()
-                out = measured(pipeline_command(str(data), work, "split=fraction", f"ingest.mode={mode}"), work)
-                seconds = last_run(work)["seconds"]
-                print(f"{factor:6.2f}x {int(round(50000 * factor)):8d} {mode:>7} {out['wall']:7.1f} "
-                      f"{seconds.get('ingest', 0):9.2f} {seconds.get('vectorize', 0):12.2f} "
-                      f"{seconds.get('fit', 0):7.2f} {out['peak_mb']:8.0f} {out['peak_anon_mb']:16.0f}", flush=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("archive", nargs="?", default=os.environ.get("IMDB_ARCHIVE"),
@@ -357,33 +278,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="reference/cold/warm rounds (default 3)")
     parser.add_argument("--sweep", nargs="?", const="basic,joblib", default=None, metavar="LAUNCHERS",
                         help="also time the 16-job sweep against its jobs run alone (launchers: basic,joblib)")
-    parser.add_argument("--scale", nargs="?", const="0.25,0.5,1,2,4", default=None, metavar="FACTORS",
-                        help="also time default runs on 0.25x..4x the corpus")
-    parser.add_argument("--stream", default=None, metavar="FACTORS",
-                        help="also compare ingest.mode=memory and stream on scaled corpora (e.g. 4,8,16)")
-    parser.add_argument("--seeds", default=None, metavar="SEEDS",
-                        help="also compare accuracy, reference against pipeline, for these seeds (e.g. 1,2,3)")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also run with each speed mechanism off: one row per mechanism, its saving")
     parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
-    parser.add_argument("--skip-runs", action="store_true", help="only the --sweep / --seeds / --scale / --stream parts")
+    parser.add_argument("--skip-runs", action="store_true", help="only the --sweep part")
     parser.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--reshuffle", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.archive:
         parser.error("give the archive path or set IMDB_ARCHIVE")
     archive = str(Path(args.archive).resolve())
     if args.reference_only:
-        print(json.dumps(reference(archive, args.seed, args.reshuffle)))
+        print(json.dumps(reference(archive, args.seed)))
         return
     if not args.skip_runs:
-        compare_runs(archive, args.repeats)
+        compare_runs(archive, args.repeats, args.ablate)
     if args.sweep:
         compare_sweep(archive, args.sweep.split(","))
-    if args.seeds:
-        compare_seeds(archive, [int(seed) for seed in args.seeds.split(",")])
-    if args.scale:
-        compare_scale(archive, [float(f) for f in args.scale.split(",")])
-    if args.stream:
-        compare_stream(archive, [float(f) for f in args.stream.split(",")])
 
 
 if __name__ == "__main__":

@@ -8,15 +8,11 @@ test, plus the vocabulary), and an uncompiled-to-compiled Keras model: Embedding
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline import textmodel
 from pipeline.config import BuildConfig
-
-if TYPE_CHECKING:
-    from pipeline.split import Splits
 
 VECTORIZE_FIELDS = ("vocabulary_size", "sequence_length", "truncate")  # what the encoded arrays depend on
 
@@ -34,8 +30,9 @@ class Encoded:
     ARRAYS = ("x_train", "y_train", "x_validation", "y_validation", "x_test", "y_test")
 
 
-def vectorize(splits: Splits, cfg: BuildConfig) -> Encoded:
-    """Adapt the vocabulary on the training part only, then encode every split with it."""
+def vectorize(splits, cfg: BuildConfig) -> Encoded:
+    """Adapt the vocabulary on the training part only, then encode every split with it. `splits`: the
+    split stage's Splits (train, validation and test tables)."""
     train = [textmodel.standardize(text) for text in splits.train["text"]]  # once, for counting and encoding
     vocabulary = textmodel.adapt(train, cfg.vocabulary_size, standardized=True)
     index = textmodel.token_index(vocabulary)

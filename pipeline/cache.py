@@ -155,7 +155,7 @@ def prepare(cfg: PipelineConfig) -> Prepared:
     if "split" not in cfg.stages:
         return prepared
     with clocked(seconds, "split"):
-        parts = split.split(reviews, cfg.split, cfg.seed)
+        parts = split.split(reviews.frame, cfg.split, cfg.seed)
     prepared.sizes = parts.sizes()
     if vector_key is None:
         return prepared

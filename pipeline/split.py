@@ -1,6 +1,6 @@
 """Stage 2, split: hold out validation reviews from the training split, as the tutorial does.
 
-In: Reviews (from ingest), a SplitConfig and the run's seed. Out: Splits, three tables (train,
+In: the reviews table (ingest's Reviews.frame), a SplitConfig and the run's seed. Out: Splits, three tables (train,
 validation, test). Validation is taken from a seeded shuffle of the training split; the test split is
 passed through untouched and is read by nothing before evaluate.
 """
@@ -8,15 +8,11 @@ passed through untouched and is read by nothing before evaluate.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from pipeline.config import SplitConfig
-
-if TYPE_CHECKING:
-    from pipeline.ingest import Reviews
 
 
 @dataclass
@@ -40,9 +36,9 @@ def holdout(count: int, cfg: SplitConfig, seed: int) -> tuple[np.ndarray, int]:
     return order, size
 
 
-def split(reviews: Reviews, cfg: SplitConfig, seed: int) -> Splits:
-    """Hold out `validation_size` reviews (or `validation_fraction` of them) from the training split."""
-    frame = reviews.frame
+def split(frame: pd.DataFrame, cfg: SplitConfig, seed: int) -> Splits:
+    """Hold out `validation_size` reviews (or `validation_fraction` of them) from the training split of
+    `frame` (columns text, label, rating, split)."""
     train = frame[frame["split"] == "train"]
     test = frame[frame["split"] == "test"].reset_index(drop=True)
     order, size = holdout(len(train), cfg, seed)

@@ -149,27 +149,27 @@ def test_keras_source_decodes_the_tutorial_data(monkeypatch):
 # -- split --------------------------------------------------------------------------------------------
 def test_split_holds_out_validation_from_train_only(tiny_archive):
     reviews = ingest.ingest(IngestConfig(path=str(tiny_archive)))
-    parts = split.split(reviews, SplitConfig(validation_size=8), seed=1)
+    parts = split.split(reviews.frame, SplitConfig(validation_size=8), seed=1)
     assert parts.sizes() == {"train": 16, "validation": 8, "test": 24}
     assert (parts.test["split"] == "test").all()
     assert set(parts.train["text"]).isdisjoint(parts.validation["text"])
     assert parts.validation["label"].nunique() == 2  # shuffled: not one class
-    again = split.split(reviews, SplitConfig(validation_size=8), seed=1)
+    again = split.split(reviews.frame, SplitConfig(validation_size=8), seed=1)
     assert parts.validation["text"].tolist() == again.validation["text"].tolist()
-    other = split.split(reviews, SplitConfig(validation_size=8), seed=2)
+    other = split.split(reviews.frame, SplitConfig(validation_size=8), seed=2)
     assert parts.validation["text"].tolist() != other.validation["text"].tolist()
 
 
 def test_split_by_fraction(tiny_archive):
     reviews = ingest.ingest(IngestConfig(path=str(tiny_archive)))
-    parts = split.split(reviews, SplitConfig(validation_size=None, validation_fraction=0.25), seed=1)
+    parts = split.split(reviews.frame, SplitConfig(validation_size=None, validation_fraction=0.25), seed=1)
     assert parts.sizes()["validation"] == 6
 
 
 def test_split_that_leaves_no_training_data_is_an_error(tiny_archive):
     reviews = ingest.ingest(IngestConfig(path=str(tiny_archive)))
     with pytest.raises(ValueError, match="validation_size=24 leaves no training data"):
-        split.split(reviews, SplitConfig(validation_size=24), seed=1)
+        split.split(reviews.frame, SplitConfig(validation_size=24), seed=1)
 
 
 # -- build --------------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def test_vocabulary_ranks_tokens_by_training_count():
 
 def test_vocabulary_is_adapted_on_training_reviews_only(tiny_archive):
     reviews = ingest.ingest(IngestConfig(path=str(tiny_archive)))
-    parts = split.split(reviews, SplitConfig(validation_size=8), seed=1)
+    parts = split.split(reviews.frame, SplitConfig(validation_size=8), seed=1)
     parts.test.loc[:, "text"] = "zzzonlyintest " * 5
     parts.validation.loc[:, "text"] = "yyyonlyinvalidation " * 5
     encoded = build.vectorize(parts, BuildConfig(vocabulary_size=500, sequence_length=16))
@@ -231,7 +231,7 @@ def test_model_is_the_tutorials_architecture():
 @pytest.fixture
 def encoded(tiny_archive):
     reviews = ingest.ingest(IngestConfig(path=str(tiny_archive)))
-    parts = split.split(reviews, SplitConfig(validation_size=8), seed=1)
+    parts = split.split(reviews.frame, SplitConfig(validation_size=8), seed=1)
     return build.vectorize(parts, BuildConfig(vocabulary_size=200, sequence_length=32))
 
 

@@ -1,0 +1,141 @@
+"""What MLflow shows is what happened: the run's span, each epoch's time, an interrupt at any moment,
+the serving check, and the speed switches (each gives the same numbers off as on)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import tiny_overrides
+from tests.helpers import created_store, environment, output, runs
+
+pytestmark = pytest.mark.slow
+FINISHED_EPOCH = re.compile(r"^\d+/\d+ - .*val_loss: ", re.MULTILINE)  # Keras's line for an epoch that ended
+
+
+def command(tmp_path, archive, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", *tiny_overrides(archive, tmp_path), *overrides,
+            f"hydra.run.dir={tmp_path / 'out'}"]
+
+
+def history(client: MlflowClient, run_id: str, key: str):
+    return sorted(client.get_metric_history(run_id, key), key=lambda point: point.step)
+
+
+def test_the_run_spans_the_process_and_each_epoch_carries_the_time_it_ended(tiny_archive, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    created_store(uri)  # as a second run would find it
+    started = time.time()
+    done = subprocess.run(command(tmp_path, tiny_archive, "fit.epochs=40", "fit.loop=keras", "fit.batch_size=2"),
+                          cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600)
+    wall = time.time() - started
+    assert done.returncode == 0, output(done)
+    run = MlflowClient(uri).get_run(runs(uri).run_id[0])
+    duration = (run.info.end_time - run.info.start_time) / 1000
+    assert abs(duration - wall) < 1.0, (duration, wall)
+    assert started <= run.info.start_time / 1000 and run.info.end_time / 1000 <= started + wall
+
+    client = MlflowClient(uri)
+    stamps = [point.timestamp / 1000 for point in history(client, run.info.run_id, "val_loss")]
+    seconds = [point.value for point in history(client, run.info.run_id, "epoch_seconds")]
+    assert len(stamps) == 40 and stamps == sorted(stamps)
+    assert run.info.start_time / 1000 <= stamps[0] and stamps[-1] <= run.info.end_time / 1000
+    # from the first epoch's end to the last's, the fit went on for the later epochs' seconds: the
+    # stamps spread over the fit as the epochs did, rather than arriving in a burst
+    fit_after_first = sum(seconds[1:])
+    assert fit_after_first > 0.2
+    assert 0.9 * fit_after_first - 0.01 <= stamps[-1] - stamps[0] <= 1.5 * fit_after_first + 0.05, (
+        stamps[-1] - stamps[0], fit_after_first)
+
+
+@pytest.mark.parametrize("delay, signum", [(1.0, signal.SIGINT), (4.0, signal.SIGINT), (4.0, signal.SIGTERM)],
+                         ids=["ctrl-c-at-1s", "ctrl-c-at-4s", "sigterm-at-4s"])
+def test_an_interrupt_in_the_first_seconds_leaves_a_killed_run(tiny_archive, tmp_path, delay, signum):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    created_store(uri)
+    process = subprocess.Popen(command(tmp_path, tiny_archive, "fit.epochs=100000"), cwd=tmp_path,
+                               env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(delay)  # importing, opening the run, reading the data or starting TensorFlow
+    process.send_signal(signum)
+    try:
+        printed, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0
+    frame = runs(uri)
+    assert frame["status"].tolist() == ["KILLED"], printed[-3000:]
+    recorded = len(history(MlflowClient(uri), frame.run_id[0], "val_loss"))
+    reported = len(FINISHED_EPOCH.findall(printed))
+    # every epoch the terminal reported; an epoch is recorded just before Keras prints it, so an
+    # interrupt between the two leaves one more recorded than printed
+    assert reported <= recorded <= reported + 1, (recorded, reported)
+
+
+def test_an_interrupt_mid_fit_keeps_every_epoch_the_terminal_reported(tiny_archive, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = created_store(uri)
+    process = subprocess.Popen(command(tmp_path, tiny_archive, "fit.epochs=100000"), cwd=tmp_path,
+                               env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # until the run has recorded a few epochs
+            time.sleep(0.5)
+            frame = runs(uri) if client.get_experiment_by_name("imdb-sentiment") else []
+            if len(frame) and len(client.get_metric_history(frame.run_id[0], "val_loss")) >= 5:
+                break
+        process.send_signal(signal.SIGINT)
+        printed, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    run = client.get_run(runs(uri).run_id[0])
+    assert run.info.status == "KILLED"
+    recorded = [point.step for point in history(client, run.info.run_id, "val_loss")]
+    reported = len(FINISHED_EPOCH.findall(printed))
+    assert reported >= 5 and recorded[:reported] == list(range(1, reported + 1)) and len(recorded) <= reported + 1
+    assert run.info.end_time / 1000 >= history(client, run.info.run_id, "val_loss")[-1].timestamp / 1000
+
+
+def test_the_logged_model_passes_mlflows_serving_check(tiny_config):
+    from pipeline.tracking import INPUT_EXAMPLE
+    from pipeline.train import train
+
+    train(tiny_config)
+    model_uri = runs(tiny_config.tracking.uri)["tags.model_uri"][0]
+    info = mlflow.models.get_model_info(model_uri)
+    assert info.saved_input_example_info is not None
+    payload = mlflow.models.convert_input_example_to_serving_input(INPUT_EXAMPLE)
+    predictions = mlflow.models.validate_serving_input(model_uri, payload)
+    assert len(predictions) == len(INPUT_EXAMPLE)
+
+
+def test_each_speed_switch_gives_the_same_curves_and_test_metrics(tiny_archive, tmp_path):
+    """stage_cache is checked in tests/test_train.py and fit.loop in tests/test_stages.py; here the
+    switches that act only in a fresh `python -m pipeline`: each run starts cold, in a folder of its own."""
+    results = {}
+    for switch in ("default", "prepare_ahead=false", "freeze_gc=false", "fit.compile_cache=false"):
+        folder = tmp_path / switch.split("=")[0]
+        folder.mkdir()
+        overrides = ["fit.jit_compile=true", "fit.epochs=4"] + ([switch] if switch != "default" else [])
+        done = subprocess.run(command(folder, tiny_archive, *overrides), cwd=folder, env=environment(),
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, output(done)
+        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        client, run_id = MlflowClient(uri), runs(uri).run_id[0]
+        curves = {key: [point.value for point in history(client, run_id, key)]
+                  for key in ("loss", "accuracy", "val_loss", "val_accuracy")}
+        tests = {key: value for key, value in client.get_run(run_id).data.metrics.items() if key.startswith("test_")}
+        results[switch] = curves, tests
+        if switch == "default":
+            assert "in a worker process while TensorFlow loads" in done.stdout
+            assert list((folder / "cache" / "xla").glob("*/*")), "the default run keeps XLA's programs"
+    for switch, result in results.items():
+        assert result == results["default"], switch
