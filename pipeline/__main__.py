@@ -8,6 +8,7 @@ takes the overrides as one string, which is how `mlflow run` passes them (see ML
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shlex
@@ -17,6 +18,9 @@ from pipeline.signals import SIGNALS
 
 # From the first moment, Ctrl-C and SIGTERM wait until the run is open, then end it KILLED.
 SIGNALS.install(held=True)
+# The libraries' imports make millions of objects and no garbage: no collection until TensorFlow is
+# loaded, when train() freezes what is there and turns collection on again (freeze_gc).
+gc.disable()
 
 import hydra  # noqa: E402 - after the handlers, so that a Ctrl-C during the imports is not lost
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -30,6 +34,8 @@ log = logging.getLogger("pipeline")
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    if not config.load(cfg).freeze_gc:
+        gc.enable()
     from pipeline.train import train
 
     if not os.environ.get(config.PARENT_RUN):  # a single run

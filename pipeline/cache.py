@@ -138,7 +138,6 @@ def prepare(cfg: PipelineConfig) -> Prepared:
         hit = store.load("vectorize", vector_key) if store and vector_key else None
     if hit is not None:
         arrays, meta = hit
-        log.info("ingest, split, vectorize: reusing cached products from %s", store.root)
         return Prepared(Encoded(vocabulary=meta["vocabulary"], **arrays), meta["ingest"], meta["sizes"],
                         dict.fromkeys(("ingest", "split", "vectorize"), "hit"), seconds)
     with clocked(seconds, "ingest"):

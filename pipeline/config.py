@@ -215,32 +215,23 @@ def redact(key: str, value: Any) -> Any:
     return value
 
 
+def _redacted(node: Any, prefix: str = "") -> Any:
+    if isinstance(node, dict):
+        return {key: _redacted(value, f"{prefix}.{key}" if prefix else str(key)) for key, value in node.items()}
+    return redact(prefix, node)
+
+
 def flatten(cfg: PipelineConfig) -> dict[str, Any]:
     """Every setting as a flat dotted key (``build.hidden_units``), the way MLflow shows params;
     credentials redacted (see `redact`)."""
-    out: dict[str, Any] = {}
+    import pandas as pd
 
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), value)
-        else:
-            out[prefix] = redact(prefix, node)
-
-    walk("", OmegaConf.to_container(OmegaConf.structured(cfg)))
-    return out
+    return pd.json_normalize(_redacted(OmegaConf.to_container(OmegaConf.structured(cfg)))).iloc[0].to_dict()
 
 
 def recorded_yaml(cfg: PipelineConfig) -> str:
     """The settings as YAML for the run's artifacts, with the same redaction as the params."""
-    nested: dict[str, Any] = {}
-    for key, value in flatten(cfg).items():
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return OmegaConf.to_yaml(nested)
+    return OmegaConf.to_yaml(_redacted(OmegaConf.to_container(OmegaConf.structured(cfg))))
 
 
 # -- where runs are recorded (no MLflow needed: checked before anything heavy loads) ---------------

@@ -1,17 +1,13 @@
 """Keras's fit, one compiled call per epoch (fit.loop=epoch): the same model, loss, optimizer and batches.
 
-Why: with the arrays in memory an epoch's arithmetic is tiny (an embedding lookup and two small
-layers), so Keras's per-epoch machinery (a fresh tf.data iterator for training and for validation, a
-call per batch) costs more than the work itself. Here the arrays are held as tensors and every training
-step of an epoch, then the whole validation pass, runs inside one XLA program: about 0.1 s an epoch on
-two cores against 0.5 s for model.fit. Only public APIs: the model's own call, loss and
-`optimizer.apply_gradients`, inside `tf.function`.
-
-Every batch has a static shape: the last, short batch is padded and its padding carries zero weight,
-so its loss and gradient are those of the real rows, as in Keras. Rows are reshuffled every epoch
-from the seed, as fit(shuffle=True) does. Batch callbacks run once per epoch (as Keras runs them with
-`steps_per_execution`); epoch callbacks (tracking, early stopping) run as in model.fit. A test checks
-that both loops give the same curves and weights (tests/test_stages.py).
+Why: an epoch's arithmetic is tiny (an embedding lookup and two small layers), so model.fit's machinery
+(fresh tf.data iterators, a call per batch) costs more than the work. Here the arrays are tensors and
+an epoch's training steps, then its validation pass, run in one XLA program (public APIs only: the
+model's call and loss and `optimizer.apply_gradients` inside `tf.function`). The last, short batch is
+padded with zero-weight rows, so its loss and gradient are the real rows', as in Keras; rows are
+reshuffled every epoch from the seed; batch callbacks run once an epoch (as with
+`steps_per_execution`), epoch callbacks as in model.fit. tests/test_stages.py checks that both loops
+give the same curves and weights.
 """
 
 from __future__ import annotations

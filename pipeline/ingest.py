@@ -65,42 +65,20 @@ def _finish(rows: list[tuple], source: str) -> Reviews:
     frame = frame.astype({"label": "int8", "id": "int64", "rating": "int8"})
     frame = frame.sort_values(["split", "label", "id"], kind="stable", ignore_index=True)[COLUMNS]
     for split in SPLITS:
-        check_classes(source, split, frame.loc[frame["split"] == split, "label"].unique().tolist())
+        labels = sorted(frame.loc[frame["split"] == split, "label"].unique().tolist())
+        if len(labels) < 2:
+            raise ValueError(f"{source}: the {split} split needs positive and negative reviews; found labels {labels}")
     return Reviews(frame=frame, digest=content_digest(frame), source=source)
 
 
-def check_classes(source: str, split: str, labels: list[int]) -> None:
-    if len(set(labels)) < 2:
-        raise ValueError(f"{source}: the {split} split needs positive and negative reviews; "
-                         f"found labels {sorted(labels)}")
-
-
-def no_members(path: Path) -> ValueError:
-    return ValueError(f"{path}: no aclImdb/{{train,test}}/{{pos,neg}}/<id>_<rating>.txt files inside")
-
-
-def folder_files(path: Path) -> list[tuple[Path, str]]:
-    """An extracted aclImdb folder's review files (the folder itself or the one that contains it), in
-    name order, with the layout's path for MEMBER: (file, "aclImdb/train/pos/0_9.txt")."""
-    root = path if (path / "train").is_dir() or (path / "test").is_dir() else path / "aclImdb"
-    return [(file, "aclImdb/" + file.relative_to(root).as_posix()) for file in sorted(root.glob("*/*/*.txt"))]
-
-
-def archive_error(path: Path, error: Exception) -> ValueError:
-    return ValueError(f"{path}: not a readable .tar.gz archive ({error}); delete it and download it again")
-
-
-def decode(raw: bytes, name: str) -> str:
+def _review(match: re.Match, raw: bytes, name: str) -> tuple:
+    """One row (split, label, id, rating, text) from a member's name and bytes."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"{name}: not valid UTF-8 ({error})") from None
     if not text.strip():
         raise ValueError(f"{name}: the review is empty")
-    return text
-
-
-def _row(match: re.Match, text: str) -> tuple:
     split, polarity, review_id, rating = match.groups()
     return split, int(polarity == "pos"), int(review_id), int(rating), text
 
@@ -113,24 +91,27 @@ def read_archive(path: Path) -> Reviews:
             for member in archive:
                 match = MEMBER.search(member.name)
                 if match and member.isfile():
-                    rows.append(_row(match, decode(archive.extractfile(member).read(), member.name)))
+                    rows.append(_review(match, archive.extractfile(member).read(), member.name))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
-        raise archive_error(path, error) from None
+        raise ValueError(f"{path}: not a readable .tar.gz archive ({error}); delete it and download it again") from None
+    return _finish(_some(rows, path), str(path))
+
+
+def _some(rows: list[tuple], path: Path) -> list[tuple]:
     if not rows:
-        raise no_members(path)
-    return _finish(rows, str(path))
+        raise ValueError(f"{path}: no aclImdb/{{train,test}}/{{pos,neg}}/<id>_<rating>.txt files inside")
+    return rows
 
 
 def read_folder(path: Path) -> Reviews:
     """Reviews from an extracted aclImdb folder (the folder itself or the one that contains it)."""
+    root = path if (path / "train").is_dir() or (path / "test").is_dir() else path / "aclImdb"
     rows = []
-    for file, name in folder_files(path):
-        match = MEMBER.search(name)
+    for file in sorted(root.glob("*/*/*.txt")):
+        match = MEMBER.search("aclImdb/" + file.relative_to(root).as_posix())
         if match:
-            rows.append(_row(match, decode(file.read_bytes(), str(file))))
-    if not rows:
-        raise no_members(path)
-    return _finish(rows, str(path))
+            rows.append(_review(match, file.read_bytes(), str(file)))
+    return _finish(_some(rows, path), str(path))
 
 
 def download(url: str, target: Path, sha256: str | None) -> Path:

@@ -1,11 +1,10 @@
 """Ctrl-C and SIGTERM as a KILLED run: never in the middle of a write to the store, never lost.
 
-While a run is open, SIGINT and SIGTERM raise Interrupted (a KeyboardInterrupt), which ends the run
-KILLED. Inside `held()` (opening the run, queueing an epoch, recording the end) a signal waits until
-the block is done: an exception raised in the middle of a write could leave the store unable to record
-the run's end. Python runs a handler wherever the main thread is, which can be a finalizer or a weakref
-callback, where an exception is printed as "Exception ignored" and dropped; the sys.unraisablehook
-installed here sends such a signal again a moment later, so that it lands outside.
+SIGINT and SIGTERM raise Interrupted (a KeyboardInterrupt), which ends the run KILLED; inside `held()`
+(opening the run, queueing an epoch, recording the end) a signal waits until the block is done, as an
+exception in the middle of a write could leave the store unable to record the end. A handler that runs
+inside a finalizer (where Python prints "Exception ignored" and drops the exception) has its signal
+sent again a moment later by the sys.unraisablehook installed here.
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
 """Hydra's side of the pipeline: the typed schema, and a multirun as one parent run with a child per job.
 
-`register()` puts the PipelineConfig schema in Hydra's ConfigStore (conf/config.yaml names it), so that
-every YAML value is type-checked. SweepCallback is registered in conf/config.yaml and acts only in
-multirun mode. When the sweep starts
-it opens the parent run (or adopts the one `mlflow run` created, so that every job lands under it),
-records the sweep's axes as parent params and hands the parent's id to the jobs through the
-environment (inherited by joblib and Ray workers). When the jobs are done it optionally runs the
-early-stopping reference job, writes the analysis to the parent and ends it.
+`register()` puts the PipelineConfig schema in Hydra's ConfigStore, so that every YAML value is
+type-checked. SweepCallback (named in conf/config.yaml) acts in multirun mode: it opens the parent run
+(or adopts the one `mlflow run` created), hands its id to the jobs through the environment (inherited
+by joblib and Ray workers) and, when they are done, runs the early-stopping reference job if asked,
+writes the analysis to the parent and ends it.
 """
 
 from __future__ import annotations
@@ -53,10 +51,6 @@ def job_name(task_overrides: list[str], axes: list[str]) -> str:
     values = {o.key_or_group: o.input_line.split("=", 1)[1]
               for o in OverridesParser.create().parse_overrides(list(task_overrides))}
     return ",".join(f"{key.rsplit('.', 1)[-1]}={values[key]}" for key in axes if key in values)
-
-
-def in_sweep() -> bool:
-    return bool(os.environ.get(PARENT_RUN))
 
 
 def finished_job(settings: PipelineConfig) -> dict | None:

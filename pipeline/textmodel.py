@@ -60,20 +60,9 @@ def adapt(texts: Iterable[str | bytes], vocabulary_size: int, standardized: bool
     """The vocabulary: padding, out-of-vocabulary, then the most frequent tokens of `texts`,
     `vocabulary_size` entries in all. Ties go to the later token in byte order, as TextVectorization
     breaks them, so that both number the tokens alike."""
-    return rank(count_tokens(texts, standardized=standardized), vocabulary_size)
-
-
-def count_tokens(texts: Iterable[str | bytes], counts: Counter | None = None,
-                 standardized: bool = False) -> Counter:
-    """How often each token occurs in `texts`, added to `counts` when given (for texts read in chunks)."""
-    counts = Counter() if counts is None else counts
+    counts: Counter = Counter()
     for text in texts:
         counts.update(tokens(text, standardized=standardized))
-    return counts
-
-
-def rank(counts: Counter, vocabulary_size: int) -> list[str]:
-    """`adapt`'s vocabulary from token counts: the order does not depend on how the counts were gathered."""
     ranked = heapq.nlargest(max(vocabulary_size - 2, 0), counts.items(), key=lambda item: (item[1], item[0]))
     return [PAD, UNKNOWN] + [token.decode("utf-8") for token, _ in ranked]
 

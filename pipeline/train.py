@@ -6,9 +6,10 @@ MLflow; this module calls them in order and hands each product to the run (pipel
 place that speaks to MLflow). The run is opened first, so that what MLflow shows is what happened: its
 start is the process's, each epoch is recorded as it ends, and an interrupt ends it KILLED.
 
-Three speed switches live here, each measured with it off by `python -m pipeline.bench --ablate`:
-`stage_cache` (reuse prepared data), `prepare_ahead` (prepare it in a worker process while
-TensorFlow loads) and `freeze_gc` (TensorFlow's objects left out of garbage collection).
+Two speed switches live here, each measured with it off by `python -m pipeline.bench --ablate`:
+`prepare_ahead` (the data prepared in a worker process while TensorFlow loads) and `freeze_gc`
+(TensorFlow's objects left out of garbage collection). `stage_cache` is pipeline/cache.py's;
+`fit.loop` and `fit.compile_cache` are the fit's.
 """
 
 from __future__ import annotations
@@ -31,22 +32,28 @@ log = logging.getLogger(__name__)
 def start_tensorflow(cfg: PipelineConfig) -> None:
     """Import TensorFlow (through Keras) as this run needs it: XLA's compilation cache and the thread
     limits are read once, when TensorFlow starts; a later job in the same process keeps them."""
+    fresh = "tensorflow" not in sys.modules
     if cfg.fit.jit_compile and cfg.fit.compile_cache:
         fit.use_compile_cache(cfg.cache_dir)
-    import tensorflow as tf
+    frozen = cfg.freeze_gc and fresh
+    if frozen:
+        gc.disable()  # nothing TensorFlow and Keras create at import is garbage: no collection meanwhile
+    try:  # (python -m pipeline turned collection off from the start, for the other imports too)
+        import tensorflow as tf
 
-    if cfg.sweep.threads:
-        try:  # jobs side by side share the cores instead of oversubscribing them
-            tf.config.threading.set_intra_op_parallelism_threads(cfg.sweep.threads)
-            tf.config.threading.set_inter_op_parallelism_threads(cfg.sweep.threads)
-        except RuntimeError:
-            log.debug("TensorFlow already started; thread limits stay as they were")
-    import keras  # noqa: F401
-
-    if cfg.freeze_gc:
-        # Nothing TensorFlow and Keras create at import is ever freed: move it out of the collector's
-        # sight, so that no collection walks it again (the one at exit took 3 s of every run).
-        gc.freeze()
+        if cfg.sweep.threads:
+            try:  # jobs side by side share the cores instead of oversubscribing them
+                tf.config.threading.set_intra_op_parallelism_threads(cfg.sweep.threads)
+                tf.config.threading.set_inter_op_parallelism_threads(cfg.sweep.threads)
+            except RuntimeError:
+                log.debug("TensorFlow already started; thread limits stay as they were")
+        import keras  # noqa: F401
+    finally:
+        if frozen:
+            # ... and none of it is ever freed: out of the collector's sight, no collection walks it again
+            # (the one at exit took 3 s of every run). Once a process: later jobs' garbage is collected.
+            gc.freeze()
+        gc.enable()
 
 
 @contextmanager
@@ -85,6 +92,7 @@ def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if "build" in cfg.stages:
             with clocked(seconds, "start_tensorflow"):
                 start_tensorflow(cfg)
+        gc.enable()  # (on already, unless cfg.stages ends before build)
         data = prepared()
         seconds.update(data.seconds)
         run.data(data)

@@ -1,12 +1,12 @@
-"""The one module that speaks to MLflow: what a run records, when, and how it ends.
+"""The one package that speaks to MLflow; here, what a run records, when, and how it ends.
 
 A TrackedRun opens as the run's work starts (its start time is the process's, for the first run of a
 process) and records: every setting as a flat dotted param, the data set as a dataset input, tags (git
 commit, package versions, per-stage seconds, cache hits), per-epoch curves at step = epoch, each with
 the time its epoch ended, the test metrics, artifacts (config, model summary, history, figures) and the
 raw-text model. It ends FINISHED, FAILED with the error, or KILLED on Ctrl-C or SIGTERM, holding every
-epoch finished before; a watchdog process ends it KILLED if the process is killed outright. The sweep's
-parent run and its analysis are recorded here too (see the end of the file).
+epoch finished before; a watchdog process (watchdog.py) ends it KILLED if the process is killed
+outright. The sweep's parent run and its analysis are sweeps.py's.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 import mlflow
+from filelock import FileLock
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 
@@ -54,26 +54,11 @@ def use(uri: str | None) -> str:
     uri = config.check_reachable(uri or config.tracking_uri(config.TrackingConfig()))
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:"):
-        path = uri.split("?", 1)[0].removeprefix("sqlite:///")
-        with _exclusive(os.path.abspath(path) if path not in ("", ":memory:") else uri):
+        path = os.path.abspath(uri.split("?", 1)[0].removeprefix("sqlite:///"))
+        name = hashlib.sha256(path.encode()).hexdigest()[:16]  # a lock file in the temp folder, not beside the store
+        with FileLock(Path(tempfile.gettempdir()) / f"pipeline-store-{name}.lock"):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates the store, or finds it current
     return uri
-
-
-@contextmanager
-def _exclusive(name: str):
-    """Held by one process at a time, for `name` (a lock file in the temp folder); without fcntl, or where
-    another user owns the lock file, it goes without."""
-    try:
-        import fcntl
-
-        handle = open(Path(tempfile.gettempdir()) / f"pipeline-store-{hashlib.sha256(name.encode()).hexdigest()[:16]}.lock", "a")
-    except (ImportError, OSError):
-        yield
-        return
-    with handle:  # closing the file releases the lock
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def versions() -> dict[str, str]:
@@ -205,6 +190,8 @@ class TrackedRun:
     def data(self, prepared) -> None:
         """What the data stages produced: the dataset input, split sizes, cache hits, stage seconds."""
         meta = prepared.ingest_meta
+        if prepared.cache and set(prepared.cache.values()) == {"hit"}:  # said here: a worker's log is not shown
+            log.info("ingest, split, vectorize: reusing cached products")
         _registering(lambda: mlflow.log_input(ReviewsDataset(meta["source"], meta["digest"], meta["counts"]),
                                               context="training"))
         mlflow.set_tags({"data.digest": meta["digest"], **{f"cache.{k}": v for k, v in prepared.cache.items()}})
