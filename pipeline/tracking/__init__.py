@@ -63,28 +63,28 @@ def use(uri: str | None) -> str:
 
 def versions() -> dict[str, str]:
     """Installed versions of what the run depends on (TensorFlow under whichever name it was installed)."""
-    found = {}
-    for package in PACKAGES:
-        for distribution in (f"{package}-cpu", package):
-            try:
-                found[distribution] = metadata.version(distribution)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-    return found
+    installed = {name: version for name in PACKAGES + ("tensorflow-cpu",) if (version := _version(name))}
+    if "tensorflow-cpu" in installed:
+        installed.pop("tensorflow", None)
+    return installed
 
 
-def _git(*args: str) -> str | None:
+def _version(distribution: str) -> str | None:
     try:
-        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
         return None
 
 
 def git_tags() -> dict[str, str]:
-    commit = _git("rev-parse", "HEAD")
-    return {"git.commit": commit, "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no")))} if commit else {}
+    """The commit this code is at, and whether its tracked files have changed since (empty outside git)."""
+    try:
+        commit, changes = (subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                                          timeout=10, check=True).stdout.strip()
+                           for args in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"]))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git.commit": commit, "git.dirty": str(bool(changes))}
 
 
 class ReviewsDataset(MetaDataset):
@@ -252,8 +252,7 @@ class TrackedRun:
             classifier, vocabulary_file = Path(folder) / textmodel.CLASSIFIER_FILE, Path(folder) / textmodel.VOCABULARY_FILE
             model.save(classifier)
             textmodel.save_vocabulary(vocabulary_file, vocabulary, cfg.build.sequence_length, cfg.build.truncate)
-            requirements = {**versions()}
-            requirements.pop("hydra-core", None)
+            requirements = {name: version for name, version in versions().items() if name != "hydra-core"}
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(Path(textmodel.__file__)),  # models from code: nothing pickled
                 artifacts={"classifier": str(classifier), "vocabulary": str(vocabulary_file)},

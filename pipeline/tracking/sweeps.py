@@ -84,14 +84,12 @@ def close_sweep_parent(run_id: str, status: str) -> None:
 
 
 def _history(client, run_id: str):
+    """A child's curves as a table, one row per epoch (columns epoch, loss, accuracy, val_loss, val_accuracy)."""
     import pandas as pd
 
-    columns = {}
-    for curve in CURVES:
-        columns[curve] = {point.step: point.value for point in client.get_metric_history(run_id, curve)}
-    frame = pd.DataFrame(columns).sort_index()
-    frame.insert(0, "epoch", frame.index.astype(int))
-    return frame.reset_index(drop=True)
+    frame = pd.DataFrame({curve: {point.step: point.value for point in client.get_metric_history(run_id, curve)}
+                          for curve in CURVES}).sort_index()
+    return frame.rename_axis("epoch").reset_index()
 
 
 def analyze_sweep(parent_run_id: str, alias: str | None = None):
