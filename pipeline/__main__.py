@@ -34,16 +34,19 @@ log = logging.getLogger("pipeline")
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    if not config.load(cfg).freeze_gc:
-        gc.enable()
     from pipeline.train import train
 
     if not os.environ.get(config.PARENT_RUN):  # a single run
-        metrics, _ = train(config.load(cfg))
+        settings = config.load(cfg)
+        if not settings.freeze_gc:
+            gc.enable()
+        metrics, _ = train(settings)
         return metrics.get("val_accuracy")
     job, overrides = HydraConfig.get().job, list(HydraConfig.get().overrides.task)
     try:
         settings = sweep.child_settings(config.load(cfg), overrides, job.num)
+        if not settings.freeze_gc:
+            gc.enable()
     except ValueError as error:  # a job whose settings are invalid is recorded as a failed child
         from pipeline.tracking import sweeps
 

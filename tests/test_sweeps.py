@@ -113,6 +113,17 @@ def test_a_failing_job_does_not_lose_the_others(tiny_archive, tmp_path):
     assert sorted(listed.job) == ["validation_size=30,epochs=2", "validation_size=30,epochs=3"]
 
 
+def test_a_job_with_an_invalid_setting_is_a_failed_child(tiny_archive, tmp_path):
+    done = multirun(tmp_path, tiny_archive, "build.hidden_units=4,0")
+    assert done.returncode != 0
+    parent, children = sweep_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    status = {c.info.run_name: c.info.status for c in children}
+    assert status == {"hidden_units=4,epochs=2": "FINISHED", "hidden_units=4,epochs=3": "FINISHED",
+                      "hidden_units=0,epochs=2": "FAILED", "hidden_units=0,epochs=3": "FAILED"}
+    assert all("build.hidden_units=0 is not allowed" in c.data.tags["error"]
+               for c in children if c.info.status == "FAILED")
+
+
 def test_optuna_search_records_trials_as_children(tiny_archive, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", "-m", "experiment=optuna_search", *tiny_overrides(tiny_archive, tmp_path),
