@@ -143,10 +143,11 @@ def prepare(cfg: PipelineConfig) -> Prepared:
     with clocked(seconds, "ingest"):
         kept = store.load("ingest", ingest_key) if store else None
         if kept is not None:
-            reviews = ingest.Reviews(kept[0]["reviews"], kept[1]["digest"], kept[1]["source"])
+            meta = kept[1]
+            reviews = ingest.Reviews(kept[0]["reviews"], meta["digest"], meta["source"], meta["skipped"], meta["labels"])
         else:
             reviews = ingest.ingest(cfg.ingest, cfg.seed)
-    meta = {"source": reviews.source, "digest": reviews.digest, "counts": reviews.counts()}
+    meta = reviews.meta()
     if store is not None and kept is None:
         with clocked(seconds, "cache_write"):
             store.save("ingest", ingest_key, {"reviews": reviews.frame}, meta)

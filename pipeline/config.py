@@ -38,16 +38,18 @@ def _positive(setting: str, value: int) -> None:
 
 @dataclass
 class IngestConfig:
-    source: str = "archive"  # archive: aclImdb layout (.tar.gz or folder); keras: keras.datasets.imdb; table: CSV/Parquet
-    path: Optional[str] = None  # archive: local .tar.gz or extracted folder; table: the CSV/Parquet file
+    source: str = "archive"  # archive: aclImdb layout (.tar.gz or folder); keras: keras.datasets.imdb; table: a file
+    path: Optional[str] = None  # archive: local .tar.gz or extracted folder; table: .csv, .tsv, .jsonl or .parquet
     url: str = CANONICAL_URL  # fetched into `path` only when no local copy exists
     sha256: Optional[str] = CANONICAL_SHA256  # checked after a download; null skips the check
     download: bool = True  # false: a missing archive is an error, never a download
     num_words: int = 10000  # keras source: the tutorial's vocabulary cap for load_data
     text_column: str = "text"  # table source
-    label_column: str = "label"  # table source: 0 = negative, 1 = positive
+    label_column: str = "label"  # table source: 0 = negative, 1 = positive, unless...
+    positive_label: Optional[str] = None  # ...this value means positive and the column's other value negative
     split_column: Optional[str] = "split"  # table source: values train/test; a missing column means...
     test_fraction: float = 0.5  # ...this seeded share of rows becomes the test split (IMDB is 50/50)
+    skip_bad_rows: bool = False  # true: leave out empty rows or unreadable files (counted and listed in the run)
 
     def validate(self) -> None:
         _require(self.source in SOURCES, "ingest.source", self.source, f"one of {', '.join(SOURCES)}")

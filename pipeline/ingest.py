@@ -18,7 +18,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +37,16 @@ class Reviews:
     frame: pd.DataFrame  # columns text, label, rating, split
     digest: str  # sha256 over (split, label, rating, text) of every row, in order
     source: str  # where the rows came from (a path, a URL or keras.datasets.imdb)
+    skipped: list = field(default_factory=list)  # [where, why] of each row or file left out (skip_bad_rows)
+    labels: dict = field(default_factory=dict)  # {"positive": value, "negative": value} when positive_label mapped them
 
     def counts(self) -> dict[str, int]:
         return {split: int((self.frame["split"] == split).sum()) for split in SPLITS}
+
+    def meta(self) -> dict:
+        """Everything but the table, as JSON (kept beside the table in the stage cache)."""
+        return {"source": self.source, "digest": self.digest, "counts": self.counts(), "skipped": self.skipped,
+                "labels": self.labels}
 
 
 def sha256_file(path: Path) -> str:
@@ -59,59 +66,67 @@ def content_digest(frame: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def _finish(rows: list[tuple], source: str) -> Reviews:
+def _finish(rows: list[tuple], source: str, skipped: list, labels: dict | None = None) -> Reviews:
     # object columns: inferring pandas' Arrow string type for 50,000 reviews would cost a third of a second
     frame = pd.DataFrame(rows, columns=["split", "label", "id", "rating", "text"], dtype=object)
     frame = frame.astype({"label": "int8", "id": "int64", "rating": "int8"})
     frame = frame.sort_values(["split", "label", "id"], kind="stable", ignore_index=True)[COLUMNS]
     for split in SPLITS:
-        labels = sorted(frame.loc[frame["split"] == split, "label"].unique().tolist())
-        if len(labels) < 2:
-            raise ValueError(f"{source}: the {split} split needs positive and negative reviews; found labels {labels}")
-    return Reviews(frame=frame, digest=content_digest(frame), source=source)
+        found = sorted(frame.loc[frame["split"] == split, "label"].unique().tolist())
+        if len(found) < 2:
+            raise ValueError(f"{source}: the {split} split needs positive and negative reviews; found labels {found}")
+    return Reviews(frame, content_digest(frame), source, skipped, labels or {})
 
 
-def _review(match: re.Match, raw: bytes, name: str) -> tuple:
-    """One row (split, label, id, rating, text) from a member's name and bytes."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{name}: not valid UTF-8 ({error})") from None
-    if not text.strip():
-        raise ValueError(f"{name}: the review is empty")
-    split, polarity, review_id, rating = match.groups()
-    return split, int(polarity == "pos"), int(review_id), int(rating), text
+def _bad(source: str, skipped: list, skip: bool, what: str) -> list:
+    """Stop, naming the first five bad rows or files and the count, unless skip_bad_rows leaves them out."""
+    if skipped and not skip:
+        named = ", ".join(f"{where} ({why})" for where, why in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        raise ValueError(f"{source}: {len(skipped)} {what}: {named}; fix them, or leave them out "
+                         "with ingest.skip_bad_rows=true")
+    return skipped
 
 
-def read_archive(path: Path) -> Reviews:
+def _reviews(found, source: str, skip: bool) -> Reviews:
+    """Rows from (member name, name match, raw bytes) triples: a review must be non-empty UTF-8."""
+    rows, skipped = [], []
+    for name, match, raw in found:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            skipped.append([name, f"not valid UTF-8 ({error})"])
+            continue
+        if not text.strip():
+            skipped.append([name, "the review is empty"])
+            continue
+        split, polarity, review_id, rating = match.groups()
+        rows.append((split, int(polarity == "pos"), int(review_id), int(rating), text))
+    if not rows and not skipped:
+        raise ValueError(f"{source}: no aclImdb/{{train,test}}/{{pos,neg}}/<id>_<rating>.txt files inside")
+    return _finish(rows, source, _bad(source, skipped, skip, "review files unreadable or empty"))
+
+
+def read_archive(path: Path, skip: bool = False) -> Reviews:
     """Reviews from an aclImdb .tar.gz, read in one pass; train/unsup and every other member are skipped."""
-    rows = []
-    try:
+    def members():
         with tarfile.open(path, "r|*") as archive:
             for member in archive:
                 match = MEMBER.search(member.name)
                 if match and member.isfile():
-                    rows.append(_review(match, archive.extractfile(member).read(), member.name))
+                    yield member.name, match, archive.extractfile(member).read()
+
+    try:
+        found = list(members())
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
         raise ValueError(f"{path}: not a readable .tar.gz archive ({error}); delete it and download it again") from None
-    return _finish(_some(rows, path), str(path))
+    return _reviews(found, str(path), skip)
 
 
-def _some(rows: list[tuple], path: Path) -> list[tuple]:
-    if not rows:
-        raise ValueError(f"{path}: no aclImdb/{{train,test}}/{{pos,neg}}/<id>_<rating>.txt files inside")
-    return rows
-
-
-def read_folder(path: Path) -> Reviews:
+def read_folder(path: Path, skip: bool = False) -> Reviews:
     """Reviews from an extracted aclImdb folder (the folder itself or the one that contains it)."""
     root = path if (path / "train").is_dir() or (path / "test").is_dir() else path / "aclImdb"
-    rows = []
-    for file in sorted(root.glob("*/*/*.txt")):
-        match = MEMBER.search("aclImdb/" + file.relative_to(root).as_posix())
-        if match:
-            rows.append(_review(match, file.read_bytes(), str(file)))
-    return _finish(_some(rows, path), str(path))
+    files = ((file, MEMBER.search("aclImdb/" + file.relative_to(root).as_posix())) for file in sorted(root.glob("*/*/*.txt")))
+    return _reviews([(str(file), match, file.read_bytes()) for file, match in files if match], str(path), skip)
 
 
 def download(url: str, target: Path, sha256: str | None) -> Path:
@@ -152,21 +167,51 @@ def locate(cfg: IngestConfig) -> Path:
     return download(cfg.url, path, cfg.sha256)
 
 
+def read_frame(path: Path) -> pd.DataFrame:
+    """A table from a CSV, TSV, JSON lines (.jsonl) or Parquet file, by its suffix."""
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return pd.read_parquet(path)
+    if suffix in (".jsonl", ".ndjson"):
+        return pd.read_json(path, lines=True, dtype=False)
+    if suffix in (".csv", ".tsv"):
+        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+    raise ValueError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv, .jsonl or .parquet")
+
+
+def labels_of(column: pd.Series, positive: str | None, where: str) -> tuple[pd.Series, dict]:
+    """0/1 labels (NaN where missing) and the mapping used: 0/1 as written, or `positive` -> 1 and the
+    column's other value -> 0."""
+    if positive is None:
+        labels = pd.to_numeric(column, errors="coerce")
+        wrong = column.notna() & ~labels.isin([0, 1])
+        if wrong.any():
+            raise ValueError(f"{where} must hold 0 or 1 only; found {column[wrong].unique()[:5].tolist()}. If it "
+                             "holds two other values, name the positive one: ingest.positive_label=<value>")
+        return labels, {}
+    written = column.map(lambda value: value if pd.isna(value) else str(value).strip())
+    values = sorted(written.dropna().unique().tolist())
+    if len(values) > 2 or positive not in values:
+        raise ValueError(f"{where} holds {len(values)} distinct values {values[:10]}; ingest.positive_label="
+                         f"{positive!r} needs two, one of them {positive!r}")
+    negative = next((value for value in values if value != positive), None)
+    return written.eq(positive).astype(float).where(written.notna()), {"positive": positive, "negative": negative}
+
+
 def read_table(cfg: IngestConfig, seed: int) -> Reviews:
-    """Reviews from a CSV or Parquet file with a text column, 0/1 labels and an optional split column."""
+    """Reviews from a table: a text column, a label column and an optional split column."""
     path = locate(cfg)
-    frame = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+    frame = read_frame(path)
     missing = [c for c in (cfg.text_column, cfg.label_column) if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; found {list(frame.columns)} "
                          "(set ingest.text_column / ingest.label_column)")
-    labels = pd.to_numeric(frame[cfg.label_column], errors="coerce")
-    if not labels.isin([0, 1]).all():
-        bad = frame.loc[~labels.isin([0, 1]), cfg.label_column].unique()[:5].tolist()
-        raise ValueError(f"{path}: column {cfg.label_column!r} must hold 0 or 1 only; found {bad}")
+    labels, mapping = labels_of(frame[cfg.label_column], cfg.positive_label, f"{path}: column {cfg.label_column!r}")
     texts = frame[cfg.text_column]
-    if texts.isna().any() or not texts.map(lambda t: isinstance(t, str) and bool(t.strip())).all():
-        raise ValueError(f"{path}: column {cfg.text_column!r} has empty or non-text values")
+    empty = ~texts.map(lambda text: isinstance(text, str) and bool(text.strip()))
+    bad = [[str(number + 1), "empty text" if empty.iloc[number] else "no label"]
+           for number in np.flatnonzero(empty.to_numpy() | labels.isna().to_numpy())]
+    _bad(str(path), bad, cfg.skip_bad_rows, "rows with an empty text or no label, counting from 1 after the header")
     if cfg.split_column and cfg.split_column in frame.columns:
         split = frame[cfg.split_column].astype(str).str.lower()
         if not split.isin(SPLITS).all():
@@ -176,8 +221,9 @@ def read_table(cfg: IngestConfig, seed: int) -> Reviews:
         order = np.random.default_rng(seed).permutation(len(frame))
         split = pd.Series("train", index=frame.index)
         split.iloc[order[: int(round(cfg.test_fraction * len(frame)))]] = "test"
-    rows = [(s, int(lab), i, -1, t) for i, (s, lab, t) in enumerate(zip(split, labels, texts))]
-    return _finish(rows, str(path))
+    keep = ~(empty | labels.isna()).to_numpy()
+    rows = [(s, int(lab), i, -1, t) for i, (s, lab, t, ok) in enumerate(zip(split, labels, texts, keep)) if ok]
+    return _finish(rows, str(path), bad, mapping)
 
 
 def read_keras(cfg: IngestConfig) -> Reviews:
@@ -192,7 +238,7 @@ def read_keras(cfg: IngestConfig) -> Reviews:
         for i, (ids, label) in enumerate(zip(xs, ys)):
             text = " ".join(words.get(int(t), "[UNK]") for t in ids if t >= 3)
             rows.append((split, int(label), i, -1, text))
-    return _finish(rows, "keras.datasets.imdb")
+    return _finish(rows, "keras.datasets.imdb", [])
 
 
 def ingest(cfg: IngestConfig, seed: int = 42) -> Reviews:
@@ -202,7 +248,7 @@ def ingest(cfg: IngestConfig, seed: int = 42) -> Reviews:
     if cfg.source == "table":
         return read_table(cfg, seed)
     path = locate(cfg)
-    return read_folder(path) if path.is_dir() else read_archive(path)
+    return (read_folder if path.is_dir() else read_archive)(path, cfg.skip_bad_rows)
 
 
 def input_digest(cfg: IngestConfig) -> str:

@@ -1,8 +1,9 @@
 """Batch scoring: reviews in a file in, labelled probabilities out.
 
-`python -m pipeline.score MODEL_URI INPUT [-o OUTPUT]` reads a CSV with a text column (or a .txt file
-with one review per line), scores every review with a logged or registered raw-text model and writes a
-CSV with the text, the probability of a positive review and the label at the threshold.
+`python -m pipeline.score MODEL_URI INPUT [-o OUTPUT]` reads a table with a text column (.csv, .tsv,
+.jsonl, .parquet) or a .txt file with one review per line, scores every review with a logged or
+registered raw-text model and writes a CSV with the text, the probability of a positive review and the
+label at the threshold.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.ingest import read_frame
+
 
 def read_reviews(path: Path, text_column: str) -> pd.DataFrame:
     if path.suffix == ".txt":
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return pd.DataFrame({text_column: lines})
-    frame = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+    frame = read_frame(path)
     if text_column not in frame.columns:
         raise ValueError(f"{path}: no column {text_column!r} (found {list(frame.columns)}); pass --text-column")
     return frame

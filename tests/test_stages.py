@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 import tarfile
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 from pipeline import build, evaluate, fit, ingest, split, textmodel
 from pipeline.config import BuildConfig, EvaluateConfig, FitConfig, IngestConfig, SplitConfig
-from tests.conftest import write_archive
+from tests.conftest import review, write_archive
 
 
 # -- ingest -------------------------------------------------------------------------------------------
@@ -126,12 +127,71 @@ def test_table_source_with_and_without_split_column(tmp_path):
 @pytest.mark.parametrize("frame, message", [
     (pd.DataFrame({"text": ["a", "b"]}), r"missing column\(s\) \['label'\]"),
     (pd.DataFrame({"text": ["a", "b"], "label": [0, 2]}), "must hold 0 or 1 only"),
-    (pd.DataFrame({"text": ["a", ""], "label": [0, 1]}), "empty or non-text"),
+    (pd.DataFrame({"text": ["a", ""], "label": [0, 1]}), r"1 rows with an empty text or no label.*: 2 \(empty text\)"),
 ])
 def test_table_source_rejects_bad_tables(tmp_path, frame, message):
     frame.to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(ValueError, match=message):
         ingest.ingest(IngestConfig(source="table", path=str(tmp_path / "t.csv")))
+
+
+def labelled_reviews(rows: int = 40) -> pd.DataFrame:
+    """The common download's form: columns review and sentiment, labels positive/negative."""
+    rng = random.Random(1)
+    return pd.DataFrame({"review": [review(rng, i % 2 == 0) for i in range(rows)],
+                         "sentiment": ["positive" if i % 2 == 0 else "negative" for i in range(rows)]})
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
+def test_a_review_sentiment_table_in_any_format_maps_its_labels(tmp_path, suffix):
+    frame, path = labelled_reviews(), tmp_path / f"imdb{suffix}"
+    {".csv": lambda: frame.to_csv(path, index=False), ".tsv": lambda: frame.to_csv(path, sep="\t", index=False),
+     ".jsonl": lambda: frame.to_json(path, orient="records", lines=True), ".parquet": lambda: frame.to_parquet(path)}[suffix]()
+    cfg = IngestConfig(source="table", path=str(path), text_column="review", label_column="sentiment")
+    with pytest.raises(ValueError, match=r"must hold 0 or 1 only; found \['positive', 'negative'\].*ingest.positive_label"):
+        ingest.ingest(cfg)
+    cfg.positive_label = "positive"
+    reviews = ingest.ingest(cfg)
+    assert reviews.labels == {"positive": "positive", "negative": "negative"}
+    by_text = dict(zip(reviews.frame["text"], reviews.frame["label"]))
+    assert all(by_text[text] == int(label == "positive") for text, label in zip(frame["review"], frame["sentiment"]))
+    assert sum(reviews.counts().values()) == len(frame)
+
+
+def test_positive_label_refuses_a_column_of_more_than_two_values(tmp_path):
+    frame = labelled_reviews()
+    frame.loc[3, "sentiment"] = "neutral"
+    frame.to_csv(tmp_path / "three.csv", index=False)
+    cfg = IngestConfig(source="table", path=str(tmp_path / "three.csv"), text_column="review", label_column="sentiment",
+                       positive_label="positive")
+    with pytest.raises(ValueError, match=r"3 distinct values \['negative', 'neutral', 'positive'\]"):
+        ingest.ingest(cfg)
+
+
+def test_empty_rows_are_named_or_left_out_and_listed(tmp_path):
+    frame = labelled_reviews()
+    empty = [2, 5, 9, 11, 20, 33, 38]  # 0-based: rows 3, 6, 10, 12, 21, 34, 39 of the file
+    frame.loc[empty, "review"] = ["", "   ", None, "", "", "", ""]
+    frame.to_csv(tmp_path / "holes.csv", index=False)
+    cfg = IngestConfig(source="table", path=str(tmp_path / "holes.csv"), text_column="review", label_column="sentiment",
+                       positive_label="positive")
+    with pytest.raises(ValueError) as error:
+        ingest.ingest(cfg)
+    assert "7 rows with an empty text" in str(error.value) and "skip_bad_rows=true" in str(error.value)
+    assert "3 (empty text), 6 (empty text), 10 (empty text), 12 (empty text), 21 (empty text), ..." in str(error.value)
+    cfg.skip_bad_rows = True
+    reviews = ingest.ingest(cfg)
+    assert [int(row) for row, _ in reviews.skipped] == [row + 1 for row in empty]
+    assert sum(reviews.counts().values()) == len(frame) - len(empty)
+    assert not reviews.frame["text"].str.strip().eq("").any()
+
+
+def test_an_archive_with_an_empty_review_file_can_leave_it_out(tmp_path):
+    path = write_archive(tmp_path / "bad.tar.gz", overrides={"train/pos/3": b"  ", "test/neg/1": b"caf\xe9"})
+    reviews = ingest.ingest(IngestConfig(path=str(path), skip_bad_rows=True))
+    assert reviews.counts() == {"train": 23, "test": 23}
+    assert [(where.split("/", 2)[-1].split("_")[0], why[:12]) for where, why in reviews.skipped] == [
+        ("pos/3", "the review i"), ("neg/1", "not valid UT")]
 
 
 def test_keras_source_decodes_the_tutorial_data(monkeypatch):

@@ -105,3 +105,25 @@ def test_a_failing_run_ends_failed_with_the_error(tiny_archive, tmp_path):
     frame = runs(cfg.tracking.uri)
     assert frame["status"].tolist() == ["FAILED"]
     assert "not a readable" in frame["tags.error"][0]
+
+
+def test_your_own_csv_with_word_labels_and_empty_rows_is_recorded_as_read(tmp_path):
+    import random
+
+    from tests.conftest import review
+
+    rng = random.Random(2)
+    frame = pd.DataFrame({"review": [review(rng, i % 2 == 0) for i in range(60)],
+                          "sentiment": ["positive" if i % 2 == 0 else "negative" for i in range(60)]})
+    frame.loc[[4, 17], "review"] = ""
+    frame.to_csv(tmp_path / "imdb.csv", index=False)
+    overrides = tiny_overrides(tmp_path / "imdb.csv", tmp_path)
+    cfg = compose_config(overrides + ["ingest=table", "ingest.text_column=review", "ingest.label_column=sentiment",
+                                      "ingest.positive_label=positive", "ingest.skip_bad_rows=true"])
+    train(cfg)
+    run = runs(cfg.tracking.uri).iloc[0]
+    assert run["status"] == "FINISHED"
+    assert (run["params.data.label_positive"], run["params.data.label_negative"]) == ("positive", "negative")
+    assert run["metrics.data.skipped_rows"] == 2
+    listed = mlflow.artifacts.load_text(f"runs:/{run.run_id}/data/skipped_rows.csv")
+    assert listed.splitlines() == ["row,reason", "5,empty text", "18,empty text"]

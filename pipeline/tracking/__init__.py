@@ -197,6 +197,14 @@ class TrackedRun:
         mlflow.set_tags({"data.digest": meta["digest"], **{f"cache.{k}": v for k, v in prepared.cache.items()}})
         if prepared.sizes:
             mlflow.log_params({f"data.{name}_rows": count for name, count in prepared.sizes.items()})
+        mlflow.log_params({f"data.label_{name}": value for name, value in meta["labels"].items()})
+        if self.cfg.ingest.skip_bad_rows:  # nothing left out silently: how many, and which
+            mlflow.log_metric("data.skipped_rows", len(meta["skipped"]))
+            if meta["skipped"]:
+                import pandas as pd
+
+                skipped = pd.DataFrame(meta["skipped"], columns=["row", "reason"]).to_csv(index=False)
+                mlflow.log_text(skipped, "data/skipped_rows.csv")
 
     def stage_seconds(self, seconds: dict[str, float]) -> None:
         mlflow.set_tags({f"seconds.{stage}": f"{value:.2f}" for stage, value in seconds.items()})
