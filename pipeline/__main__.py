@@ -27,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from pipeline import config, sweep  # noqa: E402
+from pipeline.console import CONSOLE  # noqa: E402
 
 sweep.register()
 log = logging.getLogger("pipeline")
@@ -38,6 +39,7 @@ def main(cfg: DictConfig) -> float | None:
 
     if not os.environ.get(config.PARENT_RUN):  # a single run
         settings = config.load(cfg)
+        CONSOLE.install(settings.verbose)
         if not settings.freeze_gc:
             gc.enable()
         metrics, _ = train(settings)
@@ -45,6 +47,7 @@ def main(cfg: DictConfig) -> float | None:
     job, overrides = HydraConfig.get().job, list(HydraConfig.get().overrides.task)
     try:
         settings = sweep.child_settings(config.load(cfg), overrides, job.num)
+        CONSOLE.install(settings.verbose)
         if not settings.freeze_gc:
             gc.enable()
     except ValueError as error:  # a job whose settings are invalid is recorded as a failed child

@@ -109,6 +109,19 @@ class Prepared:
     cache: dict[str, str]
     seconds: dict[str, float] = field(default_factory=dict)
 
+    def lines(self) -> list[tuple[str, float | None, str]]:
+        """(stage, seconds, what it made) for the terminal."""
+        meta, took = self.ingest_meta, self.seconds
+        reviews = f"{sum(meta['counts'].values()):,} reviews from {Path(meta['source']).name}" + (
+            f", {len(meta['skipped'])} left out (see data/skipped_rows.csv)" if meta["skipped"] else "")
+        sizes = ", ".join(f"{count:,} {name}" for name, count in (self.sizes or {}).items())
+        tokens = f"{len(self.encoded.vocabulary):,} tokens, {self.encoded.x_train.shape[1]} a review" if self.encoded else ""
+        if set(self.cache.values()) == {"hit"}:
+            return [("data", took.get("vectorize"), f"from the stage cache: {sizes}; {tokens}")]
+        shown = [("ingest", took.get("ingest"), reviews + (", from the stage cache" if self.cache["ingest"] == "hit" else ""))]
+        return shown + [line for line in (("split", took.get("split"), sizes), ("vectorize", took.get("vectorize"), tokens))
+                        if line[2]]
+
 
 @contextmanager
 def clocked(seconds: dict[str, float], stage: str):

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from pipeline import build, evaluate, fit, tracking
+from pipeline.console import stage
 from pipeline.cache import Prepared, clocked, prepare
 from pipeline.config import PipelineConfig
 
@@ -92,9 +93,12 @@ def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if "build" in cfg.stages:
             with clocked(seconds, "start_tensorflow"):
                 start_tensorflow(cfg)
+            stage("start TensorFlow", seconds["start_tensorflow"])
         gc.enable()  # (on already, unless cfg.stages ends before build)
         data = prepared()
         seconds.update(data.seconds)
+        for line in data.lines():
+            stage(*line)
         run.data(data)
         objects: dict[str, Any] = {"prepared": data}
         metrics: dict[str, float] = {}
@@ -106,12 +110,16 @@ def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 model = build.build_model(cfg.build, len(data.encoded.vocabulary), data.encoded.x_train.shape[1],
                                           cfg.seed)
             run.model_summary(build.summary(model))
+            stage("build", seconds["build"], f"{model.count_params():,} parameters")
             objects.update(encoded=data.encoded, model=model)
             if "fit" in cfg.stages:
                 with clocked(seconds, "fit"):
                     fitted = fit.fit(model, data.encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger()])
                 run.fitted(fitted)
                 objects["fitted"] = fitted
+                lowest = fitted.history.loc[fitted.history["val_loss"].idxmin()]
+                stage("fit", seconds["fit"], f"{len(fitted.history)} epochs, lowest val_loss {lowest.val_loss:.4f} "
+                                             f"at epoch {int(lowest.epoch)}")
                 metrics.update(val_loss=float(fitted.history["val_loss"].min()),
                                val_accuracy=float(fitted.history["val_accuracy"].max()))
             if "evaluate" in cfg.stages:
@@ -120,9 +128,12 @@ def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
                     run.evaluation(evaluation)
                 objects["evaluation"] = evaluation
                 metrics.update(evaluation.metrics)
+                stage("evaluate", seconds["evaluate"], f"test accuracy {metrics['test_accuracy']:.4f}, "
+                                                       f"test loss {metrics['test_loss']:.4f}")
                 if cfg.evaluate.log_model:
                     with clocked(seconds, "log_model"):
                         run.log_model(model, data.encoded.vocabulary, cfg)
+                    stage("log_model", seconds["log_model"], "the raw-text model, served as it was tested")
             run.complete()
             return metrics, objects
         finally:

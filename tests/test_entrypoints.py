@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -39,10 +40,38 @@ def test_python_m_pipeline(tiny_archive, tmp_path):
     again = subprocess.run([sys.executable, "-m", "pipeline", *overrides], cwd=tmp_path, env=environment(),
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, output(again)
-    assert "reusing cached products" in again.stdout
+    assert re.search(r"^data +\d+\.\d s  from the stage cache", again.stdout, re.MULTILINE)
     second = runs(uri).iloc[1]
     assert second["tags.cache.vectorize"] == "hit"
     assert second["metrics.test_accuracy"] == frame["metrics.test_accuracy"][0]  # same products, same result
+
+
+LIBRARY_LINES = re.compile(r"^[IWEF]\d{4} |absl::InitializeLog|cpu_feature_guard|XLA service|oneDNN|Compiled cluster"
+                           r"|INFO mlflow|WARNING mlflow", re.MULTILINE)
+
+
+def test_the_terminal_shows_stages_epochs_and_result_and_the_run_keeps_the_full_log(tiny_archive, tmp_path):
+    overrides = tiny_overrides(tiny_archive, tmp_path) + ["fit.jit_compile=true", f"hydra.run.dir={tmp_path / 'out'}"]
+    done = subprocess.run([sys.executable, "-m", "pipeline", *overrides], cwd=tmp_path, env=environment(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, output(done)
+    terminal = done.stdout + done.stderr
+    assert not LIBRARY_LINES.search(terminal), terminal
+    for stage, made in [("start TensorFlow", ""), ("ingest", "48 reviews"), ("split", "16 train, 8 validation, 24 test"),
+                        ("vectorize", "tokens"), ("build", "parameters"), ("fit", "3 epochs, lowest val_loss"),
+                        ("evaluate", "test accuracy"), ("log_model", "raw-text model")]:
+        assert re.search(rf"^{stage} +\d+\.\d s" + (f"  .*{made}" if made else "$"), done.stdout, re.MULTILINE), stage
+    assert [line for line in done.stdout.splitlines() if line.startswith("Epoch ")] == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
+    assert "ended FINISHED, test_accuracy" in done.stdout.strip().splitlines()[-1]
+    run_id = runs(f"sqlite:///{tmp_path / 'mlflow.db'}").run_id[0]
+    full = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").download_artifacts(run_id, "logs/run.log", str(tmp_path))
+    kept = Path(full).read_text()
+    assert "Compiled cluster using XLA" in kept and "Creating initial MLflow database tables" in kept
+    assert "[pipeline][INFO] - fit" in kept  # the pipeline's own lines too, with their times
+    loud = subprocess.run([sys.executable, "-m", "pipeline", *overrides, "verbose=true"], cwd=tmp_path,
+                          env=environment(), capture_output=True, text=True, timeout=600)
+    assert loud.returncode == 0, output(loud)
+    assert "Compiled cluster using XLA" in loud.stderr and "INFO mlflow" in loud.stderr
 
 
 def test_a_failure_while_preparing_in_the_worker_fails_the_run(tmp_path):

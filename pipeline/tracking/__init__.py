@@ -31,6 +31,7 @@ from mlflow.data.meta_dataset import MetaDataset
 import pipeline
 from pipeline import config, textmodel
 from pipeline.config import EXPERIMENT, PARENT_RUN
+from pipeline.console import CONSOLE
 from pipeline.signals import SIGNALS
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class TrackedRun:
     def __enter__(self) -> "TrackedRun":
         first = TrackedRun.first_in_process and not os.environ.get(PARENT_RUN)  # a sweep's jobs start later
         start = pipeline.STARTED if first else time.time()
+        self.log_from = 0 if first else CONSOLE.offset()  # the first run's log is the process's from its start
         TrackedRun.first_in_process = False
         SIGNALS.install()
         try:
@@ -171,6 +173,11 @@ class TrackedRun:
         with SIGNALS.held():
             if self.run_id is not None:
                 mlflow.flush_async_logging()  # every epoch queued so far is in the store before the end
+                try:
+                    if (full := CONSOLE.since(self.log_from)) is not None:
+                        mlflow.log_text(full, "logs/run.log")
+                except Exception as failure:  # the log is a record of the run; its end matters more
+                    log.warning("could not keep the run's log (%s)", failure)
                 if status == "FAILED":
                     mlflow.set_tag("error", f"{kind.__name__}: {error}"[:5000])
                 mlflow.end_run(status=status)
@@ -190,8 +197,6 @@ class TrackedRun:
     def data(self, prepared) -> None:
         """What the data stages produced: the dataset input, split sizes, cache hits, stage seconds."""
         meta = prepared.ingest_meta
-        if prepared.cache and set(prepared.cache.values()) == {"hit"}:  # said here: a worker's log is not shown
-            log.info("ingest, split, vectorize: reusing cached products")
         _registering(lambda: mlflow.log_input(ReviewsDataset(meta["source"], meta["digest"], meta["counts"]),
                                               context="training"))
         mlflow.set_tags({"data.digest": meta["digest"], **{f"cache.{k}": v for k, v in prepared.cache.items()}})

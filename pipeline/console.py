@@ -1,0 +1,91 @@
+"""What the terminal shows, and the full log each run keeps as its artifact logs/run.log.
+
+By default (verbose=false) the terminal shows one line per stage with its seconds, Keras's epoch lines
+and the result. What the libraries write to the process's standard error themselves (TensorFlow's and
+XLA's start-up lines, MLflow's notices) goes to the log only; Python's standard error (a traceback, a
+download's progress bar) goes to both; log records all go to the log, and to the terminal only the
+pipeline's and Hydra's own, and any library's errors. verbose=true leaves the terminal as the libraries make it.
+Installed once per process, by `python -m pipeline` (not by tests that call train() themselves).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import tempfile
+
+log = logging.getLogger("pipeline")
+FULL = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+class Tee:
+    """Python's standard error: written to the terminal and to the log."""
+
+    def __init__(self, terminal, full):
+        self.terminal, self.full = terminal, full
+
+    def write(self, text: str) -> int:
+        self.full.write(text)
+        return self.terminal.write(text)
+
+    def flush(self) -> None:
+        self.full.flush()
+        self.terminal.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding ...: the terminal's
+        return getattr(self.terminal, name)
+
+
+def calm(record: logging.LogRecord) -> bool:
+    return record.name.startswith(("pipeline", "hydra")) or record.levelno >= logging.ERROR
+
+
+class Console:
+    def __init__(self) -> None:
+        self.path: str | None = None
+
+    def install(self, verbose: bool) -> None:
+        if self.path is not None:
+            return
+        handle, self.path = tempfile.mkstemp(prefix="pipeline-", suffix=".log")
+        atexit.register(os.unlink, self.path)  # each run has kept its part
+        self.full = os.fdopen(handle, "a", buffering=1, encoding="utf-8", errors="replace")
+        handler = logging.StreamHandler(self.full)
+        handler.setFormatter(logging.Formatter(FULL))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger("mlflow").addHandler(handler)  # (MLflow's records do not reach the root)
+        logging.captureWarnings(True)  # Python's warnings as log records: to the log, not the terminal
+        if verbose:
+            return
+        for logger in (logging.getLogger(), logging.getLogger("mlflow")):  # Hydra's and MLflow's console handlers
+            for shown in logger.handlers:
+                if shown is not handler and type(shown) is logging.StreamHandler:
+                    shown.addFilter(calm)
+                    shown.setFormatter(logging.Formatter("%(message)s"))
+        sys.stderr.flush()
+        terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+        os.dup2(handle, 2)  # what TensorFlow, XLA and child processes write to standard error: the log only
+        sys.stderr = Tee(terminal, self.full)
+
+    def offset(self) -> int:
+        """Where the log ends now: a run keeps the log from here."""
+        return os.path.getsize(self.path) if self.path else 0
+
+    def since(self, offset: int) -> str | None:
+        if self.path is None:
+            return None
+        sys.stderr.flush()
+        with open(self.path, encoding="utf-8", errors="replace") as handle:
+            handle.seek(offset)
+            return handle.read()
+
+
+def stage(name: str, seconds: float | None, detail: str = "") -> None:
+    """One stage's line: its name, seconds and what it made."""
+    took = f"{seconds:6.1f} s" if seconds is not None else ""
+    log.info("%s", f"{name:<16} {took:>8}  {detail}".rstrip())
+
+
+CONSOLE = Console()
