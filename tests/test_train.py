@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import mlflow
 import pandas as pd
 import pytest
@@ -63,7 +65,7 @@ def test_second_run_that_changes_only_the_model_reuses_prepared_data(tiny_archiv
     train(compose_config(base))
     caplog.set_level("INFO")
     train(compose_config(base + ["build.hidden_units=8", "fit.epochs=2"]))
-    assert "reusing cached products" in caplog.text
+    assert re.search(r"data +\d+\.\d s  from the stage cache", caplog.text)
     train(compose_config(base + ["split.validation_size=6"]))
     frame = runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert frame["tags.cache.vectorize"].tolist() == ["miss", "hit", "miss"]
