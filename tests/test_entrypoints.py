@@ -62,7 +62,8 @@ def test_the_terminal_shows_stages_epochs_and_result_and_the_run_keeps_the_full_
                         ("evaluate", "test accuracy"), ("log_model", "raw-text model")]:
         assert re.search(rf"^{stage} +\d+\.\d s" + (f"  .*{made}" if made else "$"), done.stdout, re.MULTILINE), stage
     assert [line for line in done.stdout.splitlines() if line.startswith("Epoch ")] == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
-    assert "ended FINISHED, test_accuracy" in done.stdout.strip().splitlines()[-1]
+    verdict, command = done.stdout.strip().splitlines()[-4:-2]  # then the run page's and the runs table's URLs
+    assert "ended FINISHED, test_accuracy" in verdict and command.startswith("See it: mlflow ui --backend-store-uri")
     run_id = runs(f"sqlite:///{tmp_path / 'mlflow.db'}").run_id[0]
     full = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").download_artifacts(run_id, "logs/run.log", str(tmp_path))
     kept = Path(full).read_text()

@@ -4,6 +4,7 @@ pipeline filled with one run and a small sweep. Screenshots land in screenshots/
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,7 @@ def filled_store(tiny_archive, tmp_path_factory):
                              f"hydra.run.dir={folder / 'out'}"], cwd=folder, env=environment(),
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, output(single)
+    (folder / "single.out").write_text(single.stdout)  # what the terminal showed
     sweep = subprocess.run([sys.executable, "-m", "pipeline", "-m", *common, "build.hidden_units=4,8,16",
                             f"hydra.sweep.dir={folder / 'multirun'}"], cwd=folder, env=environment(),
                            capture_output=True, text=True, timeout=600)
@@ -87,6 +89,65 @@ def val_loss_points(page) -> int:
 def open_page(page, url: str, wait_for: str):
     page.goto(url)
     page.get_by_text(wait_for, exact=False).first.wait_for()
+
+
+def fresh_page(page):
+    """A page in a new browser profile: what a newcomer's browser holds (nothing remembered)."""
+    fresh = page.context.browser.new_page(viewport={"width": 1600, "height": 1000})
+    fresh.set_default_timeout(60_000)
+    return fresh
+
+
+def shows_the_runs_table(page, experiment_id: str, parent_name: str) -> None:
+    """The experiment's runs table, as Model training shows it: the single run and the sweep's parent,
+    its children folded. MLflow 3.17 opens an experiment on its GenAI Overview unless asked otherwise."""
+    page.wait_for_url(re.compile(rf"#/experiments/{experiment_id}/(runs|overview)"))
+    assert re.search(rf"#/experiments/{experiment_id}/runs\?workflowType=machine_learning", page.url), page.url
+    page.get_by_text(parent_name, exact=True).wait_for()
+    body = page.inner_text("body")
+    assert "tutorial-tiny" in body and parent_name in body
+    assert not any(f"hidden_units={h}" in body for h in (4, 8, 16))  # the children are folded under their parent
+
+
+def test_a_newcomer_clicks_the_experiment_on_the_home_page_and_sees_the_runs_table(browser_page):
+    """What the README tells a newcomer to do: choose Model training once (the browser remembers it),
+    then click the experiment on the home page."""
+    url, shared = browser_page
+    experiment_id, _, parent = ids(url)
+    page = fresh_page(shared)
+    try:
+        page.goto(f"{url}/")
+        page.get_by_text("Model training", exact=True).click()
+        page.get_by_role("link", name="imdb-sentiment", exact=True).click()
+        shows_the_runs_table(page, experiment_id, parent.info.run_name)
+        page.screenshot(path=str(SHOTS / "0-home-click-experiment.png"))
+        page.goto(f"{url}/")  # next time, the choice is remembered
+        page.get_by_role("link", name="imdb-sentiment", exact=True).click()
+        shows_the_runs_table(page, experiment_id, parent.info.run_name)
+    finally:
+        page.close()
+
+
+def test_the_runs_closing_lines_give_the_ui_command_its_run_page_and_the_runs_table(browser_page, filled_store):
+    url, shared = browser_page
+    experiment_id, single, parent = ids(url)
+    *_, verdict, command, first, second = (filled_store / "single.out").read_text().strip().splitlines()
+    assert verdict.startswith(f"MLflow run {single.info.run_id} ended FINISHED, test_accuracy ")
+    assert command == f"See it: mlflow ui --backend-store-uri sqlite:///{filled_store / 'mlflow.db'}, then open"
+    view = "?workflowType=machine_learning"
+    run_page, runs_table = re.findall(r"http://127\.0\.0\.1:5000(/\S+)", first + second)  # mlflow ui's address
+    assert run_page == f"/#/experiments/{experiment_id}/runs/{single.info.run_id}{view}"
+    assert runs_table == f"/#/experiments/{experiment_id}/runs{view}"
+    page = fresh_page(shared)  # served here by the test's server, on another port
+    try:
+        page.goto(url + runs_table)
+        shows_the_runs_table(page, experiment_id, parent.info.run_name)
+        page.goto(url + run_page)
+        page.get_by_text("build.hidden_units").first.wait_for()
+        assert "tutorial-tiny" in page.inner_text("body")
+        page.screenshot(path=str(SHOTS / "0-run-page-from-log.png"))
+    finally:
+        page.close()
 
 
 def test_the_experiment_lists_runs_and_groups_the_sweep(browser_page):

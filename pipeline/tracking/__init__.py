@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,19 @@ def use(uri: str | None) -> str:
         with FileLock(Path(tempfile.gettempdir()) / f"pipeline-store-{name}.lock"):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates the store, or finds it current
     return uri
+
+
+def ui_links(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where MLflow's UI shows the run and its experiment's runs table. MLflow 3.17's UI opens an experiment
+    on its GenAI pages unless the browser chose "Model training" or the URL asks for it, as these do."""
+    if uri.startswith("sqlite:"):  # `mlflow ui` serves it at its default address
+        base, head = "http://127.0.0.1:5000", f"See it: mlflow ui --backend-store-uri {shlex.quote(uri)}, then open"
+    elif uri.startswith(("http://", "https://")):
+        base, head = config.URL_USERINFO.sub(lambda m: m.group("scheme"), uri).rstrip("/"), "See it:"
+    else:
+        return ""
+    runs, view = f"{base}/#/experiments/{experiment_id}/runs", "?workflowType=machine_learning"
+    return f"\n{head}\n  the run         {runs}/{run_id}{view}\n  the runs table  {runs}{view}"
 
 
 def versions() -> dict[str, str]:
@@ -132,7 +146,7 @@ class TrackedRun:
     first_in_process = True  # the first run of a process started with the process
 
     def __init__(self, cfg: config.PipelineConfig):
-        self.cfg, self.run_id = cfg, None
+        self.cfg, self.run_id, self.experiment_id = cfg, None, None
         self.headline: dict[str, float] = {}  # what the closing log line reports
         self.watchdog: subprocess.Popen | None = None
 
@@ -154,7 +168,7 @@ class TrackedRun:
                 else:
                     experiment = mlflow.set_experiment(self.cfg.tracking.experiment_name)
                     run = client.create_run(experiment.experiment_id, start_time=int(start * 1000), run_name=name)
-                self.run_id = run.info.run_id
+                self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
                 mlflow.start_run(run_id=self.run_id)
                 self.watchdog = subprocess.Popen(  # ends the run KILLED if this process is killed outright
                     [sys.executable, str(Path(__file__).with_name("watchdog.py")), uri, self.run_id], stdin=subprocess.PIPE,
@@ -181,8 +195,9 @@ class TrackedRun:
                 if status == "FAILED":
                     mlflow.set_tag("error", f"{kind.__name__}: {error}"[:5000])
                 mlflow.end_run(status=status)
-                log.info("MLflow run %s ended %s%s", self.run_id, status, "".join(
-                    f", {name} {self.headline[name]:.4g}" for name in HEADLINE if name in self.headline))
+                headline = "".join(f", {name} {self.headline[name]:.4g}" for name in HEADLINE if name in self.headline)
+                log.info("MLflow run %s ended %s%s%s", self.run_id, status, headline,
+                         ui_links(mlflow.get_tracking_uri(), self.experiment_id, self.run_id))
             if self.watchdog is not None:
                 self.watchdog.communicate(b"ended")  # the run has ended as it should: the watchdog leaves
         return False  # a failing or interrupted run: its own exception propagates
