@@ -47,27 +47,28 @@ class Console:
         self.path: str | None = None
 
     def install(self, verbose: bool) -> None:
-        if self.path is not None:
-            return
-        handle, self.path = tempfile.mkstemp(prefix="pipeline-", suffix=".log")
-        atexit.register(os.unlink, self.path)  # each run has kept its part
-        self.full = os.fdopen(handle, "a", buffering=1, encoding="utf-8", errors="replace")
-        handler = logging.StreamHandler(self.full)
-        handler.setFormatter(logging.Formatter(FULL))
-        logging.getLogger().addHandler(handler)
-        logging.getLogger("mlflow").addHandler(handler)  # (MLflow's records do not reach the root)
-        logging.captureWarnings(True)  # Python's warnings as log records: to the log, not the terminal
-        if verbose:
-            return
-        for logger in (logging.getLogger(), logging.getLogger("mlflow")):  # Hydra's and MLflow's console handlers
-            for shown in logger.handlers:
-                if shown is not handler and type(shown) is logging.StreamHandler:
-                    shown.addFilter(calm)
+        """The log file and standard error once a process (the first job's `verbose` decides); the log
+        handlers at every job, as Hydra sets up logging anew for each job of a sweep."""
+        if self.path is None:
+            handle, self.path = tempfile.mkstemp(prefix="pipeline-", suffix=".log")
+            atexit.register(os.unlink, self.path)  # each run has kept its part
+            self.full = os.fdopen(handle, "a", buffering=1, encoding="utf-8", errors="replace")
+            self.handler = logging.StreamHandler(self.full)
+            self.handler.setFormatter(logging.Formatter(FULL))
+            self.verbose = verbose
+            logging.captureWarnings(True)  # Python's warnings as log records: to the log, not the terminal
+            if not verbose:
+                sys.stderr.flush()
+                terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+                os.dup2(handle, 2)  # what TensorFlow, XLA and child processes write to standard error: the log only
+                sys.stderr = Tee(terminal, self.full)
+        for logger in (logging.getLogger(), logging.getLogger("mlflow")):  # (MLflow's records do not reach the root)
+            if self.handler not in logger.handlers:
+                logger.addHandler(self.handler)
+            for shown in logger.handlers if not self.verbose else ():  # Hydra's and MLflow's console handlers
+                if shown is not self.handler and type(shown) is logging.StreamHandler and calm not in shown.filters:
+                    shown.addFilter(calm)  # the pipeline's lines, plainly
                     shown.setFormatter(logging.Formatter("%(message)s"))
-        sys.stderr.flush()
-        terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
-        os.dup2(handle, 2)  # what TensorFlow, XLA and child processes write to standard error: the log only
-        sys.stderr = Tee(terminal, self.full)
 
     def offset(self) -> int:
         """Where the log ends now: a run keeps the log from here."""

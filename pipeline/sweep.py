@@ -22,6 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.config import EXPERIMENT, PARENT_RUN, PipelineConfig, load, tracking_uri
+from pipeline.console import CONSOLE
 
 log = logging.getLogger(__name__)
 AXES = "PIPELINE_SWEEP_AXES"
@@ -108,6 +109,7 @@ class SweepCallback(Callback):
                 tracking=replace(self.settings.tracking, run_name=f"early_stopping,hidden_units={self.settings.build.hidden_units}"))
             try:
                 if finished_job(reference) is None:
+                    CONSOLE.install(reference.verbose)  # the handlers again: Hydra has set logging up anew
                     train.train(reference)
             except Exception:  # recorded as a FAILED child; the analysis lists it
                 log.exception("the early-stopping reference job failed")

@@ -70,6 +70,11 @@ def test_grid_sweep_gives_one_parent_a_child_per_job_and_the_analysis(tiny_archi
     # the data was prepared once: every job after the first reused it
     hits = sorted(c.data.tags["cache.vectorize"] for c in children)
     assert hits.count("miss") == 1
+    # every job's terminal is as calm as the first (Hydra sets up logging anew for each), each keeps its log
+    assert done.stdout.count("ended FINISHED") == 5 and "[pipeline" not in done.stdout
+    for child in children:
+        kept = Path(MlflowClient(uri).download_artifacts(child.info.run_id, "logs/run.log", str(tmp_path / child.info.run_id)))
+        assert f"MLflow run {child.info.run_id} ({child.info.run_name})" in kept.read_text()
 
     # the analysis runs again on its own for a finished sweep
     again = subprocess.run([sys.executable, "-m", "pipeline.sweep", parent.info.run_id, "--tracking-uri", uri],
