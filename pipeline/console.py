@@ -67,8 +67,9 @@ class Console:
                 logger.addHandler(self.handler)
             for shown in logger.handlers if not self.verbose else ():  # Hydra's and MLflow's console handlers
                 if shown is not self.handler and type(shown) is logging.StreamHandler and calm not in shown.filters:
-                    shown.addFilter(calm)  # the pipeline's lines, plainly
-                    shown.setFormatter(logging.Formatter("%(message)s"))
+                    shown.addFilter(calm)  # the pipeline's lines, plainly; on a terminal, over a progress bar
+                    clear = "\r\x1b[K" if getattr(shown.stream, "isatty", lambda: False)() else ""  # (the worker's)
+                    shown.setFormatter(logging.Formatter(clear + "%(message)s"))
 
     def offset(self) -> int:
         """Where the log ends now: a run keeps the log from here."""

@@ -15,6 +15,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -108,15 +109,19 @@ def _reviews(found, source: str, skip: bool) -> Reviews:
 
 def read_archive(path: Path, skip: bool = False) -> Reviews:
     """Reviews from an aclImdb .tar.gz, read in one pass; train/unsup and every other member are skipped."""
-    def members():
-        with tarfile.open(path, "r|*") as archive:
+    def members(raw):
+        with tarfile.open(fileobj=raw, mode="r|*") as archive:
             for member in archive:
                 match = MEMBER.search(member.name)
                 if match and member.isfile():
                     yield member.name, match, archive.extractfile(member).read()
+                    progress(f"reading {path.name}", min(raw.tell(), size - 1), size)  # the end: below
 
+    size = path.stat().st_size
     try:
-        found = list(members())
+        with open(path, "rb") as raw:
+            found = list(members(raw))
+        progress(f"reading {path.name}", size, size)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
         raise ValueError(f"{path}: not a readable .tar.gz archive ({error}); delete it and download it again") from None
     return _reviews(found, str(path), skip)
@@ -129,8 +134,24 @@ def read_folder(path: Path, skip: bool = False) -> Reviews:
     return _reviews([(str(file), match, file.read_bytes()) for file, match in files if match], str(path), skip)
 
 
+def progress(what: str, done: int, total: int, every: float = 0.25) -> None:
+    """A progress bar, on standard error or output, whichever is a terminal (in the worker that prepares
+    the data, standard error is the run's log); a line at most every `every` seconds, and at the end."""
+    global _last_bar
+    now, end = time.monotonic(), bool(total) and done >= total
+    stream = next((stream for stream in (sys.stderr, sys.stdout) if stream.isatty()), None)
+    if stream is None or (now - _last_bar < every and not end):
+        return
+    _last_bar = now
+    print(f"\r{what}: {f'{done / total:6.1%}' if total else f'{done >> 20} MB'}", end="\n" if end else "",
+          file=stream, flush=True)
+
+
+_last_bar = 0.0  # when progress() last drew
+
+
 def download(url: str, target: Path, sha256: str | None) -> Path:
-    """Fetch `url` to `target` with a progress bar on stderr; verify the checksum before keeping it."""
+    """Fetch `url` to `target` with a progress bar; verify the checksum before keeping it."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
     try:
@@ -140,9 +161,9 @@ def download(url: str, target: Path, sha256: str | None) -> Path:
             while block := response.read(1 << 20):
                 out.write(block)
                 done += len(block)
-                shown = f"{done / total:6.1%}" if total else f"{done >> 20} MB"
-                print(f"\rdownloading {url}: {shown}", end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
+                progress(f"downloading {url}", done, total)
+        if not total:  # (with a size, the last block drew the last line)
+            progress(f"downloading {url}", done, done)
         if sha256 and sha256_file(Path(partial)) != sha256:
             raise ValueError(f"{url}: the download's sha256 does not match {sha256}; nothing was kept")
         shutil.move(partial, target)

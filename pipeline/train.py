@@ -117,9 +117,9 @@ def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
                     fitted = fit.fit(model, data.encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger()])
                 run.fitted(fitted)
                 objects["fitted"] = fitted
-                lowest = fitted.history.loc[fitted.history["val_loss"].idxmin()]
-                stage("fit", seconds["fit"], f"{len(fitted.history)} epochs, lowest val_loss {lowest.val_loss:.4f} "
-                                             f"at epoch {int(lowest.epoch)}")
+                lowest, epochs = fitted.history.loc[fitted.history["val_loss"].idxmin()], len(fitted.history)
+                stage("fit", seconds["fit"], f"{epochs} epoch{'s' * (epochs != 1)}, lowest val_loss "
+                                             f"{lowest.val_loss:.4f} at epoch {int(lowest.epoch)}")
                 metrics.update(val_loss=float(fitted.history["val_loss"].min()),
                                val_accuracy=float(fitted.history["val_accuracy"].max()))
             if "evaluate" in cfg.stages:

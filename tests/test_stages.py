@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import sys
 import tarfile
 
 import numpy as np
@@ -72,6 +73,20 @@ def test_missing_archive_offline_says_where_to_put_it(tmp_path):
         ingest.ingest(cfg)
     assert str(target) in str(error.value)
     assert not list(tmp_path.iterdir())  # no partial download left behind
+
+
+def test_a_read_or_download_shows_progress_on_a_terminal(tiny_archive, tmp_path, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    shown, piped = Terminal(), io.StringIO()  # on a terminal: the bar; into a pipe or file: nothing
+    monkeypatch.setattr(sys, "stderr", piped)
+    monkeypatch.setattr(sys, "stdout", shown)  # (in the worker that prepares the data, stderr is the log)
+    ingest.read_archive(tiny_archive)
+    ingest.download(tiny_archive.as_uri(), tmp_path / "copy.tar.gz", None)
+    assert shown.getvalue().endswith(f"\rreading {tiny_archive.name}: 100.0%\n\rdownloading {tiny_archive.as_uri()}: 100.0%\n")
+    assert piped.getvalue() == ""
 
 
 def test_download_is_verified_and_kept(tiny_archive, tmp_path):
