@@ -179,7 +179,7 @@ class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # a prefix of the pipeline
     seed: int = 42  # seeds the split, weight initialisation and batch order
     cache_dir: str = ".cache/pipeline"  # stage products and compiled programs, keyed by what made them
-    verbose: bool = False  # true: the libraries' own lines on the terminal too (they are in logs/run.log anyway)
+    verbose: bool = False  # true: the libraries' own lines on the terminal (false: in the run's logs/run.log only)
     # Speed switches, each measured by `python -m pipeline.bench --ablate` (docs/performance.md)
     stage_cache: bool = True  # reuse ingest/split/vectorize products from cache_dir (pipeline.cache)
     prepare_ahead: bool = True  # prepare the data in a worker process while TensorFlow loads

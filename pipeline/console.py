@@ -4,8 +4,9 @@ By default (verbose=false) the terminal shows one line per stage with its second
 and the result. What the libraries write to the process's standard error themselves (TensorFlow's and
 XLA's start-up lines, MLflow's notices) goes to the log only; Python's standard error (a traceback, a
 download's progress bar) goes to both; log records all go to the log, and to the terminal only the
-pipeline's and Hydra's own, and any library's errors. verbose=true leaves the terminal as the libraries make it.
-Installed once per process, by `python -m pipeline` (not by tests that call train() themselves).
+pipeline's and Hydra's own, and any library's errors. verbose=true leaves the terminal as the libraries
+make it (their C/C++ lines are then on the terminal only; the log keeps every log record). Installed by
+`python -m pipeline` at each job (not by tests that call train() themselves).
 """
 
 from __future__ import annotations
