@@ -33,23 +33,24 @@ sweep.register()
 log = logging.getLogger("pipeline")
 
 
+def ready(settings: config.PipelineConfig) -> config.PipelineConfig:
+    """A job's settings, once loaded: its console, and collection back on unless freeze_gc."""
+    CONSOLE.install(settings.verbose)
+    if not settings.freeze_gc:
+        gc.enable()
+    return settings
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from pipeline.train import train
 
     if not os.environ.get(config.PARENT_RUN):  # a single run
-        settings = config.load(cfg)
-        CONSOLE.install(settings.verbose)
-        if not settings.freeze_gc:
-            gc.enable()
-        metrics, _ = train(settings)
+        metrics, _ = train(ready(config.load(cfg)))
         return metrics.get("val_accuracy")
     job, overrides = HydraConfig.get().job, list(HydraConfig.get().overrides.task)
     try:
-        settings = sweep.child_settings(config.load(cfg), overrides, job.num)
-        CONSOLE.install(settings.verbose)
-        if not settings.freeze_gc:
-            gc.enable()
+        settings = ready(sweep.child_settings(config.load(cfg), overrides, job.num))
     except ValueError as error:  # a job whose settings are invalid is recorded as a failed child
         from pipeline.tracking import sweeps
 

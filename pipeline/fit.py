@@ -33,6 +33,16 @@ class Fitted:
     stopped_epoch: Optional[int]  # last epoch trained when early stopping ended the fit
     best_epoch: Optional[int]  # the epoch whose weights the model holds after early stopping
 
+    def summary(self) -> dict[str, float]:
+        """epochs_trained, best_val_loss and the epoch it was reached (and stopped_epoch, best_epoch with
+        early stopping): what the run records and the terminal reports."""
+        lowest = self.history.loc[self.history["val_loss"].idxmin()]
+        summary = {"epochs_trained": len(self.history), "best_val_loss": float(lowest["val_loss"]),
+                   "best_val_loss_epoch": int(lowest["epoch"])}
+        summary.update({k: v for k, v in (("stopped_epoch", self.stopped_epoch), ("best_epoch", self.best_epoch))
+                        if v is not None})
+        return summary
+
 
 def fit(model, data, cfg: FitConfig, seed: int, callbacks: Sequence = ()) -> Fitted:
     """Train `model` in place on the training arrays, validating on the held-out arrays each epoch."""

@@ -229,9 +229,9 @@ def read_table(cfg: IngestConfig, seed: int) -> Reviews:
                          "(set ingest.text_column / ingest.label_column)")
     labels, mapping = labels_of(frame[cfg.label_column], cfg.positive_label, f"{path}: column {cfg.label_column!r}")
     texts = frame[cfg.text_column]
-    empty = ~texts.map(lambda text: isinstance(text, str) and bool(text.strip()))
-    bad = [[str(number + 1), "empty text" if empty.iloc[number] else "no label"]
-           for number in np.flatnonzero(empty.to_numpy() | labels.isna().to_numpy())]
+    empty = ~texts.map(lambda text: isinstance(text, str) and bool(text.strip())).to_numpy(dtype=bool)
+    unusable = empty | labels.isna().to_numpy()
+    bad = [[str(number + 1), "empty text" if empty[number] else "no label"] for number in np.flatnonzero(unusable)]
     _bad(str(path), bad, cfg.skip_bad_rows, "rows with an empty text or no label, counting from 1 after the header")
     if cfg.split_column and cfg.split_column in frame.columns:
         split = frame[cfg.split_column].astype(str).str.lower()
@@ -242,8 +242,8 @@ def read_table(cfg: IngestConfig, seed: int) -> Reviews:
         order = np.random.default_rng(seed).permutation(len(frame))
         split = pd.Series("train", index=frame.index)
         split.iloc[order[: int(round(cfg.test_fraction * len(frame)))]] = "test"
-    keep = ~(empty | labels.isna()).to_numpy()
-    rows = [(s, int(lab), i, -1, t) for i, (s, lab, t, ok) in enumerate(zip(split, labels, texts, keep)) if ok]
+    rows = [(s, int(lab), i, -1, t) for i, (s, lab, t, bad_row) in enumerate(zip(split, labels, texts, unusable))
+            if not bad_row]
     return _finish(rows, str(path), bad, mapping)
 
 

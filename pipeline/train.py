@@ -117,11 +117,11 @@ def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
                     fitted = fit.fit(model, data.encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger()])
                 run.fitted(fitted)
                 objects["fitted"] = fitted
-                lowest, epochs = fitted.history.loc[fitted.history["val_loss"].idxmin()], len(fitted.history)
-                stage("fit", seconds["fit"], f"{epochs} epoch{'s' * (epochs != 1)}, lowest val_loss "
-                                             f"{lowest.val_loss:.4f} at epoch {int(lowest.epoch)}")
-                metrics.update(val_loss=float(fitted.history["val_loss"].min()),
-                               val_accuracy=float(fitted.history["val_accuracy"].max()))
+                done = fitted.summary()
+                epochs, lowest, at = done["epochs_trained"], done["best_val_loss"], done["best_val_loss_epoch"]
+                stage("fit", seconds["fit"], f"{epochs} epoch{'s' * (epochs != 1)}, lowest val_loss {lowest:.4f} "
+                                             f"at epoch {at}")
+                metrics.update(val_loss=lowest, val_accuracy=float(fitted.history["val_accuracy"].max()))
             if "evaluate" in cfg.stages:
                 with clocked(seconds, "evaluate"):
                     evaluation = evaluate.evaluate(model, data.encoded, fitted.history, cfg.evaluate)

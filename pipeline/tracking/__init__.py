@@ -252,12 +252,8 @@ class TrackedRun:
         return RecordEpochs()
 
     def fitted(self, fitted) -> None:
-        history = fitted.history
-        mlflow.log_text(history.to_csv(index=False), "history.csv")
-        summary = {"epochs_trained": len(history), "best_val_loss": float(history["val_loss"].min()),
-                   "best_val_loss_epoch": int(history.loc[history["val_loss"].idxmin(), "epoch"])}
-        summary.update({k: v for k, v in (("stopped_epoch", fitted.stopped_epoch), ("best_epoch", fitted.best_epoch))
-                        if v is not None})
+        mlflow.log_text(fitted.history.to_csv(index=False), "history.csv")
+        summary = fitted.summary()
         mlflow.log_metrics(summary)
         self.headline.update(summary)
 
