@@ -1,9 +1,11 @@
-"""The sweep analysis: what a grid over hidden units and epochs says about overfitting.
+"""The sweep analysis: what a grid over hidden units and epochs says about overfitting, and, when the
+jobs train several model families, which family to use and what it costs.
 
 In: one row per child run (its settings, status and final metrics) and each finished child's per-epoch
 history. Out: Analysis, a table (one row per job), figures (validation loss against epoch for each
-hidden size, overlaid; test accuracy against the epoch budget for each hidden size) and a Markdown report
-that states the finding with the measured numbers. Pure: reading and writing runs is pipeline.tracking's.
+hidden size, overlaid; test accuracy against the epoch budget for each hidden size; with families, their
+ranking's figures) and a Markdown report that states the finding with the measured numbers. Pure:
+reading and writing runs is pipeline.tracking's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class Analysis:
     figures: dict[str, object] = field(default_factory=dict)  # file name -> matplotlib Figure
     report: str = ""  # Markdown
     headline: dict[str, float] = field(default_factory=dict)  # numbers worth logging as parent metrics
+    best_run: str | None = None  # the run of the highest validation accuracy (of the best family, if several)
+    ranking: pd.DataFrame | None = None  # with several families: one row per family, best first
 
 
 def job_row(job: str, run_id: str, hidden_units: int, epochs: int, history: pd.DataFrame,
@@ -50,9 +54,18 @@ def analyze(rows: list[dict], histories: dict[str, pd.DataFrame], failed: list[d
         table = table.sort_values(["hidden_units", "epochs", "job"], ignore_index=True)
     failed_table = pd.DataFrame(failed, columns=["job", "run_id", "error"])
     analysis = Analysis(table=table, failed=failed_table)
-    if not table.empty:
+    if not table.empty and "family" in table and table["family"].nunique() > 1:  # several families
+        from pipeline import comparison
+
+        analysis.ranking = comparison.rank(table)
+        analysis.best_run = comparison.best_run(table, analysis.ranking)
+        analysis.figures = comparison.figures(table, histories)
+        analysis.headline, analysis.report = comparison.report(table, analysis.ranking, histories)
+        analysis.report += "\n## Jobs\n\n" + _markdown(table.drop(columns=["run_id"])) + "\n" + _failed_section(failed_table)
+    elif not table.empty:
         analysis.figures = figures(table, histories)
         analysis.headline, analysis.report = report(table, failed_table, early_stopping)
+        analysis.best_run = table.loc[table["best_val_accuracy"].idxmax(), "run_id"]
     else:
         analysis.report = "# Sweep analysis\n\nNo job finished.\n" + _failed_section(failed_table)
     return analysis

@@ -29,7 +29,7 @@ import pandas as pd
 
 from pipeline import build, ingest, split, textmodel
 from pipeline.build import Encoded
-from pipeline.config import PipelineConfig
+from pipeline.config import BAG_FAMILIES, PipelineConfig
 from pipeline.ingest import sha256_file
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,10 @@ class Prepared:
         reviews = f"{sum(meta['counts'].values()):,} reviews from {Path(meta['source']).name}" + (
             f", {len(meta['skipped'])} left out (see data/skipped_rows.csv)" if meta["skipped"] else "")
         sizes = ", ".join(f"{count:,} {name}" for name, count in (self.sizes or {}).items())
-        tokens = f"{len(self.encoded.vocabulary):,} tokens, {self.encoded.x_train.shape[1]} a review" if self.encoded else ""
+        tokens = ""
+        if self.encoded is not None:
+            kind = f"{len(self.encoded.codes):,} n-grams" if self.encoded.ngrams else f"{len(self.encoded.vocabulary):,} tokens"
+            tokens = f"{kind}, {self.encoded.x_train.shape[1]} a review"
         if set(self.cache.values()) == {"hit"}:
             return [("data", took.get("vectorize"), f"from the stage cache: {sizes}; {tokens}")]
         shown = [("ingest", took.get("ingest"), reviews + (", from the stage cache" if self.cache["ingest"] == "hit" else ""))]
@@ -142,8 +145,9 @@ def prepare(cfg: PipelineConfig) -> Prepared:
     settings.update(input=ingest.input_digest(cfg.ingest), seed=cfg.seed if cfg.ingest.source == "table" else None)
     ingest_key = make_key("ingest", settings, [ingest])
     vector_key = make_key("vectorize", {
-        "ingest": ingest_key, "split": asdict(cfg.split), "seed": cfg.seed,
-        "build": {name: getattr(cfg.build, name) for name in build.VECTORIZE_FIELDS}},
+        "ingest": ingest_key, "split": asdict(cfg.split), "seed": cfg.seed if cfg.split.seed is None else None,
+        "build": {name: getattr(cfg.build, name) for name in build.VECTORIZE_FIELDS},
+        "bags": cfg.build.family in BAG_FAMILIES},
         [ingest, split, build, textmodel]) if "build" in cfg.stages else None
     status = "miss" if store else "off"
 
@@ -151,7 +155,7 @@ def prepare(cfg: PipelineConfig) -> Prepared:
         hit = store.load("vectorize", vector_key) if store and vector_key else None
     if hit is not None:
         arrays, meta = hit
-        return Prepared(Encoded(vocabulary=meta["vocabulary"], **arrays), meta["ingest"], meta["sizes"],
+        return Prepared(Encoded(vocabulary=meta["vocabulary"], ngrams=meta["ngrams"], **arrays), meta["ingest"], meta["sizes"],
                         dict.fromkeys(("ingest", "split", "vectorize"), "hit"), seconds)
     with clocked(seconds, "ingest"):
         kept = store.load("ingest", ingest_key) if store else None
@@ -178,5 +182,6 @@ def prepare(cfg: PipelineConfig) -> Prepared:
     if store is not None:
         with clocked(seconds, "cache_write"):
             store.save("vectorize", vector_key, {k: getattr(prepared.encoded, k) for k in Encoded.ARRAYS},
-                       {"vocabulary": prepared.encoded.vocabulary, "sizes": prepared.sizes, "ingest": meta})
+                       {"vocabulary": prepared.encoded.vocabulary, "ngrams": prepared.encoded.ngrams,
+                        "sizes": prepared.sizes, "ingest": meta})
     return prepared

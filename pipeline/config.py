@@ -20,6 +20,8 @@ STAGES = ("ingest", "split", "build", "fit", "evaluate")
 SOURCES = ("archive", "keras", "table")
 TRUNCATIONS = ("pre", "post")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "nadam")
+FAMILIES = ("tutorial", "fasttext", "cnn", "nbsvm")  # conf/build/<family>.yaml each
+BAG_FAMILIES = ("fasttext", "nbsvm")  # trained on each review's distinct n-grams, not its token sequence
 
 # A sweep's jobs find their parent run through these (set by pipeline.sweep, read by pipeline.tracking).
 PARENT_RUN, EXPERIMENT = "PIPELINE_SWEEP_PARENT_RUN_ID", "PIPELINE_SWEEP_EXPERIMENT_ID"
@@ -66,6 +68,7 @@ class SplitConfig:
     validation_size: Optional[int] = 10000  # the tutorial holds out the first 10,000 training reviews
     validation_fraction: Optional[float] = None  # alternative to validation_size; set exactly one
     shuffle: bool = True  # seeded shuffle before the hold-out (the archive is sorted by class)
+    seed: Optional[int] = None  # the shuffle's seed; null: the run's seed (set it to keep one split across seeds)
 
     def validate(self) -> None:
         if (self.validation_size is None) == (self.validation_fraction is None):
@@ -82,8 +85,11 @@ class SplitConfig:
 
 @dataclass
 class BuildConfig:
-    vocabulary_size: int = 10000  # the tutorial's num_words
-    sequence_length: int = 256  # the tutorial's maxlen
+    family: str = "tutorial"  # tutorial, fasttext, cnn or nbsvm (pipeline/build.py; conf/build/<family>.yaml)
+    vocabulary_size: int = 10000  # the tutorial's num_words (fasttext, nbsvm: how many n-grams at most)
+    sequence_length: int = 256  # the tutorial's maxlen (fasttext, nbsvm: distinct n-grams kept per review)
+    ngrams: int = 1  # fasttext, nbsvm: word n-grams of 1..ngrams words
+    min_count: int = 2  # fasttext, nbsvm: n-grams in fewer training reviews are left out
     truncate: str = "pre"  # pre keeps each review's last tokens, as pad_sequences does (test acc 0.873 vs 0.856)
     embedding_dim: int = 16  # the tutorial's value
     hidden_units: int = 16  # the tutorial's Dense(16, relu)
@@ -91,10 +97,22 @@ class BuildConfig:
     dropout_rate: float = 0.0  # the tutorial uses none; applied after pooling and after each hidden layer
     optimizer: str = "adam"  # the tutorial's optimizer
     learning_rate: float = 0.001  # Keras's Adam default, which the tutorial uses
+    l2: float = 0.0  # L2 penalty on the first layer's weights (the embedding; nbsvm: the n-gram weights)
+    filters: int = 64  # cnn: channels of each Conv1D
+    kernel_size: int = 7  # cnn: words each filter sees
+    smoothing: float = 1.0  # nbsvm: the count added to every n-gram before the log-count ratios
 
     def validate(self) -> None:
-        for name in ("vocabulary_size", "sequence_length", "embedding_dim", "hidden_units", "hidden_layers"):
+        _require(self.family in FAMILIES, "build.family", self.family, f"one of {', '.join(FAMILIES)} (build=<family>)")
+        for name in ("vocabulary_size", "sequence_length", "embedding_dim", "hidden_units", "hidden_layers",
+                     "ngrams", "min_count", "filters", "kernel_size"):
             _positive(f"build.{name}", getattr(self, name))
+        _require(self.ngrams <= 3, "build.ngrams", self.ngrams, "use 1, 2 or 3")
+        _require(self.l2 >= 0 and self.smoothing > 0, "build.l2/build.smoothing", (self.l2, self.smoothing),
+                 "use l2 >= 0 and smoothing > 0")
+        if self.family == "cnn":  # two Conv1D of stride 3: the second needs kernel_size positions left
+            _require((self.sequence_length - self.kernel_size) // 3 + 1 >= self.kernel_size, "build.sequence_length",
+                     self.sequence_length, f"at least {4 * self.kernel_size - 3} for two convolutions of {self.kernel_size}")
         _require(self.vocabulary_size >= 3, "build.vocabulary_size", self.vocabulary_size,
                  "use at least 3 (padding, out-of-vocabulary and one word)")
         _require(self.truncate in TRUNCATIONS, "build.truncate", self.truncate,

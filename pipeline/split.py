@@ -41,7 +41,7 @@ def split(frame: pd.DataFrame, cfg: SplitConfig, seed: int) -> Splits:
     `frame` (columns text, label, rating, split)."""
     train = frame[frame["split"] == "train"]
     test = frame[frame["split"] == "test"].reset_index(drop=True)
-    order, size = holdout(len(train), cfg, seed)
+    order, size = holdout(len(train), cfg, seed if cfg.seed is None else cfg.seed)
     train = train.iloc[order].reset_index(drop=True)
     # like the tutorial: the first `size` (shuffled) training reviews are the validation set
     return Splits(train=train.iloc[size:].reset_index(drop=True),

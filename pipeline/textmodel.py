@@ -89,9 +89,81 @@ def encode(index: dict[bytes, int], texts: Sequence[str | bytes], sequence_lengt
     return out
 
 
-def save_vocabulary(path: Path, vocabulary: Sequence[str], sequence_length: int, truncate: str) -> None:
-    Path(path).write_text(json.dumps(
-        {"vocabulary": list(vocabulary), "sequence_length": sequence_length, "truncate": truncate}))
+# -- bags of n-grams (the fasttext and nbsvm families) ---------------------------------------------
+# A review becomes the set of its distinct word n-grams (1..ngrams words) that the n-gram vocabulary
+# holds, as ids 1..len(codes) (0 pads the row). An n-gram is coded as one integer from its words' ids
+# in `vocabulary` (every training token; 1 for a token training never saw): code = id1*V^2 + id2*V + id3
+# with V = len(vocabulary), so n-grams are counted and looked up in numpy, not as Python strings.
+def _codes(index: dict[bytes, int], texts: Sequence[str | bytes], ngrams: int, base: int,
+           standardized: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(code, row) of every n-gram occurrence in `texts`."""
+    kept = [tokens(text, standardized=standardized) for text in texts]
+    lengths = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
+    flat = np.fromiter(map(index.get, chain.from_iterable(kept), repeat(1)), dtype=np.int64, count=int(lengths.sum()))
+    row = np.repeat(np.arange(len(kept)), lengths)
+    room = np.repeat(np.cumsum(lengths), lengths) - np.arange(len(flat))  # tokens from here to the review's end
+    codes, rows, code = [flat], [row], flat
+    for n in range(2, ngrams + 1):
+        code = code[:-1] * base + flat[n - 1:]  # code[p]: the n words from position p
+        whole = room[:len(code)] >= n  # not running into the next review
+        codes.append(code[whole])
+        rows.append(row[:len(code)][whole])
+    return np.concatenate(codes), np.concatenate(rows)
+
+
+def _sorted_set(values: np.ndarray) -> np.ndarray:
+    """np.unique by sorting (NumPy 2's hashing np.unique is several times slower on these arrays)."""
+    values = np.sort(values)
+    return values[np.concatenate([[True], values[1:] != values[:-1]])] if len(values) else values
+
+
+def _distinct(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The codes, each once per row."""
+    inverse, uniques = pd.factorize(codes)
+    width = int(rows.max(initial=0)) + 1
+    return uniques[_sorted_set(inverse.astype(np.int64) * width + rows) // width]
+
+
+def adapt_ngrams(texts: Sequence[str | bytes], ngrams: int, min_count: int, size: int,
+                 standardized: bool = False) -> tuple[list[str], np.ndarray]:
+    """(vocabulary of every token, n-gram codes): the n-grams found in at least `min_count` of `texts`,
+    the most frequent `size` of them, most frequent first (ties: the smaller code)."""
+    vocabulary = adapt(texts, sys.maxsize, standardized)
+    if len(vocabulary) ** ngrams >= 2 ** 63:
+        raise ValueError(f"build.ngrams={ngrams}: {len(vocabulary):,} words make n-gram codes too large; use fewer")
+    index, found = token_index(vocabulary), []
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        found.append(_distinct(*_codes(index, texts[start:start + ENCODE_CHUNK], ngrams, len(vocabulary),
+                                       standardized)))
+    counts = pd.Series(np.concatenate(found)).value_counts()
+    counts = counts[counts >= min_count]
+    order = np.lexsort((counts.index.to_numpy(), -counts.to_numpy()))[:size]
+    return vocabulary, counts.index.to_numpy()[order].astype(np.int64)
+
+
+def encode_ngrams(index: dict[bytes, int], codes: pd.Index, texts: Sequence[str | bytes], ngrams: int,
+                  base: int, sequence_length: int, standardized: bool = False) -> np.ndarray:
+    """Each review's distinct n-gram ids (its most frequent `sequence_length`, ascending), 0-padded:
+    shape (len(texts), sequence_length), int32. `codes`: adapt_ngrams's codes as a pandas Index."""
+    out = np.zeros((len(texts), sequence_length), dtype=np.int32)
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        found, rows = _codes(index, texts[start:start + ENCODE_CHUNK], ngrams, base, standardized)
+        ids = codes.get_indexer(found) + 1  # 0: not in the vocabulary
+        width = len(codes) + 1
+        pairs = _sorted_set(rows[ids > 0] * width + ids[ids > 0])  # by row, then id
+        rows, ids = pairs // width, pairs % width
+        per_row = np.bincount(rows, minlength=min(ENCODE_CHUNK, len(texts) - start))
+        place = np.arange(len(rows)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+        fits = place < sequence_length
+        out[start + rows[fits], place[fits]] = ids[fits]
+    return out
+
+
+def save_vocabulary(path: Path, vocabulary: Sequence[str], sequence_length: int, truncate: str,
+                    ngrams: int = 0, codes: Sequence[int] = ()) -> None:
+    """What serving needs to encode text as training did. ngrams=0: token-id sequences."""
+    Path(path).write_text(json.dumps({"vocabulary": list(vocabulary), "sequence_length": sequence_length,
+                                      "truncate": truncate, "ngrams": ngrams, "codes": [int(c) for c in codes]}))
 
 
 def as_texts(model_input: Any) -> list[str]:
@@ -129,9 +201,9 @@ def _raw_text_model_class():
             import keras
 
             spec = json.loads(Path(context.artifacts["vocabulary"]).read_text())
-            self.sequence_length = spec["sequence_length"]
-            self.truncate = spec["truncate"]
-            self.index = token_index(spec["vocabulary"])
+            self.sequence_length, self.truncate = spec["sequence_length"], spec["truncate"]
+            self.ngrams, self.base = spec.get("ngrams", 0), len(spec["vocabulary"])
+            self.index, self.codes = token_index(spec["vocabulary"]), pd.Index(spec.get("codes", []), dtype=np.int64)
             # safe_mode refuses to deserialize arbitrary code (lambdas) from the file
             self.classifier = keras.saving.load_model(context.artifacts["classifier"], compile=False,
                                                       safe_mode=True)
@@ -143,7 +215,10 @@ def _raw_text_model_class():
             texts = as_texts(model_input)
             if not texts:
                 return np.zeros((0,), dtype=np.float64)
-            ids = encode(self.index, texts, self.sequence_length, self.truncate)
+            if self.ngrams:
+                ids = encode_ngrams(self.index, self.codes, texts, self.ngrams, self.base, self.sequence_length)
+            else:
+                ids = encode(self.index, texts, self.sequence_length, self.truncate)
             probabilities = self.classifier.predict(ids, batch_size=4096, verbose=0)
             return probabilities.reshape(-1).astype(np.float64)
 

@@ -107,9 +107,10 @@ def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 run.complete()
                 return metrics, objects
             with clocked(seconds, "build"):
-                model = build.build_model(cfg.build, len(data.encoded.vocabulary), data.encoded.x_train.shape[1],
-                                          cfg.seed)
-            run.model_summary(build.summary(model))
+                encoded = data.encoded
+                model = build.build_model(cfg.build, encoded.input_size, encoded.x_train.shape[1], cfg.seed,
+                                          train=(encoded.x_train, encoded.y_train))
+            run.model_summary(build.summary(model), model.count_params())
             stage("build", seconds["build"], f"{model.count_params():,} parameters")
             objects.update(encoded=data.encoded, model=model)
             if "fit" in cfg.stages:
@@ -132,7 +133,7 @@ def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
                                                        f"test loss {metrics['test_loss']:.4f}")
                 if cfg.evaluate.log_model:
                     with clocked(seconds, "log_model"):
-                        run.log_model(model, data.encoded.vocabulary, cfg)
+                        run.log_model(model, data.encoded, cfg)
                     stage("log_model", seconds["log_model"], "the raw-text model, served as it was tested")
             run.complete()
             return metrics, objects

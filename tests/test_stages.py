@@ -302,6 +302,83 @@ def test_model_is_the_tutorials_architecture():
     assert sum(type(l).__name__ == "Dropout" for l in deeper.layers) == 3
 
 
+def _ngram_ids_by_hand(texts, vocabulary, codes, ngrams, base):
+    """The distinct known n-grams of each text as sets of ids, the slow and obvious way."""
+    index = textmodel.token_index(vocabulary)
+    lookup = {int(code): number + 1 for number, code in enumerate(codes)}
+    rows = []
+    for text in texts:
+        ids = [index.get(token, 1) for token in textmodel.tokens(text)]
+        found = set()
+        for n in range(1, ngrams + 1):
+            for start in range(len(ids) - n + 1):
+                code = 0
+                for word in ids[start:start + n]:
+                    code = code * base + word
+                found.add(lookup.get(code, 0))
+        rows.append(found - {0})
+    return rows
+
+
+def test_ngrams_are_counted_in_training_reviews_and_encoded_as_distinct_ids():
+    train = ["good film good film", "good film", "bad film", "bad bad film", "film"]
+    vocabulary, codes = textmodel.adapt_ngrams(train, ngrams=2, min_count=2, size=100)
+    index = textmodel.token_index(vocabulary)
+    names = [" ".join(vocabulary[word] for word in _digits(int(code), len(vocabulary))) for code in codes]
+    assert names == ["film", "good", "bad", "good film", "bad film"]  # by reviews holding them; ties: smaller code
+    texts = ["good film, a bad film", "unheard of film", "film film film"]
+    x = textmodel.encode_ngrams(index, pd.Index(codes), texts, 2, len(vocabulary), sequence_length=6)
+    assert x.dtype == np.int32 and x.shape == (3, 6)
+    assert [set(row[row > 0]) for row in x] == _ngram_ids_by_hand(texts, vocabulary, codes, 2, len(vocabulary))
+    assert x[0].tolist() == [1, 2, 3, 4, 5, 0] and x[2].tolist() == [1, 0, 0, 0, 0, 0]  # ascending ids, 0-padded
+    short = textmodel.encode_ngrams(index, pd.Index(codes), texts[:1], 2, len(vocabulary), sequence_length=2)
+    assert short.tolist() == [[1, 2]]  # too many: the most frequent kept
+
+
+def _digits(code: int, base: int) -> list[int]:
+    digits = []
+    while code:
+        code, digit = divmod(code, base)
+        digits.insert(0, digit)
+    return digits
+
+
+def test_bag_families_vectorize_on_the_training_part_only(tiny_archive):
+    reviews = ingest.ingest(IngestConfig(path=str(tiny_archive)))
+    reviews.frame.loc[reviews.frame["split"] == "test", "text"] += " zzzonlyintest zzzonlyintest"
+    parts = split.split(reviews.frame, SplitConfig(validation_size=8), seed=1)
+    encoded = build.vectorize(parts, BuildConfig(family="nbsvm", ngrams=3, min_count=1, sequence_length=300))
+    assert encoded.ngrams == 3 and encoded.input_size == len(encoded.codes) + 1
+    assert "zzzonlyintest" not in encoded.vocabulary
+    texts = parts.test["text"].tolist()[:5]
+    expected = _ngram_ids_by_hand(texts, encoded.vocabulary, encoded.codes, 3, len(encoded.vocabulary))
+    assert [set(row[row > 0]) for row in encoded.x_test[:5]] == expected
+
+
+def test_nbsvm_weights_each_ngram_by_its_training_log_count_ratio():
+    x_train = np.array([[1, 2, 0], [1, 0, 0], [3, 0, 0]], dtype=np.int32)  # ids 1, 2 in positives; 3 in a negative
+    y_train = np.array([1, 1, 0], dtype=np.float32)
+    ratios = build.nb_ratios(x_train, y_train, size=5, smoothing=1.0)
+    positive, negative = np.array([3, 2, 1, 1.0]), np.array([1, 1, 2, 1.0])  # ids 1-4, counts + 1; no padding
+    expected = np.log((positive / positive.sum()) / (negative / negative.sum()))
+    assert ratios[0] == 0 and ratios[1:] == pytest.approx(expected, abs=1e-6)
+    model = build.build_model(BuildConfig(family="nbsvm"), 5, 3, train=(x_train, y_train))
+    assert not model.get_layer("nb_ratios").trainable
+    assert model.get_layer("nb_ratios").get_weights()[0].reshape(-1) == pytest.approx(ratios)
+    with pytest.raises(ValueError, match="training arrays"):
+        build.build_model(BuildConfig(family="nbsvm"), 5, 3)
+
+
+def test_each_family_builds_its_published_architecture():
+    kinds = {family: [type(layer).__name__ for layer in build.build_model(
+        BuildConfig(family=family), 300, 64, train=(np.ones((2, 64), np.int32), np.array([0.0, 1.0]))).layers]
+        for family in ("fasttext", "cnn", "nbsvm")}
+    assert kinds["fasttext"] == ["InputLayer", "Embedding", "GlobalAveragePooling1D", "Dense"]
+    assert kinds["cnn"] == ["InputLayer", "Embedding", "Dropout", "Conv1D", "Conv1D", "GlobalMaxPooling1D", "Dense",
+                            "Dropout", "Dense"]
+    assert kinds["nbsvm"] == ["InputLayer", "Embedding", "Embedding", "Dot", "Flatten", "Dense"]
+
+
 # -- fit and evaluate ---------------------------------------------------------------------------------
 @pytest.fixture
 def encoded(tiny_archive):

@@ -129,3 +129,21 @@ def test_your_own_csv_with_word_labels_and_empty_rows_is_recorded_as_read(tmp_pa
     assert run["metrics.data.skipped_rows"] == 2
     listed = mlflow.artifacts.load_text(f"runs:/{run.run_id}/data/skipped_rows.csv")
     assert listed.splitlines() == ["row,reason", "5,empty text", "18,empty text"]
+
+
+@pytest.mark.parametrize("family", ["tutorial", "fasttext", "cnn", "nbsvm"])
+def test_every_family_serves_the_probabilities_it_was_tested_with(tiny_archive, tmp_path, family):
+    """The logged model takes raw review text and computes the same tokens or n-grams as training did:
+    served on the raw test reviews, it gives the pipeline's own test-set probabilities."""
+    from pipeline import ingest, split
+
+    cfg = compose_config(tiny_overrides(tiny_archive, tmp_path) + [f"build={family}"])
+    metrics, objects = train(cfg)
+    frame = runs(cfg.tracking.uri)
+    assert frame["params.build.family"][0] == family and frame["status"][0] == "FINISHED"
+    assert frame["metrics.model.parameters"][0] == objects["model"].count_params()
+    assert (objects["encoded"].ngrams > 0) == (family in ("fasttext", "nbsvm"))
+    test = split.split(ingest.ingest(cfg.ingest, cfg.seed).frame, cfg.split, cfg.seed).test
+    served = mlflow.pyfunc.load_model(frame["tags.model_uri"][0]).predict(test[["text"]])
+    assert served == pytest.approx(objects["evaluation"].probabilities.tolist(), abs=1e-5)
+    assert metrics["test_accuracy"] == pytest.approx(((served > 0.5) == test["label"].to_numpy()).mean())

@@ -229,8 +229,9 @@ class TrackedRun:
     def stage_seconds(self, seconds: dict[str, float]) -> None:
         mlflow.set_tags({f"seconds.{stage}": f"{value:.2f}" for stage, value in seconds.items()})
 
-    def model_summary(self, text: str) -> None:
+    def model_summary(self, text: str, parameters: int) -> None:
         mlflow.log_text(text, "model_summary.txt")
+        mlflow.log_metric("model.parameters", parameters)
 
     def epoch_logger(self):
         """A Keras callback that records each epoch's curves and seconds as it ends, stamped with that
@@ -266,16 +267,18 @@ class TrackedRun:
             mlflow.log_figure(figure, f"figures/{name}")
             plt.close(figure)
 
-    def log_model(self, model, vocabulary: list[str], cfg: config.PipelineConfig) -> None:
+    def log_model(self, model, encoded, cfg: config.PipelineConfig) -> None:
         """The raw-text pyfunc: pipeline/textmodel.py as model code, the Keras classifier and the
-        vocabulary. MLflow checks that the input example serves before it keeps the model."""
+        vocabulary (and n-grams) it encodes text with. MLflow checks that the input example serves before it keeps the model."""
         import numpy as np
         from mlflow.models import infer_signature
 
         with tempfile.TemporaryDirectory() as folder:
             classifier, vocabulary_file = Path(folder) / textmodel.CLASSIFIER_FILE, Path(folder) / textmodel.VOCABULARY_FILE
             model.save(classifier)
-            textmodel.save_vocabulary(vocabulary_file, vocabulary, cfg.build.sequence_length, cfg.build.truncate)
+            textmodel.save_vocabulary(vocabulary_file, encoded.vocabulary, cfg.build.sequence_length,
+                                      cfg.build.truncate, encoded.ngrams, encoded.codes)
+            mlflow.log_metric("model.size_mb", sum(f.stat().st_size for f in (classifier, vocabulary_file)) / 1e6)
             requirements = {name: version for name, version in versions().items() if name != "hydra-core"}
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(Path(textmodel.__file__)),  # models from code: nothing pickled

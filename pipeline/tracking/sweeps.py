@@ -124,13 +124,19 @@ def analyze_sweep(parent_run_id: str, alias: str | None = None):
                      "best_epoch": int(metrics.get("best_epoch", metrics["best_val_loss_epoch"]))}
             continue
         histories[run_id] = history
-        rows.append(analysis.job_row(name, run_id, int(params["build.hidden_units"]), int(params["fit.epochs"]),
-                                     history, metrics["test_accuracy"]))
+        tags = run.data.tags
+        rows.append(analysis.job_row(
+            name, run_id, int(params["build.hidden_units"]), int(params["fit.epochs"]), history,
+            metrics["test_accuracy"], family=params.get("build.family", "tutorial"), seed=int(params["seed"]),
+            fit_seconds=float(tags.get("seconds.fit", "nan")), parameters=int(metrics.get("model.parameters", 0)),
+            model_size_mb=metrics.get("model.size_mb", float("nan"))))
     result = analysis.analyze(rows, histories, failed, early)
     client.log_text(parent_run_id, result.table.to_csv(index=False), "analysis/jobs.csv")
     if not result.failed.empty:
         client.log_text(parent_run_id, result.failed.to_csv(index=False), "analysis/failed_jobs.csv")
     client.log_text(parent_run_id, result.report, "analysis/report.md")
+    if result.ranking is not None:
+        client.log_text(parent_run_id, result.ranking.to_csv(index=False), "analysis/ranking.csv")
     for name, figure in result.figures.items():
         client.log_figure(parent_run_id, figure, f"analysis/{name}")
         plt.close(figure)
@@ -140,12 +146,14 @@ def analyze_sweep(parent_run_id: str, alias: str | None = None):
             for key, value in result.headline.items() if value == value])  # NaN: nothing to compare
     if early:
         client.set_tag(parent_run_id, "sweep.early_stopping_run", early["run_id"])
-    if not result.table.empty:
-        best = result.table.loc[result.table["best_val_accuracy"].idxmax()]
-        client.set_tag(parent_run_id, "sweep.best_run", best["run_id"])
+    if result.best_run is not None:
+        best = result.table.set_index("run_id").loc[result.best_run]
+        client.set_tag(parent_run_id, "sweep.best_run", result.best_run)
         client.set_tag(parent_run_id, "sweep.best_job", best["job"])
+        if result.ranking is not None:
+            client.set_tag(parent_run_id, "sweep.best_family", best["family"])
         if alias:
-            promote(client, parent_run_id, best["run_id"], alias)
+            promote(client, parent_run_id, result.best_run, alias)
     return result
 
 
