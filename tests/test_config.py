@@ -41,12 +41,26 @@ def test_imdb_archive_variable_supplies_the_path(monkeypatch):
     assert compose_config([]).ingest.path == "data/aclImdb_v1.tar.gz"
 
 
+def test_a_family_brings_the_fit_it_needs_and_the_command_line_still_wins():
+    cnn = compose_config(["build=cnn"])
+    assert (cnn.build.family, cnn.fit.epochs, cnn.fit.batch_size, cnn.fit.jit_compile) == ("cnn", 2, 32, False)
+    assert compose_config(["build=cnn", "fit.epochs=5"]).fit.epochs == 5
+    stopped = compose_config(["build=nbsvm", "fit=early_stopping"])
+    assert stopped.fit.early_stopping.enabled and stopped.fit.epochs == 3 and stopped.build.ngrams == 3
+    assert compose_config(["build=fasttext"]).build.ngrams == 2
+    tutorial = compose_config(["build=tutorial"])
+    assert (tutorial.build.family, tutorial.fit.epochs, tutorial.fit.batch_size) == ("tutorial", 40, 512)
+
+
 def test_overrides_reach_the_typed_config():
     cfg = compose_config(["fit.epochs=20", "build.hidden_units=32", "stages=[ingest,split]"])
     assert (cfg.fit.epochs, cfg.build.hidden_units, cfg.stages) == (20, 32, ["ingest", "split"])
 
 
 @pytest.mark.parametrize("override, message", [
+    ("build.family=svm", "build.family='svm'"),
+    ("build.ngrams=4", "build.ngrams=4"),
+    ("build=cnn build.sequence_length=20", "build.sequence_length=20"),
     ("build.hidden_units=0", "build.hidden_units=0"),
     ("fit.epochs=-1", "fit.epochs=-1"),
     ("fit.batch_size=0", "fit.batch_size=0"),
@@ -60,7 +74,7 @@ def test_overrides_reach_the_typed_config():
 ])
 def test_invalid_settings_name_the_setting_and_value(override, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
-        compose_config([override])
+        compose_config(override.split())
 
 
 @pytest.mark.parametrize("override", ["fit.epoch=3", "build.hidden_units=many", "fit.epochs=2.5"])

@@ -175,3 +175,45 @@ def test_ray_launcher_runs_the_sweep_on_a_local_ray_instance(tiny_archive, tmp_p
 def ray_processes() -> set[str]:
     found = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True)
     return set(found.stdout.split())
+
+
+def test_model_comparison_ranks_the_families_by_validation_accuracy(tiny_archive, tmp_path):
+    """Every family at three seeds under one parent; the ranking, figures and report on the parent; the
+    best family is the one of the highest mean validation accuracy, and the champion alias follows it."""
+    base = tiny_overrides(tiny_archive, tmp_path)
+    done = subprocess.run([sys.executable, "-m", "pipeline", "-m", "experiment=model_comparison", *base,
+                           "evaluate.registered_model_name=imdb-tiny", f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+                          cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, output(done)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent, children = sweep_runs(uri)
+    assert sorted((c.data.params["build.family"], c.data.params["seed"]) for c in children) == sorted(
+        (family, seed) for family in ("tutorial", "fasttext", "cnn", "nbsvm") for seed in "123")
+    assert all(c.info.status == "FINISHED" for c in children)
+    ranking = analysis_table(uri, parent.info.run_id, tmp_path, "ranking.csv")
+    # read back from the children, as a user would: each family's mean best validation accuracy
+    client = MlflowClient(uri)
+    by_family: dict[str, list[float]] = {}
+    for child in children:
+        best = max(p.value for p in client.get_metric_history(child.info.run_id, "val_accuracy"))
+        by_family.setdefault(child.data.params["build.family"], []).append(best)
+    means = {family: sum(values) / len(values) for family, values in by_family.items()}
+    assert ranking["best_val_accuracy"].tolist() == pytest.approx(sorted(means.values(), reverse=True))
+    chosen = ranking["family"][0]
+    assert means[chosen] == max(means.values()) and parent.data.tags["sweep.best_family"] == chosen
+    tests = [c.data.metrics["test_accuracy"] for c in children if c.data.params["build.family"] == chosen]
+    assert ranking["test_accuracy_mean"][0] == pytest.approx(sum(tests) / 3)
+    assert set(ranking.columns) >= {"test_accuracy_std", "min_val_loss_epoch", "fit_seconds", "parameters",
+                                    "model_size_mb"}
+    assert (ranking["parameters"] > 0).all() and (ranking["model_size_mb"] > 0).all()
+    best_run = client.get_run(parent.data.tags["sweep.best_run"])
+    assert best_run.data.params["build.family"] == chosen
+    assert client.get_model_version_by_alias("imdb-tiny", "champion").run_id == best_run.info.run_id
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "analysis")}
+    assert {"analysis/test_accuracy_by_training_seconds.png", "analysis/val_loss_by_family.png",
+            "analysis/report.md"} <= artifacts
+    report = Path(client.download_artifacts(parent.info.run_id, "analysis/report.md", str(tmp_path))).read_text()
+    assert f"**Best family: {chosen}**" in report and "Overfitting, family by family" in report
+    assert all(f"- **{family}**: validation loss is lowest at epoch" in report for family in means)
+    # one split for every job (split.seed): the data of each family was prepared once
+    assert sum(c.data.tags["cache.vectorize"] == "miss" for c in children) == 4
