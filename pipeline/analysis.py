@@ -1,10 +1,9 @@
-"""The sweep analysis: what a grid over hidden units and epochs says about overfitting, and, when the
-jobs train several model families, which family to use and what it costs.
+"""The sweep analysis: what a grid over hidden units and epochs says about overfitting (a sweep over
+model families is pipeline.comparison's, which builds on this module).
 
 In: one row per child run (its settings, status and final metrics) and each finished child's per-epoch
 history. Out: Analysis, a table (one row per job), figures (validation loss against epoch for each
-hidden size, overlaid; test accuracy against the epoch budget for each hidden size; with families, their
-ranking's figures) and a Markdown report that states the finding with the measured numbers. Pure:
+hidden size, overlaid; test accuracy against the epoch budget for each hidden size) and a Markdown report that states the finding with the measured numbers. Pure:
 reading and writing runs is pipeline.tracking's.
 """
 
@@ -26,7 +25,7 @@ class Analysis:
     figures: dict[str, object] = field(default_factory=dict)  # file name -> matplotlib Figure
     report: str = ""  # Markdown
     headline: dict[str, float] = field(default_factory=dict)  # numbers worth logging as parent metrics
-    best_run: str | None = None  # the run of the highest validation accuracy (of the best family, if several)
+    best_run: str | None = None  # the job of the highest validation accuracy (comparison: of the best family)
     ranking: pd.DataFrame | None = None  # with several families: one row per family, best first
 
 
@@ -46,29 +45,24 @@ def analyze(rows: list[dict], histories: dict[str, pd.DataFrame], failed: list[d
             early_stopping: dict | None = None) -> Analysis:
     """Build the table, figures and report. `rows` come from job_row; `histories` are keyed by run_id;
     `early_stopping` (optional) describes an early-stopped job: job, stopped_epoch, best_epoch, test_accuracy."""
-    table = pd.DataFrame(rows)
-    if table.empty:
-        table = pd.DataFrame(columns=TABLE_COLUMNS)
-    else:
-        table = table[TABLE_COLUMNS + [c for c in table.columns if c not in TABLE_COLUMNS]]
-        table = table.sort_values(["hidden_units", "epochs", "job"], ignore_index=True)
-    failed_table = pd.DataFrame(failed, columns=["job", "run_id", "error"])
-    analysis = Analysis(table=table, failed=failed_table)
-    if not table.empty and "family" in table and table["family"].nunique() > 1:  # several families
-        from pipeline import comparison
-
-        analysis.ranking = comparison.rank(table)
-        analysis.best_run = comparison.best_run(table, analysis.ranking)
-        analysis.figures = comparison.figures(table, histories)
-        analysis.headline, analysis.report = comparison.report(table, analysis.ranking, histories)
-        analysis.report += "\n## Jobs\n\n" + _markdown(table.drop(columns=["run_id"])) + "\n" + _failed_section(failed_table)
-    elif not table.empty:
+    analysis = Analysis(table=jobs_table(rows), failed=pd.DataFrame(failed, columns=["job", "run_id", "error"]))
+    table, failed_table = analysis.table, analysis.failed
+    if not table.empty:
         analysis.figures = figures(table, histories)
         analysis.headline, analysis.report = report(table, failed_table, early_stopping)
         analysis.best_run = table.loc[table["best_val_accuracy"].idxmax(), "run_id"]
     else:
-        analysis.report = "# Sweep analysis\n\nNo job finished.\n" + _failed_section(failed_table)
+        analysis.report = "# Sweep analysis\n\nNo job finished.\n" + failed_section(failed_table)
     return analysis
+
+
+def jobs_table(rows: list[dict]) -> pd.DataFrame:
+    """job_row's rows as a table, TABLE_COLUMNS first, by hidden units, epochs and job."""
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return pd.DataFrame(columns=TABLE_COLUMNS)
+    table = table[TABLE_COLUMNS + [c for c in table.columns if c not in TABLE_COLUMNS]]
+    return table.sort_values(["hidden_units", "epochs", "job"], ignore_index=True)
 
 
 def _longest(table: pd.DataFrame) -> pd.DataFrame:
@@ -153,17 +147,17 @@ def report(table: pd.DataFrame, failed: pd.DataFrame, early_stopping: dict | Non
                      "with no epoch budget to choose.")
         headline["early_stopping_test_accuracy"] = float(early_stopping["test_accuracy"])
         headline["early_stopping_stopped_epoch"] = float(early_stopping["stopped_epoch"])
-    lines += ["", "## Jobs", "", _markdown(table.drop(columns=["run_id"])), _failed_section(failed)]
+    lines += ["", "## Jobs", "", markdown(table.drop(columns=["run_id"])), failed_section(failed)]
     return headline, "\n".join(lines) + "\n"
 
 
-def _failed_section(failed: pd.DataFrame) -> str:
+def failed_section(failed: pd.DataFrame) -> str:
     if failed.empty:
         return ""
-    return "\n## Failed jobs\n\n" + _markdown(failed) + "\n"
+    return "\n## Failed jobs\n\n" + markdown(failed) + "\n"
 
 
-def _markdown(frame: pd.DataFrame) -> str:
+def markdown(frame: pd.DataFrame) -> str:
     def cell(value) -> str:
         return f"{value:.4f}" if isinstance(value, float) else str(value).replace("|", "/").replace("\n", " ")
 

@@ -11,8 +11,24 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from pipeline.analysis import Analysis, failed_section, jobs_table, markdown
+
 RANKING_COLUMNS = ["family", "runs", "test_accuracy_mean", "test_accuracy_std", "best_val_accuracy",
                    "min_val_loss_epoch", "epochs", "fit_seconds", "parameters", "model_size_mb"]
+
+
+def compare(rows: list[dict], histories: dict[str, pd.DataFrame], failed: list[dict]) -> Analysis:
+    """The Analysis of a sweep whose jobs train several families (rows from analysis.job_row, with family,
+    seed, fit_seconds, parameters and model_size_mb)."""
+    table = jobs_table(rows)
+    result = Analysis(table=table, failed=pd.DataFrame(failed, columns=["job", "run_id", "error"]))
+    result.ranking = rank(table)
+    result.best_run = best_run(table, result.ranking)
+    result.figures = figures(table, histories)
+    result.headline, result.report = report(table, result.ranking, histories)
+    result.headline.update(jobs_finished=float(len(table)), jobs_failed=float(len(failed)))
+    result.report += "\n## Jobs\n\n" + markdown(table.drop(columns=["run_id"])) + "\n" + failed_section(result.failed)
+    return result
 
 
 def rank(table: pd.DataFrame) -> pd.DataFrame:
@@ -89,7 +105,7 @@ def report(table: pd.DataFrame, ranking: pd.DataFrame, histories: dict[str, pd.D
                      f"its training time, {best.parameters / base.parameters:.1f}x its parameters and "
                      f"{best.model_size_mb / base.model_size_mb:.1f}x its size on disk.")
         headline["best_family_gain_points"] = float(100 * (best.test_accuracy_mean - base.test_accuracy_mean))
-    lines += ["", "## Ranking", "", _markdown(ranking), "", "## Overfitting, family by family", ""]
+    lines += ["", "## Ranking", "", markdown(ranking), "", "## Overfitting, family by family", ""]
     for family, runs in table.groupby("family"):
         rises = [float(histories[r]["val_loss"].iloc[-1] - histories[r]["val_loss"].min()) for r in runs["run_id"]]
         epochs, lowest = int(runs["epochs"].max()), float(runs["min_val_loss_epoch"].median())
@@ -100,8 +116,3 @@ def report(table: pd.DataFrame, ranking: pd.DataFrame, histories: dict[str, pd.D
                      f"{100 * float(runs['final_accuracy_gap'].median()):.1f} points.")
     return headline, "\n".join(lines) + "\n"
 
-
-def _markdown(frame: pd.DataFrame) -> str:
-    from pipeline.analysis import _markdown as markdown
-
-    return markdown(frame)

@@ -474,3 +474,31 @@ def test_evaluate_scores_the_test_split(encoded):
     loss_axes = result.figures["loss.png"].axes[0]
     assert [line.get_label() for line in loss_axes.lines][:2] == ["Training loss", "Validation loss"]
     assert len(loss_axes.lines[0].get_xdata()) == 15
+
+
+# -- the model comparison's ranking ---------------------------------------------------------------------
+def test_the_comparison_chooses_by_validation_accuracy_never_by_test_accuracy():
+    from pipeline import analysis, comparison
+
+    rows, histories = [], {}
+    # "steady" validates better; "lucky" scores better on the test split: the choice must be "steady"
+    for family, val_accuracy, test_accuracy in (("steady", 0.92, 0.90), ("lucky", 0.90, 0.93), ("tutorial", 0.88, 0.87)):
+        for seed in (1, 2, 3):
+            run_id = f"{family}-{seed}"
+            histories[run_id] = pd.DataFrame({"epoch": [1, 2, 3], "loss": [0.5, 0.3, 0.2], "accuracy": [0.8, 0.9, 0.95],
+                                              "val_loss": [0.4, 0.3, 0.35],
+                                              "val_accuracy": [0.85, val_accuracy + seed / 1000, 0.86]})
+            rows.append(analysis.job_row(f"build={family},seed={seed}", run_id, 16, 3, histories[run_id],
+                                         test_accuracy + seed / 1000, family=family, seed=seed, fit_seconds=2.0 * seed,
+                                         parameters=100, model_size_mb=1.5))
+    result = comparison.compare(rows, histories, failed=[{"job": "build=cnn,seed=1", "run_id": "x", "error": "boom"}])
+    assert result.ranking["family"].tolist() == ["steady", "lucky", "tutorial"]
+    assert result.best_run == "steady-3"  # the chosen family's run of the highest validation accuracy
+    steady = result.ranking.iloc[0]
+    assert steady.test_accuracy_mean == pytest.approx(0.902) and steady.fit_seconds == pytest.approx(4.0)
+    assert steady.test_accuracy_std == pytest.approx(np.std([0.901, 0.902, 0.903]))
+    assert steady.min_val_loss_epoch == 2 and steady.runs == 3
+    assert "**Best family: steady**" in result.report and "+3.00 points of test accuracy" in result.report
+    assert "it overfits after epoch 2" in result.report and "boom" in result.report
+    assert set(result.figures) == {"test_accuracy_by_training_seconds.png", "val_loss_by_family.png"}
+    assert result.headline["best_family_test_accuracy"] == pytest.approx(0.902)

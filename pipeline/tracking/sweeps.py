@@ -1,4 +1,5 @@
-"""The sweep as MLflow shows it: one parent run, a child run per job, the analysis on the parent.
+"""The sweep as MLflow shows it: one parent run, a child run per job, the analysis on the parent
+(pipeline.analysis, or pipeline.comparison when the jobs train several model families).
 
 pipeline.sweep (Hydra's side) calls these: the parent is opened when the multirun starts (or adopted
 from `mlflow run`), jobs record into children through TrackedRun, and at the end the children are read
@@ -130,7 +131,12 @@ def analyze_sweep(parent_run_id: str, alias: str | None = None):
             metrics["test_accuracy"], family=params.get("build.family", "tutorial"), seed=int(params["seed"]),
             fit_seconds=float(tags.get("seconds.fit", "nan")), parameters=int(metrics.get("model.parameters", 0)),
             model_size_mb=metrics.get("model.size_mb", float("nan"))))
-    result = analysis.analyze(rows, histories, failed, early)
+    if len({row["family"] for row in rows}) > 1:  # a model comparison: the families ranked
+        from pipeline import comparison
+
+        result = comparison.compare(rows, histories, failed)
+    else:
+        result = analysis.analyze(rows, histories, failed, early)
     client.log_text(parent_run_id, result.table.to_csv(index=False), "analysis/jobs.csv")
     if not result.failed.empty:
         client.log_text(parent_run_id, result.failed.to_csv(index=False), "analysis/failed_jobs.csv")
