@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import glob
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from tests.helpers import environment, free_port
 
@@ -60,3 +66,48 @@ def model_server(model_uri: str, folder: Path, tracking_uri: str):
             "-h", "127.0.0.1", "-p", str(port)]
     with running(args, folder, f"http://127.0.0.1:{port}/ping", MLFLOW_TRACKING_URI=tracking_uri):
         yield f"http://127.0.0.1:{port}"
+
+
+def postgresql_bin() -> Path | None:
+    """Debian's PostgreSQL programs (package postgresql, which .ci/run installs), else pg_ctl's on PATH."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    on_path = shutil.which("pg_ctl")
+    return Path(on_path).parent if on_path and (Path(on_path).parent / "initdb").exists() else None
+
+
+@contextlib.contextmanager
+def postgresql():
+    """A throwaway PostgreSQL cluster (initdb, pg_ctl) on a free loopback port with a database `mlflow`;
+    yields its SQLAlchemy URI. As root, the cluster runs as the `postgres` user (initdb refuses root)."""
+    bindir = postgresql_bin()
+    if bindir is None:
+        pytest.skip("no PostgreSQL (Debian's postgresql package; .ci/run installs it)")
+    as_user: list[str] = []
+    data = Path(tempfile.mkdtemp(prefix="imdb-postgres-"))  # not under pytest's folders, which only root can enter
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root, and no `postgres` user to run PostgreSQL as")
+        os.chown(data, owner.pw_uid, owner.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    quiet = {"check": True, "capture_output": True, "text": True, "timeout": 120}
+    try:
+        subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data / "db"), "-U", "mlflow", "--auth=trust",
+                        "-E", "UTF8"], **quiet)
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-l", str(data / "server.log"), "-w",
+                        "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"], **quiet)
+        try:
+            subprocess.run([*as_user, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow",
+                            "mlflow"], **quiet)
+            yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
+        finally:
+            subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "-w", "stop"],
+                           capture_output=True, timeout=120)
+    finally:
+        shutil.rmtree(data, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from mlflow import MlflowClient
 from pipeline.train import train
 from tests.conftest import compose_config, tiny_overrides
 from tests.helpers import assert_every_epoch_recorded, environment, output, post, runs
-from tests.servers import model_server, tracking_server
+from tests.servers import model_server, postgresql, tracking_server
 
 REVIEWS = ["Superb, brilliant and moving.", "Awful, boring, the worst.", "A film, with a plot."]
 
@@ -30,10 +31,23 @@ def test_evaluate_registers_the_model_under_its_name(tiny_archive, tmp_path):
     assert model.predict(REVIEWS).shape == (3,)
 
 
+@contextlib.contextmanager
+def store(kind: str):
+    """The team server's run store: SQLite (None: the server's default file) or a PostgreSQL cluster."""
+    if kind == "postgresql":
+        with postgresql() as uri:
+            yield uri
+    else:
+        yield None
+
+
 @pytest.mark.slow
-def test_team_server_parallel_sweep_champion_serving_and_batch_scoring(tiny_archive, tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_team_server_parallel_sweep_champion_serving_and_batch_scoring(tiny_archive, tmp_path, backend):
+    """The README's team recipe: `mlflow server` keeping runs in SQLite or PostgreSQL and serving artifacts
+    itself; a sweep of 4 jobs, 2 writing at once, registering models; the champion served over REST."""
     overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
-    with tracking_server(tmp_path) as server:
+    with store(backend) as database, tracking_server(tmp_path, database) as server:
         sweep = subprocess.run(
             [sys.executable, "-m", "pipeline", "-m", *overrides, "build.hidden_units=4,8", "fit.epochs=8,12",
              "build.learning_rate=0.02", "evaluate.registered_model_name=imdb-tiny", "hydra/launcher=joblib",
@@ -54,6 +68,7 @@ def test_team_server_parallel_sweep_champion_serving_and_batch_scoring(tiny_arch
             assert_every_epoch_recorded(client, child.info.run_id, int(child.data.params["fit.epochs"]))
             paths = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}
             assert {"figures/loss.png", "figures/accuracy.png"} <= paths
+            assert [d.dataset.name for d in child.inputs.dataset_inputs] == ["imdb-reviews"]
         assert {a.path for a in client.list_artifacts(parent.info.run_id, "analysis")} >= {"analysis/report.md"}
 
         # the sweep pointed the registry's champion alias at its best job
