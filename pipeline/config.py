@@ -266,17 +266,29 @@ def tracking_uri(cfg: TrackingConfig) -> str:
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> str:
-    """Fail in seconds, before any work, when a tracking server does not answer (not after 40 epochs)."""
+    """Fail in seconds, before any work, when a tracking server does not answer (not after 40 epochs), or
+    refuses us (a server behind MLflow's basic-auth, without the credentials MLflow's client sends)."""
     if not uri.startswith(("http://", "https://")):
         return uri
+    import base64
     import urllib.error
     import urllib.request
 
+    ask = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search", b'{"max_results": 1}',
+                                 {"Content-Type": "application/json"})
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        ask.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        urllib.request.urlopen(ask, timeout=timeout).close()
     except urllib.error.HTTPError as error:
+        if error.code in (401, 403) and not os.environ.get("MLFLOW_TRACKING_TOKEN"):
+            raise PermissionError(
+                f"the tracking server {redact('uri', uri)} refuses {'these' if user else 'requests without'} credentials "
+                f"({error.code}): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of it") from None
         if error.code >= 500:
-            raise ConnectionError(f"tracking server {redact('uri', uri)} answers /health with {error.code}") from None
+            raise ConnectionError(f"tracking server {redact('uri', uri)} answers with {error.code}") from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise ConnectionError(

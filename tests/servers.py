@@ -49,13 +49,15 @@ def running(args: list[str], cwd: Path, health: str, **env: str):
 
 
 @contextlib.contextmanager
-def tracking_server(folder: Path, backend: str | None = None):
-    """`mlflow server` on loopback, serving artifacts itself (the documented team setup, with SQLite)."""
+def tracking_server(folder: Path, backend: str | None = None, app_name: str | None = None, **env: str):
+    """`mlflow server` on loopback, serving artifacts itself (the documented team setup; SQLite unless
+    `backend` says otherwise; `app_name="basic-auth"` behind MLflow's login, settings in `env`)."""
     port = free_port()
     args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
             "--backend-store-uri", backend or f"sqlite:///{folder / 'server.db'}",
-            "--artifacts-destination", str(folder / "server-artifacts"), "--workers", "2"]
-    with running(args, folder, f"http://127.0.0.1:{port}/health"):
+            "--artifacts-destination", str(folder / "server-artifacts"), "--workers", "2",
+            *(["--app-name", app_name] if app_name else [])]
+    with running(args, folder, f"http://127.0.0.1:{port}/health", **env):
         yield f"http://127.0.0.1:{port}"
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
+import time
 
 import mlflow
 import pandas as pd
@@ -93,3 +95,34 @@ def test_team_server_parallel_sweep_champion_serving_and_batch_scoring(tiny_arch
             assert scored["text"].tolist() == REVIEWS
             assert scored["probability"].tolist() == pytest.approx(served, abs=1e-6)
             assert scored["label"].tolist() == ["positive" if p > 0.5 else "negative" for p in served]
+
+
+@pytest.mark.slow
+def test_a_server_behind_basic_auth_records_a_run_with_credentials_and_refuses_one_without(tiny_archive, tmp_path):
+    overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
+    admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "a-long-test-password-1"}
+    with tracking_server(tmp_path, None, "basic-auth", MLFLOW_AUTH_ADMIN_PASSWORD=admin["MLFLOW_TRACKING_PASSWORD"],
+                         MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret") as server:
+        command = [sys.executable, "-m", "pipeline", *overrides, "fit.epochs=2", f"hydra.run.dir={tmp_path / 'out'}"]
+        signed = subprocess.run(command, cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=server, **admin),
+                                capture_output=True, text=True, timeout=600)
+        assert signed.returncode == 0, output(signed)
+        started = time.monotonic()
+        anonymous = subprocess.run(command, cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=server),
+                                   capture_output=True, text=True, timeout=600)
+        assert anonymous.returncode != 0 and time.monotonic() - started < 60
+        said = anonymous.stdout + anonymous.stderr
+        assert "refuses requests without credentials" in said and "MLFLOW_TRACKING_PASSWORD" in said
+        wrong = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=environment(
+            MLFLOW_TRACKING_URI=server, MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD="wrong"))
+        assert wrong.returncode != 0 and "refuses these credentials" in wrong.stdout + wrong.stderr
+        # the server holds the one signed run, complete; nothing of the refused ones
+        os.environ.update(admin)
+        try:
+            client = MlflowClient(server)
+            every = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            assert [(r.info.status, r.data.tags.get("pipeline.complete")) for r in every] == [("FINISHED", "true")]
+            assert len(client.get_metric_history(every[0].info.run_id, "val_loss")) == 2
+        finally:
+            for key in admin:
+                os.environ.pop(key)
