@@ -126,3 +126,49 @@ def test_a_server_behind_basic_auth_records_a_run_with_credentials_and_refuses_o
         finally:
             for key in admin:
                 os.environ.pop(key)
+
+
+@pytest.mark.slow
+def test_a_team_server_restarted_mid_sweep_leaves_every_finished_child_intact(tiny_archive, tmp_path):
+    """The server is stopped while a job is writing its epochs and started again 5 s later on the same
+    store: every child ends FINISHED with all its epochs, none stays RUNNING, and the sweep succeeds
+    (MLflow's client retries refused requests with backoff, about two minutes by default)."""
+    from tests.helpers import free_port
+    from tests.servers import running
+
+    port = free_port()
+    server = f"http://127.0.0.1:{port}"
+    args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "2"]
+    overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
+    with running(args, tmp_path, f"{server}/health"):
+        sweep = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "-m", *overrides, "build.hidden_units=4,8", "fit.epochs=40,60",
+             "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "sweep.threads=1",
+             f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+            cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=server), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        client = MlflowClient(server)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # until a job is training and writing its epochs
+            experiment = client.get_experiment_by_name("imdb-sentiment")
+            running_children = [r for r in client.search_runs([experiment.experiment_id]) if r.info.status == "RUNNING"
+                                and "mlflow.parentRunId" in r.data.tags] if experiment else []
+            if running_children and client.get_metric_history(running_children[0].info.run_id, "val_loss"):
+                break
+            time.sleep(0.5)
+        else:
+            sweep.kill()
+            pytest.fail("no job started writing epochs")
+    time.sleep(5)  # the server is down: the jobs' requests fail and are retried
+    with running(args, tmp_path, f"{server}/health"):
+        printed, _ = sweep.communicate(timeout=900)
+        assert sweep.returncode == 0, printed[-5000:]
+        experiment = client.get_experiment_by_name("imdb-sentiment")
+        every = client.search_runs([experiment.experiment_id])
+        children = [r for r in every if "mlflow.parentRunId" in r.data.tags]
+        assert len(children) == 4 and all(r.info.status == "FINISHED" for r in every), \
+            [(r.info.run_name, r.info.status) for r in every]
+        for child in children:
+            assert_every_epoch_recorded(client, child.info.run_id, int(child.data.params["fit.epochs"]))
