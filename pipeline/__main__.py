@@ -82,4 +82,8 @@ def expand_overrides(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     sys.argv = expand_overrides(sys.argv)
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        SIGNALS.ended()  # the signal has reached the top: the process ends on it, nothing sends it again
+        raise

@@ -2,9 +2,13 @@
 
 SIGINT and SIGTERM raise Interrupted (a KeyboardInterrupt), which ends the run KILLED; inside `held()`
 (opening the run, queueing an epoch, recording the end) a signal waits until the block is done, as an
-exception in the middle of a write could leave the store unable to record the end. A handler that runs
-inside a finalizer (where Python prints "Exception ignored" and drops the exception) has its signal
-sent again a moment later by the sys.unraisablehook installed here.
+exception in the middle of a write could leave the store unable to record the end.
+
+A raised Interrupted can be lost: inside a finalizer Python drops it (printing "Exception ignored", which
+the sys.unraisablehook installed here keeps quiet), and C code that calls back into Python (a dict lookup
+calling __eq__, an attribute check) may clear it. So a signal is sent again every REDELIVERY seconds,
+by a thread of its own, until a run has ended on it or `held` raised it (`ended`): a SIGTERM never leaves
+training running.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 
 
@@ -27,11 +32,12 @@ class Interrupted(KeyboardInterrupt):
 class Signals:
     """One per process (SIGNALS): installed once, from the start of `python -m pipeline` or of the first run."""
 
-    REDELIVERY = 0.05  # seconds: long enough for the finalizer to return, short next to any stage
+    REDELIVERY = 0.5  # seconds: long enough to end a run on the signal, short next to a user's patience
 
     def __init__(self) -> None:
         self.holding = 0
         self.pending: int | None = None
+        self.received: int | None = None  # the signal no run has ended on yet
         self.previous_hook = None
         self.start_held = False
 
@@ -45,6 +51,9 @@ class Signals:
         self.previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         self.holding += held
         self.start_held = held
+        # a polling thread, not a timer started by the handler: the handler may run while the main thread
+        # holds any lock, so it takes none
+        threading.Thread(target=self._redeliver, name="signal-redelivery", daemon=True).start()
 
     def release(self) -> None:
         """The first run is open: a signal held since the start is raised now."""
@@ -53,19 +62,26 @@ class Signals:
             with self.held():
                 self.holding -= 1
 
+    def ended(self) -> None:
+        """A run has ended KILLED on the signal: it was not lost, and is not sent again."""
+        self.received = None
+
+    def _redeliver(self) -> None:
+        while True:
+            time.sleep(self.REDELIVERY)
+            if (signum := self.received) is not None:
+                os.kill(os.getpid(), signum)
+
     def _handle(self, signum, frame) -> None:
+        self.received = signum
         if self.holding:
             self.pending = signum
         else:
             raise Interrupted(signum)
 
     def _unraisable(self, unraisable) -> None:
-        if not isinstance(unraisable.exc_value, Interrupted):
+        if not isinstance(unraisable.exc_value, Interrupted):  # (one that is: sent again, see above)
             self.previous_hook(unraisable)
-            return
-        resend = threading.Timer(self.REDELIVERY, os.kill, (os.getpid(), unraisable.exc_value.signum))
-        resend.daemon = True
-        resend.start()
 
     @contextmanager
     def held(self):
@@ -78,6 +94,7 @@ class Signals:
             self.holding -= 1
             if not self.holding and self.pending is not None:
                 signum, self.pending = self.pending, None
+                self.ended()  # raised here, in plain code, it is not lost
                 raise Interrupted(signum)
 
 

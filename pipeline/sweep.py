@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.config import EXPERIMENT, PARENT_RUN, PipelineConfig, load, tracking_uri
 from pipeline.console import CONSOLE
+from pipeline.signals import SIGNALS
 
 log = logging.getLogger(__name__)
 AXES = "PIPELINE_SWEEP_AXES"
@@ -127,10 +128,12 @@ class SweepCallback(Callback):
 
     def _abandoned(self) -> None:
         """The process is ending before the sweep did (Ctrl-C, SIGTERM, a crash): end the parent KILLED."""
+        SIGNALS.ended()
         if self.parent:
             from pipeline.tracking import sweeps
 
-            sweeps.close_sweep_parent(self.parent, "KILLED")
+            with SIGNALS.held():
+                sweeps.close_sweep_parent(self.parent, "KILLED")
 
 
 def _forward_to_ray(launcher: DictConfig, variables: dict[str, str]) -> None:

@@ -15,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import cache, fit
+from pipeline.signals import SIGNALS
 from pipeline.train import train
 from tests.conftest import compose_config, tiny_overrides
 from tests.helpers import assert_every_epoch_recorded, created_store, environment, free_port, output, runs
@@ -114,6 +115,24 @@ def test_a_ctrl_c_whose_handler_runs_in_a_finalizer_still_stops_the_run(tiny_con
             time.sleep(30)  # the run's work goes on; the Ctrl-C must still stop it
     assert time.monotonic() - started < 10
     assert runs(tiny_config.tracking.uri)["status"].tolist() == ["KILLED"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_whose_exception_is_lost_is_sent_again_until_the_run_ends(tiny_config, signum):
+    from pipeline import tracking
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.TrackedRun(tiny_config):
+            try:
+                signal.raise_signal(signum)  # the handler raises here ...
+            except KeyboardInterrupt:
+                pass  # ... and the exception is cleared, as C code calling back into Python can
+            time.sleep(30)  # training goes on; the signal must still stop it
+    assert time.monotonic() - started < 10
+    assert runs(tiny_config.tracking.uri)["status"].tolist() == ["KILLED"]
+    time.sleep(3 * SIGNALS.REDELIVERY)  # the run ended on it: it is not sent again
 
 
 def test_interrupted_sweep_resumes_without_duplicates(tiny_archive, tmp_path):

@@ -184,6 +184,8 @@ class TrackedRun:
 
     def __exit__(self, kind, error, traceback) -> bool:
         status = "FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
+        if status == "KILLED":
+            SIGNALS.ended()
         with SIGNALS.held():
             if self.run_id is not None:
                 mlflow.flush_async_logging()  # every epoch queued so far is in the store before the end
