@@ -37,9 +37,8 @@ from pipeline.signals import SIGNALS
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact clutters logs
-# Epoch curves are queued and written by MLflow's logging thread. With a buffer interval that thread waits
-# on an event rather than polling its queue with a 1 s timeout, so that a flush (and the run's end) returns
-# at once instead of up to a second later. Each point carries its own timestamp either way.
+# MLflow's logging thread writes the queued epoch curves; with a buffer interval it waits on an event, not a
+# 1 s queue poll, so a flush (and the run's end) returns at once. Each point keeps its own timestamp.
 os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
 CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
 PACKAGES = ("tensorflow", "keras", "mlflow", "hydra-core", "numpy", "pandas")
@@ -85,10 +84,7 @@ def versions() -> dict[str, str]:
 
 
 def _version(distribution: str) -> str | None:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
+    return next((d.version for d in metadata.distributions(name=distribution)), None)
 
 
 def git_tags() -> dict[str, str]:
@@ -141,7 +137,7 @@ def _registering(call, attempts: int = 3):
 
 class TrackedRun:
     """Context manager around one MLflow run (under `mlflow run`, the run it created; in a sweep, a child
-    of the sweep's parent)."""
+    of the sweep's parent). Each write to the store is held (SIGNALS.held): whole, or not at all."""
 
     first_in_process = True  # the first run of a process started with the process
 
@@ -211,6 +207,7 @@ class TrackedRun:
         mlflow.set_tags({"pipeline.stages": ",".join(self.cfg.stages), **git_tags(), **tags})
         mlflow.log_text(config.recorded_yaml(self.cfg), "config/config.yaml")
 
+    @SIGNALS.held()
     def data(self, prepared) -> None:
         """What the data stages produced: the dataset input, split sizes, cache hits, stage seconds."""
         meta = prepared.ingest_meta
@@ -228,9 +225,11 @@ class TrackedRun:
                 skipped = pd.DataFrame(meta["skipped"], columns=["row", "reason"]).to_csv(index=False)
                 mlflow.log_text(skipped, "data/skipped_rows.csv")
 
+    @SIGNALS.held()
     def stage_seconds(self, seconds: dict[str, float]) -> None:
         mlflow.set_tags({f"seconds.{stage}": f"{value:.2f}" for stage, value in seconds.items()})
 
+    @SIGNALS.held()
     def model_summary(self, text: str, parameters: int) -> None:
         mlflow.log_text(text, "model_summary.txt")
         mlflow.log_metric("model.parameters", parameters)
@@ -254,12 +253,14 @@ class TrackedRun:
 
         return RecordEpochs()
 
+    @SIGNALS.held()
     def fitted(self, fitted) -> None:
         mlflow.log_text(fitted.history.to_csv(index=False), "history.csv")
         summary = fitted.summary()
         mlflow.log_metrics(summary)
         self.headline.update(summary)
 
+    @SIGNALS.held()
     def evaluation(self, result) -> None:
         from matplotlib import pyplot as plt
 
@@ -269,6 +270,7 @@ class TrackedRun:
             mlflow.log_figure(figure, f"figures/{name}")
             plt.close(figure)
 
+    @SIGNALS.held()
     def log_model(self, model, encoded, cfg: config.PipelineConfig) -> None:
         """The raw-text pyfunc: pipeline/textmodel.py as model code, the Keras classifier and the
         vocabulary (and n-grams) it encodes text with. MLflow checks that the input example serves before it keeps the model."""
@@ -291,6 +293,7 @@ class TrackedRun:
                 registered_model_name=cfg.evaluate.registered_model_name)
         mlflow.set_tag("model_uri", info.model_uri)
 
+    @SIGNALS.held()
     def complete(self) -> None:
         """Mark the run as having done every stage it was asked for (what a resumed sweep looks for)."""
         mlflow.set_tag("pipeline.complete", "true")
