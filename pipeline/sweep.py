@@ -139,9 +139,14 @@ class SweepCallback(Callback):
 def _forward_to_ray(launcher: DictConfig, variables: dict[str, str]) -> None:
     """Workers of a Ray cluster started elsewhere do not inherit this process's environment: pass the
     sweep's variables in the runtime environment that the Ray launcher gives ray.init. (The launcher is
-    built from this same config after the multirun starts, so the change reaches it.)"""
+    built from this same config after the multirun starts, so the change reaches it.) Joining a running
+    cluster (init.address or RAY_ADDRESS), ray.init refuses an object store size, which
+    hydra-ray-launcher 1.2 sets when none is given (Hydra issue #2893): there, none is given explicitly."""
     with open_dict(launcher):
         init = launcher.ray.init
+        joining = (init.get("address") or os.environ.get("RAY_ADDRESS")) not in (None, "", "local")
+        if joining and "object_store_memory" not in init:
+            init.object_store_memory = None  # the cluster's own
         existing = init.get("runtime_env")
         runtime_env = OmegaConf.to_container(existing, resolve=True) if existing is not None else {}
         runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **variables}

@@ -1,0 +1,159 @@
+"""A sweep on a Ray cluster started separately (`ray start --head`), as a team runs one, for real.
+
+Ray binds its head to the machine's network address, which tests must not use. Inside a network namespace
+made here, loopback is the only interface: the cluster, the tracking server and the sweep's driver all run
+in it, on 127.0.0.1. This process reads the server's SQLite store and artifact folder from the disk.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import tiny_overrides
+from tests.helpers import environment, output
+
+pytestmark = pytest.mark.slow
+RAY_PORT, SERVER_PORT = 6390, 5090  # inside the namespace, where nothing else listens
+
+
+@pytest.fixture
+def namespace():
+    """`ip netns exec NS` as a command prefix, in a namespace whose only interface is loopback, up."""
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    name = f"pipeline-test-{os.getpid()}"
+    try:
+        made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no `ip` command (iproute2) here: cannot make a network namespace")
+    if made.returncode != 0:
+        pytest.skip(f"network namespaces are not allowed here: {made.stderr.strip()}")
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+        yield ["ip", "netns", "exec", name]
+    finally:
+        subprocess.run(["ip", "netns", "del", name])
+
+
+def _session_processes(temp_dir: str) -> list[int]:
+    """The processes of the Ray cluster whose temporary folder is temp_dir (and only those)."""
+    found = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split() if int(pid) != os.getpid()]
+
+
+@pytest.fixture
+def cluster(namespace, tmp_path):
+    """A Ray head with 2 CPUs and an MLflow server (SQLite, serving artifacts), both in the namespace.
+    Yields (ray address, tracking URI as the jobs see it, tracking URI as this process reads it, artifacts)."""
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = environment()
+    started = subprocess.run([*namespace, "ray", "start", "--head", f"--port={RAY_PORT}", "--num-cpus=2",
+                              "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    server = None
+    try:
+        assert started.returncode == 0, output(started)
+        assert "127.0.0.1" in started.stdout  # the head is on loopback, the namespace's only interface
+        store, artifacts = tmp_path / "server.db", tmp_path / "server-artifacts"
+        server = subprocess.Popen([*namespace, sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+                                   "--port", str(SERVER_PORT), "--backend-store-uri", f"sqlite:///{store}",
+                                   "--artifacts-destination", str(artifacts), "--workers", "2"],
+                                  cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        health = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{SERVER_PORT}/health', timeout=5)"
+        deadline = time.monotonic() + 180
+        while subprocess.run([*namespace, sys.executable, "-c", health], capture_output=True).returncode != 0:
+            assert server.poll() is None and time.monotonic() < deadline, "the tracking server did not start"
+            time.sleep(1)
+        yield f"127.0.0.1:{RAY_PORT}", f"http://127.0.0.1:{SERVER_PORT}", f"sqlite:///{store}", artifacts
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=60)
+        for pid in _session_processes(temp_dir):  # this cluster's processes only, not any other Ray's
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _driver(namespace, tmp_path, archive, address, uri, *overrides: str) -> list[str]:
+    base = [o for o in tiny_overrides(archive, tmp_path) if not o.startswith("tracking.uri")]
+    return [*namespace, sys.executable, "-m", "pipeline", "-m", *base, *overrides, f"tracking.uri={uri}",
+            "hydra/launcher=ray", f"hydra.launcher.ray.init.address={address}", "sweep.threads=1",
+            f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+
+
+def _family(store: str) -> tuple[object, list]:
+    client = MlflowClient(store)
+    every = client.search_runs([client.get_experiment_by_name("imdb-sentiment").experiment_id], max_results=100)
+    parents = [r for r in every if r.data.tags.get("sweep.parent") == "true"]
+    assert len(parents) == 1
+    return parents[0], [r for r in every if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+
+
+def test_a_sweep_on_an_existing_ray_cluster(namespace, cluster, tiny_archive, tmp_path):
+    address, uri, store, artifacts = cluster
+    # 4 jobs; the two of validation_size=30 leave no training data and fail
+    done = subprocess.run(_driver(namespace, tmp_path, tiny_archive, address, uri, "build.hidden_units=4,8",
+                                  "split.validation_size=8,30", "fit.epochs=2"),
+                          cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=900)
+    assert done.returncode != 0 and "2 sweep job(s) failed" in done.stdout + done.stderr, output(done)
+    assert "Ray is already running" not in done.stdout + done.stderr  # (it joined, not started its own)
+    assert "(_run_job pid=" in done.stdout + done.stderr  # the jobs ran in the cluster's worker processes
+    parent, children = _family(store)
+    statuses = {c.info.run_name: c.info.status for c in children}
+    assert statuses == {"hidden_units=4,validation_size=8": "FINISHED", "hidden_units=8,validation_size=8": "FINISHED",
+                        "hidden_units=4,validation_size=30": "FAILED", "hidden_units=8,validation_size=30": "FAILED"}
+    assert parent.info.status == "FINISHED"
+    client = MlflowClient(store)
+    for child in children:
+        if child.info.status == "FINISHED":
+            assert [p.step for p in client.get_metric_history(child.info.run_id, "val_loss")] == [1, 2]
+        else:
+            assert "leaves no training data" in child.data.tags["error"]
+    # the analysis is on the parent, in the server's artifact store
+    on_parent = glob.glob(str(artifacts / "*" / parent.info.run_id / "artifacts" / "analysis" / "*"))
+    assert {"jobs.csv", "failed_jobs.csv", "report.md"} <= {Path(p).name for p in on_parent}
+
+
+def test_ctrl_c_of_the_ray_driver_leaves_no_child_running(namespace, cluster, tiny_archive, tmp_path):
+    address, uri, store, _ = cluster
+    driver = subprocess.Popen(_driver(namespace, tmp_path, tiny_archive, address, uri, "build.hidden_units=4,8",
+                                      "fit.epochs=100000"),
+                              cwd=tmp_path, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # until both jobs are training on the cluster
+            assert driver.poll() is None and time.monotonic() < deadline, driver.stderr.read()[-3000:]
+            time.sleep(2)
+            if os.path.exists(store.removeprefix("sqlite:///")) and MlflowClient(store).get_experiment_by_name(
+                    "imdb-sentiment"):
+                try:
+                    _, children = _family(store)
+                except AssertionError:
+                    continue
+                client = MlflowClient(store)
+                if len(children) == 2 and all(client.get_metric_history(c.info.run_id, "val_loss") for c in children):
+                    break
+        driver.send_signal(signal.SIGINT)  # Ctrl-C
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    deadline = time.monotonic() + 120
+    while any(c.info.status == "RUNNING" for c in _family(store)[1]) and time.monotonic() < deadline:
+        time.sleep(2)
+    parent, children = _family(store)
+    assert {c.info.status for c in children} == {"KILLED"}
+    assert parent.info.status == "KILLED"
+    assert driver.returncode != 0
