@@ -78,6 +78,7 @@ class SweepCallback(Callback):
     def __init__(self) -> None:
         self.parent: str | None = None
         self.settings: PipelineConfig | None = None
+        self.on_ray = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from pipeline.tracking import sweeps
@@ -94,7 +95,8 @@ class SweepCallback(Callback):
                      RESUMING: "1" if self.settings.sweep.resume else "",
                      "MLFLOW_TRACKING_URI": tracking_uri(self.settings.tracking)}
         os.environ.update(forwarded)  # jobs in this process, and joblib or local Ray workers, inherit these
-        if "ray" in str(hydra_cfg.launcher.get("_target_", "")):
+        self.on_ray = "ray" in str(hydra_cfg.launcher.get("_target_", ""))
+        if self.on_ray:
             _forward_to_ray(hydra_cfg.launcher, forwarded)
         atexit.register(self._abandoned)
         log.info("sweep over %s: parent MLflow run %s", ", ".join(f"{k}={v}" for k, v in axes.items()), self.parent)
@@ -127,12 +129,20 @@ class SweepCallback(Callback):
             raise SystemExit(1)
 
     def _abandoned(self) -> None:
-        """The process is ending before the sweep did (Ctrl-C, SIGTERM, a crash): end the parent KILLED."""
+        """The process is ending before the sweep did (Ctrl-C, SIGTERM, a crash): end the parent KILLED.
+        On Ray, the driver's end stops its jobs' workers, and with them the watchdogs they started (Ray
+        kills a worker's child processes): once Ray is shut down, the children still RUNNING end KILLED here."""
         SIGNALS.ended()
         if self.parent:
+            import sys
+
             from pipeline.tracking import sweeps
 
             with SIGNALS.held():
+                if self.on_ray:
+                    if "ray" in sys.modules and sys.modules["ray"].is_initialized():  # (Ray's own atexit may have)
+                        sys.modules["ray"].shutdown()  # the job ends: the cluster stops its workers
+                    sweeps.end_running_children(self.parent, "its sweep's driver ended, and Ray stopped the job")
                 sweeps.close_sweep_parent(self.parent, "KILLED")
 
 

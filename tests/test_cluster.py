@@ -157,3 +157,8 @@ def test_ctrl_c_of_the_ray_driver_leaves_no_child_running(namespace, cluster, ti
     assert {c.info.status for c in children} == {"KILLED"}
     assert parent.info.status == "KILLED"
     assert driver.returncode != 0
+    assert all("Ray stopped the job" in c.data.tags.get("error", "") for c in children)
+    client = MlflowClient(store)
+    recorded = [len(client.get_metric_history(c.info.run_id, "val_loss")) for c in children]
+    time.sleep(10)  # nothing trains on after its run ended
+    assert [len(client.get_metric_history(c.info.run_id, "val_loss")) for c in children] == recorded

@@ -78,6 +78,17 @@ def finished_child(parent_run_id: str, run_name: str) -> dict | None:
     return {"run_id": found[0].info.run_id, "val_accuracy": best}
 
 
+def end_running_children(parent_run_id: str, why: str) -> None:
+    """The parent's children still RUNNING end KILLED, with an `error` tag that says why."""
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    for child in client.search_runs([parent.info.experiment_id], max_results=5000,
+                                    filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                                  "attributes.status = 'RUNNING'"):
+        client.set_tag(child.info.run_id, "error", why)
+        client.set_terminated(child.info.run_id, "KILLED")
+
+
 def close_sweep_parent(run_id: str, status: str) -> None:
     client = mlflow.MlflowClient()
     if client.get_run(run_id).info.status == "RUNNING":
