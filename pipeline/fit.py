@@ -13,6 +13,8 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from importlib import metadata
@@ -105,3 +107,24 @@ def use_compile_cache(cache_dir: str) -> Path | None:
         return None
     os.environ["TF_XLA_FLAGS"] = f"{flags} {XLA_CACHE_FLAG}={folder}".strip()
     return folder
+
+
+def device() -> dict[str, str]:
+    """Where this process trains, as the run's tags: `device` (GPU:0 or CPU) and `device.name`. A machine
+    whose NVIDIA GPU TensorFlow does not see (tensorflow-cpu installed, or no CUDA) gets a warning."""
+    import tensorflow as tf
+
+    if gpus := tf.config.list_physical_devices("GPU"):
+        name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name)
+        return {"device": "GPU:0", "device.name": name}
+    if shutil.which("nvidia-smi"):
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout.strip()
+        if listed:
+            log.warning("this machine has a GPU (%s) but TensorFlow trains on the CPU: install the gpu extra "
+                        "(docs/performance.md, 'On a GPU')", listed.splitlines()[0])
+    try:
+        with open("/proc/cpuinfo") as handle:
+            name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return {"device": "CPU", "device.name": name or platform.processor() or platform.machine()}

@@ -110,7 +110,7 @@ def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 encoded = data.encoded
                 model = build.build_model(cfg.build, encoded.input_size, encoded.x_train.shape[1], cfg.seed,
                                           train=(encoded.x_train, encoded.y_train))
-            run.model_summary(build.summary(model), model.count_params())
+            run.model_summary(build.summary(model), model.count_params(), fit.device())
             stage("build", seconds["build"], f"{model.count_params():,} parameters")
             objects.update(encoded=data.encoded, model=model)
             if "fit" in cfg.stages:

@@ -230,7 +230,8 @@ class TrackedRun:
         mlflow.set_tags({f"seconds.{stage}": f"{value:.2f}" for stage, value in seconds.items()})
 
     @SIGNALS.held()
-    def model_summary(self, text: str, parameters: int) -> None:
+    def model_summary(self, text: str, parameters: int, device: dict[str, str]) -> None:
+        mlflow.set_tags(device)  # where it trains: device, device.name
         mlflow.log_text(text, "model_summary.txt")
         mlflow.log_metric("model.parameters", parameters)
 
