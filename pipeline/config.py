@@ -143,6 +143,7 @@ class FitConfig:
     loop: str = "epoch"  # epoch: one compiled call trains an epoch and validates; keras: model.fit as written
     jit_compile: bool = True  # compile with XLA: the same steps, several times faster on CPU
     compile_cache: bool = True  # keep XLA's compiled programs in cache_dir: a later run loads them (0.5 s sooner)
+    dense_gradients: bool = True  # fit.loop=epoch: an embedding's gradient summed per row (pipeline/epochloop.py)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
     def validate(self) -> None:

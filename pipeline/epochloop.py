@@ -8,6 +8,14 @@ padded with zero-weight rows, so its loss and gradient are the real rows', as in
 reshuffled every epoch from the seed; batch callbacks run once an epoch (as with
 `steps_per_execution`), epoch callbacks as in model.fit. tests/test_stages.py checks that both loops
 give the same curves and weights.
+
+fit.dense_gradients (on by default) hands the optimizer each embedding's gradient summed per row, as a
+dense tensor (`tf.convert_to_tensor`), instead of Keras's sparse one (a row per token occurrence). Two
+things follow. Speed: Keras 3's Adam turns that sparse gradient dense twice a step (keras-team/keras
+#19992), which takes about 40% of an epoch here. Arithmetic: for a token repeated within a batch, Adam's
+second moment then sees the square of its summed gradient, as Adam's definition and TensorFlow 2's own
+optimizers (which summed repeated indices first) have it; Keras 3's sparse path adds the square of each
+occurrence. Both settings agree exactly where no token repeats within a batch (tests/test_stages.py).
 """
 
 from __future__ import annotations
@@ -18,11 +26,11 @@ import numpy as np
 
 
 class EpochLoop:
-    def __init__(self, model, data, batch_size: int, jit_compile: bool, seed: int):
+    def __init__(self, model, data, batch_size: int, jit_compile: bool, seed: int, dense_gradients: bool = True):
         import keras
         import tensorflow as tf
 
-        self.model, self.batch_size = model, batch_size
+        self.model, self.batch_size, self.dense_gradients = model, batch_size, dense_gradients
         self.rng = np.random.default_rng(seed)  # each epoch's shuffle
         self.train_rows, self.validation_rows = len(data.x_train), len(data.x_validation)
         self.steps = self._whole(self.train_rows) // batch_size
@@ -68,7 +76,10 @@ class EpochLoop:
                 if self.model.losses:  # layer regularizers, added as Keras adds them
                     batch_loss += tf.add_n(self.model.losses)
             if training:
-                self.model.optimizer.apply_gradients(zip(tape.gradient(batch_loss, variables), variables))
+                gradients = tape.gradient(batch_loss, variables)
+                if self.dense_gradients:  # an embedding's rows summed, not one row per occurrence
+                    gradients = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in gradients]
+                self.model.optimizer.apply_gradients(zip(gradients, variables))
             right = tf.cast(tf.equal(tf.cast(predicted > 0.5, batch_y.dtype), batch_y), tf.float32)  # binary_accuracy
             return tf.stack([batch_loss * rows, tf.reduce_sum(right * batch_weight)])
 

@@ -61,7 +61,7 @@ def fit(model, data, cfg: FitConfig, seed: int, callbacks: Sequence = ()) -> Fit
             restore_best_weights=cfg.early_stopping.restore_best_weights, verbose=1)
         every.insert(0, stopper)
     if cfg.loop == "epoch" and keras.backend.backend() == "tensorflow":
-        rows = EpochLoop(model, data, cfg.batch_size, cfg.jit_compile, seed).run(cfg.epochs, every)
+        rows = EpochLoop(model, data, cfg.batch_size, cfg.jit_compile, seed, cfg.dense_gradients).run(cfg.epochs, every)
     else:
         if cfg.loop == "epoch":
             log.warning("fit.loop=epoch needs Keras's TensorFlow backend, not %s: using fit.loop=keras",

@@ -404,22 +404,64 @@ def test_fit_records_one_row_per_epoch_and_calls_callbacks(encoded):
     assert fitted.stopped_epoch is None and fitted.best_epoch is None
 
 
+def _fit_twice(encoded, first: dict, second: dict, learning_rate: float = 0.02, epochs: int = 4, size: int = 200):
+    """(history, weights) of the same model trained with FitConfig(**first) and FitConfig(**second), in
+    one batch an epoch (larger than the data, so the loop's padding rows are there and count for nothing)."""
+    results = []
+    for settings in (first, second):
+        model = build.build_model(BuildConfig(vocabulary_size=size, sequence_length=32, learning_rate=learning_rate),
+                                  size, seed=3)
+        cfg = FitConfig(epochs=epochs, batch_size=len(encoded.x_train) + 5, **settings)
+        results.append((fit.fit(model, encoded, cfg, seed=3).history, model.get_weights()))
+    return results
+
+
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_the_compiled_epoch_loop_trains_as_keras_fit_does(encoded, jit_compile):
-    """With one batch per epoch the order of the rows does not matter, so fit.loop=epoch and Keras's own
-    model.fit must give the same curves and weights. The batch is larger than the data, so the loop's
-    padding rows are there and must count for nothing."""
-    results = {}
-    for loop in ("epoch", "keras"):
-        model = build.build_model(BuildConfig(vocabulary_size=200, sequence_length=32, learning_rate=0.02), 200, seed=3)
-        cfg = FitConfig(epochs=4, batch_size=len(encoded.x_train) + 5, loop=loop,
-                        jit_compile=jit_compile if loop == "epoch" else False)
-        results[loop] = fit.fit(model, encoded, cfg, seed=3).history, model.get_weights()
-    (history, weights), (keras_history, keras_weights) = results["epoch"], results["keras"]
+    """With one batch per epoch the order of the rows does not matter, so fit.loop=epoch (given Keras's
+    sparse embedding gradient, fit.dense_gradients=false) and Keras's own model.fit must give the same
+    curves and weights."""
+    (history, weights), (keras_history, keras_weights) = _fit_twice(
+        encoded, dict(loop="epoch", jit_compile=jit_compile, dense_gradients=False), dict(loop="keras", jit_compile=False))
     pd.testing.assert_frame_equal(history, keras_history[history.columns], rtol=1e-5)
     assert history["loss"].iloc[-1] < history["loss"].iloc[0]  # it did train
     for ours, theirs in zip(weights, keras_weights):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_dense_gradients_change_nothing_where_no_token_repeats_within_a_batch(encoded):
+    """fit.dense_gradients sums an embedding's gradient per row before the optimizer. Where every token
+    of a batch is a different one there is nothing to sum: both settings give the same curves and weights."""
+    unique = np.arange(2, 2 + encoded.x_train.size, dtype=np.int32).reshape(encoded.x_train.shape)  # each id once
+    data = build.Encoded(encoded.vocabulary, unique, encoded.y_train, encoded.x_validation, encoded.y_validation,
+                         encoded.x_test, encoded.y_test)
+    (dense, dense_weights), (sparse, sparse_weights) = _fit_twice(
+        data, dict(dense_gradients=True), dict(dense_gradients=False), size=unique.size + 2)
+    pd.testing.assert_frame_equal(dense, sparse, rtol=1e-5)
+    for ours, theirs in zip(dense_weights, sparse_weights):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_dense_gradients_give_adam_the_summed_gradient_of_a_repeated_token(encoded):
+    """Adam's first step moves each weight by the learning rate (m/sqrt(v) = g/|g|) when it sees the
+    token's summed gradient g. Keras 3's sparse path adds the square of each occurrence into v instead,
+    so a token repeated within the batch moves by another amount: the switch is what it says."""
+    import keras
+
+    assert (np.bincount(encoded.x_train.ravel()) > 1).any()  # tokens repeat in this batch
+    moved = {}
+    for dense in (True, False):
+        model = build.build_model(BuildConfig(vocabulary_size=200, sequence_length=32), 200, seed=3)
+        model.compile(optimizer=keras.optimizers.Adam(0.001, epsilon=1e-12), loss="binary_crossentropy",
+                      metrics=["accuracy"])  # an epsilon too small to blur the step
+        before = model.get_layer("embedding").get_weights()[0]
+        fit.fit(model, encoded, FitConfig(epochs=1, batch_size=len(encoded.x_train) + 5, dense_gradients=dense), seed=3)
+        step = np.abs(model.get_layer("embedding").get_weights()[0] - before)
+        moved[dense] = step[np.unique(encoded.x_train)]  # the rows the batch touched
+    touched = moved[True] > 1e-6
+    np.testing.assert_allclose(moved[True][touched], 0.001, rtol=1e-3)
+    off = np.abs(moved[False][touched] / 0.001 - 1) > 0.05
+    assert off.mean() > 0.5  # (94% here: the median moved 1.4 times the learning rate)
 
 
 @pytest.mark.parametrize("loop", ["epoch", "keras"])
