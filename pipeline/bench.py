@@ -159,7 +159,7 @@ def best_epoch(val_loss: list[float]) -> int:
 # and the override that switches it off.
 ABLATIONS = {"prepare_ahead": ("cold", "prepare_ahead=false"), "stage_cache": ("warm", "stage_cache=false"),
              "freeze_gc": ("warm", "freeze_gc=false"), "fit.compile_cache": ("warm", "fit.compile_cache=false"),
-             "fit.loop=epoch": ("warm", "fit.loop=keras")}
+             "fit.loop=epoch": ("warm", "fit.loop=keras"), "fit.dense_gradients": ("warm", "fit.dense_gradients=false")}
 
 
 def compare_runs(archive: str, repeats: int, ablate: bool = False) -> None:
