@@ -94,7 +94,11 @@ def reference(archive: str, seed: int = 42) -> dict:
 def _tree_rss_mb(process: "psutil.Process") -> float:
     """Resident memory of `process` and all its descendants."""
     total = 0
-    for each in [process, *process.children(recursive=True)]:
+    try:
+        tree = [process, *process.children(recursive=True)]
+    except psutil.Error:  # it ended meanwhile
+        return 0.0
+    for each in tree:
         try:
             total += each.memory_info().rss
         except psutil.Error:  # ended meanwhile
