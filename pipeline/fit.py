@@ -88,12 +88,7 @@ def use_compile_cache(cache_dir: str) -> Path | None:
     flags = os.environ.get("TF_XLA_FLAGS", "")
     if XLA_CACHE_FLAG in flags or "tensorflow" in sys.modules:
         return None
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((line for line in handle if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        cpu = platform.processor()
-    kind = [platform.machine(), cpu]
+    kind = [platform.machine(), _cpuinfo(("flags", "Features")) or platform.processor()]
     for package in ("tensorflow-cpu", "tensorflow"):
         try:
             kind.append(f"{package}=={metadata.version(package)}")
@@ -122,9 +117,14 @@ def device() -> dict[str, str]:
         if listed:
             log.warning("this machine has a GPU (%s) but TensorFlow trains on the CPU: install the gpu extra "
                         "(docs/performance.md, 'On a GPU')", listed.splitlines()[0])
+    name = _cpuinfo(("model name",)).split(":", 1)[-1].strip()
+    return {"device": "CPU", "device.name": name or platform.processor() or platform.machine()}
+
+
+def _cpuinfo(prefixes: tuple[str, ...]) -> str:
+    """The first line of /proc/cpuinfo that starts with one of `prefixes` ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as handle:
-            name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+            return next((line for line in handle if line.startswith(prefixes)), "")
     except OSError:
-        name = ""
-    return {"device": "CPU", "device.name": name or platform.processor() or platform.machine()}
+        return ""

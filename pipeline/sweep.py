@@ -13,6 +13,7 @@ import atexit
 import json
 import logging
 import os
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -134,8 +135,6 @@ class SweepCallback(Callback):
         kills a worker's child processes): once Ray is shut down, the children still RUNNING end KILLED here."""
         SIGNALS.ended()
         if self.parent:
-            import sys
-
             from pipeline.tracking import sweeps
 
             with SIGNALS.held():

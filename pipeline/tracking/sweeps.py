@@ -62,15 +62,19 @@ def record_failed_job(run_name: str, error: Exception) -> None:
     client.set_terminated(run.info.run_id, "FAILED")
 
 
+def _children(client, parent_run_id: str, where: str = "", order: str = "ASC", max_results: int = 5000) -> list:
+    """The parent's child runs (and `where`, a filter clause that starts with " and "), by start time."""
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'{where}",
+                              max_results=max_results, order_by=[f"attributes.start_time {order}"])
+
+
 def finished_child(parent_run_id: str, run_name: str) -> dict | None:
     """The latest complete, FINISHED child of `parent_run_id` named `run_name` (id, best validation accuracy)."""
     client = mlflow.MlflowClient()
-    parent = client.get_run(parent_run_id)
     quoted = run_name.replace("'", "\\'")
-    found = client.search_runs([parent.info.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
-                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
-                                             f"attributes.run_name = '{quoted}' and attributes.status = 'FINISHED' "
-                                             "and tags.`pipeline.complete` = 'true'")
+    found = _children(client, parent_run_id, f" and attributes.run_name = '{quoted}' and attributes.status = 'FINISHED' "
+                                             "and tags.`pipeline.complete` = 'true'", "DESC", max_results=1)
     if not found:
         return None
     history = client.get_metric_history(found[0].info.run_id, "val_accuracy")
@@ -81,10 +85,7 @@ def finished_child(parent_run_id: str, run_name: str) -> dict | None:
 def end_running_children(parent_run_id: str, why: str) -> None:
     """The parent's children still RUNNING end KILLED, with an `error` tag that says why."""
     client = mlflow.MlflowClient()
-    parent = client.get_run(parent_run_id)
-    for child in client.search_runs([parent.info.experiment_id], max_results=5000,
-                                    filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
-                                                  "attributes.status = 'RUNNING'"):
+    for child in _children(client, parent_run_id, " and attributes.status = 'RUNNING'"):
         client.set_tag(child.info.run_id, "error", why)
         client.set_terminated(child.info.run_id, "KILLED")
 
@@ -112,10 +113,7 @@ def analyze_sweep(parent_run_id: str, alias: str | None = None):
     from pipeline import analysis
 
     client = mlflow.MlflowClient()
-    parent = client.get_run(parent_run_id)
-    children = client.search_runs([parent.info.experiment_id], max_results=5000,
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                                  order_by=["attributes.start_time ASC"])
+    children = _children(client, parent_run_id)
     latest: dict[str, object] = {}  # a resumed sweep can hold several attempts of one job: keep one
     for run in children:  # oldest first, so later attempts win, and a finished one beats any other
         kept = latest.get(run.info.run_name)
