@@ -27,9 +27,13 @@ RAY_PORT, SERVER_PORT = 6390, 5090  # inside the namespace, where nothing else l
 
 
 @pytest.fixture
-def namespace():
-    """`ip netns exec NS` as a command prefix, in a namespace whose only interface is loopback, up."""
+def namespace(monkeypatch, tmp_path):
+    """`ip netns exec NS` as a command prefix, in a namespace whose only interface is loopback, up. Every
+    process in it is this test's: at the end they are all ended, the cluster's helpers included. HOME is
+    the test's own, so that no ~/.ray/auth_token left by another Ray (a local sweep's) is read."""
     pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # (tests.helpers.environment passes it on)
     name = f"pipeline-test-{os.getpid()}"
     try:
         made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
@@ -41,13 +45,13 @@ def namespace():
         subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
         yield ["ip", "netns", "exec", name]
     finally:
+        inside = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+        for pid in map(int, inside):  # processes in this namespace only, not any other Ray's
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         subprocess.run(["ip", "netns", "del", name])
-
-
-def _session_processes(temp_dir: str) -> list[int]:
-    """The processes of the Ray cluster whose temporary folder is temp_dir (and only those)."""
-    found = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True)
-    return [int(pid) for pid in found.stdout.split() if int(pid) != os.getpid()]
 
 
 @pytest.fixture
@@ -78,11 +82,7 @@ def cluster(namespace, tmp_path):
         if server is not None:
             server.terminate()
             server.wait(timeout=60)
-        for pid in _session_processes(temp_dir):  # this cluster's processes only, not any other Ray's
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        # the cluster's processes end with the namespace (its fixture)
 
 
 def _driver(namespace, tmp_path, archive, address, uri, *overrides: str) -> list[str]:
