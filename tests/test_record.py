@@ -3,6 +3,7 @@ the serving check, and the speed switches (each gives the same numbers off as on
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -104,7 +105,9 @@ def test_an_interrupt_mid_fit_keeps_every_epoch_the_terminal_reported(tiny_archi
     assert run.info.end_time / 1000 >= history(client, run.info.run_id, "val_loss")[-1].timestamp / 1000
 
 
-def test_the_logged_model_passes_mlflows_serving_check(tiny_config):
+def test_the_logged_model_passes_mlflows_serving_check(tiny_config, tmp_path):
+    """mlflow.models.predict (the check that replaced validate_serving_input in MLflow 3.13) reads the
+    request as the scoring server does; env_manager="local": this environment is the model's."""
     from pipeline.tracking import INPUT_EXAMPLE
     from pipeline.train import train
 
@@ -112,9 +115,12 @@ def test_the_logged_model_passes_mlflows_serving_check(tiny_config):
     model_uri = runs(tiny_config.tracking.uri)["tags.model_uri"][0]
     info = mlflow.models.get_model_info(model_uri)
     assert info.saved_input_example_info is not None
-    payload = mlflow.models.convert_input_example_to_serving_input(INPUT_EXAMPLE)
-    predictions = mlflow.models.validate_serving_input(model_uri, payload)
-    assert len(predictions) == len(INPUT_EXAMPLE)
+    request, answer = tmp_path / "request.json", tmp_path / "answer.json"
+    request.write_text(mlflow.models.convert_input_example_to_serving_input(INPUT_EXAMPLE))
+    mlflow.models.predict(model_uri, input_path=str(request), content_type="json", output_path=str(answer),
+                          env_manager="local")
+    predictions = json.loads(answer.read_text())["predictions"]
+    assert len(predictions) == len(INPUT_EXAMPLE) and all(0.0 <= p <= 1.0 for p in predictions)
 
 
 def test_each_speed_switch_gives_the_same_curves_and_test_metrics(tiny_archive, tmp_path):
