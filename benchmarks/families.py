@@ -1,4 +1,4 @@
-"""`python -m pipeline.bench_families ARCHIVE`: what each model family costs, and the comparison sweep.
+"""`python benchmarks/families.py ARCHIVE`: what each model family costs, and the comparison sweep.
 
 Runs each family's default run (`build=<family>`) from a cold start, each in its own process with an
 empty stage cache and a new store, then `-m experiment=model_comparison` (every family at three seeds,
@@ -12,9 +12,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from pipeline.bench import last_run, measured, pipeline_command, spread
+from bench import last_run, measured, pipeline_command, spread  # benchmarks/bench.py, beside this file
 
-FAMILIES = ("tutorial", "fasttext", "cnn", "nbsvm")  # conf/build/
+from pipeline.config import FAMILIES
 
 
 def ranking(work: Path):
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import os
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench_families", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/families.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("archive", nargs="?", default=os.environ.get("IMDB_ARCHIVE"),
                         help="the aclImdb .tar.gz (default: $IMDB_ARCHIVE)")
     parser.add_argument("--repeats", type=int, default=1, help="cold runs of each family (default 1)")

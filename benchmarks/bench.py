@@ -1,4 +1,4 @@
-"""`python -m pipeline.bench ARCHIVE`: the pipeline against the tutorial's plain script, side by side.
+"""`python benchmarks/bench.py ARCHIVE`: the pipeline against the tutorial's plain script, side by side.
 
 Runs, alternating and repeated, each in its own process: (1) the reference, the tutorial's code on the
 same archive, untracked; (2) the pipeline from a cold start (empty stage cache, new tracking store);
@@ -12,6 +12,7 @@ overfitting sweep against the same jobs run alone. A command that prints numbers
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -25,7 +26,15 @@ from pathlib import Path
 
 import psutil
 
-SWEEP_AXES = {"build.hidden_units": (8, 16, 32, 64), "fit.epochs": (10, 20, 30, 40)}  # conf/experiment/overfit_sweep
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def sweep_axes() -> dict[str, list[str]]:
+    """The overfitting sweep's axes as conf/experiment/overfit_sweep.yaml declares them (their one home)."""
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.load(PROJECT / "conf" / "experiment" / "overfit_sweep.yaml").hydra.sweeper.params
+    return {key: [value.strip() for value in str(values).split(",")] for key, values in params.items()}
 
 
 def reference(archive: str, seed: int = 42) -> dict:
@@ -171,7 +180,7 @@ def compare_runs(archive: str, repeats: int, ablate: bool = False) -> None:
     for repeat in range(repeats):
         with tempfile.TemporaryDirectory(prefix="imdb-bench-") as folder:
             work = Path(folder)
-            out = measured([sys.executable, "-m", "pipeline.bench", archive, "--reference-only"], work)
+            out = measured([sys.executable, str(Path(__file__).resolve()), archive, "--reference-only"], work)
             results["reference"].append({**out, **json.loads(out["stdout"].strip().splitlines()[-1])})
             for kind in ("cold", "warm"):
                 out = measured(pipeline_command(archive, work), work)
@@ -227,7 +236,8 @@ def compare_runs(archive: str, repeats: int, ablate: bool = False) -> None:
 def compare_sweep(archive: str, launchers: list[str], ablate: bool = False) -> None:
     """The 16-job overfitting sweep (data prepared once, start-up paid once) against the same 16 jobs each
     run alone with a warm cache; with `ablate`, the basic launcher's sweep again with stage_cache=false."""
-    axes = [f"{k}={','.join(map(str, v))}" for k, v in SWEEP_AXES.items()]
+    declared = sweep_axes()
+    axes = [f"{key}={','.join(values)}" for key, values in declared.items()]
     settings = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "sweep.threads=1"]}
     with tempfile.TemporaryDirectory(prefix="imdb-bench-sweep-") as folder:
         work = Path(folder)
@@ -243,18 +253,16 @@ def compare_sweep(archive: str, launchers: list[str], ablate: bool = False) -> N
             print(f"sweep of 16 jobs, {name} launcher, cold cache: {out['wall']:.1f} s, peak {out['peak_mb']:.0f} MB",
                   flush=True)
         alone = []
-        for hidden in SWEEP_AXES["build.hidden_units"]:
-            for epochs in SWEEP_AXES["fit.epochs"]:
-                out = measured(pipeline_command(archive, work, f"build.hidden_units={hidden}", f"fit.epochs={epochs}"), work)
-                alone.append(out["wall"])
-        print(f"the 16 jobs one by one, warm cache: sum {sum(alone):.1f} s "
+        for job in itertools.product(*([f"{key}={value}" for value in values] for key, values in declared.items())):
+            alone.append(measured(pipeline_command(archive, work, *job), work)["wall"])
+        print(f"the {len(alone)} jobs one by one, warm cache: sum {sum(alone):.1f} s "
               f"(each {min(alone):.1f}-{max(alone):.1f} s, median {statistics.median(alone):.1f} s)")
         for name, wall in walls.items():
             print(f"ratio sweep ({name}) / sum of jobs alone: {wall / sum(alone):.2f}   floor 0.75")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("archive", nargs="?", default=os.environ.get("IMDB_ARCHIVE"),
                         help="the aclImdb .tar.gz (default: $IMDB_ARCHIVE)")
     parser.add_argument("--repeats", type=int, default=3, help="reference/cold/warm rounds (default 3)")
