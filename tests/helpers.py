@@ -12,9 +12,10 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
+from pipeline.tracking import CURVES  # the curves each run records, named once
+
 PROJECT = Path(__file__).resolve().parents[1]
 
-CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
 def runs(uri: str, experiment: str = "imdb-sentiment"):

@@ -81,3 +81,36 @@ def test_invalid_settings_name_the_setting_and_value(override, message):
 def test_unknown_keys_and_wrong_types_are_refused(override):
     with pytest.raises(ConfigCompositionException):
         compose_config([override])
+
+
+def _leaves(node, prefix="", top=True):
+    """(dotted key, value) of every value a config file sets, its `defaults` list aside."""
+    for key, value in node.items():
+        if key == "defaults" and top:
+            continue
+        path = f"{prefix}.{key}" if prefix else str(key)
+        yield from (_leaves(value, path, False) if isinstance(value, dict) else [(path, value)])
+
+
+@pytest.mark.parametrize("group, option", [o for o in OPTIONS if o[0] != "experiment"], ids=lambda o: str(o))
+def test_a_config_file_names_only_what_differs_from_the_schema(group, option):
+    """Each default lives once, in pipeline/config.py: an option file that repeated one would have to be kept
+    equal to it by hand."""
+    from omegaconf import OmegaConf
+
+    path = CONF / group / f"{option}.yaml"
+    text = path.read_text()
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    prefix = "" if "# @package _global_" in text else group
+    defaults = OmegaConf.to_container(OmegaConf.structured(config.PipelineConfig))
+    for key, value in _leaves(raw, prefix):
+        default = defaults
+        for part in key.split("."):
+            default = default[part]
+        assert value != default, f"{path.relative_to(CONF)} sets {key}: {value!r}, the schema's default already"
+
+
+def test_a_familys_epoch_budget_holds_whatever_fit_group_is_chosen():
+    for fit in ("tutorial", "early_stopping"):
+        assert compose_config(["build=cnn", f"fit={fit}"]).fit.epochs == 2
+        assert compose_config([f"fit={fit}", "build=nbsvm"]).fit.epochs == 3
