@@ -71,11 +71,11 @@ class SplitConfig:
     seed: Optional[int] = None  # the shuffle's seed; null: the run's seed (set it to keep one split across seeds)
 
     def validate(self) -> None:
-        if (self.validation_size is None) == (self.validation_fraction is None):
-            raise ValueError(
-                "split.validation_size and split.validation_fraction: set exactly one of them "
-                f"(got {self.validation_size!r} and {self.validation_fraction!r}); "
-                "override the other with null, e.g. split.validation_size=null split.validation_fraction=0.2")
+        size, share = self.validation_size, self.validation_fraction  # (ingest=table holds out a share by default)
+        _require(size is None or share is None, "split.validation_size", size, f"split.validation_fraction={share} is "
+                 f"set too; set exactly one: add split.validation_fraction=null, or split.validation_size=null")
+        _require(size is not None or share is not None, "split.validation_size", size, "split.validation_fraction is "
+                 "null too; set one, e.g. split.validation_fraction=0.4 (a share) or split.validation_size=10000")
         if self.validation_size is not None:
             _positive("split.validation_size", self.validation_size)
         if self.validation_fraction is not None:

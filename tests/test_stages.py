@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import sys
 import tarfile
 
@@ -13,7 +14,7 @@ import pytest
 
 from pipeline import build, evaluate, fit, ingest, split, textmodel
 from pipeline.config import BuildConfig, EvaluateConfig, FitConfig, IngestConfig, SplitConfig
-from tests.conftest import review, write_archive
+from tests.conftest import compose_config, review, write_archive
 
 
 # -- ingest -------------------------------------------------------------------------------------------
@@ -245,6 +246,48 @@ def test_split_that_leaves_no_training_data_is_an_error(tiny_archive):
     reviews = ingest.ingest(IngestConfig(path=str(tiny_archive)))
     with pytest.raises(ValueError, match="validation_size=24 leaves no training data"):
         split.split(reviews.frame, SplitConfig(validation_size=24), seed=1)
+
+
+def _fixes(message: str) -> list[list[str]]:
+    """The overrides a message offers, one list per alternative (after "e.g." or "add", split at "or")."""
+    offered = re.split(r"e\.g\.|add", message, maxsplit=1)[1]
+    return [re.findall(r"split\.\w+=[\w.]+", part) for part in re.split(r",? or ", offered)]
+
+
+@pytest.mark.parametrize("tried", [[], ["split=tutorial"], ["split.validation_size=5000"],
+                                   ["split=tutorial", "split.validation_fraction=0.4"],
+                                   ["split.validation_fraction=0.0001"], ["split=tutorial", "split.validation_size=null"]])
+def test_a_table_splits_by_default_and_every_fix_a_split_error_offers_works_as_written(tmp_path, tried):
+    """The README's command on a table of 1,000 reviews holds out 40% of its 500 training reviews; a
+    setting that cannot work names a fix, and each fix offered, added to the command, works."""
+    rng = random.Random(0)
+    pd.DataFrame({"review": [review(rng, i % 2 == 0) for i in range(1000)],
+                  "sentiment": ["positive" if i % 2 == 0 else "negative" for i in range(1000)]}).to_csv(
+        tmp_path / "IMDB_Dataset.csv", index=False)
+    command = ["ingest=table", f"ingest.path={tmp_path / 'IMDB_Dataset.csv'}", "ingest.text_column=review",
+               "ingest.label_column=sentiment", "ingest.positive_label=positive"]
+    reviews = ingest.ingest(compose_config(command).ingest)
+
+    def sizes(overrides):
+        cfg = compose_config(overrides)
+        return split.split(reviews.frame, cfg.split, cfg.seed).sizes()
+
+    if not tried:
+        assert sizes(command) == {"train": 300, "validation": 200, "test": 500}
+        return
+    def follow(overrides, steps=3):  # each fix offered, added to the command, works or offers fixes that do
+        try:
+            parts = sizes(overrides)
+        except ValueError as error:
+            fixes = _fixes(str(error))
+            assert steps and fixes and all(fixes), str(error)
+            return [found for fix in fixes for found in follow(overrides + fix, steps - 1)]
+        assert parts["train"] > 0 and parts["validation"] > 0, (overrides, parts)
+        return [overrides]
+
+    with pytest.raises(ValueError):
+        sizes(command + tried)
+    assert follow(command + tried)
 
 
 # -- build --------------------------------------------------------------------------------------------
