@@ -7,6 +7,7 @@ import random
 import re
 import sys
 import tarfile
+import zipfile
 
 import numpy as np
 import pandas as pd
@@ -94,6 +95,7 @@ def test_download_is_verified_and_kept(tiny_archive, tmp_path):
     target = tmp_path / "copy.tar.gz"
     ingest.download(tiny_archive.as_uri(), target, ingest.sha256_file(tiny_archive))
     assert ingest.sha256_file(target) == ingest.sha256_file(tiny_archive)
+    assert (tmp_path / "copy.tar.gz.sha256").read_text() == f"{ingest.sha256_file(tiny_archive)}  copy.tar.gz\n"
     with pytest.raises(ValueError, match="sha256 does not match"):
         ingest.download(tiny_archive.as_uri(), tmp_path / "bad.tar.gz", "0" * 64)
     assert not (tmp_path / "bad.tar.gz").exists()
@@ -104,17 +106,53 @@ def test_missing_archive_without_download_is_an_error(tmp_path):
         ingest.ingest(IngestConfig(path=str(tmp_path / "nothing.tar.gz"), download=False))
 
 
-def test_corrupt_archive_is_a_clear_error(tiny_archive, tmp_path):
+def test_a_users_unreadable_archive_says_what_is_wrong_and_what_to_give(tiny_archive, tmp_path):
     broken = tmp_path / "broken.tar.gz"
     broken.write_bytes(tiny_archive.read_bytes()[:300])
-    with pytest.raises(ValueError, match="not a readable .tar.gz"):
+    with pytest.raises(ValueError, match="it is cut short") as error:
         ingest.ingest(IngestConfig(path=str(broken)))
+    assert "complete aclImdb_v1.tar.gz or its extracted folder" in str(error.value)
+    assert "download" not in str(error.value)  # the pipeline did not download it: fetching again is not the fix
+    with zipfile.ZipFile(tmp_path / "aclImdb.zip", "w") as archive:
+        archive.writestr("aclImdb/train/pos/0_9.txt", "A gem.")
+    with pytest.raises(ValueError, match="it is a .zip archive: extract it"):
+        ingest.ingest(IngestConfig(path=str(tmp_path / "aclImdb.zip")))
 
 
-def test_archive_missing_a_class_is_an_error(tmp_path):
+def test_a_table_given_as_the_archive_is_told_to_use_ingest_table(tmp_path):
+    table = tmp_path / "reviews.csv"
+    pd.DataFrame({"text": ["great film", "dull film"] * 4, "label": [1, 0] * 4,
+                  "split": ["train"] * 4 + ["test"] * 4}).to_csv(table, index=False)
+    with pytest.raises(ValueError) as error:
+        ingest.ingest(compose_config([f"ingest.path={table}"]).ingest)
+    fix = re.search(r"ingest=table ingest.path=\S+", str(error.value)).group(0).split()
+    assert ingest.ingest(compose_config([f"ingest.path={table}", *fix]).ingest).counts() == {"train": 4, "test": 4}
+
+
+def test_only_the_pipelines_own_download_is_to_be_downloaded_again(tiny_archive, tmp_path):
+    target = ingest.download(tiny_archive.as_uri(), tmp_path / "data" / "aclImdb_v1.tar.gz", None)
+    assert ingest.downloaded(target) and not ingest.downloaded(tiny_archive)
+    target.write_bytes(target.read_bytes()[:300])  # changed since: cut short on disk
+    with pytest.raises(ValueError, match="changed since the pipeline downloaded it: delete it and run again"):
+        ingest.ingest(IngestConfig(path=str(target)))
+    target.unlink()  # following the advice: the next run downloads it again
+    assert ingest.ingest(IngestConfig(path=str(target), url=tiny_archive.as_uri(), sha256=None)).counts()["test"] == 24
+    html = tmp_path / "page.html"
+    html.write_text("<html>moved</html>")
+    target.unlink()
+    ingest.download(html.as_uri(), target, None)  # a URL that does not serve an archive, unchecked
+    with pytest.raises(ValueError, match="exactly as the pipeline downloaded it: ingest.url does not serve"):
+        ingest.ingest(IngestConfig(path=str(target)))
+
+
+def test_archive_missing_a_class_names_the_folder(tmp_path):
     path = write_archive(tmp_path / "one_class.tar.gz", skip=("test/neg",))
-    with pytest.raises(ValueError, match="test split needs positive and negative"):
+    with pytest.raises(ValueError, match=f"no aclImdb/test/neg/ reviews in {re.escape(str(path))}"):
         ingest.ingest(IngestConfig(path=str(path)))
+    with tarfile.open(path) as archive:
+        archive.extractall(tmp_path / "folder", filter="data")
+    with pytest.raises(ValueError, match="no aclImdb/test/neg/ reviews in"):
+        ingest.ingest(IngestConfig(path=str(tmp_path / "folder")))
 
 
 @pytest.mark.parametrize("content, message", [(b"   ", "is empty"), (b"caf\xe9", "not valid UTF-8")])
