@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -206,7 +209,35 @@ def test_logged_model_is_served_over_rest(tiny_archive, tmp_path):
         answers = [post(url, {"inputs": texts}),
                    post(url, {"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}}),
                    post(url, {"dataframe_records": [{"text": t} for t in texts]})]
+        # what is not a review is refused 400, naming the first bad input's position and type (docs/serving.md)
+        refused = {body: _refusal(url, json.loads(body)) for body in NOT_TEXT}
+        assert post(url, {"inputs": texts}) == pytest.approx(answers[0])  # and the server still answers
     for predictions in answers:
         assert len(predictions) == 3 and all(0.0 <= p <= 1.0 for p in predictions)
         assert predictions == pytest.approx(answers[0])
     assert answers[0][0] > answers[0][1]  # the tiny model learned the sentiment words
+    for body, (status, message) in refused.items():
+        assert status == 400 and NOT_TEXT[body] in message, (body, status, message)
+
+
+# request bodies that are not text, and what the refusal says of them
+NOT_TEXT = {'{"inputs": [null]}': "input 0 (counting from 0) is null, not a review",
+            '{"inputs": [123]}': "input 0 (counting from 0) is int 123, not a review",
+            '{"inputs": ["A film.", true]}': "input 1 (counting from 0) is bool True, not a review",
+            '{"inputs": [{"stars": 5}]}': "input 0 (counting from 0) is int 5, not a review",
+            '{"inputs": ["A film.", ["nested", "list"]]}': "input 1 (counting from 0) is list ['nested', 'list']",
+            '{"inputs": ["A film.", ""]}': "input 1 (counting from 0) is an empty string, not a review",
+            '{"instances": ["A film.", null]}': "input 1 (counting from 0) is null",
+            '{"dataframe_split": {"columns": ["text"], "data": [["A film."], [null]]}}': "input 1 (counting from 0) is null",
+            '{"dataframe_records": [{"text": 4.5}]}': "input 0 (counting from 0) is float 4.5, not a review"}
+
+
+def _refusal(url: str, body: dict) -> tuple[int, str]:
+    """The status and message of a request the server is expected to refuse."""
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()).get("message", "")
