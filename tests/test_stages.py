@@ -294,7 +294,8 @@ def _fixes(message: str) -> list[list[str]]:
 
 @pytest.mark.parametrize("tried", [[], ["split=tutorial"], ["split.validation_size=5000"],
                                    ["split=tutorial", "split.validation_fraction=0.4"],
-                                   ["split.validation_fraction=0.0001"], ["split=tutorial", "split.validation_size=null"]])
+                                   ["split.validation_fraction=0.0001"], ["split.validation_fraction=1.5"],
+                                   ["split=tutorial", "split.validation_size=null"]])
 def test_a_table_splits_by_default_and_every_fix_a_split_error_offers_works_as_written(tmp_path, tried):
     """The README's command on a table of 1,000 reviews holds out 40% of its 500 training reviews; a
     setting that cannot work names a fix, and each fix offered, added to the command, works."""
