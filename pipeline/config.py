@@ -71,17 +71,18 @@ class SplitConfig:
     seed: Optional[int] = None  # the shuffle's seed; null: the run's seed (set it to keep one split across seeds)
 
     def validate(self) -> None:
-        if (self.validation_size is None) == (self.validation_fraction is None):
-            raise ValueError(
-                "split.validation_size and split.validation_fraction: set exactly one of them "
-                f"(got {self.validation_size!r} and {self.validation_fraction!r}); "
-                "override the other with null, e.g. split.validation_size=null split.validation_fraction=0.2")
-        if self.validation_size is not None:
-            _positive("split.validation_size", self.validation_size)
-        if self.validation_fraction is not None:
-            _require(0.0 < self.validation_fraction < 1.0, "split.validation_fraction",
-                     self.validation_fraction, "use a fraction strictly between 0 and 1")
-
+        size, share = self.validation_size, self.validation_fraction  # (ingest=table holds out a share by default)
+        if size is not None and share is not None:
+            raise ValueError(f"split.validation_size={size} and split.validation_fraction={share}: set exactly one; "
+                             f"add split.validation_fraction=null to hold out {size}, "
+                             f"or split.validation_size=null for {share}")
+        _require(size is not None or share is not None, "split.validation_size", size, "split.validation_fraction is "
+                 "null too; set one, e.g. split.validation_fraction=0.4 (a share) or split.validation_size=10000")
+        if size is not None:
+            _positive("split.validation_size", size)
+        if share is not None:
+            _require(0.0 < share < 1.0, "split.validation_fraction", share,
+                     "use a share strictly between 0 and 1, e.g. split.validation_fraction=0.4")
 
 @dataclass
 class BuildConfig:

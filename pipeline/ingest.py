@@ -11,13 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
-import sys
 import tarfile
-import tempfile
-import time
-import urllib.error
-import urllib.request
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +20,13 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import IngestConfig
+from pipeline.download import download, downloaded, progress, record, sha256_file
 
 # aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt, anywhere below the archive's or folder's root
 MEMBER = re.compile(r"(?:^|/)aclImdb/(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")
 COLUMNS = ["text", "label", "rating", "split"]
 SPLITS = ("train", "test")
+TABLES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".pq")  # read_frame's suffixes
 
 
 @dataclass
@@ -50,14 +46,6 @@ class Reviews:
                 "labels": self.labels}
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def content_digest(frame: pd.DataFrame) -> str:
     """sha256 over (split, label, rating, text) of every row, in order."""
     digest = hashlib.sha256()
@@ -67,15 +55,20 @@ def content_digest(frame: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def _finish(rows: list[tuple], source: str, skipped: list, labels: dict | None = None) -> Reviews:
+def _finish(rows: list[tuple], source: str, skipped: list, labels: dict | None = None, layout: bool = False) -> Reviews:
     # object columns: inferring pandas' Arrow string type for 50,000 reviews would cost a third of a second
     frame = pd.DataFrame(rows, columns=["split", "label", "id", "rating", "text"], dtype=object)
     frame = frame.astype({"label": "int8", "id": "int64", "rating": "int8"})
     frame = frame.sort_values(["split", "label", "id"], kind="stable", ignore_index=True)[COLUMNS]
-    for split in SPLITS:
-        found = sorted(frame.loc[frame["split"] == split, "label"].unique().tolist())
-        if len(found) < 2:
-            raise ValueError(f"{source}: the {split} split needs positive and negative reviews; found labels {found}")
+    missing = [(split, label) for split in SPLITS for label in (1, 0)
+               if not ((frame["split"] == split) & (frame["label"] == label)).any()]
+    if missing and layout:  # an archive or folder: the folder that should hold them
+        folders = " or ".join(f"aclImdb/{split}/{'pos' if label else 'neg'}/" for split, label in missing)
+        raise ValueError(f"no {folders} reviews in {source}; it needs train/ and test/, each with pos/ and neg/ "
+                         "(a complete aclImdb_v1.tar.gz has 12,500 reviews in each)")
+    if missing:
+        raise ValueError(f"{source}: the {missing[0][0]} split needs positive and negative reviews; it has no "
+                         f"{'positive' if missing[0][1] else 'negative'} rows")
     return Reviews(frame, content_digest(frame), source, skipped, labels or {})
 
 
@@ -104,7 +97,7 @@ def _reviews(found, source: str, skip: bool) -> Reviews:
         rows.append((split, int(polarity == "pos"), int(review_id), int(rating), text))
     if not rows and not skipped:
         raise ValueError(f"{source}: no aclImdb/{{train,test}}/{{pos,neg}}/<id>_<rating>.txt files inside")
-    return _finish(rows, source, _bad(source, skipped, skip, "review files unreadable or empty"))
+    return _finish(rows, source, _bad(source, skipped, skip, "review files unreadable or empty"), layout=True)
 
 
 def read_archive(path: Path, skip: bool = False) -> Reviews:
@@ -117,14 +110,36 @@ def read_archive(path: Path, skip: bool = False) -> Reviews:
                     yield member.name, match, archive.extractfile(member).read()
                     progress(f"reading {path.name}", min(raw.tell(), size - 1), size)  # the end: below
 
+    if path.suffix.lower() in TABLES:
+        raise ValueError(f"{path} is a table, not an archive of reviews: read it with "
+                         f"ingest=table ingest.path={path} (ingest.text_column, ingest.label_column name its columns)")
     size = path.stat().st_size
     try:
         with open(path, "rb") as raw:
             found = list(members(raw))
         progress(f"reading {path.name}", size, size)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
-        raise ValueError(f"{path}: not a readable .tar.gz archive ({error}); delete it and download it again") from None
+        raise ValueError(unreadable(path, error)) from None
     return _reviews(found, str(path), skip)
+
+
+def unreadable(path: Path, error: Exception) -> str:
+    """What is wrong with an archive that does not read, and the fix: for the pipeline's own download, to
+    fetch it again; for a user's file, what the file is and what to give instead."""
+    if downloaded(path):
+        if sha256_file(path) != record(path).read_text().split()[0]:
+            return (f"{path}: not a readable .tar.gz archive ({error}); it has changed since the pipeline downloaded "
+                    "it: delete it and run again to download it again")
+        return (f"{path}: not a readable .tar.gz archive ({error}), exactly as the pipeline downloaded it: ingest.url "
+                "does not serve the archive; set it to the aclImdb_v1.tar.gz URL (and ingest.sha256 to check it)")
+    with open(path, "rb") as raw:
+        head = raw.read(4)
+    what = ("a .zip archive: extract it and set ingest.path to the extracted folder" if head.startswith(b"PK")
+            else "cut short (an incomplete copy?)" if isinstance(error, EOFError) or re.search(r"\bend", str(error))
+            else f"not a .tar.gz archive ({error})")
+    return (f"{path}: not a readable .tar.gz archive: it is {what}; set ingest.path (or IMDB_ARCHIVE) to a complete "
+            "aclImdb_v1.tar.gz or its extracted folder (for your own .csv, .tsv, .jsonl or .parquet: "
+            "ingest=table ingest.path=<file>)")
 
 
 def read_folder(path: Path, skip: bool = False) -> Reviews:
@@ -132,49 +147,6 @@ def read_folder(path: Path, skip: bool = False) -> Reviews:
     root = path if (path / "train").is_dir() or (path / "test").is_dir() else path / "aclImdb"
     files = ((file, MEMBER.search("aclImdb/" + file.relative_to(root).as_posix())) for file in sorted(root.glob("*/*/*.txt")))
     return _reviews([(str(file), match, file.read_bytes()) for file, match in files if match], str(path), skip)
-
-
-def progress(what: str, done: int, total: int, every: float = 0.25) -> None:
-    """A progress bar, on standard error or output, whichever is a terminal (in the worker that prepares
-    the data, standard error is the run's log); a line at most every `every` seconds, and at the end."""
-    global _last_bar
-    now, end = time.monotonic(), bool(total) and done >= total
-    stream = next((stream for stream in (sys.stderr, sys.stdout) if stream.isatty()), None)
-    if stream is None or (now - _last_bar < every and not end):
-        return
-    _last_bar = now
-    print(f"\r{what}: {f'{done / total:6.1%}' if total else f'{done >> 20} MB'}", end="\n" if end else "",
-          file=stream, flush=True)
-
-
-_last_bar = 0.0  # when progress() last drew
-
-
-def download(url: str, target: Path, sha256: str | None) -> Path:
-    """Fetch `url` to `target` with a progress bar; verify the checksum before keeping it."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
-    try:
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
-            total = int(response.headers.get("Content-Length") or 0)
-            done = 0
-            while block := response.read(1 << 20):
-                out.write(block)
-                done += len(block)
-                progress(f"downloading {url}", done, total)
-        if not total:  # (with a size, the last block drew the last line)
-            progress(f"downloading {url}", done, done)
-        if sha256 and sha256_file(Path(partial)) != sha256:
-            raise ValueError(f"{url}: the download's sha256 does not match {sha256}; nothing was kept")
-        shutil.move(partial, target)
-        return target
-    except (urllib.error.URLError, OSError) as error:
-        raise FileNotFoundError(
-            f"No local copy at {target}, and downloading {url} failed ({error}). "
-            f"Put the archive at {target}, or point ingest.path (or the IMDB_ARCHIVE environment "
-            "variable) at a local copy of aclImdb_v1.tar.gz or of its extracted folder.") from None
-    finally:
-        Path(partial).unlink(missing_ok=True)
 
 
 def locate(cfg: IngestConfig) -> Path:
@@ -197,7 +169,9 @@ def read_frame(path: Path) -> pd.DataFrame:
         return pd.read_json(path, lines=True, dtype=False)
     if suffix in (".csv", ".tsv"):
         return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
-    raise ValueError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv, .jsonl or .parquet")
+    archive = f"; the aclImdb archive or folder is read with ingest=archive ingest.path={path}" \
+        if path.is_dir() or path.name.lower().endswith((".tar.gz", ".tgz", ".tar")) else ""
+    raise ValueError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv, .jsonl or .parquet{archive}")
 
 
 def labels_of(column: pd.Series, positive: str | None, where: str) -> tuple[pd.Series, dict]:

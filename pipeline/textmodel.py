@@ -168,7 +168,9 @@ def save_vocabulary(path: Path, vocabulary: Sequence[str], sequence_length: int,
 
 def as_texts(model_input: Any) -> list[str]:
     """Accept what users pass to predict: a DataFrame (column `text`, else its only column), a
-    Series, a list or array of strings, or a single string."""
+    Series, a list or array of strings, or a single string. Anything else in them is refused, naming
+    the first bad input's position and type: a null, a number, an object or a list is not a review,
+    and neither is an empty string (training refuses empty reviews too)."""
     import pandas as pd
 
     if isinstance(model_input, pd.DataFrame):
@@ -185,9 +187,17 @@ def as_texts(model_input: Any) -> list[str]:
         values = list(np.atleast_1d(model_input["text"]))
     else:
         values = list(np.asarray(model_input, dtype=object).reshape(-1))
-    bad = [type(v).__name__ for v in values if not isinstance(v, str)]
+    # MLflow's server hands a JSON object's values over as 0-d arrays: {"text": "..."} is one review
+    values = [v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v for v in values]
+    bad = [(i, v) for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
     if bad:
-        raise ValueError(f"every input must be a review string; got {len(bad)} of type {bad[0]}")
+        position, value = bad[0]
+        null = value is None or value is pd.NA or (isinstance(value, float) and value != value)
+        what = ("an empty string" if isinstance(value, str) else "null" if null
+                else f"{type(value).__name__} {value!r:.60}")
+        more = f" ({len(bad)} bad inputs in all)" if len(bad) > 1 else ""
+        raise ValueError(f"input {position} (counting from 0) is {what}, not a review: every input must be "
+                         f"a non-empty string{more}")
     return values
 
 
@@ -208,11 +218,18 @@ def _raw_text_model_class():
             self.classifier = keras.saving.load_model(context.artifacts["classifier"], compile=False,
                                                       safe_mode=True)
 
-        # The logged signature (one unnamed string column) makes MLflow hand predict a DataFrame, from a
-        # Python list, a DataFrame or any REST body. A list[str] hint instead would make MLflow's server
-        # accept only {"inputs": ...} bodies; pd.DataFrame is a hint MLflow documents as not inferred from.
+        # The logged signature (one unnamed column) makes MLflow hand predict a DataFrame, from a Python
+        # list, a DataFrame or any JSON body. Its type is Any, not string: for a string column MLflow's
+        # server casts a JSON body's values with numpy (null -> "None", 123 -> "123") before predict sees
+        # them; with Any they arrive as sent and as_texts refuses them. A list[str] hint instead would make
+        # the server accept only {"inputs": ...} bodies; pd.DataFrame is a hint MLflow does not infer from.
         def predict(self, context, model_input: "pd.DataFrame", params=None) -> np.ndarray:
-            texts = as_texts(model_input)
+            from mlflow.exceptions import MlflowException
+
+            try:
+                texts = as_texts(model_input)
+            except ValueError as error:  # MLflow's server answers this one 400 with the message
+                raise MlflowException.invalid_parameter_value(str(error)) from None
             if not texts:
                 return np.zeros((0,), dtype=np.float64)
             if self.ngrams:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import random
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import PROJECT, tiny_overrides
+from tests.conftest import PROJECT, review, tiny_overrides
 from tests.helpers import check_complete_run, created_store, environment, output, post, runs
 
 pytestmark = pytest.mark.slow
@@ -44,6 +49,28 @@ def test_python_m_pipeline(tiny_archive, tmp_path):
     second = runs(uri).iloc[1]
     assert second["tags.cache.vectorize"] == "hit"
     assert second["metrics.test_accuracy"] == frame["metrics.test_accuracy"][0]  # same products, same result
+
+
+def test_the_readmes_own_reviews_command_on_a_table_of_3000_reviews(tmp_path):
+    """The README's command, as written there, on a CSV of 3,000 reviews: a table holds out a share of its
+    training split (the tutorial's 10,000 would leave none), and the run is in the store."""
+    section = (PROJECT / "README.md").read_text().split("## Your own reviews", 1)[1]
+    command = re.search(r"^python -m pipeline .*?(?<!\\)$", section.replace("\\\n", " "), re.MULTILINE).group(0).split()
+    assert "ingest=table" in command and "ingest.path=IMDB_Dataset.csv" in command, command
+    rng = random.Random(0)
+    pd.DataFrame({"review": [review(rng, i % 2 == 0) for i in range(3000)],
+                  "sentiment": ["positive" if i % 2 == 0 else "negative" for i in range(3000)]}).to_csv(
+        tmp_path / "IMDB_Dataset.csv", index=False)
+    tiny = [o for o in tiny_overrides(tmp_path, tmp_path) if not o.startswith(("ingest.", "split."))]
+    done = subprocess.run([sys.executable, *command[1:], *tiny, f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path,
+                          env=environment(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, output(done)
+    run = runs(f"sqlite:///{tmp_path / 'mlflow.db'}").iloc[0]
+    assert run.status == "FINISHED" and run["params.ingest.source"] == "table"
+    assert (run["params.split.validation_fraction"], run["params.split.validation_size"]) == ("0.4", "None")
+    rows = [int(run[f"params.data.{part}_rows"]) for part in ("train", "validation", "test")]
+    assert rows == [900, 600, 1500]  # half the rows are the test split, 40% of the other half validation
+    assert 0.0 <= run["metrics.test_accuracy"] <= 1.0
 
 
 LIBRARY_LINES = re.compile(r"^[IWEF]\d{4} |absl::InitializeLog|cpu_feature_guard|XLA service|oneDNN|Compiled cluster"
@@ -182,7 +209,35 @@ def test_logged_model_is_served_over_rest(tiny_archive, tmp_path):
         answers = [post(url, {"inputs": texts}),
                    post(url, {"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}}),
                    post(url, {"dataframe_records": [{"text": t} for t in texts]})]
+        # what is not a review is refused 400, naming the first bad input's position and type (docs/serving.md)
+        refused = {body: _refusal(url, json.loads(body)) for body in NOT_TEXT}
+        assert post(url, {"inputs": texts}) == pytest.approx(answers[0])  # and the server still answers
     for predictions in answers:
         assert len(predictions) == 3 and all(0.0 <= p <= 1.0 for p in predictions)
         assert predictions == pytest.approx(answers[0])
     assert answers[0][0] > answers[0][1]  # the tiny model learned the sentiment words
+    for body, (status, message) in refused.items():
+        assert status == 400 and NOT_TEXT[body] in message, (body, status, message)
+
+
+# request bodies that are not text, and what the refusal says of them
+NOT_TEXT = {'{"inputs": [null]}': "input 0 (counting from 0) is null, not a review",
+            '{"inputs": [123]}': "input 0 (counting from 0) is int 123, not a review",
+            '{"inputs": ["A film.", true]}': "input 1 (counting from 0) is bool True, not a review",
+            '{"inputs": [{"stars": 5}]}': "input 0 (counting from 0) is int 5, not a review",
+            '{"inputs": ["A film.", ["nested", "list"]]}': "input 1 (counting from 0) is list ['nested', 'list']",
+            '{"inputs": ["A film.", ""]}': "input 1 (counting from 0) is an empty string, not a review",
+            '{"instances": ["A film.", null]}': "input 1 (counting from 0) is null",
+            '{"dataframe_split": {"columns": ["text"], "data": [["A film."], [null]]}}': "input 1 (counting from 0) is null",
+            '{"dataframe_records": [{"text": 4.5}]}': "input 0 (counting from 0) is float 4.5, not a review"}
+
+
+def _refusal(url: str, body: dict) -> tuple[int, str]:
+    """The status and message of a request the server is expected to refuse."""
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()).get("message", "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -31,6 +32,23 @@ def test_evaluate_registers_the_model_under_its_name(tiny_archive, tmp_path):
     assert {v.run_id for v in versions} == set(runs(cfg.tracking.uri).run_id)
     model = mlflow.pyfunc.load_model("models:/imdb-tiny/2")
     assert model.predict(REVIEWS).shape == (3,)
+
+
+@pytest.mark.parametrize("given, refusal", [
+    (["A film.", None], "input 1 (counting from 0) is null, not a review"),
+    ([123], "input 0 (counting from 0) is int 123, not a review"),
+    (pd.DataFrame({"text": ["A film.", 4.5]}), "input 1 (counting from 0) is float 4.5, not a review"),
+    (["A film.", ["a", "list"]], "input 1 (counting from 0) is list ['a', 'list'], not a review"),
+    ([{"stars": 5}], "input 0 (counting from 0) is int 5, not a review"),
+    (["A film.", "  "], "input 1 (counting from 0) is an empty string, not a review"),
+])
+def test_the_loaded_model_refuses_what_is_not_a_review(tiny_config, given, refusal):
+    """In-process as over REST (tests/test_entrypoints.py): the message names the first bad input."""
+    train(tiny_config)
+    model = mlflow.pyfunc.load_model(runs(tiny_config.tracking.uri)["tags.model_uri"][0])
+    with pytest.raises(mlflow.exceptions.MlflowException, match=re.escape(refusal)):
+        model.predict(given)
+    assert model.predict(["A film.", {"text": "Awful."}["text"]]).shape == (2,)  # text is still scored
 
 
 @contextlib.contextmanager

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import sys
 import tarfile
+import zipfile
 
 import numpy as np
 import pandas as pd
@@ -13,7 +15,7 @@ import pytest
 
 from pipeline import build, evaluate, fit, ingest, split, textmodel
 from pipeline.config import BuildConfig, EvaluateConfig, FitConfig, IngestConfig, SplitConfig
-from tests.conftest import review, write_archive
+from tests.conftest import compose_config, review, write_archive
 
 
 # -- ingest -------------------------------------------------------------------------------------------
@@ -93,6 +95,7 @@ def test_download_is_verified_and_kept(tiny_archive, tmp_path):
     target = tmp_path / "copy.tar.gz"
     ingest.download(tiny_archive.as_uri(), target, ingest.sha256_file(tiny_archive))
     assert ingest.sha256_file(target) == ingest.sha256_file(tiny_archive)
+    assert (tmp_path / "copy.tar.gz.sha256").read_text() == f"{ingest.sha256_file(tiny_archive)}  copy.tar.gz\n"
     with pytest.raises(ValueError, match="sha256 does not match"):
         ingest.download(tiny_archive.as_uri(), tmp_path / "bad.tar.gz", "0" * 64)
     assert not (tmp_path / "bad.tar.gz").exists()
@@ -103,17 +106,53 @@ def test_missing_archive_without_download_is_an_error(tmp_path):
         ingest.ingest(IngestConfig(path=str(tmp_path / "nothing.tar.gz"), download=False))
 
 
-def test_corrupt_archive_is_a_clear_error(tiny_archive, tmp_path):
+def test_a_users_unreadable_archive_says_what_is_wrong_and_what_to_give(tiny_archive, tmp_path):
     broken = tmp_path / "broken.tar.gz"
     broken.write_bytes(tiny_archive.read_bytes()[:300])
-    with pytest.raises(ValueError, match="not a readable .tar.gz"):
+    with pytest.raises(ValueError, match="it is cut short") as error:
         ingest.ingest(IngestConfig(path=str(broken)))
+    assert "complete aclImdb_v1.tar.gz or its extracted folder" in str(error.value)
+    assert "download" not in str(error.value)  # the pipeline did not download it: fetching again is not the fix
+    with zipfile.ZipFile(tmp_path / "aclImdb.zip", "w") as archive:
+        archive.writestr("aclImdb/train/pos/0_9.txt", "A gem.")
+    with pytest.raises(ValueError, match="it is a .zip archive: extract it"):
+        ingest.ingest(IngestConfig(path=str(tmp_path / "aclImdb.zip")))
 
 
-def test_archive_missing_a_class_is_an_error(tmp_path):
+def test_a_table_given_as_the_archive_is_told_to_use_ingest_table(tmp_path):
+    table = tmp_path / "reviews.csv"
+    pd.DataFrame({"text": ["great film", "dull film"] * 4, "label": [1, 0] * 4,
+                  "split": ["train"] * 4 + ["test"] * 4}).to_csv(table, index=False)
+    with pytest.raises(ValueError) as error:
+        ingest.ingest(compose_config([f"ingest.path={table}"]).ingest)
+    fix = re.search(r"ingest=table ingest.path=\S+", str(error.value)).group(0).split()
+    assert ingest.ingest(compose_config([f"ingest.path={table}", *fix]).ingest).counts() == {"train": 4, "test": 4}
+
+
+def test_only_the_pipelines_own_download_is_to_be_downloaded_again(tiny_archive, tmp_path):
+    target = ingest.download(tiny_archive.as_uri(), tmp_path / "data" / "aclImdb_v1.tar.gz", None)
+    assert ingest.downloaded(target) and not ingest.downloaded(tiny_archive)
+    target.write_bytes(target.read_bytes()[:300])  # changed since: cut short on disk
+    with pytest.raises(ValueError, match="changed since the pipeline downloaded it: delete it and run again"):
+        ingest.ingest(IngestConfig(path=str(target)))
+    target.unlink()  # following the advice: the next run downloads it again
+    assert ingest.ingest(IngestConfig(path=str(target), url=tiny_archive.as_uri(), sha256=None)).counts()["test"] == 24
+    html = tmp_path / "page.html"
+    html.write_text("<html>moved</html>")
+    target.unlink()
+    ingest.download(html.as_uri(), target, None)  # a URL that does not serve an archive, unchecked
+    with pytest.raises(ValueError, match="exactly as the pipeline downloaded it: ingest.url does not serve"):
+        ingest.ingest(IngestConfig(path=str(target)))
+
+
+def test_archive_missing_a_class_names_the_folder(tmp_path):
     path = write_archive(tmp_path / "one_class.tar.gz", skip=("test/neg",))
-    with pytest.raises(ValueError, match="test split needs positive and negative"):
+    with pytest.raises(ValueError, match=f"no aclImdb/test/neg/ reviews in {re.escape(str(path))}"):
         ingest.ingest(IngestConfig(path=str(path)))
+    with tarfile.open(path) as archive:
+        archive.extractall(tmp_path / "folder", filter="data")
+    with pytest.raises(ValueError, match="no aclImdb/test/neg/ reviews in"):
+        ingest.ingest(IngestConfig(path=str(tmp_path / "folder")))
 
 
 @pytest.mark.parametrize("content, message", [(b"   ", "is empty"), (b"caf\xe9", "not valid UTF-8")])
@@ -245,6 +284,49 @@ def test_split_that_leaves_no_training_data_is_an_error(tiny_archive):
     reviews = ingest.ingest(IngestConfig(path=str(tiny_archive)))
     with pytest.raises(ValueError, match="validation_size=24 leaves no training data"):
         split.split(reviews.frame, SplitConfig(validation_size=24), seed=1)
+
+
+def _fixes(message: str) -> list[list[str]]:
+    """The overrides a message offers, one list per alternative (after "e.g." or "add", split at "or")."""
+    offered = re.split(r"e\.g\.|add", message, maxsplit=1)[1]
+    return [re.findall(r"split\.\w+=[\w.]+", part) for part in re.split(r",? or ", offered)]
+
+
+@pytest.mark.parametrize("tried", [[], ["split=tutorial"], ["split.validation_size=5000"],
+                                   ["split=tutorial", "split.validation_fraction=0.4"],
+                                   ["split.validation_fraction=0.0001"], ["split.validation_fraction=1.5"],
+                                   ["split=tutorial", "split.validation_size=null"]])
+def test_a_table_splits_by_default_and_every_fix_a_split_error_offers_works_as_written(tmp_path, tried):
+    """The README's command on a table of 1,000 reviews holds out 40% of its 500 training reviews; a
+    setting that cannot work names a fix, and each fix offered, added to the command, works."""
+    rng = random.Random(0)
+    pd.DataFrame({"review": [review(rng, i % 2 == 0) for i in range(1000)],
+                  "sentiment": ["positive" if i % 2 == 0 else "negative" for i in range(1000)]}).to_csv(
+        tmp_path / "IMDB_Dataset.csv", index=False)
+    command = ["ingest=table", f"ingest.path={tmp_path / 'IMDB_Dataset.csv'}", "ingest.text_column=review",
+               "ingest.label_column=sentiment", "ingest.positive_label=positive"]
+    reviews = ingest.ingest(compose_config(command).ingest)
+
+    def sizes(overrides):
+        cfg = compose_config(overrides)
+        return split.split(reviews.frame, cfg.split, cfg.seed).sizes()
+
+    if not tried:
+        assert sizes(command) == {"train": 300, "validation": 200, "test": 500}
+        return
+    def follow(overrides, steps=3):  # each fix offered, added to the command, works or offers fixes that do
+        try:
+            parts = sizes(overrides)
+        except ValueError as error:
+            fixes = _fixes(str(error))
+            assert steps and fixes and all(fixes), str(error)
+            return [found for fix in fixes for found in follow(overrides + fix, steps - 1)]
+        assert parts["train"] > 0 and parts["validation"] > 0, (overrides, parts)
+        return [overrides]
+
+    with pytest.raises(ValueError):
+        sizes(command + tried)
+    assert follow(command + tried)
 
 
 # -- build --------------------------------------------------------------------------------------------

@@ -273,10 +273,10 @@ class TrackedRun:
 
     @SIGNALS.held()
     def log_model(self, model, encoded, cfg: config.PipelineConfig) -> None:
-        """The raw-text pyfunc: pipeline/textmodel.py as model code, the Keras classifier and the
-        vocabulary (and n-grams) it encodes text with. MLflow checks that the input example serves before it keeps the model."""
-        import numpy as np
-        from mlflow.models import infer_signature
+        """The raw-text pyfunc: pipeline/textmodel.py as model code, the Keras classifier and the vocabulary
+        (and n-grams) it encodes text with. MLflow checks that the input example serves before keeping it. Input
+        type Any, not string: MLflow's server casts a string column's null or 123 to text (docs/serving.md)."""
+        from mlflow.types.schema import AnyType, ColSpec, Schema
 
         with tempfile.TemporaryDirectory() as folder:
             classifier, vocabulary_file = Path(folder) / textmodel.CLASSIFIER_FILE, Path(folder) / textmodel.VOCABULARY_FILE
@@ -288,7 +288,7 @@ class TrackedRun:
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(Path(textmodel.__file__)),  # models from code: nothing pickled
                 artifacts={"classifier": str(classifier), "vocabulary": str(vocabulary_file)},
-                signature=infer_signature(INPUT_EXAMPLE, np.full(len(INPUT_EXAMPLE), 0.5)),  # [string] -> [double]
+                signature=mlflow.models.ModelSignature(Schema([ColSpec(AnyType())]), Schema([ColSpec("double")])),
                 input_example=INPUT_EXAMPLE,
                 pip_requirements=[f"{name}=={version}" for name, version in requirements.items()],
                 registered_model_name=cfg.evaluate.registered_model_name)
