@@ -116,7 +116,7 @@ def best_setting(sweep: Sweep) -> tuple[pd.Series | None, pd.Series]:
     setting = over_seeds(sweep).iloc[0]
     runs = sweep.done
     for axis in sweep.settings:
-        runs = runs[runs[axis] == setting[axis]]
+        runs = runs[(runs[axis] == setting[axis]) | (runs[axis].isna() & pd.isna(setting[axis]))]
     return setting, runs.loc[runs["best_val_accuracy"].idxmax()]
 
 

@@ -82,7 +82,7 @@ def overfitting(sweep: Sweep) -> tuple[dict, list[str]]:
             over = f"{len(costs)} settings of {', '.join(others)}" if others else "the one setting"
             lines.append(f"- **Training to {int(sweep.done[BUDGET].max())} epochs instead of the best budget costs "
                          f"{100 * float(np.median(costs)):.2f} points of test accuracy** (median over {over}).")
-    elif not overfit.empty:
+    if not costs and not overfit.empty:  # (a search rarely trains one setting at two budgets)
         rises = [rise(sweep, run_id) for run_id in overfit["run_id"]]
         lines.append(f"- In {len(overfit)} of {len(curves)} jobs validation loss then rises, by {np.median(rises):.3f} "
                      f"(median) to the last epoch ({budgets(overfit)}): they overfit after epoch "
@@ -107,10 +107,13 @@ def trend(sweep: Sweep, axis: str) -> list[str]:
     if len(epoch) < 2:
         return []
     low, high = epoch.index[0], epoch.index[-1]
-    way = "sooner" if epoch[high] < epoch[low] else "later" if epoch[high] > epoch[low] else "at the same epoch"
+    gaps = f"the final train-validation accuracy gap is {100 * gap[high]:.1f} vs {100 * gap[low]:.1f} points."
+    if epoch[high] == epoch[low]:
+        return [f"- `{axis}` does not move the epoch of lowest validation loss: epoch {epoch[high]:g} at "
+                f"{axis}={show(high)} and at {axis}={show(low)}; {gaps}"]
+    way = "sooner" if epoch[high] < epoch[low] else "later"
     return [f"- Larger `{axis}` overfits {way}: {axis}={show(high)} reaches its lowest validation loss at epoch "
-            f"{epoch[high]:g}, {axis}={show(low)} at epoch {epoch[low]:g}; the final train-validation accuracy gap is "
-            f"{100 * gap[high]:.1f} vs {100 * gap[low]:.1f} points."]
+            f"{epoch[high]:g}, {axis}={show(low)} at epoch {epoch[low]:g}; {gaps}"]
 
 
 def comparison(sweep: Sweep, ranking: pd.DataFrame, champion: list[str]) -> tuple[dict, list[str]]:
@@ -179,8 +182,11 @@ def axes_section(sweep: Sweep) -> tuple[dict, list[str]]:
         table = by_axis(sweep, axis)
         accuracy = table.set_index(axis)["best_val_accuracy"]
         epoch = table.set_index(axis)["min_val_loss_epoch"].dropna()
-        text = (f"Best validation accuracy is highest at {show(accuracy.idxmax())} ({accuracy.max():.4f}) and lowest at "
-                f"{show(accuracy.idxmin())} ({accuracy.min():.4f}), as the mean over each value's jobs")
+        if accuracy.nunique() > 1:
+            text = (f"Best validation accuracy is highest at {show(accuracy.idxmax())} ({accuracy.max():.4f}) and lowest "
+                    f"at {show(accuracy.idxmin())} ({accuracy.min():.4f}), as the mean over each value's jobs")
+        else:
+            text = f"Best validation accuracy is {accuracy.iloc[0]:.4f} at every value (the mean over its jobs)"
         if len(epoch) and epoch.nunique() > 1:
             text += (f"; validation loss is lowest soonest at {show(epoch.idxmin())} (epoch {epoch.min():g}) and latest "
                      f"at {show(epoch.idxmax())} (epoch {epoch.max():g}), as the median")

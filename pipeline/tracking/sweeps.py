@@ -139,10 +139,11 @@ def analyze_sweep(parent_run_id: str, alias: str | None = None):
     for run in latest.values():
         name, run_id = run.info.run_name, run.info.run_id
         params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-        if run.info.status != "FINISHED" or "test_accuracy" not in metrics:
+        pruned = tags.get("search.pruned") == "true"  # a search's pruner stopped it: a job, whether it was scored or not
+        history = _history(client, run_id) if pruned or run.info.status == "FINISHED" else None
+        if history is None or history["val_loss"].isna().all() or not (pruned or "test_accuracy" in metrics):
             failed.append({"job": name, "run_id": run_id, "error": tags.get("error", f"run {run.info.status.lower()}")})
             continue
-        history = _history(client, run_id)
         # the reference job pipeline.sweep adds (sweep.early_stopping_reference): early stopping, not an axis
         if params.get("fit.early_stopping.enabled") == "True" and name.startswith("early_stopping,"):
             early = {"job": name, "run_id": run_id, "test_accuracy": metrics["test_accuracy"],
@@ -156,8 +157,8 @@ def analyze_sweep(parent_run_id: str, alias: str | None = None):
         if "search.trial" in tags:
             extra["trial"] = int(tags["search.trial"])
         rows.append(analysis.job_row(
-            name, run_id, settings, history.dropna(subset=["val_loss"]), metrics["test_accuracy"],
-            pruned=tags.get("search.pruned") == "true",
+            name, run_id, settings, history.dropna(subset=["val_loss"]), metrics.get("test_accuracy", float("nan")),
+            status=run.info.status, pruned=pruned,
             epochs_trained=int(metrics.get("epochs_trained", history["val_loss"].notna().sum())),
             epoch_seconds=float(history["epoch_seconds"].median()), fit_seconds=float(tags.get("seconds.fit", "nan")),
             parameters=int(metrics.get("model.parameters", 0)), model_size_mb=metrics.get("model.size_mb", float("nan")),
