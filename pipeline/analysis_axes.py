@@ -1,7 +1,7 @@
 """The sweep's axes in numbers: Sweep (the jobs table and how its jobs group along each swept key) and what
 the report and figures read from it: per axis, over seeds, per family (the ranking), the best setting.
 
-Pure, below pipeline.analysis (which builds the table) and beside nothing else: no MLflow, no plotting.
+Pure (no MLflow, no plotting): pipeline.analysis builds the table, analysis_report and analysis_figures read this.
 """
 
 from __future__ import annotations
@@ -45,12 +45,10 @@ def survey(table: pd.DataFrame, axes: dict[str, str], histories: dict[str, pd.Da
     done = table[~table["pruned"]]
     if done.empty:  # every job pruned: their partial curves are all there is
         done = table
-    # A shorter budget's curve is the start of the longer one's: one curve per setting of the other axes.
-    others = [axis for axis in varied if axis != BUDGET]
-    if others:
-        curves = done.sort_values(BUDGET, kind="stable").groupby(others, dropna=False).tail(1)
-    else:
-        curves = done.sort_values(BUDGET, kind="stable").tail(1) if BUDGET in varied else done
+    curves = done
+    if BUDGET in varied:  # a shorter budget's curve is the start of the longer one's: one per setting of the others
+        others, by_budget = [axis for axis in varied if axis != BUDGET], done.sort_values(BUDGET, kind="stable")
+        curves = by_budget.groupby(others, dropna=False).tail(1) if others else by_budget.tail(1)
     family = next((axis for axis in FAMILY_AXES if axis in varied), None)
     labels = {axis: grouping(done[axis], axes[axis]) for axis in varied}  # thirds of the whole-budget jobs
     return Sweep(table, varied, dict(axes), histories, labels, done, curves.sort_index(), family)

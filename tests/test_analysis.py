@@ -1,8 +1,10 @@
-"""The sweep analysis on made-up jobs: whatever was swept, the table, report and figures follow its axes."""
+"""The sweep analysis on made-up jobs: whatever was swept, the table, report and figures follow its axes (and,
+last, analyze_sweep on a store written by hand, as a search with a pruned trial leaves it)."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -166,3 +168,51 @@ def test_no_finished_job_is_a_report_that_says_so():
                                                                       "error": "build.hidden_units=0 is not allowed"}])
     assert "No job finished." in result.report and "is not allowed" in result.report and result.best_run is None
     assert list(result.table.columns[:2]) == ["job", "build.hidden_units"]
+
+
+# -- pipeline.tracking.sweeps.analyze_sweep: the same analysis, read from and written to a store ------------------
+def test_analyze_sweep_reads_the_axes_and_pruned_trials_back_from_the_store(tmp_path):
+    """A search as the store holds it (parent params sweep.<key>, children with their params, curves and tags):
+    the analysis written to the parent has a column per searched key, the pruned trial and the time it saved."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    from pipeline.tracking import sweeps
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("search")
+    parent = client.create_run(experiment, run_name="sweep optimizer,dropout_rate").info.run_id
+    client.log_batch(parent, params=[Param("sweep.build.optimizer", "choice(adam, sgd)"),
+                                     Param("sweep.build.dropout_rate", "interval(0.0, 0.5)")])
+    trials = [("adam", "0.1", 5, 6, False), ("sgd", "0.2", 2, 9, True), ("adam", "0.4", 5, 3, False)]
+    for number, (optimizer, dropout, trained, lowest, pruned) in enumerate(trials):
+        history = curve(trained, lowest, 0.8 + number / 100, seconds=1.5)
+        run = client.create_run(experiment, run_name=f"optimizer={optimizer},dropout_rate={dropout}",
+                                tags={"mlflow.parentRunId": parent, "search.trial": str(number),
+                                      "search.pruned": str(pruned).lower(), "seconds.fit": "8.0"}).info.run_id
+        metrics = [Metric(name, float(row[name]), 0, int(row["epoch"])) for _, row in history.iterrows()
+                   for name in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds")]
+        metrics += [Metric("epochs_trained", trained, 0, 0)] + ([] if pruned else [Metric("test_accuracy", 0.8, 0, 0)])
+        client.log_batch(run, metrics=metrics, params=[
+            Param("build.optimizer", optimizer), Param("build.dropout_rate", dropout), Param("fit.epochs", "5"),
+            Param("seed", "42"), Param("build.family", "tutorial")])
+        client.set_terminated(run, "FINISHED")
+    failed = client.create_run(experiment, run_name="optimizer=sgd,dropout_rate=0.3",
+                               tags={"mlflow.parentRunId": parent, "error": "ValueError: boom"}).info.run_id
+    client.set_terminated(failed, "FAILED")
+
+    sweeps.analyze_sweep(parent)
+    table = pd.read_csv(client.download_artifacts(parent, "analysis/jobs.csv", str(tmp_path)))
+    assert list(table.columns[:3]) == ["job", "build.optimizer", "build.dropout_rate"]  # in the jobs' names' order
+    assert table[["build.optimizer", "build.dropout_rate", "pruned", "epochs_trained", "trial"]].values.tolist() == [
+        ["adam", 0.1, False, 5, 0], ["adam", 0.4, False, 5, 2], ["sgd", 0.2, True, 2, 1]]
+    report = Path(client.download_artifacts(parent, "analysis/report.md", str(tmp_path))).read_text()
+    assert "**1 of 3 jobs were pruned**" in report and "`optimizer=sgd,dropout_rate=0.2` (trial 1) 2 of 5" in report
+    assert "boom" in report and "hidden" not in report
+    metrics = client.get_run(parent).data.metrics
+    assert metrics["jobs_pruned"] == 1 and metrics["pruning_saved_seconds"] == pytest.approx((5 - 2) * 1.5)
+    assert metrics["jobs_failed"] == 1 and metrics["median_min_val_loss_epoch"] == 4  # the whole curves: 5 and 3
+    assert client.get_run(parent).data.tags["sweep.best_job"] == "optimizer=adam,dropout_rate=0.4"
