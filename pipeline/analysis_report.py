@@ -42,7 +42,9 @@ def title(sweep: Sweep) -> str:
 
 def intro(sweep: Sweep, failed: pd.DataFrame, ranking: pd.DataFrame | None) -> str:
     table = sweep.table
-    text = f"{len(table)} jobs finished" + (f", {len(failed)} failed" if len(failed) else "")
+    pruned = int(table["pruned"].sum())
+    text = (f"{len(table)} jobs finished" + (f" ({pruned} of them pruned)" if pruned else "")
+            + (f", {len(failed)} failed" if len(failed) else ""))
     if sweep.family:
         return (text + f", {len(ranking)} families, chosen by mean best validation accuracy (the test split "
                 "chooses nothing).")

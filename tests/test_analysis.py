@@ -13,6 +13,14 @@ import pytest
 from pipeline import analysis
 
 
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    from matplotlib import pyplot as plt
+
+    plt.close("all")  # each analysis draws its figures; a user's process would log and close them
+
+
 def curve(epochs: int, lowest: int, accuracy: float, seconds: float = 0.5) -> pd.DataFrame:
     """A history whose validation loss is lowest at epoch `lowest` (still falling if beyond `epochs`) and whose
     validation accuracy peaks there at `accuracy`."""

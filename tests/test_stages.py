@@ -545,3 +545,7 @@ def test_the_comparison_chooses_by_validation_accuracy_never_by_test_accuracy():
     assert "it overfits after epoch 2" in result.report and "boom" in result.report
     assert set(result.figures) == {"test_accuracy_by_training_seconds.png", "val_loss_by_family.png"}
     assert result.headline["best_family_test_accuracy"] == pytest.approx(0.902)
+    from matplotlib import pyplot as plt
+
+    for figure in result.figures.values():
+        plt.close(figure)
