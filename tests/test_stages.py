@@ -602,7 +602,7 @@ def test_evaluate_scores_the_test_split(encoded):
 
 # -- the model comparison's ranking ---------------------------------------------------------------------
 def test_the_comparison_chooses_by_validation_accuracy_never_by_test_accuracy():
-    from pipeline import analysis, comparison
+    from pipeline import analysis
 
     rows, histories = [], {}
     # "steady" validates better; "lucky" scores better on the test split: the choice must be "steady"
@@ -612,10 +612,11 @@ def test_the_comparison_chooses_by_validation_accuracy_never_by_test_accuracy():
             histories[run_id] = pd.DataFrame({"epoch": [1, 2, 3], "loss": [0.5, 0.3, 0.2], "accuracy": [0.8, 0.9, 0.95],
                                               "val_loss": [0.4, 0.3, 0.35],
                                               "val_accuracy": [0.85, val_accuracy + seed / 1000, 0.86]})
-            rows.append(analysis.job_row(f"build={family},seed={seed}", run_id, 16, 3, histories[run_id],
-                                         test_accuracy + seed / 1000, family=family, seed=seed, fit_seconds=2.0 * seed,
-                                         parameters=100, model_size_mb=1.5))
-    result = comparison.compare(rows, histories, failed=[{"job": "build=cnn,seed=1", "run_id": "x", "error": "boom"}])
+            rows.append(analysis.job_row(f"build={family},seed={seed}", run_id, {"build": family, "seed": seed, "fit.epochs": 3},
+                                         histories[run_id], test_accuracy + seed / 1000, family=family,
+                                         fit_seconds=2.0 * seed, parameters=100, model_size_mb=1.5))
+    result = analysis.analyze({"build": "steady,lucky,tutorial", "seed": "1,2,3"}, rows, histories,
+                              failed=[{"job": "build=cnn,seed=1", "run_id": "x", "error": "boom"}])
     assert result.ranking["family"].tolist() == ["steady", "lucky", "tutorial"]
     assert result.best_run == "steady-3"  # the chosen family's run of the highest validation accuracy
     steady = result.ranking.iloc[0]
@@ -626,3 +627,7 @@ def test_the_comparison_chooses_by_validation_accuracy_never_by_test_accuracy():
     assert "it overfits after epoch 2" in result.report and "boom" in result.report
     assert set(result.figures) == {"test_accuracy_by_training_seconds.png", "val_loss_by_family.png"}
     assert result.headline["best_family_test_accuracy"] == pytest.approx(0.902)
+    from matplotlib import pyplot as plt
+
+    for figure in result.figures.values():
+        plt.close(figure)

@@ -54,16 +54,16 @@ def test_grid_sweep_gives_one_parent_a_child_per_job_and_the_analysis(tiny_archi
                      "hidden_units=8,epochs=2", "hidden_units=8,epochs=3"]
     assert all(child.info.status == "FINISHED" for child in children)
     table = analysis_table(uri, parent.info.run_id, tmp_path)
-    assert sorted(zip(table.hidden_units, table.epochs)) == [(4, 2), (4, 3), (8, 2), (8, 3)]
+    assert sorted(zip(table["build.hidden_units"], table["fit.epochs"])) == [(4, 2), (4, 3), (8, 2), (8, 3)]
     by_name = {c.info.run_name: c for c in children}
     for row in table.itertuples():
         child = by_name[row.job]
         assert row.test_accuracy == pytest.approx(child.data.metrics["test_accuracy"])
         assert row.min_val_loss == pytest.approx(child.data.metrics["best_val_loss"])
-        assert 1 <= row.min_val_loss_epoch <= row.epochs
+        assert 1 <= row.min_val_loss_epoch <= row.epochs_trained == int(child.data.params["fit.epochs"])
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id, "analysis")}
-    assert {"analysis/report.md", "analysis/jobs.csv", "analysis/val_loss_by_hidden_units.png",
-            "analysis/test_accuracy_by_epochs.png"} <= artifacts
+    assert {"analysis/report.md", "analysis/jobs.csv", "analysis/val_loss_by_build.hidden_units.png",
+            "analysis/test_accuracy_by_fit.epochs.png"} <= artifacts
     report = Path(MlflowClient(uri).download_artifacts(parent.info.run_id, "analysis/report.md", str(tmp_path))).read_text()
     assert "Validation loss is lowest at epoch" in report and "Early stopping" in report
     assert parent.data.tags["sweep.best_run"] in {c.info.run_id for c in children}
@@ -81,6 +81,40 @@ def test_grid_sweep_gives_one_parent_a_child_per_job_and_the_analysis(tiny_archi
                            cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, output(again)
     assert "Validation loss is lowest at epoch" in again.stdout
+
+
+def test_a_sweep_over_learning_rate_and_dropout_is_analysed_along_those_axes(tiny_archive, tmp_path):
+    """Neither hidden units nor epochs swept: the table, report and figures speak of what was."""
+    done = subprocess.run([sys.executable, "-m", "pipeline", "-m", *tiny_overrides(tiny_archive, tmp_path),
+                           "build.learning_rate=0.001,0.01", "build.dropout_rate=0.0,0.5", "fit.epochs=3",
+                           f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+                          cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, output(done)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent, children = sweep_runs(uri)
+    table = analysis_table(uri, parent.info.run_id, tmp_path)
+    assert sorted(zip(table["build.learning_rate"], table["build.dropout_rate"])) == [
+        (0.001, 0.0), (0.001, 0.5), (0.01, 0.0), (0.01, 0.5)]
+    assert "build.hidden_units" not in table and "hidden_units" not in table
+    by_name = {c.info.run_name: c for c in children}
+    for _, row in table.iterrows():  # each row is its child's own settings and outcome
+        params = by_name[row["job"]].data.params
+        assert float(params["build.learning_rate"]) == row["build.learning_rate"]
+        assert float(params["build.dropout_rate"]) == row["build.dropout_rate"]
+        assert row["epochs_trained"] == 3 and not row["pruned"]
+    client = MlflowClient(uri)
+    report = Path(client.download_artifacts(parent.info.run_id, "analysis/report.md", str(tmp_path))).read_text()
+    assert "`build.learning_rate` x `build.dropout_rate`" in report
+    assert "### `build.learning_rate` (0.001,0.01)" in report and "### `build.dropout_rate` (0.0,0.5)" in report
+    assert "Validation loss is lowest at epoch" in report
+    assert "hidden" not in report.lower() and "units" not in report.lower()
+    artifacts = {a.path.removeprefix("analysis/") for a in client.list_artifacts(parent.info.run_id, "analysis")}
+    assert {"val_loss_by_build.learning_rate.png", "val_loss_by_build.dropout_rate.png",
+            "best_val_accuracy_by_build.learning_rate.png", "best_val_accuracy_by_build.dropout_rate.png"} <= artifacts
+    best = {c.info.run_id: max(p.value for p in client.get_metric_history(c.info.run_id, "val_accuracy"))
+            for c in children}
+    assert best[parent.data.tags["sweep.best_run"]] == max(best.values())  # chosen by validation accuracy
+    print(report)  # the report as a user reads it: shown with pytest -s
 
 
 def test_mlflow_run_sweep_entry_point_puts_every_job_under_its_run(tiny_archive, tmp_path):

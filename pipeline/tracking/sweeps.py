@@ -1,5 +1,5 @@
 """The sweep as MLflow shows it: one parent run, a child run per job, the analysis on the parent
-(pipeline.analysis, or pipeline.comparison when the jobs train several model families).
+(pipeline.analysis, along the axes the parent records).
 
 pipeline.sweep (Hydra's side) calls these: the parent is opened when the multirun starts (or adopted
 from `mlflow run`), jobs record into children through TrackedRun, and at the end the children are read
@@ -97,22 +97,38 @@ def close_sweep_parent(run_id: str, status: str) -> None:
 
 
 def _history(client, run_id: str):
-    """A child's curves as a table, one row per epoch (columns epoch, loss, accuracy, val_loss, val_accuracy)."""
+    """A child's curves as a table, one row per epoch (columns epoch, loss, accuracy, val_loss, val_accuracy, and
+    epoch_seconds: each epoch's training time)."""
     import pandas as pd
 
     frame = pd.DataFrame({curve: {point.step: point.value for point in client.get_metric_history(run_id, curve)}
-                          for curve in CURVES}).sort_index()
+                          for curve in (*CURVES, "epoch_seconds")}).sort_index()
     return frame.rename_axis("epoch").reset_index()
 
 
+def _axes(parent) -> dict[str, str]:
+    """The sweep's axes as its parent records them (param sweep.<dotted key> = the values as written)."""
+    return {key.removeprefix("sweep."): value for key, value in parent.data.params.items() if key.startswith("sweep.")}
+
+
+def _setting(key: str, params: dict, run_name: str):
+    """A child's value on axis `key`: its param; for a config group (`build`), the option its name records
+    (`build=cnn`), else the group's family param."""
+    if key in params:
+        return params[key]
+    named = dict(part.split("=", 1) for part in run_name.split(",") if "=" in part)
+    return named.get(key.rsplit(".", 1)[-1], params.get(f"{key}.family"))
+
+
 def analyze_sweep(parent_run_id: str, alias: str | None = None):
-    """Read the parent's children back, analyse them, and write table, figures and report to the parent.
-    With `alias`, the best job's registered model version (if it registered one) gets that alias."""
+    """Read the parent's children back, analyse them along the sweep's own axes, and write table, figures and
+    report to the parent. With `alias`, the best job's registered model version (if it registered one) gets it."""
     from matplotlib import pyplot as plt
 
     from pipeline import analysis
 
     client = mlflow.MlflowClient()
+    axes = _axes(client.get_run(parent_run_id))
     children = _children(client, parent_run_id)
     latest: dict[str, object] = {}  # a resumed sweep can hold several attempts of one job: keep one
     for run in children:  # oldest first, so later attempts win, and a finished one beats any other
@@ -122,30 +138,36 @@ def analyze_sweep(parent_run_id: str, alias: str | None = None):
     rows, histories, failed, early = [], {}, [], None
     for run in latest.values():
         name, run_id = run.info.run_name, run.info.run_id
-        params, metrics = run.data.params, run.data.metrics
-        if run.info.status != "FINISHED" or "test_accuracy" not in metrics:
-            failed.append({"job": name, "run_id": run_id,
-                           "error": run.data.tags.get("error", f"run {run.info.status.lower()}")})
+        params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+        pruned = tags.get("search.pruned") == "true"  # a search's pruner stopped it: a job, whether it was scored or not
+        history = _history(client, run_id) if pruned or run.info.status == "FINISHED" else None
+        if history is None or history["val_loss"].isna().all() or not (pruned or "test_accuracy" in metrics):
+            failed.append({"job": name, "run_id": run_id, "error": tags.get("error", f"run {run.info.status.lower()}")})
             continue
-        history = _history(client, run_id)
-        if params.get("fit.early_stopping.enabled") == "True":
+        # the reference job pipeline.sweep adds (sweep.early_stopping_reference): early stopping, not an axis
+        if params.get("fit.early_stopping.enabled") == "True" and name.startswith("early_stopping,"):
             early = {"job": name, "run_id": run_id, "test_accuracy": metrics["test_accuracy"],
                      "stopped_epoch": int(metrics.get("stopped_epoch", metrics["epochs_trained"])),
                      "best_epoch": int(metrics.get("best_epoch", metrics["best_val_loss_epoch"]))}
             continue
         histories[run_id] = history
-        tags = run.data.tags
+        settings = {key: _setting(key, params, name) for key in axes}
+        settings[analysis.BUDGET] = int(params[analysis.BUDGET])
+        extra = {"family": params.get("build.family")} if {"build", "build.family"} & set(axes) else {}
+        if "search.trial" in tags:
+            extra["trial"] = int(tags["search.trial"])
         rows.append(analysis.job_row(
-            name, run_id, int(params["build.hidden_units"]), int(params["fit.epochs"]), history,
-            metrics["test_accuracy"], family=params.get("build.family", "tutorial"), seed=int(params["seed"]),
-            fit_seconds=float(tags.get("seconds.fit", "nan")), parameters=int(metrics.get("model.parameters", 0)),
-            model_size_mb=metrics.get("model.size_mb", float("nan"))))
-    if len({row["family"] for row in rows}) > 1:  # a model comparison: the families ranked
-        from pipeline import comparison
-
-        result = comparison.compare(rows, histories, failed)
-    else:
-        result = analysis.analyze(rows, histories, failed, early)
+            name, run_id, settings, history.dropna(subset=["val_loss"]), metrics.get("test_accuracy", float("nan")),
+            status=run.info.status, pruned=pruned,
+            epochs_trained=int(metrics.get("epochs_trained", history["val_loss"].notna().sum())),
+            epoch_seconds=float(history["epoch_seconds"].median()), fit_seconds=float(tags.get("seconds.fit", "nan")),
+            parameters=int(metrics.get("model.parameters", 0)), model_size_mb=metrics.get("model.size_mb", float("nan")),
+            **extra))
+    # the order the job names give the axes (the parent's params come back sorted by name)
+    order = [part.split("=", 1)[0] for row in rows[:1] for part in row["job"].split(",")]
+    axes = dict(sorted(axes.items(), key=lambda item: (order.index(short) if (short := item[0].rsplit(".", 1)[-1])
+                                                       in order else len(order))))
+    result = analysis.analyze(axes, rows, histories, failed, early)
     client.log_text(parent_run_id, result.table.to_csv(index=False), "analysis/jobs.csv")
     if not result.failed.empty:
         client.log_text(parent_run_id, result.failed.to_csv(index=False), "analysis/failed_jobs.csv")
@@ -166,7 +188,7 @@ def analyze_sweep(parent_run_id: str, alias: str | None = None):
         client.set_tag(parent_run_id, "sweep.best_run", result.best_run)
         client.set_tag(parent_run_id, "sweep.best_job", best["job"])
         if result.ranking is not None:
-            client.set_tag(parent_run_id, "sweep.best_family", best["family"])
+            client.set_tag(parent_run_id, "sweep.best_family", result.ranking["family"].iloc[0])
         if alias:
             promote(client, parent_run_id, result.best_run, alias)
     return result

@@ -1,0 +1,138 @@
+"""The sweep's axes in numbers: Sweep (the jobs table and how its jobs group along each swept key) and what
+the report and figures read from it: per axis, over seeds, per family (the ranking), the best setting.
+
+Pure (no MLflow, no plotting): pipeline.analysis builds the table, analysis_report and analysis_figures read this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+BUDGET, SEED = "fit.epochs", "seed"
+FAMILY_AXES = ("build", "build.family")  # a sweep over either ranks its values: a model comparison
+OUTCOMES = ["status", "pruned", BUDGET, "epochs_trained", "min_val_loss_epoch", "min_val_loss", "best_val_accuracy",
+            "final_accuracy_gap", "test_accuracy", "epoch_seconds", "fit_seconds", "parameters", "model_size_mb"]
+RANKING_COLUMNS = ["family", "runs", "test_accuracy_mean", "test_accuracy_std", "best_val_accuracy",
+                   "min_val_loss_epoch", "epochs", "fit_seconds", "parameters", "model_size_mb"]
+# A numeric axis with more distinct values than this, or one searched as interval(...), is continuous: the
+# report groups its jobs in thirds of the values (by rank) and gives the rank correlation with the value.
+MANY_VALUES = 6
+
+
+@dataclass
+class Sweep:
+    """What the report and figures read: the table and how its jobs group along each axis."""
+    table: pd.DataFrame
+    axes: list[str]  # varied axes, seed included
+    written: dict[str, str]  # each axis's values as written
+    histories: dict[str, pd.DataFrame]
+    labels: dict[str, pd.Series]  # axis -> each job's value, or its third of a continuous axis's values
+    done: pd.DataFrame  # the jobs that trained their whole budget (not pruned)
+    curves: pd.DataFrame  # of those, per setting of the other axes (seed included), the longest budget's job
+    family: str | None  # the axis whose values are ranked as families
+
+    @property
+    def settings(self) -> list[str]:
+        """The axes that are settings: seeds are repeats, not settings."""
+        return [axis for axis in self.axes if axis != SEED]
+
+
+def survey(table: pd.DataFrame, axes: dict[str, str], histories: dict[str, pd.DataFrame]) -> Sweep:
+    varied = [axis for axis in axes if table[axis].nunique() > 1]
+    done = table[~table["pruned"]]
+    if done.empty:  # every job pruned: their partial curves are all there is
+        done = table
+    curves = done
+    if BUDGET in varied:  # a shorter budget's curve is the start of the longer one's: one per setting of the others
+        others, by_budget = [axis for axis in varied if axis != BUDGET], done.sort_values(BUDGET, kind="stable")
+        curves = by_budget.groupby(others, dropna=False).tail(1) if others else by_budget.tail(1)
+    family = next((axis for axis in FAMILY_AXES if axis in varied), None)
+    labels = {axis: grouping(done[axis], axes[axis]) for axis in varied}  # thirds of the whole-budget jobs
+    return Sweep(table, varied, dict(axes), histories, labels, done, curves.sort_index(), family)
+
+
+def continuous(values: pd.Series, written: str = "") -> bool:
+    numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+    return numeric and ("interval(" in written or values.nunique() > MANY_VALUES)
+
+
+def grouping(values: pd.Series, written: str = "") -> pd.Series:
+    """Each job's group along an axis: its value or, on a continuous axis with more than three values, its
+    third of the values by rank, labelled by the range it spans (an ordered categorical)."""
+    if not continuous(values, written) or values.nunique() <= 3:
+        return values
+    thirds = pd.qcut(values.rank(method="first"), 3, labels=False)
+    spans = [(values[thirds == i].min(), values[thirds == i].max()) for i in range(3)]
+    names = [show(low) if low == high else f"{show(low)}-{show(high)}" for low, high in spans]
+    return pd.Series(pd.Categorical.from_codes(thirds.astype(int), names, ordered=True), index=values.index)
+
+
+def show(value) -> str:
+    return f"{value:g}" if isinstance(value, (float, np.floating)) else str(value)
+
+
+def by_axis(sweep: Sweep, axis: str) -> pd.DataFrame:
+    """How the outcome moves along `axis`: per value (or third), the jobs, their mean best validation and test
+    accuracy, and the median epoch of lowest validation loss (on each setting's longest curve; along the
+    budget itself, on every job)."""
+    done, label = sweep.done, sweep.labels[axis]
+    epochs = done if axis == BUDGET else sweep.curves
+    groups = done.groupby(label[done.index], observed=True)
+    return pd.DataFrame({
+        "jobs": groups.size(), "best_val_accuracy": groups["best_val_accuracy"].mean(),
+        "min_val_loss_epoch": epochs.groupby(label[epochs.index], observed=True)["min_val_loss_epoch"].median(),
+        "test_accuracy": groups["test_accuracy"].mean()}).rename_axis(axis).reset_index()
+
+
+def rank_correlation(sweep: Sweep, axis: str, outcome: str) -> float:
+    """Spearman's rho between a continuous axis's values and an outcome, over the whole-budget jobs."""
+    frame = sweep.done if outcome != "min_val_loss_epoch" or axis == BUDGET else sweep.curves
+    return float(frame[axis].rank().corr(frame[outcome].rank())) if len(frame) > 2 else float("nan")
+
+
+def over_seeds(sweep: Sweep) -> pd.DataFrame:
+    """With seed as an axis: one row per setting of the other axes, mean and spread (standard deviation over
+    seeds) of best validation and test accuracy, the median lowest-loss epoch; best first."""
+    keys = sweep.settings or ["setting"]
+    groups = sweep.done.assign(setting="every job").groupby(keys, dropna=False)
+    frame = pd.DataFrame({
+        "seeds": groups.size(), "best_val_accuracy_mean": groups["best_val_accuracy"].mean(),
+        "best_val_accuracy_std": groups["best_val_accuracy"].std(ddof=0),
+        "test_accuracy_mean": groups["test_accuracy"].mean(), "test_accuracy_std": groups["test_accuracy"].std(ddof=0),
+        "min_val_loss_epoch": groups["min_val_loss_epoch"].median()}).reset_index()
+    return frame.sort_values("best_val_accuracy_mean", ascending=False, ignore_index=True, kind="stable")
+
+
+def best_setting(sweep: Sweep) -> tuple[pd.Series | None, pd.Series]:
+    """(the setting of the highest mean validation accuracy over seeds, or None without seeds; its job of the
+    highest validation accuracy). Chosen by validation accuracy: the test split chooses nothing."""
+    if SEED not in sweep.axes or not sweep.settings:
+        return None, sweep.done.loc[sweep.done["best_val_accuracy"].idxmax()]
+    setting = over_seeds(sweep).iloc[0]
+    runs = sweep.done
+    for axis in sweep.settings:
+        runs = runs[(runs[axis] == setting[axis]) | (runs[axis].isna() & pd.isna(setting[axis]))]
+    return setting, runs.loc[runs["best_val_accuracy"].idxmax()]
+
+
+def rank(sweep: Sweep) -> pd.DataFrame:
+    """One row per family (the value of the build axis): mean and spread (standard deviation over its runs) of
+    test accuracy, mean best validation accuracy, median epoch of the lowest validation loss, the longest
+    budget, mean training seconds, size; by mean best validation accuracy."""
+    groups = sweep.done.groupby(sweep.family)
+    ranking = pd.DataFrame({
+        "runs": groups.size(), "test_accuracy_mean": groups["test_accuracy"].mean(),
+        "test_accuracy_std": groups["test_accuracy"].std(ddof=0), "best_val_accuracy": groups["best_val_accuracy"].mean(),
+        "min_val_loss_epoch": groups["min_val_loss_epoch"].median(), "epochs": groups[BUDGET].max(),
+        "fit_seconds": groups["fit_seconds"].mean(), "parameters": groups["parameters"].max(),
+        "model_size_mb": groups["model_size_mb"].max()}).rename_axis("family").reset_index()
+    return ranking.sort_values(["best_val_accuracy", "family"], ascending=[False, True], ignore_index=True)[RANKING_COLUMNS]
+
+
+def rise(sweep: Sweep, run_id: str) -> float:
+    """How far validation loss climbs from its minimum to the last epoch trained."""
+    val_loss = sweep.histories[run_id]["val_loss"]
+    return float(val_loss.iloc[-1] - val_loss.min())
