@@ -15,27 +15,33 @@ import time
 import mlflow
 
 import pipeline
-from pipeline import config
+from pipeline import config, resume
 from pipeline.config import EXPERIMENT, PARENT_RUN
 from pipeline.signals import SIGNALS
 from pipeline.tracking import CURVES, git_tags, use
 
 log = logging.getLogger(__name__)
+SETTINGS = "sweep/settings.json"  # on the parent: every setting the sweep was asked, flattened, as strings
 
 
 def open_sweep_parent(cfg: config.PipelineConfig, axes: dict[str, str], sweep_dir: str) -> tuple[str, str]:
-    """Create the sweep's parent run, or adopt the one `mlflow run` created. Returns (run id, experiment id)."""
+    """Create the sweep's parent run, or adopt the one `mlflow run` created. Returns (run id, experiment id).
+    The parent records what it was asked: the axes as `sweep.<key>` params, every other setting in
+    sweep/settings.json. A resume that asks otherwise is refused (ValueError) before anything is written."""
     from mlflow.entities import Param
 
     use(config.tracking_uri(cfg.tracking))
     client = mlflow.MlflowClient()
+    settings = resume.as_recorded(config.flatten(cfg))
     # Under `mlflow run` the project's run becomes the parent; the variable must not reach the jobs,
     # or the first job would record into the parent itself.
     adopted = os.environ.pop("MLFLOW_RUN_ID", None)
+    recorded = False
     if cfg.sweep.resume:  # an interrupted sweep continues under its own parent
         run = client.get_run(cfg.sweep.resume)
         if run.data.tags.get("sweep.parent") != "true":
             raise ValueError(f"sweep.resume={cfg.sweep.resume}: that run is not a sweep's parent run")
+        recorded = _same_sweep(client, run, axes, settings)
         client.update_run(run.info.run_id, status="RUNNING")
         if adopted and adopted != cfg.sweep.resume:  # `mlflow run` made a run of its own: point it to the parent
             client.set_tag(adopted, "sweep.resumed_parent", cfg.sweep.resume)
@@ -50,7 +56,31 @@ def open_sweep_parent(cfg: config.PipelineConfig, axes: dict[str, str], sweep_di
     client.log_batch(run_id, params=[Param(f"sweep.{key}", value[:6000]) for key, value in axes.items()],
                      tags=[mlflow.entities.RunTag(k, v) for k, v in
                            {"sweep.parent": "true", "sweep.dir": sweep_dir, **git_tags()}.items()])
+    if not recorded:  # (not under another prefix of params: the analysis reads every `sweep.` param as an axis)
+        client.log_dict(run_id, settings, SETTINGS)
     return run_id, run.info.experiment_id
+
+
+def _same_sweep(client, parent, axes: dict[str, str], settings: dict[str, str]) -> bool:
+    """Refuse (ValueError, naming each key) a resume whose axes or settings differ from what `parent` was
+    asked. Returns whether the parent recorded its settings (one made before they were kept did not)."""
+    before_axes = {k.removeprefix("sweep."): v for k, v in parent.data.params.items() if k.startswith("sweep.")}
+    found = resume.differences(before_axes, {key: value[:6000] for key, value in axes.items()})
+    found.update({key: (value, "not swept") for key, value in before_axes.items() if key not in axes})
+    found = {(f"the axis {key}" if key in axes or key in before_axes else key): change for key, change in found.items()}
+    recorded = any(a.path == SETTINGS for a in client.list_artifacts(parent.info.run_id, "sweep"))
+    if recorded:
+        before = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/{SETTINGS}")
+        found.update(resume.differences(before, settings, skip=tuple(axes) + tuple(before_axes)))
+    else:
+        log.warning("sweep.resume=%s: that parent recorded no settings (it was made before they were kept); "
+                    "each job's own recorded settings decide whether it runs again", parent.info.run_id)
+    if found:
+        raise ValueError(
+            f"sweep.resume={parent.info.run_id} asks for other settings than that sweep was given: "
+            f"{resume.describe(found, 'in the sweep')}. A resume continues the same sweep: run this as a new "
+            "sweep (the same command without sweep.resume), or resume with the sweep's own settings")
+    return recorded
 
 
 def record_failed_job(run_name: str, error: Exception) -> None:
@@ -69,8 +99,9 @@ def _children(client, parent_run_id: str, where: str = "", order: str = "ASC", m
                               max_results=max_results, order_by=[f"attributes.start_time {order}"])
 
 
-def finished_child(parent_run_id: str, run_name: str) -> dict | None:
-    """The latest complete, FINISHED child of `parent_run_id` named `run_name` (id, best validation accuracy)."""
+def finished_child(parent_run_id: str, run_name: str, asked: dict[str, str]) -> dict | None:
+    """The latest complete, FINISHED child of `parent_run_id` named `run_name`: its id, best validation
+    accuracy and `differs`, the settings asked now (`asked`, flattened) that it did not run with."""
     client = mlflow.MlflowClient()
     quoted = run_name.replace("'", "\\'")
     found = _children(client, parent_run_id, f" and attributes.run_name = '{quoted}' and attributes.status = 'FINISHED' "
@@ -79,7 +110,8 @@ def finished_child(parent_run_id: str, run_name: str) -> dict | None:
         return None
     history = client.get_metric_history(found[0].info.run_id, "val_accuracy")
     best = max((point.value for point in history), default=float("nan"))
-    return {"run_id": found[0].info.run_id, "val_accuracy": best}
+    return {"run_id": found[0].info.run_id, "val_accuracy": best,
+            "differs": resume.differences(found[0].data.params, asked)}
 
 
 def end_running_children(parent_run_id: str, why: str) -> None:

@@ -1,0 +1,64 @@
+"""What a sweep's resume must match, and the command that asks for one (pure: no Hydra, no MLflow).
+
+A sweep's parent records the settings it was asked; each job's child run records its own (config.flatten,
+as MLflow params, i.e. as strings). A resume continues a sweep only if it asks what the parent was asked,
+and a job counts as finished only if its recorded settings equal the ones asked now. PER_ATTEMPT keys may differ.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from typing import Any
+
+# Keys that differ between attempts of one sweep without changing what a job computes: the resume
+# itself, the run's name, how the store is spelled (the parent was found in it) and the console's detail.
+PER_ATTEMPT = ("sweep.resume", "tracking.run_name", "tracking.uri", "verbose")
+RESUME = "sweep.resume"
+
+
+def as_recorded(flat: Mapping[str, Any]) -> dict[str, str]:
+    """Flattened settings as MLflow keeps params: every value a string (None as "None", lists as Python writes them)."""
+    return {key: str(value) for key, value in flat.items()}
+
+
+def differences(before: Mapping[str, str], now: Mapping[str, Any],
+                skip: tuple[str, ...] = ()) -> dict[str, tuple[str | None, str]]:
+    """{key: (recorded value or None, value asked now)} for every key asked now whose recorded value
+    differs, leaving out PER_ATTEMPT keys and `skip` (keys and the groups under them, e.g. the sweep's
+    axes). A key the record lacks differs (nothing says it was the same); a recorded key no longer asked
+    (the code has dropped it, or it is not a setting, like a child's data.* params) does not."""
+    left_out = PER_ATTEMPT + tuple(skip)
+    found = {}
+    for key in sorted(now):
+        if any(key == out or key.startswith(out + ".") for out in left_out):
+            continue
+        asked = str(now[key])
+        if before.get(key) != asked:
+            found[key] = (before.get(key), asked)
+    return found
+
+
+def describe(found: Mapping[str, tuple[str | None, Any]], what: str = "before") -> str:
+    """`fit.epochs: 5 before, 6 now; seed: not recorded before, 1 now` (at most 8 keys, then how many more)."""
+    parts = [f"{key}: {'not recorded' if old is None else old} {what}, {new} now"
+             for key, (old, new) in list(found.items())[:8]]
+    more = len(found) - 8
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def resume_command(argv: list[str], parent_run_id: str) -> str:
+    """The command line `argv` (as the user typed it, sys.orig_argv) asking to resume `parent_run_id`:
+    any sweep.resume it had replaced, shell-quoted to paste as it is."""
+    kept, rest = [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--overrides" and rest:  # `mlflow run`'s one-string form: filtered inside
+            kept += [arg, shlex.join(o for o in shlex.split(rest.pop(0)) if not _is_resume(o))]
+        elif not _is_resume(arg):
+            kept.append(arg)
+    return shlex.join([*kept, f"{RESUME}={parent_run_id}"])
+
+
+def _is_resume(arg: str) -> bool:
+    return arg.lstrip("+~").split("=", 1)[0] == RESUME
