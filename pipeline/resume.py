@@ -47,6 +47,22 @@ def describe(found: Mapping[str, tuple[str | None, Any]], what: str = "before") 
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
+def check_same_sweep(parent_run_id: str, axes_before: Mapping[str, str], axes: Mapping[str, str],
+                     settings_before: Mapping[str, str] | None, settings: Mapping[str, Any]) -> None:
+    """Refuse (ValueError, naming each key and what to do) a resume of `parent_run_id` whose axes or
+    settings (flattened) differ from what the parent recorded. `settings_before` None: the parent kept
+    none (made before they were kept), and only its axes are compared."""
+    found = {f"the axis {key}": (axes_before.get(key, "not swept"), axes.get(key, "not swept"))
+             for key in sorted(set(axes_before) | set(axes)) if axes_before.get(key) != axes.get(key)}
+    if settings_before is not None:
+        found.update(differences(settings_before, settings, skip=tuple(axes_before) + tuple(axes)))
+    if found:
+        raise ValueError(
+            f"sweep.resume={parent_run_id} asks for other settings than that sweep was given: "
+            f"{describe(found, 'in the sweep')}. A resume continues the same sweep: run this as a new sweep "
+            "(the same command without sweep.resume), or resume with the sweep's own settings")
+
+
 def resume_command(argv: list[str], parent_run_id: str) -> str:
     """The command line `argv` (as the user typed it, sys.orig_argv) asking to resume `parent_run_id`:
     any sweep.resume it had replaced, shell-quoted to paste as it is."""

@@ -99,9 +99,9 @@ def absolute(settings: PipelineConfig, directory: str) -> PipelineConfig:
     path = settings.ingest.path
     if path and "://" not in path:
         path = os.path.join(directory, os.path.expanduser(path))
-    return replace(settings, ingest=replace(settings.ingest, path=path),
-                   cache_dir=os.path.join(directory, os.path.expanduser(settings.cache_dir)),
-                   tracking=replace(settings.tracking, uri=settings.tracking.uri and absolute_uri(settings.tracking.uri, directory)))
+    uri = settings.tracking.uri and absolute_uri(settings.tracking.uri, directory)
+    return replace(settings, ingest=replace(settings.ingest, path=path), tracking=replace(settings.tracking, uri=uri),
+                   cache_dir=os.path.join(directory, os.path.expanduser(settings.cache_dir)))
 
 
 def absolute_uri(uri: str, directory: str) -> str:
@@ -110,7 +110,9 @@ def absolute_uri(uri: str, directory: str) -> str:
         if uri.startswith(scheme):
             rest = uri.removeprefix(scheme)
             return uri if rest.startswith("/") else scheme + os.path.join(directory, rest)
-    return uri if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) else os.path.join(directory, uri)
+    if uri == "databricks" or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri):  # a server, not a folder
+        return uri
+    return os.path.join(directory, uri)  # MLflow reads a URI without a scheme as a local folder
 
 
 def readable_here(settings: PipelineConfig) -> None:

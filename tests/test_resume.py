@@ -29,6 +29,19 @@ def test_differences_name_each_changed_or_unrecorded_key_and_leave_per_attempt_k
         "fit.epochs: 5 before, 6 now; seed: not recorded before, 1 now")
 
 
+def test_a_resume_is_checked_axis_by_axis_and_setting_by_setting():
+    axes = {"build.hidden_units": "8,16"}
+    resume.check_same_sweep("p", axes, axes, {"fit.epochs": "5"}, {"fit.epochs": 5, "sweep.resume": "p"})
+    resume.check_same_sweep("p", axes, axes, None, {"fit.epochs": 6})  # a parent that kept no settings: axes only
+    with pytest.raises(ValueError) as refused:
+        resume.check_same_sweep("p", axes, {"build.hidden_units": "8,16", "seed": "1,2"}, {"fit.epochs": "5"},
+                                {"fit.epochs": 6, "seed": 42})
+    assert str(refused.value).startswith(
+        "sweep.resume=p asks for other settings than that sweep was given: the axis seed: not swept in the sweep, "
+        "1,2 now; fit.epochs: 5 in the sweep, 6 now. A resume continues the same sweep: run this as a new sweep "
+        "(the same command without sweep.resume)")
+
+
 def test_the_settings_a_child_records_compare_equal_to_the_same_settings_asked_again(tiny_config):
     recorded = resume.as_recorded(flatten(tiny_config))  # what MLflow keeps: log_params writes str(value)
     assert resume.differences(recorded, flatten(tiny_config)) == {}
@@ -56,7 +69,7 @@ def test_relative_paths_mean_the_drivers_directory_wherever_the_job_runs(tiny_co
         "/home/me/project/data/imdb.tar.gz", "/home/me/project/.cache/p", "sqlite:////home/me/project/mlflow.db")
     assert sweep.absolute(seen, "/elsewhere") == seen  # absolute stays as it is
     for uri, expected in [("file:mlruns", "file:/d/mlruns"), ("./mlruns", "/d/./mlruns"),
-                          ("http://server:5000", "http://server:5000"), ("databricks", "/d/databricks"),
+                          ("http://server:5000", "http://server:5000"), ("databricks", "databricks"),
                           ("sqlite:////abs/m.db", "sqlite:////abs/m.db"), ("file:///abs/mlruns", "file:///abs/mlruns")]:
         assert sweep.absolute_uri(uri, "/d") == expected, uri
 

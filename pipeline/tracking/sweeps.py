@@ -41,7 +41,14 @@ def open_sweep_parent(cfg: config.PipelineConfig, axes: dict[str, str], sweep_di
         run = client.get_run(cfg.sweep.resume)
         if run.data.tags.get("sweep.parent") != "true":
             raise ValueError(f"sweep.resume={cfg.sweep.resume}: that run is not a sweep's parent run")
-        recorded = _same_sweep(client, run, axes, settings)
+        recorded = any(a.path == SETTINGS for a in client.list_artifacts(run.info.run_id, "sweep"))
+        if not recorded:
+            log.warning("sweep.resume=%s: that parent recorded no settings (it was made before they were kept); "
+                        "each job's own recorded settings decide whether it runs again", run.info.run_id)
+        resume.check_same_sweep(  # (its axes are its `sweep.<key>` params)
+            run.info.run_id, {k.removeprefix("sweep."): v for k, v in run.data.params.items() if k.startswith("sweep.")},
+            {key: value[:6000] for key, value in axes.items()},
+            mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{SETTINGS}") if recorded else None, settings)
         client.update_run(run.info.run_id, status="RUNNING")
         if adopted and adopted != cfg.sweep.resume:  # `mlflow run` made a run of its own: point it to the parent
             client.set_tag(adopted, "sweep.resumed_parent", cfg.sweep.resume)
@@ -59,28 +66,6 @@ def open_sweep_parent(cfg: config.PipelineConfig, axes: dict[str, str], sweep_di
     if not recorded:  # (not under another prefix of params: the analysis reads every `sweep.` param as an axis)
         client.log_dict(run_id, settings, SETTINGS)
     return run_id, run.info.experiment_id
-
-
-def _same_sweep(client, parent, axes: dict[str, str], settings: dict[str, str]) -> bool:
-    """Refuse (ValueError, naming each key) a resume whose axes or settings differ from what `parent` was
-    asked. Returns whether the parent recorded its settings (one made before they were kept did not)."""
-    before_axes = {k.removeprefix("sweep."): v for k, v in parent.data.params.items() if k.startswith("sweep.")}
-    found = resume.differences(before_axes, {key: value[:6000] for key, value in axes.items()})
-    found.update({key: (value, "not swept") for key, value in before_axes.items() if key not in axes})
-    found = {(f"the axis {key}" if key in axes or key in before_axes else key): change for key, change in found.items()}
-    recorded = any(a.path == SETTINGS for a in client.list_artifacts(parent.info.run_id, "sweep"))
-    if recorded:
-        before = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/{SETTINGS}")
-        found.update(resume.differences(before, settings, skip=tuple(axes) + tuple(before_axes)))
-    else:
-        log.warning("sweep.resume=%s: that parent recorded no settings (it was made before they were kept); "
-                    "each job's own recorded settings decide whether it runs again", parent.info.run_id)
-    if found:
-        raise ValueError(
-            f"sweep.resume={parent.info.run_id} asks for other settings than that sweep was given: "
-            f"{resume.describe(found, 'in the sweep')}. A resume continues the same sweep: run this as a new "
-            "sweep (the same command without sweep.resume), or resume with the sweep's own settings")
-    return recorded
 
 
 def record_failed_job(run_name: str, error: Exception) -> None:
