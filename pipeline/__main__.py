@@ -51,8 +51,8 @@ def main(cfg: DictConfig) -> float | None:
     job, overrides = HydraConfig.get().job, list(HydraConfig.get().overrides.task)
     try:
         settings = ready(sweep.child_settings(config.load(cfg), overrides, job.num))
-    except ValueError as error:  # a job whose settings are invalid is recorded as a failed child
-        from pipeline.tracking import sweeps
+    except (ValueError, FileNotFoundError) as error:  # invalid settings, or data this worker cannot read:
+        from pipeline.tracking import sweeps  # a FAILED child that says why, at once
 
         name = sweep.child_name(overrides, job.num)
         log.error("sweep job %s (%s): %s", job.num, name, error)

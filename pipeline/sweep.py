@@ -2,9 +2,10 @@
 
 `register()` puts the PipelineConfig schema in Hydra's ConfigStore, so that every YAML value is
 type-checked. SweepCallback (named in conf/config.yaml) acts in multirun mode: it opens the parent run
-(or adopts the one `mlflow run` created), hands its id to the jobs through the environment (inherited
-by joblib and Ray workers) and, when they are done, runs the early-stopping reference job if asked,
-writes the analysis to the parent and ends it.
+(or adopts the one `mlflow run` created), hands its id and what the driver resolved (the variables the
+config reads, MLflow's client settings, the directory relative paths mean) to the jobs through the
+environment (inherited by joblib workers, given to Ray's) and, when they are done, runs the
+early-stopping reference job if asked, writes the analysis to the parent and ends it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import atexit
 import json
 import logging
 import os
+import re
+import socket
 import sys
 from dataclasses import replace
 from typing import Any
@@ -22,13 +25,17 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline.config import EXPERIMENT, PARENT_RUN, PipelineConfig, load, tracking_uri
+from pipeline.config import EXPERIMENT, PARENT_RUN, PipelineConfig, flatten, load, tracking_uri
 from pipeline.console import CONSOLE
+from pipeline.resume import as_recorded, describe, resume_command
 from pipeline.signals import SIGNALS
 
 log = logging.getLogger(__name__)
 AXES = "PIPELINE_SWEEP_AXES"
 RESUMING = "PIPELINE_SWEEP_RESUMING"
+# Where the driver ran (relative paths mean this directory), its host, and the data path it could read
+DIRECTORY, DRIVER_HOST, DRIVER_DATA = "PIPELINE_SWEEP_DIRECTORY", "PIPELINE_SWEEP_HOST", "PIPELINE_SWEEP_DATA"
+READS_VARIABLE = re.compile(r"oc\.env:\s*['\"]?([A-Za-z_][A-Za-z0-9_]*)")  # ${oc.env:NAME,default} in a config
 
 
 def register() -> None:
@@ -57,12 +64,19 @@ def job_name(task_overrides: list[str], axes: list[str]) -> str:
 
 
 def finished_job(settings: PipelineConfig) -> dict | None:
-    """When resuming a sweep: the job's earlier FINISHED child run under the parent, if there is one."""
+    """When resuming a sweep: the job's earlier FINISHED child run under the parent, if there is one that
+    ran with the settings asked now. One that ran with others is said, and the job runs again."""
     if not os.environ.get(RESUMING):
         return None
     from pipeline.tracking import sweeps
 
-    return sweeps.finished_child(os.environ[PARENT_RUN], settings.tracking.run_name)
+    name = settings.tracking.run_name
+    previous = sweeps.finished_child(os.environ[PARENT_RUN], name, as_recorded(flatten(settings)))
+    if previous and previous["differs"]:
+        log.warning("sweep job %s finished before as run %s with other settings (%s): it runs again", name,
+                    previous["run_id"], describe(previous["differs"], "then"))
+        return None
+    return previous
 
 
 def child_name(task_overrides: list[str], job_number: int) -> str:
@@ -70,9 +84,56 @@ def child_name(task_overrides: list[str], job_number: int) -> str:
 
 
 def child_settings(settings: PipelineConfig, task_overrides: list[str], job_number: int) -> PipelineConfig:
-    """A job's settings with its run name (what differs) when it runs inside a sweep."""
+    """A job's settings inside a sweep, as its driver resolved them wherever it runs: its run name (what
+    differs), relative paths absolute against the driver's directory, the data readable on this host."""
     name = settings.tracking.run_name or child_name(task_overrides, job_number)
-    return replace(settings, tracking=replace(settings.tracking, run_name=name))
+    settings = absolute(replace(settings, tracking=replace(settings.tracking, run_name=name)),
+                        os.environ.get(DIRECTORY) or os.getcwd())
+    readable_here(settings)
+    return settings
+
+
+def absolute(settings: PipelineConfig, directory: str) -> PipelineConfig:
+    """`settings` with its relative paths (ingest.path, cache_dir, a file-based tracking.uri) made
+    absolute against `directory`, where the user ran the command: a worker elsewhere means the same files."""
+    path = settings.ingest.path
+    if path and "://" not in path:
+        path = os.path.join(directory, os.path.expanduser(path))
+    uri = settings.tracking.uri and absolute_uri(settings.tracking.uri, directory)
+    return replace(settings, ingest=replace(settings.ingest, path=path), tracking=replace(settings.tracking, uri=uri),
+                   cache_dir=os.path.join(directory, os.path.expanduser(settings.cache_dir)))
+
+
+def absolute_uri(uri: str, directory: str) -> str:
+    """A tracking URI whose store is a relative path (sqlite:///mlflow.db, file:mlruns, ./mlruns) made absolute."""
+    for scheme in ("sqlite:///", "file://", "file:"):
+        if uri.startswith(scheme):
+            rest = uri.removeprefix(scheme)
+            return uri if rest.startswith("/") else scheme + os.path.join(directory, rest)
+    if uri == "databricks" or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri):  # a server, not a folder
+        return uri
+    return os.path.join(directory, uri)  # MLflow reads a URI without a scheme as a local folder
+
+
+def readable_here(settings: PipelineConfig) -> None:
+    """A job whose data the driver resolved but this worker cannot read fails now, naming the path and
+    the host (FileNotFoundError), rather than downloading it there: on another host than the driver's,
+    or when the driver could read this very path."""
+    path, driver, here = settings.ingest.path, os.environ.get(DRIVER_HOST), socket.gethostname()
+    if not driver or settings.ingest.source == "keras" or not path:
+        return
+    if (driver != here or path == os.environ.get(DRIVER_DATA)) and not os.access(path, os.R_OK):
+        raise FileNotFoundError(
+            f"ingest.path={path} cannot be read on host {here}, where this job runs (the sweep's driver on {driver} "
+            "resolved it): make the data readable at that path on every worker (e.g. a shared file system), or "
+            "point IMDB_ARCHIVE or ingest.path at a copy every worker can read")
+
+
+def driver_environment(config: DictConfig) -> dict[str, str]:
+    """The driver's variables that jobs resolve settings from: the ones the config reads (${oc.env:NAME},
+    e.g. IMDB_ARCHIVE) and MLflow's client settings (MLFLOW_*: tracking URI, credentials, ...)."""
+    read = set(READS_VARIABLE.findall(str(OmegaConf.to_container(config, resolve=False))))
+    return {name: value for name, value in os.environ.items() if name in read or name.startswith("MLFLOW_")}
 
 
 class SweepCallback(Callback):
@@ -85,16 +146,20 @@ class SweepCallback(Callback):
         from pipeline.tracking import sweeps
 
         hydra_cfg = config.hydra
+        directory = os.getcwd()  # (hydra.job.chdir is false: where the user ran the command)
         try:
-            self.settings = load(config)
+            self.settings = absolute(load(config), directory)
             axes = sweep_axes(hydra_cfg)
             self.parent, experiment_id = sweeps.open_sweep_parent(self.settings, axes, str(hydra_cfg.sweep.dir))
         except Exception as error:  # Hydra would only warn and run the jobs untracked as a sweep: stop instead
             log.error("the sweep cannot start: %s", error)
             raise SystemExit(2) from error
-        forwarded = {PARENT_RUN: self.parent, EXPERIMENT: experiment_id, AXES: json.dumps(list(axes)),
-                     RESUMING: "1" if self.settings.sweep.resume else "",
-                     "MLFLOW_TRACKING_URI": tracking_uri(self.settings.tracking)}
+        data = self.settings.ingest.path
+        forwarded = {**driver_environment(config), PARENT_RUN: self.parent, EXPERIMENT: experiment_id,
+                     AXES: json.dumps(list(axes)), RESUMING: "1" if self.settings.sweep.resume else "",
+                     "MLFLOW_TRACKING_URI": absolute_uri(tracking_uri(self.settings.tracking), directory),
+                     DIRECTORY: directory, DRIVER_HOST: socket.gethostname(),
+                     DRIVER_DATA: data if data and os.access(data, os.R_OK) else ""}
         os.environ.update(forwarded)  # jobs in this process, and joblib or local Ray workers, inherit these
         self.on_ray = "ray" in str(hydra_cfg.launcher.get("_target_", ""))
         if self.on_ray:
@@ -121,7 +186,7 @@ class SweepCallback(Callback):
         failed = len(analysis.failed)
         sweeps.close_sweep_parent(self.parent, "FINISHED")
         self.parent = None
-        for key in (PARENT_RUN, EXPERIMENT, AXES, RESUMING):
+        for key in (PARENT_RUN, EXPERIMENT, AXES, RESUMING, DIRECTORY, DRIVER_HOST, DRIVER_DATA):
             os.environ.pop(key, None)
         log.info("sweep analysis: %d jobs finished, %d failed\n%s", len(analysis.table), failed, analysis.report)
         if failed:  # exit non-zero so that scripts notice (an exception here would only become a warning)
@@ -130,8 +195,8 @@ class SweepCallback(Callback):
             raise SystemExit(1)
 
     def _abandoned(self) -> None:
-        """The process is ending before the sweep did (Ctrl-C, SIGTERM, a crash): end the parent KILLED.
-        On Ray, the driver's end stops its jobs' workers, and with them the watchdogs they started (Ray
+        """The process is ending before the sweep did (Ctrl-C, SIGTERM, a crash): end the parent KILLED and
+        say, in one line, the command that resumes it (the user's own, plus sweep.resume). On Ray, the driver's end stops its jobs' workers, and with them the watchdogs they started (Ray
         kills a worker's child processes): once Ray is shut down, the children still RUNNING end KILLED here."""
         SIGNALS.ended()
         if self.parent:
@@ -143,6 +208,8 @@ class SweepCallback(Callback):
                         sys.modules["ray"].shutdown()  # the job ends: the cluster stops its workers
                     sweeps.end_running_children(self.parent, "its sweep's driver ended, and Ray stopped the job")
                 sweeps.close_sweep_parent(self.parent, "KILLED")
+            print(f"sweep {self.parent} ended KILLED before its jobs did; resume it with: "
+                  f"{resume_command(sys.orig_argv, self.parent)}", file=sys.stderr, flush=True)
 
 
 def _forward_to_ray(launcher: DictConfig, variables: dict[str, str]) -> None:

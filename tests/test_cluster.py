@@ -2,13 +2,16 @@
 
 Ray binds its head to the machine's network address, which tests must not use. Inside a network namespace
 made here, loopback is the only interface: the cluster, the tracking server and the sweep's driver all run
-in it, on 127.0.0.1. This process reads the server's SQLite store and artifact folder from the disk.
+in it, on 127.0.0.1. This process reads the server's SQLite store and artifact folder from the disk. The
+cluster is started as on another machine: its own host name, its own folder, none of the driver's
+environment (the data is named only by IMDB_ARCHIVE where the driver runs, as in the README's quick start).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +27,7 @@ from tests.helpers import environment, output
 
 pytestmark = pytest.mark.slow
 RAY_PORT, SERVER_PORT = 6390, 5090  # inside the namespace, where nothing else listens
+CLUSTER_HOST = "pipeline-test-cluster"  # the host name the cluster's processes see (a UTS namespace of their own)
 
 
 @pytest.fixture
@@ -59,10 +63,12 @@ def cluster(namespace, tmp_path):
     """A Ray head with 2 CPUs and an MLflow server (SQLite, serving artifacts), both in the namespace.
     Yields (ray address, tracking URI as the jobs see it, tracking URI as this process reads it, artifacts)."""
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = environment()
-    started = subprocess.run([*namespace, "ray", "start", "--head", f"--port={RAY_PORT}", "--num-cpus=2",
-                              "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-                             env=env, capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in environment().items() if k != "IMDB_ARCHIVE"}  # none of the driver's settings
+    (tmp_path / "cluster").mkdir()
+    head = ["ray", "start", "--head", f"--port={RAY_PORT}", "--num-cpus=2", "--include-dashboard=false",
+            "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    started = subprocess.run([*namespace, "unshare", "--uts", "sh", "-c", f'hostname {CLUSTER_HOST} && exec "$@"', "sh",
+                              *head], cwd=tmp_path / "cluster", env=env, capture_output=True, text=True, timeout=300)
     server = None
     try:
         assert started.returncode == 0, output(started)
@@ -85,11 +91,16 @@ def cluster(namespace, tmp_path):
         # the cluster's processes end with the namespace (its fixture)
 
 
-def _driver(namespace, tmp_path, archive, address, uri, *overrides: str) -> list[str]:
-    base = [o for o in tiny_overrides(archive, tmp_path) if not o.startswith("tracking.uri")]
-    return [*namespace, sys.executable, "-m", "pipeline", "-m", *base, *overrides, f"tracking.uri={uri}",
-            "hydra/launcher=ray", f"hydra.launcher.ray.init.address={address}", "sweep.threads=1",
-            f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+def _driver(namespace, tmp_path, archive, address, uri, *overrides: str) -> tuple[list[str], dict[str, str]]:
+    """The sweep's command and environment: the data only as IMDB_ARCHIVE, a path relative to where the
+    driver runs (as the README's quick start has it), and the default cache folder, relative too."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+    shutil.copy(archive, tmp_path / "data" / "imdb.tar.gz")
+    base = [o for o in tiny_overrides(archive, tmp_path) if not o.startswith(("tracking.uri", "ingest.path", "cache_dir"))]
+    command = [*namespace, sys.executable, "-m", "pipeline", "-m", *base, *overrides, f"tracking.uri={uri}",
+               "hydra/launcher=ray", f"hydra.launcher.ray.init.address={address}", "sweep.threads=1",
+               f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    return command, environment(IMDB_ARCHIVE=os.path.join("data", "imdb.tar.gz"))
 
 
 def _family(store: str) -> tuple[object, list]:
@@ -103,13 +114,16 @@ def _family(store: str) -> tuple[object, list]:
 def test_a_sweep_on_an_existing_ray_cluster(namespace, cluster, tiny_archive, tmp_path):
     address, uri, store, artifacts = cluster
     # 4 jobs; the two of validation_size=30 leave no training data and fail
-    done = subprocess.run(_driver(namespace, tmp_path, tiny_archive, address, uri, "build.hidden_units=4,8",
-                                  "split.validation_size=8,30", "fit.epochs=2"),
-                          cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=900)
+    command, env = _driver(namespace, tmp_path, tiny_archive, address, uri, "build.hidden_units=4,8",
+                           "split.validation_size=8,30", "fit.epochs=2")
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode != 0 and "2 sweep job(s) failed" in done.stdout + done.stderr, output(done)
     assert "Ray is already running" not in done.stdout + done.stderr  # (it joined, not started its own)
     assert "(_run_job pid=" in done.stdout + done.stderr  # the jobs ran in the cluster's worker processes
     parent, children = _family(store)
+    # the jobs read the driver's data and wrote the cache beside it, where the driver runs
+    assert {c.data.params["ingest.path"] for c in children} == {str(tmp_path / "data" / "imdb.tar.gz")}
+    assert (tmp_path / ".cache" / "pipeline").is_dir() and not (tmp_path / "cluster" / ".cache").exists()
     statuses = {c.info.run_name: c.info.status for c in children}
     assert statuses == {"hidden_units=4,validation_size=8": "FINISHED", "hidden_units=8,validation_size=8": "FINISHED",
                         "hidden_units=4,validation_size=30": "FAILED", "hidden_units=8,validation_size=30": "FAILED"}
@@ -124,12 +138,27 @@ def test_a_sweep_on_an_existing_ray_cluster(namespace, cluster, tiny_archive, tm
     on_parent = glob.glob(str(artifacts / "*" / parent.info.run_id / "artifacts" / "analysis" / "*"))
     assert {"jobs.csv", "failed_jobs.csv", "report.md"} <= {Path(p).name for p in on_parent}
 
+    # data the cluster's host cannot read: each job fails at once, naming the path and the host, no download
+    command, env = _driver(namespace, tmp_path, tiny_archive, address, uri, "build.hidden_units=4,8", "fit.epochs=2",
+                           "tracking.experiment_name=unreadable")
+    command = ["ingest.download=true" if o == "ingest.download=false" else o for o in command]
+    env["IMDB_ARCHIVE"] = str(tmp_path / "only-on-the-driver" / "imdb.tar.gz")  # (not on the driver either)
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode != 0 and "2 sweep job(s) failed" in done.stdout + done.stderr, output(done)
+    experiment = client.get_experiment_by_name("unreadable").experiment_id
+    failed = [r for r in client.search_runs([experiment]) if r.data.tags.get("mlflow.parentRunId")]
+    assert len(failed) == 2 and {r.info.status for r in failed} == {"FAILED"}
+    for run in failed:
+        assert (f"ingest.path={tmp_path / 'only-on-the-driver' / 'imdb.tar.gz'} cannot be read on host {CLUSTER_HOST}"
+                in run.data.tags["error"]), run.data.tags["error"]
+    assert "download" not in (done.stdout + done.stderr).lower().replace("ingest.download=true", "")
+
 
 def test_ctrl_c_of_the_ray_driver_leaves_no_child_running(namespace, cluster, tiny_archive, tmp_path):
     address, uri, store, _ = cluster
-    driver = subprocess.Popen(_driver(namespace, tmp_path, tiny_archive, address, uri, "build.hidden_units=4,8",
-                                      "fit.epochs=100000"),
-                              cwd=tmp_path, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    command, env = _driver(namespace, tmp_path, tiny_archive, address, uri, "build.hidden_units=4,8",
+                           "fit.epochs=100000")
+    driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True)
     try:
         deadline = time.monotonic() + 300

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import subprocess
 import sys
 import time
 import types
+import urllib.parse
 from pathlib import Path
 
 import mlflow
@@ -155,18 +157,22 @@ def test_interrupted_sweep_resumes_without_duplicates(tiny_archive, tmp_path):
                                                      "attributes.status = 'FINISHED'")) >= 2:
                 break
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=120)
+        _, printed = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
     parent, children = sweep_runs(uri)
-    assert parent.info.status == "KILLED", process.stderr.read()[-3000:]
+    assert parent.info.status == "KILLED", printed[-3000:]
     assert all(c.info.status in ("FINISHED", "KILLED") for c in children)  # none left RUNNING
     finished_before = {c.info.run_name: c.info.run_id for c in children if c.info.status == "FINISHED"}
     assert 2 <= len(finished_before) < 6
+    # the last words on the terminal: the command that resumes it, the user's own plus the parent
+    said = [line for line in printed.splitlines() if "resume it with: " in line]
+    assert len(said) == 1 and said[0].startswith(f"sweep {parent.info.run_id} ended KILLED"), printed[-3000:]
+    command = shlex.split(said[0].split("resume it with: ", 1)[1])
+    assert command == [*args, f"sweep.resume={parent.info.run_id}"]
 
-    again = subprocess.run(args + [f"sweep.resume={parent.info.run_id}"], cwd=tmp_path, env=environment(),
-                           capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command, cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, output(again)
     parent, children = sweep_runs(uri)
     assert parent.info.status == "FINISHED"
@@ -177,6 +183,43 @@ def test_interrupted_sweep_resumes_without_duplicates(tiny_archive, tmp_path):
         assert {c.info.run_id for c in finished if c.info.run_name == name} == {run_id}
     table = pd.read_csv(client.download_artifacts(parent.info.run_id, "analysis/jobs.csv", str(tmp_path)))
     assert len(table) == 6 and set(table.run_id) == {c.info.run_id for c in finished}
+
+
+@pytest.mark.slow
+def test_a_resume_asking_other_settings_is_refused_and_jobs_run_with_other_settings_run_again(tiny_archive, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [sys.executable, "-m", "pipeline", "-m", *tiny_overrides(tiny_archive, tmp_path), "fit.epochs=2",
+            f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    first = subprocess.run(args + ["build.hidden_units=4,8"], cwd=tmp_path, env=environment(), capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode == 0, output(first)
+    parent, children = sweep_runs(uri)
+    resumed = f"sweep.resume={parent.info.run_id}"
+    # other axes: refused before any write, the parent as it was
+    refused = subprocess.run(args + ["build.hidden_units=4,16", resumed], cwd=tmp_path, env=environment(),
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2, output(refused)
+    assert "the axis build.hidden_units: 4,8 in the sweep, 4,16 now" in refused.stdout + refused.stderr
+    assert "Changing param values is not allowed" not in refused.stdout + refused.stderr
+    after, children_after = sweep_runs(uri)
+    assert (after.info.status, after.info.end_time, after.data.params) == (
+        "FINISHED", parent.info.end_time, parent.data.params)
+    assert {c.info.run_id for c in children_after} == {c.info.run_id for c in children}
+    # A parent made before sweeps kept their settings (sweep/settings.json) lets the resume through: then
+    # each job's own recorded settings decide, and the jobs that ran 2 epochs run again for 3.
+    settings = Path(urllib.parse.urlparse(parent.info.artifact_uri).path) / "sweep" / "settings.json"
+    settings.unlink()
+    again = subprocess.run(args + ["build.hidden_units=4,8", "fit.epochs=3", resumed], cwd=tmp_path,
+                           env=environment(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, output(again)
+    for child in children:
+        assert (f"sweep job {child.info.run_name} finished before as run {child.info.run_id} with other settings "
+                "(fit.epochs: 2 then, 3 now): it runs again") in again.stdout + again.stderr, output(again)
+    parent, children = sweep_runs(uri)
+    latest = {c.info.run_name: c for c in sorted(children, key=lambda c: c.info.start_time)}
+    assert len(children) == 4 and {c.data.params["fit.epochs"] for c in latest.values()} == {"3"}
+    table = pd.read_csv(MlflowClient(uri).download_artifacts(parent.info.run_id, "analysis/jobs.csv", str(tmp_path)))
+    assert set(table.run_id) == {c.info.run_id for c in latest.values()}
 
 
 @pytest.mark.slow

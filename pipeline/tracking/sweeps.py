@@ -15,27 +15,40 @@ import time
 import mlflow
 
 import pipeline
-from pipeline import config
+from pipeline import config, resume
 from pipeline.config import EXPERIMENT, PARENT_RUN
 from pipeline.signals import SIGNALS
 from pipeline.tracking import CURVES, git_tags, use
 
 log = logging.getLogger(__name__)
+SETTINGS = "sweep/settings.json"  # on the parent: every setting the sweep was asked, flattened, as strings
 
 
 def open_sweep_parent(cfg: config.PipelineConfig, axes: dict[str, str], sweep_dir: str) -> tuple[str, str]:
-    """Create the sweep's parent run, or adopt the one `mlflow run` created. Returns (run id, experiment id)."""
+    """Create the sweep's parent run, or adopt the one `mlflow run` created. Returns (run id, experiment id).
+    The parent records what it was asked: the axes as `sweep.<key>` params, every other setting in
+    sweep/settings.json. A resume that asks otherwise is refused (ValueError) before anything is written."""
     from mlflow.entities import Param
 
     use(config.tracking_uri(cfg.tracking))
     client = mlflow.MlflowClient()
+    settings = resume.as_recorded(config.flatten(cfg))
     # Under `mlflow run` the project's run becomes the parent; the variable must not reach the jobs,
     # or the first job would record into the parent itself.
     adopted = os.environ.pop("MLFLOW_RUN_ID", None)
+    recorded = False
     if cfg.sweep.resume:  # an interrupted sweep continues under its own parent
         run = client.get_run(cfg.sweep.resume)
         if run.data.tags.get("sweep.parent") != "true":
             raise ValueError(f"sweep.resume={cfg.sweep.resume}: that run is not a sweep's parent run")
+        recorded = any(a.path == SETTINGS for a in client.list_artifacts(run.info.run_id, "sweep"))
+        if not recorded:
+            log.warning("sweep.resume=%s: that parent recorded no settings (it was made before they were kept); "
+                        "each job's own recorded settings decide whether it runs again", run.info.run_id)
+        resume.check_same_sweep(  # (its axes are its `sweep.<key>` params)
+            run.info.run_id, {k.removeprefix("sweep."): v for k, v in run.data.params.items() if k.startswith("sweep.")},
+            {key: value[:6000] for key, value in axes.items()},
+            mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{SETTINGS}") if recorded else None, settings)
         client.update_run(run.info.run_id, status="RUNNING")
         if adopted and adopted != cfg.sweep.resume:  # `mlflow run` made a run of its own: point it to the parent
             client.set_tag(adopted, "sweep.resumed_parent", cfg.sweep.resume)
@@ -50,6 +63,8 @@ def open_sweep_parent(cfg: config.PipelineConfig, axes: dict[str, str], sweep_di
     client.log_batch(run_id, params=[Param(f"sweep.{key}", value[:6000]) for key, value in axes.items()],
                      tags=[mlflow.entities.RunTag(k, v) for k, v in
                            {"sweep.parent": "true", "sweep.dir": sweep_dir, **git_tags()}.items()])
+    if not recorded:  # (not under another prefix of params: the analysis reads every `sweep.` param as an axis)
+        client.log_dict(run_id, settings, SETTINGS)
     return run_id, run.info.experiment_id
 
 
@@ -69,8 +84,9 @@ def _children(client, parent_run_id: str, where: str = "", order: str = "ASC", m
                               max_results=max_results, order_by=[f"attributes.start_time {order}"])
 
 
-def finished_child(parent_run_id: str, run_name: str) -> dict | None:
-    """The latest complete, FINISHED child of `parent_run_id` named `run_name` (id, best validation accuracy)."""
+def finished_child(parent_run_id: str, run_name: str, asked: dict[str, str]) -> dict | None:
+    """The latest complete, FINISHED child of `parent_run_id` named `run_name`: its id, best validation
+    accuracy and `differs`, the settings asked now (`asked`, flattened) that it did not run with."""
     client = mlflow.MlflowClient()
     quoted = run_name.replace("'", "\\'")
     found = _children(client, parent_run_id, f" and attributes.run_name = '{quoted}' and attributes.status = 'FINISHED' "
@@ -79,7 +95,8 @@ def finished_child(parent_run_id: str, run_name: str) -> dict | None:
         return None
     history = client.get_metric_history(found[0].info.run_id, "val_accuracy")
     best = max((point.value for point in history), default=float("nan"))
-    return {"run_id": found[0].info.run_id, "val_accuracy": best}
+    return {"run_id": found[0].info.run_id, "val_accuracy": best,
+            "differs": resume.differences(found[0].data.params, asked)}
 
 
 def end_running_children(parent_run_id: str, why: str) -> None:

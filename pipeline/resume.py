@@ -1,0 +1,80 @@
+"""What a sweep's resume must match, and the command that asks for one (pure: no Hydra, no MLflow).
+
+A sweep's parent records the settings it was asked; each job's child run records its own (config.flatten,
+as MLflow params, i.e. as strings). A resume continues a sweep only if it asks what the parent was asked,
+and a job counts as finished only if its recorded settings equal the ones asked now. PER_ATTEMPT keys may differ.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from typing import Any
+
+# Keys that differ between attempts of one sweep without changing what a job computes: the resume
+# itself, the run's name, how the store is spelled (the parent was found in it) and the console's detail.
+PER_ATTEMPT = ("sweep.resume", "tracking.run_name", "tracking.uri", "verbose")
+RESUME = "sweep.resume"
+
+
+def as_recorded(flat: Mapping[str, Any]) -> dict[str, str]:
+    """Flattened settings as MLflow keeps params: every value a string (None as "None", lists as Python writes them)."""
+    return {key: str(value) for key, value in flat.items()}
+
+
+def differences(before: Mapping[str, str], now: Mapping[str, Any],
+                skip: tuple[str, ...] = ()) -> dict[str, tuple[str | None, str]]:
+    """{key: (recorded value or None, value asked now)} for every key asked now whose recorded value
+    differs, leaving out PER_ATTEMPT keys and `skip` (keys and the groups under them, e.g. the sweep's
+    axes). A key the record lacks differs (nothing says it was the same); a recorded key no longer asked
+    (the code has dropped it, or it is not a setting, like a child's data.* params) does not."""
+    left_out = PER_ATTEMPT + tuple(skip)
+    found = {}
+    for key in sorted(now):
+        if any(key == out or key.startswith(out + ".") for out in left_out):
+            continue
+        asked = str(now[key])
+        if before.get(key) != asked:
+            found[key] = (before.get(key), asked)
+    return found
+
+
+def describe(found: Mapping[str, tuple[str | None, Any]], what: str = "before") -> str:
+    """`fit.epochs: 5 before, 6 now; seed: not recorded before, 1 now` (at most 8 keys, then how many more)."""
+    parts = [f"{key}: {'not recorded' if old is None else old} {what}, {new} now"
+             for key, (old, new) in list(found.items())[:8]]
+    more = len(found) - 8
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def check_same_sweep(parent_run_id: str, axes_before: Mapping[str, str], axes: Mapping[str, str],
+                     settings_before: Mapping[str, str] | None, settings: Mapping[str, Any]) -> None:
+    """Refuse (ValueError, naming each key and what to do) a resume of `parent_run_id` whose axes or
+    settings (flattened) differ from what the parent recorded. `settings_before` None: the parent kept
+    none (made before they were kept), and only its axes are compared."""
+    found = {f"the axis {key}": (axes_before.get(key, "not swept"), axes.get(key, "not swept"))
+             for key in sorted(set(axes_before) | set(axes)) if axes_before.get(key) != axes.get(key)}
+    if settings_before is not None:
+        found.update(differences(settings_before, settings, skip=tuple(axes_before) + tuple(axes)))
+    if found:
+        raise ValueError(
+            f"sweep.resume={parent_run_id} asks for other settings than that sweep was given: "
+            f"{describe(found, 'in the sweep')}. A resume continues the same sweep: run this as a new sweep "
+            "(the same command without sweep.resume), or resume with the sweep's own settings")
+
+
+def resume_command(argv: list[str], parent_run_id: str) -> str:
+    """The command line `argv` (as the user typed it, sys.orig_argv) asking to resume `parent_run_id`:
+    any sweep.resume it had replaced, shell-quoted to paste as it is."""
+    kept, rest = [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--overrides" and rest:  # `mlflow run`'s one-string form: filtered inside
+            kept += [arg, shlex.join(o for o in shlex.split(rest.pop(0)) if not _is_resume(o))]
+        elif not _is_resume(arg):
+            kept.append(arg)
+    return shlex.join([*kept, f"{RESUME}={parent_run_id}"])
+
+
+def _is_resume(arg: str) -> bool:
+    return arg.lstrip("+~").split("=", 1)[0] == RESUME
