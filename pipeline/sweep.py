@@ -63,6 +63,14 @@ def job_name(task_overrides: list[str], axes: list[str]) -> str:
     return ",".join(f"{key.rsplit('.', 1)[-1]}={values[key]}" for key in axes if key in values)
 
 
+def reference_name(settings: PipelineConfig, axes) -> str:
+    """The early-stopping reference job's name: early stopping at the sweep's own settings for its axes,
+    e.g. `early_stopping,hidden_units=16,epochs=40` (a group axis such as `build`: the option chosen)."""
+    flat = flatten(settings)
+    base = [f"{key.rsplit('.', 1)[-1]}={flat.get(key, flat.get(f'{key}.family'))}" for key in axes]
+    return ",".join(["early_stopping", *base])
+
+
 def finished_job(settings: PipelineConfig) -> dict | None:
     """When resuming a sweep: the job's earlier FINISHED child run under the parent, if there is one that
     ran with the settings asked now. One that ran with others is said, and the job runs again."""
@@ -140,6 +148,7 @@ class SweepCallback(Callback):
     def __init__(self) -> None:
         self.parent: str | None = None
         self.settings: PipelineConfig | None = None
+        self.axes: dict[str, str] = {}
         self.on_ray = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -149,7 +158,7 @@ class SweepCallback(Callback):
         directory = os.getcwd()  # (hydra.job.chdir is false: where the user ran the command)
         try:
             self.settings = absolute(load(config), directory)
-            axes = sweep_axes(hydra_cfg)
+            axes = self.axes = sweep_axes(hydra_cfg)
             self.parent, experiment_id = sweeps.open_sweep_parent(self.settings, axes, str(hydra_cfg.sweep.dir))
         except Exception as error:  # Hydra would only warn and run the jobs untracked as a sweep: stop instead
             log.error("the sweep cannot start: %s", error)
@@ -175,7 +184,7 @@ class SweepCallback(Callback):
             reference = replace(
                 self.settings,
                 fit=replace(self.settings.fit, early_stopping=replace(self.settings.fit.early_stopping, enabled=True)),
-                tracking=replace(self.settings.tracking, run_name=f"early_stopping,hidden_units={self.settings.build.hidden_units}"))
+                tracking=replace(self.settings.tracking, run_name=reference_name(self.settings, self.axes)))
             try:
                 if finished_job(reference) is None:
                     CONSOLE.install(reference.verbose)  # the handlers again: Hydra has set logging up anew

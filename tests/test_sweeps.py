@@ -50,7 +50,7 @@ def test_grid_sweep_gives_one_parent_a_child_per_job_and_the_analysis(tiny_archi
     assert parent.data.params["sweep.build.hidden_units"] == "4,8"
     assert parent.data.params["sweep.fit.epochs"] == "2,3"
     names = sorted(child.info.run_name for child in children)
-    assert names == ["early_stopping,hidden_units=16", "hidden_units=4,epochs=2", "hidden_units=4,epochs=3",
+    assert names == ["early_stopping,hidden_units=16,epochs=3", "hidden_units=4,epochs=2", "hidden_units=4,epochs=3",
                      "hidden_units=8,epochs=2", "hidden_units=8,epochs=3"]
     assert all(child.info.status == "FINISHED" for child in children)
     table = analysis_table(uri, parent.info.run_id, tmp_path)

@@ -162,7 +162,7 @@ def analyze_sweep(parent_run_id: str, alias: str | None = None):
             failed.append({"job": name, "run_id": run_id, "error": tags.get("error", f"run {run.info.status.lower()}")})
             continue
         # the reference job pipeline.sweep adds (sweep.early_stopping_reference): early stopping, not an axis
-        if params.get("fit.early_stopping.enabled") == "True" and name.startswith("early_stopping,"):
+        if params.get("fit.early_stopping.enabled") == "True" and name.split(",")[0] == "early_stopping":
             early = {"job": name, "run_id": run_id, "test_accuracy": metrics["test_accuracy"],
                      "stopped_epoch": int(metrics.get("stopped_epoch", metrics["epochs_trained"])),
                      "best_epoch": int(metrics.get("best_epoch", metrics["best_val_loss_epoch"]))}
