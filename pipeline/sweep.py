@@ -22,6 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pipeline import search
 from pipeline.config import EXPERIMENT, PARENT_RUN, PipelineConfig, load, tracking_uri
 from pipeline.console import CONSOLE
 from pipeline.signals import SIGNALS
@@ -87,6 +88,7 @@ class SweepCallback(Callback):
         hydra_cfg = config.hydra
         try:
             self.settings = load(config)
+            search.check(hydra_cfg.sweeper)  # an Optuna search without Optuna stops here, before a parent run opens
             axes = sweep_axes(hydra_cfg)
             self.parent, experiment_id = sweeps.open_sweep_parent(self.settings, axes, str(hydra_cfg.sweep.dir))
         except Exception as error:  # Hydra would only warn and run the jobs untracked as a sweep: stop instead
