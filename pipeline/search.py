@@ -172,6 +172,9 @@ class OptunaSweeper(Sweeper):
                  config.redact("storage", storage), before, self.n_trials, to_go, self.pruner)
         sweeps.tag_search({"search.study": self.study_name, "search.storage": config.redact("storage", storage),
                            "search.pruner": self.pruner, "search.trials_before": str(before)})
+        if not to_go:
+            log.info("nothing to run: the study has its %d trials; raise hydra.sweeper.n_trials for more, or name a "
+                     "new study with hydra.sweeper.study_name", self.n_trials)
         identity = [f"sweep.study={_quoted(self.study_name)}", f"sweep.storage={_quoted(storage)}"]
         returns, ended = [], {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
         while to_go > 0:
