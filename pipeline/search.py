@@ -35,6 +35,14 @@ PRUNER_ATTR = "pipeline.pruner"  # the study's user attribute that tells each jo
 PRUNED_ATTR = "pruned_at_epoch"  # the trial's user attribute a job sets when its pruner stopped it
 
 
+def register() -> None:
+    """Make the sweeper known to Hydra also where Hydra's scan of the hydra_plugins folders misses it: under
+    `pip install -e .` the namespace holds an import hook, not a folder (public API: Plugins.register)."""
+    from hydra_plugins.pipeline_search import OptunaSweeper as Registered
+
+    Plugins.instance().register(Registered)
+
+
 def require_optuna():
     """The optuna module, or an ImportError that says how to install it."""
     try:
@@ -121,7 +129,7 @@ class OptunaSweeper(Sweeper):
     names hydra_plugins.pipeline_search.OptunaSweeper, this class under that name."""
 
     def __init__(self, direction: str = "maximize", study_name: str = "imdb-sentiment", storage: Optional[str] = None,
-                 n_trials: int = 20, n_jobs: int = 1, sampler: Any = None, pruner: Optional[str] = "median",
+                 n_trials: int = 20, n_jobs: int = 1, sampler: Optional[DictConfig] = None, pruner: Optional[str] = "median",
                  pruners: Optional[DictConfig] = None, params: Optional[DictConfig] = None) -> None:
         for setting, number in (("n_trials", n_trials), ("n_jobs", n_jobs)):
             if not isinstance(number, int) or number < 1:
@@ -155,11 +163,14 @@ class OptunaSweeper(Sweeper):
             raise ValueError("hydra.sweeper.params: nothing to search; give e.g. build.hidden_units: choice(8, 16, 32)")
         storage = self.storage or default_storage(config.tracking_uri(config.load(self.config).tracking))
         pruner = make_pruner(optuna, self.pruner, self.pruner_arguments)
-        # Hydra instantiates the sweeper's nested _target_ nodes with it: `sampler` is an Optuna sampler already
-        sampler = instantiate(self.sampler) if isinstance(self.sampler, DictConfig) else self.sampler
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
-        study = optuna.create_study(study_name=self.study_name, storage=storage, sampler=sampler, pruner=pruner,
-                                    direction=self.direction, load_if_exists=True)
+        existing = optuna.create_study(study_name=self.study_name, storage=storage, direction=self.direction,
+                                       load_if_exists=True).get_trials(deepcopy=False)
+        # A resumed study must not draw its first trials again: a seeded sampler goes on from seed + trials so far
+        sampler = OmegaConf.to_container(self.sampler or {"_target_": "optuna.samplers.TPESampler"}, resolve=True)
+        if sampler.get("seed") is not None:
+            sampler["seed"] += len(existing)
+        study = optuna.load_study(study_name=self.study_name, storage=storage, sampler=instantiate(sampler), pruner=pruner)
         study.set_user_attr(PRUNER_ATTR, {"name": self.pruner, "arguments": self.pruner_arguments})
         for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             # Left RUNNING by a search that was stopped (Ctrl-C, a crash): it did not finish, and is run anew.
