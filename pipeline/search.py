@@ -54,14 +54,22 @@ def require_optuna():
 
 
 def check(sweeper: DictConfig) -> None:
-    """Before a sweep opens its parent run: stop if it is this Optuna search and Optuna is missing."""
+    """Before a sweep opens its parent run: if it is this Optuna search, that Optuna is installed and the
+    sweeper's settings (numbers, pruner and its arguments, the search space) are usable."""
     if str(sweeper.get("_target_", "")).endswith(".pipeline_search.OptunaSweeper"):
-        require_optuna()
+        optuna = require_optuna()
+        searching = OptunaSweeper(**{key: value for key, value in sweeper.items() if not str(key).startswith("_")})
+        make_pruner(optuna, searching.pruner, searching.pruner_arguments)
+        search_space([f"{key}={value}" for key, value in (searching.params or {}).items()])
 
 
-def default_storage(tracking_uri: str) -> str:
-    """Where the study is kept unless hydra.sweeper.storage says: optuna.db beside a SQLite tracking store
-    (mlflow.db), else in the working directory, as mlflow.db would be."""
+def storage_url(storage: Optional[str], tracking_uri: str) -> str:
+    """Where the study is kept: hydra.sweeper.storage as a database URL, or a file path for a SQLite file;
+    by default optuna.db beside a SQLite tracking store (mlflow.db), else in the working directory."""
+    if storage and "://" in storage:
+        return storage
+    if storage:
+        return f"sqlite:///{Path(storage).resolve()}"
     if tracking_uri.startswith("sqlite:///"):
         folder = Path(tracking_uri.split("?", 1)[0].removeprefix("sqlite:///")).resolve().parent
     else:
@@ -139,6 +147,8 @@ class OptunaSweeper(Sweeper):
         self.direction, self.study_name, self.storage = direction, study_name, storage
         self.n_trials, self.n_jobs, self.sampler, self.params = n_trials, n_jobs, sampler, params
         self.pruner = pruner or "none"
+        if self.pruner not in PRUNERS:
+            raise ValueError(f"hydra.sweeper.pruner={self.pruner!r} is not allowed: one of {', '.join(PRUNERS)}")
         chosen = (pruners or {}).get(self.pruner)
         self.pruner_arguments = OmegaConf.to_container(chosen, resolve=True) if chosen is not None else {}
         self.config: Optional[DictConfig] = None
@@ -161,7 +171,7 @@ class OptunaSweeper(Sweeper):
         space, fixed = search_space(params + list(arguments))
         if not space:
             raise ValueError("hydra.sweeper.params: nothing to search; give e.g. build.hidden_units: choice(8, 16, 32)")
-        storage = self.storage or default_storage(config.tracking_uri(config.load(self.config).tracking))
+        storage = storage_url(self.storage, config.tracking_uri(config.load(self.config).tracking))
         pruner = make_pruner(optuna, self.pruner, self.pruner_arguments)
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
         existing = optuna.create_study(study_name=self.study_name, storage=storage, direction=self.direction,
