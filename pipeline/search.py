@@ -79,7 +79,7 @@ def storage_url(storage: Optional[str], tracking_uri: str) -> str:
 
 def distribution(override: Override):
     """A swept override as an Optuna distribution: choice -> categorical; range -> int (or float) with its
-    step; interval -> uniform over [start, end] (int when both ends are whole), tag(log, ...) log-uniform."""
+    step; interval -> uniform float over [start, end] (Hydra reads its ends as floats), tag(log, ...) log-uniform."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     value, line = override.value(), override.input_line
@@ -93,10 +93,7 @@ def distribution(override: Override):
         kind = IntDistribution if whole else FloatDistribution
         return kind(values[0], values[0] + value.step * (len(values) - 1), step=value.step)
     if override.is_interval_sweep():
-        logarithmic = "log" in value.tags
-        if isinstance(value.start, int) and isinstance(value.end, int):
-            return IntDistribution(value.start, value.end, log=logarithmic)
-        return FloatDistribution(float(value.start), float(value.end), log=logarithmic)
+        return FloatDistribution(float(value.start), float(value.end), log="log" in value.tags)
     raise ValueError(f"{line}: an Optuna search takes choice(...), range(...), interval(...) or "
                      "tag(log, interval(...)), e.g. build.learning_rate=tag(log, interval(0.0003, 0.01))")
 
