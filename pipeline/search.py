@@ -268,8 +268,11 @@ def report_to_study(settings: config.SweepConfig) -> list:
     chosen = storage.get_study_user_attrs(study_id).get(PRUNER_ATTR, {})
     pruner = make_pruner(optuna, chosen.get("name"), chosen.get("arguments", {}))
     study = optuna.load_study(study_name=settings.study, storage=storage, pruner=pruner)
-    trial = optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, settings.trial))
-    number = settings.trial
+    trial_id, number = storage.get_trial_id_from_study_id_trial_number(study_id, settings.trial), settings.trial
+    if storage.get_trial(trial_id).state.is_finished():  # a trial's settings run again by hand, outside its search
+        log.warning("trial %d of study %s has ended: this run does not report to it", number, settings.study)
+        return []
+    trial = optuna.trial.Trial(study, trial_id)
 
     class ReportToStudy(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
