@@ -206,7 +206,7 @@ class OptunaSweeper(Sweeper):
             returns.extend(launched)
             to_go -= len(trials)
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-        sweeps.tag_search({"search.trials": str(done), "search.pruned": str(ended["PRUNED"])})
+        sweeps.tag_search({"search.trials": str(done), "search.pruned_trials": str(ended["PRUNED"])})
         log.info("Optuna study %s: %d completed, %d pruned, %d failed in this search; %d of %d trials done",
                  self.study_name, ended["COMPLETE"], ended["PRUNED"], ended["FAIL"], done, self.n_trials)
         self._save_best(study)

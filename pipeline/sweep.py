@@ -88,7 +88,7 @@ class SweepCallback(Callback):
         hydra_cfg = config.hydra
         try:
             self.settings = load(config)
-            search.check(hydra_cfg.sweeper)  # an Optuna search without Optuna stops here, before a parent run opens
+            search.check(hydra_cfg.sweeper)  # an Optuna search without Optuna (or bad settings): stop before the parent
             axes = sweep_axes(hydra_cfg)
             self.parent, experiment_id = sweeps.open_sweep_parent(self.settings, axes, str(hydra_cfg.sweep.dir))
         except Exception as error:  # Hydra would only warn and run the jobs untracked as a sweep: stop instead
