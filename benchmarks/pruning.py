@@ -8,7 +8,8 @@ working folder (a temporary one unless --workdir), with the same sampler seed: w
 runs first, so that it, not the unpruned one, pays for the cold data cache; XLA's compilation cache is off
 in both (fit.compile_cache=false), so that every trial compiles its own programs alike. Printed per search:
 trials, pruned, epochs trained, training seconds (the children's `seconds.fit` summed; "epochs 2+": their
-epochs after the first, which holds the compilation), the command's wall seconds, the best validation accuracy. Extra overrides after `--` go to both searches (e.g. hydra.sweeper.pruners.median.n_startup_trials=3).
+epochs after the first, which holds the compilation), the command's wall seconds, the best validation
+accuracy. Overrides after `--` go to both searches (e.g. hydra.sweeper.pruners.median.n_startup_trials=3).
 """
 
 from __future__ import annotations
