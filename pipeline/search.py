@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import socket
 from pathlib import Path
 from typing import Any, Optional
 
@@ -263,6 +264,10 @@ def report_to_study(settings: config.SweepConfig) -> list:
     optuna = require_optuna()
     from pipeline.tracking import sweeps
 
+    database = settings.storage.split("?", 1)[0].removeprefix("sqlite:///")
+    if settings.storage.startswith("sqlite:///") and not Path(database).exists():  # a worker of another machine
+        raise FileNotFoundError(f"the Optuna study's file {database} is not on {socket.gethostname()}: give "
+                                "hydra.sweeper.storage a database URL that every worker reaches (docs/search.md)")
     storage = _storage(settings.storage)
     study_id = storage.get_study_id_from_name(settings.study)
     chosen = storage.get_study_user_attrs(study_id).get(PRUNER_ATTR, {})
