@@ -26,10 +26,11 @@ import hydra  # noqa: E402 - after the handlers, so that a Ctrl-C during the imp
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from pipeline import config, sweep  # noqa: E402
+from pipeline import config, search, sweep  # noqa: E402
 from pipeline.console import CONSOLE  # noqa: E402
 
 sweep.register()
+search.register()  # hydra/sweeper=optuna: our sweeper (pipeline/search.py), also from an editable install
 log = logging.getLogger("pipeline")
 
 

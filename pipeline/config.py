@@ -1,9 +1,8 @@
 """Typed configuration: one dataclass per stage, plus where runs are recorded.
 
-The YAML files under ``conf/`` fill these schemas (registered with Hydra by pipeline.sweep, the one
-module that knows Hydra); ``load(cfg)`` turns the composed config into a ``PipelineConfig`` and
-``validate()`` rejects values a run cannot use, before any data is read. Defaults are the tutorial's
-("Text classification with movie reviews", TensorFlow docs).
+The YAML files under ``conf/`` fill these schemas (registered with Hydra by pipeline.sweep); ``load(cfg)``
+turns the composed config into a ``PipelineConfig`` and ``validate()`` rejects values a run cannot use,
+before any data is read. Defaults are the tutorial's ("Text classification with movie reviews", TensorFlow docs).
 """
 
 from __future__ import annotations
@@ -181,10 +180,13 @@ class SweepConfig:
     threads: Optional[int] = None  # TensorFlow threads per job; null: TensorFlow's choice (all cores)
     resume: Optional[str] = None  # a sweep's parent run id: continue it, skipping jobs that already finished
     champion_alias: Optional[str] = "champion"  # with evaluate.registered_model_name: alias of the best job's version
+    trial: Optional[int] = None  # set by the Optuna sweeper (pipeline/search.py): the job is this trial of `study`,
+    study: Optional[str] = None  # kept in `storage`, to which it reports each epoch, so that a pruner can stop it
+    storage: Optional[str] = None
 
     def validate(self) -> None:
-        if self.threads is not None:
-            _positive("sweep.threads", self.threads)
+        _require(self.threads is None or (isinstance(self.threads, int) and self.threads > 0), "sweep.threads",
+                 self.threads, "use a whole number above 0")
 
 
 @dataclass

@@ -25,6 +25,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pipeline import search
 from pipeline.config import EXPERIMENT, PARENT_RUN, PipelineConfig, flatten, load, tracking_uri
 from pipeline.console import CONSOLE
 from pipeline.resume import as_recorded, describe, resume_command
@@ -158,6 +159,7 @@ class SweepCallback(Callback):
         directory = os.getcwd()  # (hydra.job.chdir is false: where the user ran the command)
         try:
             self.settings = absolute(load(config), directory)
+            search.check(hydra_cfg.sweeper)  # an Optuna search without Optuna (or bad settings): stop before the parent
             axes = self.axes = sweep_axes(hydra_cfg)
             self.parent, experiment_id = sweeps.open_sweep_parent(self.settings, axes, str(hydra_cfg.sweep.dir))
         except Exception as error:  # Hydra would only warn and run the jobs untracked as a sweep: stop instead

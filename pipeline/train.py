@@ -22,7 +22,7 @@ import sys
 from contextlib import contextmanager
 from typing import Any
 
-from pipeline import build, evaluate, fit, tracking
+from pipeline import build, evaluate, fit, search, tracking
 from pipeline.console import stage
 from pipeline.cache import Prepared, clocked, prepare
 from pipeline.config import PipelineConfig
@@ -114,8 +114,9 @@ def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
             stage("build", seconds["build"], f"{model.count_params():,} parameters")
             objects.update(encoded=data.encoded, model=model)
             if "fit" in cfg.stages:
+                search_trial = search.report_to_study(cfg.sweep)  # in an Optuna search: report each epoch, be pruned
                 with clocked(seconds, "fit"):
-                    fitted = fit.fit(model, data.encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger()])
+                    fitted = fit.fit(model, data.encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger(), *search_trial])
                 run.fitted(fitted)
                 objects["fitted"] = fitted
                 done = fitted.summary()

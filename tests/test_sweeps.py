@@ -1,4 +1,4 @@
-"""Sweeps as a user runs them: multirun, `mlflow run -e`, parallel jobs, a failing job, Optuna."""
+"""Sweeps as a user runs them: multirun, `mlflow run -e`, parallel jobs, a failing job, an Optuna search."""
 
 from __future__ import annotations
 
@@ -163,27 +163,53 @@ def test_a_job_with_an_invalid_setting_is_a_failed_child(tiny_archive, tmp_path)
                for c in children if c.info.status == "FAILED")
 
 
-def test_optuna_search_records_trials_as_children(tiny_archive, tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "-m", "experiment=optuna_search", *tiny_overrides(tiny_archive, tmp_path),
-         "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+def optuna_search(tmp_path: Path, archive: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """experiment=optuna_search on tiny data, with a median pruner that judges from the first finished trial
+    and the first epoch: a learning rate of 0.03 or 0.00001 makes trials that differ at epoch 1."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "-m", "experiment=optuna_search", *tiny_overrides(archive, tmp_path),
+         "fit.epochs=6", "build.learning_rate=choice(0.03, 0.00001)", "hydra.sweeper.pruners.median.n_startup_trials=1",
+         "hydra.sweeper.pruners.median.n_warmup_steps=0", *overrides, f"hydra.sweep.dir={tmp_path / 'multirun'}"],
         cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, output(done)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    parent, children = sweep_runs(uri)
-    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
-    assert "choice(8, 16, 32, 64)" in parent.data.params["sweep.build.hidden_units"]
-    for child in children:
-        assert child.data.params["build.hidden_units"] in {"8", "16", "32", "64"}
-        assert 0.0 <= float(child.data.params["build.dropout_rate"]) <= 0.5
-        assert "hidden_units=" in child.info.run_name and "learning_rate=" in child.info.run_name
-    # the objective Optuna maximized is each job's best validation accuracy
-    import yaml
 
-    optimization = yaml.safe_load((tmp_path / "multirun" / "optimization_results.yaml").read_text())
-    client = MlflowClient(uri)
-    best = max(max(p.value for p in client.get_metric_history(c.info.run_id, "val_accuracy")) for c in children)
-    assert optimization["best_value"] == pytest.approx(best)
+
+def test_optuna_search_prunes_trials_and_resumes_its_study(tiny_archive, tmp_path):
+    optuna = pytest.importorskip("optuna")
+    first = optuna_search(tmp_path, tiny_archive, "hydra.sweeper.n_trials=3")
+    assert first.returncode == 0, output(first)
+    # the same command, asking the study for 5 trials: only the 2 it lacks run, under a new parent
+    second = optuna_search(tmp_path, tiny_archive, "hydra.sweeper.n_trials=5")
+    assert second.returncode == 0, output(second)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("imdb-sentiment")
+    every = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in every if r.data.tags.get("sweep.parent") == "true"]
+    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+    assert "choice(8, 16, 32, 64)" in parents[0].data.params["sweep.build.hidden_units"]
+    trials = {}
+    for parent, expected in zip(parents, ({"0", "1", "2"}, {"3", "4"})):
+        assert parent.data.tags["search.study"] == "imdb-sentiment"
+        children = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert {c.data.tags["search.trial"] for c in children} == expected  # no finished trial ran again
+        trials.update({int(c.data.tags["search.trial"]): c for c in children})
+    assert len(every) == 2 + 5
+    assert parents[1].data.tags["search.trials_before"] == "3" and parents[1].data.tags["search.trials"] == "5"
+    # every trial, pruned or not, trained, was evaluated and ended FINISHED; a pruned one trained fewer epochs
+    assert all(c.info.status == "FINISHED" and "test_accuracy" in c.data.metrics for c in trials.values())
+    pruned = {n for n, c in trials.items() if c.data.tags["search.pruned"] == "true"}
+    assert pruned and pruned != set(trials)
+    for number, child in trials.items():
+        epochs = child.data.metrics["epochs_trained"]
+        assert (epochs < 6) if number in pruned else (epochs == 6), (number, epochs)
+        assert len(client.get_metric_history(child.info.run_id, "val_loss")) == epochs
+        assert child.data.params["build.learning_rate"] in {"0.03", "1e-05"}
+    # the study, read back as a user would with Optuna, agrees: 5 trials, the pruned ones PRUNED
+    study = optuna.load_study(study_name="imdb-sentiment", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = {t.number: t.state.name for t in study.trials}
+    assert states == {n: "PRUNED" if n in pruned else "COMPLETE" for n in range(5)}
+    best = max(max(p.value for p in client.get_metric_history(c.info.run_id, "val_accuracy"))
+               for n, c in trials.items() if n not in pruned)
+    assert study.best_value == pytest.approx(best)  # the objective is the job's best validation accuracy
 
 
 def test_ray_launcher_runs_the_sweep_on_a_local_ray_instance(tiny_archive, tmp_path):

@@ -222,3 +222,12 @@ def promote(client, parent_run_id: str, run_id: str, alias: str) -> None:
     client.set_registered_model_alias(version.name, alias, version.version)
     client.set_tag(parent_run_id, "sweep.champion", f"models:/{version.name}@{alias} -> version {version.version}")
     log.info("models:/%s@%s now serves version %s (run %s)", version.name, alias, version.version, run_id)
+
+
+def tag_search(tags: dict[str, str], active: bool = False) -> None:
+    """An Optuna search's tags (pipeline.search): on a trial's own run (`active`), else on the sweep's parent."""
+    with SIGNALS.held():
+        if active:
+            mlflow.set_tags(tags)
+        elif os.environ.get(PARENT_RUN):
+            mlflow.MlflowClient().log_batch(os.environ[PARENT_RUN], tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
