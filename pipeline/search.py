@@ -37,13 +37,14 @@ PRUNED_ATTR = "pruned_at_epoch"  # the trial's user attribute a job sets when it
 
 
 def register() -> None:
-    """Make the sweeper known to Hydra (public API: Plugins.register). Hydra builds a sweeper only when its
-    class's name starts with `hydra_plugins.` (Plugins.is_in_toplevel_plugins_module); the project keeps no
-    top-level hydra_plugins folder, so `python -m pipeline` registers OptunaSweeper under that name, which
-    conf/hydra/sweeper/optuna.yaml gives as its _target_."""
-    named = type("OptunaSweeper", (OptunaSweeper,), {"__module__": "hydra_plugins.pipeline_search",
-                                                      "__doc__": OptunaSweeper.__doc__})
-    Plugins.instance().register(named)
+    """Make the sweeper known to Hydra where its scan of the hydra_plugins folders misses it: under
+    `pip install -e .` the namespace holds an import hook, not a folder (public API: Plugins.register).
+    Without the project installed (pyproject.toml maps pipeline/hydra_plugin there) there is nothing to register."""
+    try:
+        from hydra_plugins.pipeline_search import OptunaSweeper as Registered
+    except ImportError:
+        return
+    Plugins.instance().register(Registered)
 
 
 def require_optuna():
