@@ -8,26 +8,43 @@ takes the overrides as one string, which is how `mlflow run` passes them (see ML
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import shlex
+import signal
 import sys
+import traceback
 
+from pipeline.collection import COLLECTION
 from pipeline.signals import SIGNALS
 
-# From the first moment, Ctrl-C and SIGTERM wait until the run is open, then end it KILLED.
-SIGNALS.install(held=True)
-# The libraries' imports make millions of objects and no garbage: no collection until TensorFlow is
-# loaded, when train() freezes what is there and turns collection on again (freeze_gc).
-gc.disable()
+if __name__ == "__main__":  # the command line owns its process: set up before the libraries load
+    SIGNALS.install()  # Ctrl-C and SIGTERM end the run KILLED; before a run is open they just stop the program
+    COLLECTION.pause()  # until TensorFlow is loaded (freeze_gc), or the settings say freeze_gc=false
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact clutters logs
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra hands errors on; the end of this file reports them
 
-import hydra  # noqa: E402 - after the handlers, so that a Ctrl-C during the imports is not lost
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
 
-from pipeline import config, sweep  # noqa: E402
-from pipeline.console import CONSOLE  # noqa: E402
+def stopped(error: KeyboardInterrupt) -> None:
+    """The process ends on an interrupt: one line (the run's end said what it kept), exit 128 + the signal."""
+    SIGNALS.ended()  # the signal has reached the top: nothing sends it again
+    signum = getattr(error, "signum", signal.SIGINT)
+    if not getattr(error, "reported", False):  # no run was open: nothing recorded
+        print(f"{signal.Signals(signum).name}: stopped before a run was recorded", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
+
+
+try:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import CompactHydraException
+    from omegaconf import DictConfig
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pipeline import config, sweep
+    from pipeline.console import CONSOLE
+except KeyboardInterrupt as interrupt:  # a Ctrl-C while the libraries load
+    stopped(interrupt)
 
 sweep.register()
 log = logging.getLogger("pipeline")
@@ -37,7 +54,7 @@ def ready(settings: config.PipelineConfig) -> config.PipelineConfig:
     """A job's settings, once loaded: its console, and collection back on unless freeze_gc."""
     CONSOLE.install(settings.verbose)
     if not settings.freeze_gc:
-        gc.enable()
+        COLLECTION.resume(freeze=False)
     return settings
 
 
@@ -80,10 +97,27 @@ def expand_overrides(argv: list[str]) -> list[str]:
     return argv[:at] + shlex.split(argv[at + 1]) + argv[at + 2:]
 
 
+# What a user can get wrong (a setting, a path, the tracking server): its message, once, without a traceback
+# (the run's logs/run.log keeps it; verbose=true shows it).
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ConnectionError, CompactHydraException,
+               OmegaConfBaseException)
+
+
+def report(error: BaseException) -> None:
+    message = str(error)
+    if isinstance(error, CompactHydraException) and isinstance(error.__cause__, OmegaConfBaseException):
+        message += f"\n{error.__cause__}"  # (what Hydra itself prints for a config error)
+    if getattr(CONSOLE, "verbose", "verbose=true" in sys.argv):
+        traceback.print_exception(error)
+    print(f"{type(error).__name__}: {message}", file=sys.stderr, flush=True)
+
+
 if __name__ == "__main__":
     sys.argv = expand_overrides(sys.argv)
     try:
         main()
-    except KeyboardInterrupt:
-        SIGNALS.ended()  # the signal has reached the top: the process ends on it, nothing sends it again
-        raise
+    except KeyboardInterrupt as interrupt:
+        stopped(interrupt)
+    except USER_ERRORS as error:
+        report(error)
+        sys.exit(1)
