@@ -8,6 +8,7 @@ takes the overrides as one string, which is how `mlflow run` passes them (see ML
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shlex
@@ -50,6 +51,39 @@ sweep.register()
 log = logging.getLogger("pipeline")
 
 
+# What a user can get wrong (a setting, a path, the tracking server): its message, once, without a traceback
+# (the run's logs/run.log keeps it; verbose=true shows it).
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ConnectionError, CompactHydraException,
+               OmegaConfBaseException)
+FAILED: list[BaseException] = []  # the single run's user error, if any
+
+
+def report(error: BaseException) -> None:
+    message = str(error)
+    if isinstance(error, CompactHydraException) and isinstance(error.__cause__, OmegaConfBaseException):
+        message += f"\n{error.__cause__}"  # (what Hydra itself prints for a config error)
+    if getattr(CONSOLE, "verbose", "verbose=true" in sys.argv):
+        traceback.print_exception(error)
+    else:
+        print(f"{type(error).__name__}: {message}", file=sys.stderr, flush=True)
+
+
+def reported(task):
+    """A single run's user error becomes the task's outcome, reported once by the end of this file (raised
+    through Hydra, it would come after a line listing every override). A sweep's jobs handle their own."""
+    @functools.wraps(task)
+    def job(cfg):
+        try:
+            return task(cfg)
+        except USER_ERRORS as error:
+            if os.environ.get(config.PARENT_RUN):
+                raise
+            FAILED.append(error)
+            return None
+
+    return job
+
+
 def ready(settings: config.PipelineConfig) -> config.PipelineConfig:
     """A job's settings, once loaded: its console, and collection back on unless freeze_gc."""
     CONSOLE.install(settings.verbose)
@@ -59,6 +93,7 @@ def ready(settings: config.PipelineConfig) -> config.PipelineConfig:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@reported
 def main(cfg: DictConfig) -> float | None:
     from pipeline.train import train
 
@@ -97,27 +132,14 @@ def expand_overrides(argv: list[str]) -> list[str]:
     return argv[:at] + shlex.split(argv[at + 1]) + argv[at + 2:]
 
 
-# What a user can get wrong (a setting, a path, the tracking server): its message, once, without a traceback
-# (the run's logs/run.log keeps it; verbose=true shows it).
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ConnectionError, CompactHydraException,
-               OmegaConfBaseException)
-
-
-def report(error: BaseException) -> None:
-    message = str(error)
-    if isinstance(error, CompactHydraException) and isinstance(error.__cause__, OmegaConfBaseException):
-        message += f"\n{error.__cause__}"  # (what Hydra itself prints for a config error)
-    if getattr(CONSOLE, "verbose", "verbose=true" in sys.argv):
-        traceback.print_exception(error)
-    print(f"{type(error).__name__}: {message}", file=sys.stderr, flush=True)
-
-
 if __name__ == "__main__":
     sys.argv = expand_overrides(sys.argv)
     try:
         main()
     except KeyboardInterrupt as interrupt:
         stopped(interrupt)
-    except USER_ERRORS as error:
-        report(error)
+    except USER_ERRORS as error:  # a config error, found before the job
+        FAILED.append(error)
+    if FAILED:
+        report(FAILED[0])
         sys.exit(1)

@@ -153,7 +153,7 @@ class TrackedRun:
                  run.info.experiment_id, config.redact("uri", uri))
         return self
 
-    def __exit__(self, kind, error, traceback) -> bool:
+    def __exit__(self, kind, error, tb) -> bool:
         status = "FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
         if status == "KILLED":
             SIGNALS.ended()

@@ -29,10 +29,13 @@ class Epochs:
     """Not MLflow's async logging: its threads outlive the run, and it needs a process-wide environment
     variable to end a run promptly; a library must leave both as it found them."""
 
+    INTERVAL = 1.0  # seconds of epochs written in one request (one a few milliseconds long would cost more)
+
     def __init__(self, uri: str, run_id: str, pipe):
         self.client, self.run_id, self.pipe = MlflowClient(uri), run_id, pipe
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.writer: threading.Thread | None = None
+        self.closing = threading.Event()
         self.recorded = 0  # epochs handed over: in the store once `close` has returned
         self.unwritten: list[Metric] = []  # refused by the store: tried again at the end
 
@@ -61,25 +64,26 @@ class Epochs:
 
     def _write(self) -> None:
         while True:
-            batches = [self.queue.get()]
-            while not self.queue.empty():  # whatever queued meanwhile, in one request
-                batches.append(self.queue.get())
-            metrics = [metric for batch in batches if batch is not None for metric in batch]
+            closing = self.closing.wait(self.INTERVAL)  # at once when the run ends
+            metrics = []
+            while not self.queue.empty():
+                metrics += self.queue.get()
             if metrics:
                 try:
                     self.client.log_batch(self.run_id, metrics=metrics)
                 except Exception as error:  # (MLflow's client has retried already)
                     log.warning("%d epoch values not written yet (%s); trying again at the run's end", len(metrics), error)
                     self.unwritten.extend(metrics)
-            if None in batches:
+            if closing:
                 return
 
     def close(self) -> None:
         """Every epoch recorded so far is in the store (or a warning says which could not be)."""
         if self.writer is not None:
-            self.queue.put(None)
+            self.closing.set()
             self.writer.join()
             self.writer = None
+            self.closing.clear()
         if self.unwritten:
             try:
                 self.client.log_batch(self.run_id, metrics=self.unwritten)
