@@ -42,6 +42,7 @@ PACKAGES = ("tensorflow", "keras", "mlflow", "hydra-core", "numpy", "pandas")
 # Made-up reviews, so that no part of the data set is copied into the model's metadata.
 INPUT_EXAMPLE = ["A moving story with wonderful acting; I would watch it again.",
                  "Dull, far too long, and the plot makes no sense at all.<br /><br />Skip it."]
+MLFLOW_ENVIRONMENT = ("MLFLOW_", "_MLFLOW_")  # MLflow's fluent API sets and clears some of these as it goes
 HEADLINE = ("test_accuracy", "test_loss", "best_val_loss", "best_val_loss_epoch", "epochs_trained")
 
 
@@ -120,12 +121,16 @@ class TrackedRun:
         self.headline: dict[str, float] = {}  # what the closing log line reports
         self.watchdog: subprocess.Popen | None = None
         self.epochs: Epochs | None = None
+        self.environment: dict[str, str] = {}  # MLflow's environment variables as the run found them
 
     def __enter__(self) -> "TrackedRun":
         first = TrackedRun.first_in_process and not os.environ.get(PARENT_RUN)  # a sweep's jobs start later
         start = pipeline.STARTED if first else time.time()
         self.log_from = 0 if first else CONSOLE.offset()  # the first run's log is the process's from its start
         TrackedRun.first_in_process = False
+        self.environment = {key: value for key, value in os.environ.items() if key.startswith(MLFLOW_ENVIRONMENT)}
+        # (a progress bar per artifact clutters the terminal, and tqdm's monitor thread would outlive the run)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         try:
             with SIGNALS.held():  # a Ctrl-C now waits until the run exists, then ends it KILLED
                 uri = use(config.tracking_uri(self.cfg.tracking))
@@ -183,6 +188,9 @@ class TrackedRun:
                              ui_links(mlflow.get_tracking_uri(), self.experiment_id, self.run_id))
             if self.watchdog is not None:
                 self.watchdog.communicate(b"ended\n")  # the run has ended as it should: the watchdog leaves
+            for key in [key for key in os.environ if key.startswith(MLFLOW_ENVIRONMENT)]:
+                os.environ.pop(key)  # (set_tracking_uri and set_experiment export theirs for subprocesses)
+            os.environ.update(self.environment)
         return False  # a failing or interrupted run: its own exception propagates
 
     def _record_setup(self) -> None:
