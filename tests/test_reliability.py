@@ -29,10 +29,16 @@ def pipeline_command(tmp_path: Path, *overrides: str, env: dict | None = None, t
 
 # -- bad input: a clear error before expensive work, nothing half-written --------------------------------
 @pytest.mark.slow
-def test_invalid_setting_is_refused_before_data_or_tracking(tiny_archive, tmp_path):
-    done = pipeline_command(tmp_path, *tiny_overrides(tiny_archive, tmp_path), "build.hidden_units=0")
-    assert done.returncode != 0
-    assert "build.hidden_units=0 is not allowed" in done.stderr + done.stdout
+@pytest.mark.parametrize("mistake, message", [
+    ("build.hidden_units=0", "ValueError: build.hidden_units=0 is not allowed"),
+    ("fit.epoch=3", "Could not override 'fit.epoch'"),
+    ("ingest.path=missing.tar.gz", "FileNotFoundError: ingest.path='missing.tar.gz' does not exist")],
+    ids=["invalid-value", "unknown-key", "missing-path"])
+def test_a_users_mistake_is_refused_in_one_message_before_data_or_tracking(tiny_archive, tmp_path, mistake, message):
+    done = pipeline_command(tmp_path, *tiny_overrides(tiny_archive, tmp_path), mistake)
+    printed = done.stdout + done.stderr
+    assert done.returncode == 1 and printed.count(message) == 1, output(done)
+    assert "Traceback" not in printed and "Error executing job" not in printed
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "cache").exists()
 
 
@@ -41,8 +47,9 @@ def test_unreachable_tracking_server_fails_fast(tiny_archive, tmp_path):
     overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
     start = time.monotonic()
     done = pipeline_command(tmp_path, *overrides, f"tracking.uri=http://127.0.0.1:{free_port()}")
-    assert done.returncode != 0
-    assert "cannot reach the tracking server" in done.stderr + done.stdout
+    assert done.returncode == 1
+    assert (done.stderr + done.stdout).count("cannot reach the tracking server") == 1
+    assert "Traceback" not in done.stderr + done.stdout
     assert time.monotonic() - start < 60
     assert not (tmp_path / "cache").exists()  # no data was read
 
