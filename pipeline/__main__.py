@@ -16,10 +16,12 @@ import signal
 import sys
 import traceback
 
+import pipeline
 from pipeline.collection import COLLECTION
 from pipeline.signals import SIGNALS
 
 if __name__ == "__main__":  # the command line owns its process: set up before the libraries load
+    pipeline.COMMAND_LINE = True  # its first run starts with the process (pipeline.STARTED)
     SIGNALS.install()  # Ctrl-C and SIGTERM end the run KILLED; before a run is open they just stop the program
     COLLECTION.pause()  # until TensorFlow is loaded (freeze_gc), or the settings say freeze_gc=false
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact clutters logs

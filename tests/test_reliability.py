@@ -101,6 +101,7 @@ def test_train_in_a_program_changes_nothing_global_and_a_keyboard_interrupt_ends
     keras.layers.Dense(1)  # TensorFlow and Keras loaded, as a notebook would have them
     cfg = configure(*tiny_overrides(tiny_archive, tmp_path), "fit.jit_compile=true", "fit.epochs=5")
     found = process_state()
+    called = time.time()
     train(cfg)
     left = process_state()
     assert {key: value for key, value in left.items() if key != "descriptors"} == {
@@ -120,6 +121,7 @@ def test_train_in_a_program_changes_nothing_global_and_a_keyboard_interrupt_ends
     assert process_state() == left  # (a second call opens no descriptor either)
     frame = runs(uri)
     assert frame["status"].tolist() == ["FINISHED", "KILLED"]
+    assert MlflowClient(uri).get_run(frame.run_id[0]).info.start_time >= int(called * 1000)  # not when imported
     steps = [point.step for point in MlflowClient(uri).get_metric_history(frame.run_id[1], "val_loss")]
     assert steps == [1, 2, 3]
 

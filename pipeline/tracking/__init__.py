@@ -124,7 +124,9 @@ class TrackedRun:
         self.environment: dict[str, str] = {}  # MLflow's environment variables as the run found them
 
     def __enter__(self) -> "TrackedRun":
-        first = TrackedRun.first_in_process and not os.environ.get(PARENT_RUN)  # a sweep's jobs start later
+        # the first run of `python -m pipeline` starts with the process (a sweep's jobs later); in a notebook,
+        # a run starts when it is opened
+        first = pipeline.COMMAND_LINE and TrackedRun.first_in_process and not os.environ.get(PARENT_RUN)
         start = pipeline.STARTED if first else time.time()
         self.log_from = 0 if first else CONSOLE.offset()  # the first run's log is the process's from its start
         TrackedRun.first_in_process = False
