@@ -8,41 +8,95 @@ takes the overrides as one string, which is how `mlflow run` passes them (see ML
 
 from __future__ import annotations
 
-import gc
+import functools
 import logging
 import os
 import shlex
+import signal
 import sys
+import traceback
 
+import pipeline
+from pipeline.collection import COLLECTION
 from pipeline.signals import SIGNALS
 
-# From the first moment, Ctrl-C and SIGTERM wait until the run is open, then end it KILLED.
-SIGNALS.install(held=True)
-# The libraries' imports make millions of objects and no garbage: no collection until TensorFlow is
-# loaded, when train() freezes what is there and turns collection on again (freeze_gc).
-gc.disable()
+if __name__ == "__main__":  # the command line owns its process: set up before the libraries load
+    pipeline.COMMAND_LINE = True  # its first run starts with the process (pipeline.STARTED)
+    SIGNALS.install()  # Ctrl-C and SIGTERM end the run KILLED; before a run is open they just stop the program
+    COLLECTION.pause()  # until TensorFlow is loaded (freeze_gc), or the settings say freeze_gc=false
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact clutters logs
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra hands errors on; the end of this file reports them
 
-import hydra  # noqa: E402 - after the handlers, so that a Ctrl-C during the imports is not lost
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
 
-from pipeline import config, search, sweep  # noqa: E402
-from pipeline.console import CONSOLE  # noqa: E402
+def stopped(error: KeyboardInterrupt) -> None:
+    """The process ends on an interrupt: one line (the run's end said what it kept), exit 128 + the signal."""
+    SIGNALS.ended()  # the signal has reached the top: nothing sends it again
+    signum = getattr(error, "signum", signal.SIGINT)
+    if not getattr(error, "reported", False):  # no run was open: nothing recorded
+        print(f"{signal.Signals(signum).name}: stopped before a run was recorded", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
+
+
+try:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import CompactHydraException
+    from omegaconf import DictConfig
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pipeline import config, search, sweep
+    from pipeline.console import CONSOLE
+except KeyboardInterrupt as interrupt:  # a Ctrl-C while the libraries load
+    stopped(interrupt)
 
 sweep.register()
 search.register()  # hydra/sweeper=optuna: our sweeper (pipeline/search.py), also from an editable install
 log = logging.getLogger("pipeline")
 
 
+# What a user can get wrong (a setting, a path, the tracking server): its message, once, without a traceback
+# (the run's logs/run.log keeps it; verbose=true shows it).
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ConnectionError, CompactHydraException,
+               OmegaConfBaseException)
+FAILED: list[BaseException] = []  # the single run's user error, if any
+
+
+def report(error: BaseException) -> None:
+    message = str(error)
+    if isinstance(error, CompactHydraException) and isinstance(error.__cause__, OmegaConfBaseException):
+        message += f"\n{error.__cause__}"  # (what Hydra itself prints for a config error)
+    if getattr(CONSOLE, "verbose", "verbose=true" in sys.argv):
+        traceback.print_exception(error)
+    else:
+        print(f"{type(error).__name__}: {message}", file=sys.stderr, flush=True)
+
+
+def reported(task):
+    """A single run's user error becomes the task's outcome, reported once by the end of this file (raised
+    through Hydra, it would come after a line listing every override). A sweep's jobs handle their own."""
+    @functools.wraps(task)
+    def job(cfg):
+        try:
+            return task(cfg)
+        except USER_ERRORS as error:
+            if os.environ.get(config.PARENT_RUN):
+                raise
+            FAILED.append(error)
+            return None
+
+    return job
+
+
 def ready(settings: config.PipelineConfig) -> config.PipelineConfig:
     """A job's settings, once loaded: its console, and collection back on unless freeze_gc."""
     CONSOLE.install(settings.verbose)
     if not settings.freeze_gc:
-        gc.enable()
+        COLLECTION.resume(freeze=False)
     return settings
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@reported
 def main(cfg: DictConfig) -> float | None:
     from pipeline.train import train
 
@@ -85,6 +139,10 @@ if __name__ == "__main__":
     sys.argv = expand_overrides(sys.argv)
     try:
         main()
-    except KeyboardInterrupt:
-        SIGNALS.ended()  # the signal has reached the top: the process ends on it, nothing sends it again
-        raise
+    except KeyboardInterrupt as interrupt:
+        stopped(interrupt)
+    except USER_ERRORS as error:  # a config error, found before the job
+        FAILED.append(error)
+    if FAILED:
+        report(FAILED[0])
+        sys.exit(1)

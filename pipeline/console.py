@@ -6,7 +6,7 @@ XLA's start-up lines, MLflow's notices) goes to the log only; Python's standard 
 download's progress bar) goes to both; log records all go to the log, and to the terminal only the
 pipeline's and Hydra's own, and any library's errors. verbose=true leaves the terminal as the libraries
 make it (their C/C++ lines are then on the terminal only; the log keeps every log record). Installed by
-`python -m pipeline` at each job (not by tests that call train() themselves).
+`python -m pipeline` at each job, never by the library: `train(cfg)` from a notebook leaves standard error alone.
 """
 
 from __future__ import annotations
@@ -71,6 +71,11 @@ class Console:
                     shown.addFilter(calm)  # the pipeline's lines, plainly; on a terminal, over a progress bar
                     clear = "\r\x1b[K" if getattr(shown.stream, "isatty", lambda: False)() else ""  # (the worker's)
                     shown.setFormatter(logging.Formatter(clear + "%(message)s"))
+
+    def keep(self, text: str) -> None:
+        """Into the log only (the traceback of a run that failed or was interrupted: its terminal is spared it)."""
+        if self.path is not None:
+            self.full.write(text)
 
     def offset(self) -> int:
         """Where the log ends now: a run keeps the log from here."""

@@ -16,10 +16,11 @@ import platform
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import pandas as pd
 
@@ -80,14 +81,29 @@ def fit(model, data, cfg: FitConfig, seed: int, callbacks: Sequence = ()) -> Fit
     return Fitted(history=table, stopped_epoch=stopped, best_epoch=best)
 
 
-def use_compile_cache(cache_dir: str) -> Path | None:
-    """Point XLA's persistent compilation cache (a TensorFlow flag, read once when TensorFlow starts) at
-    `cache_dir`/xla/<kind of machine>: a run whose compiled programs were built before loads them
-    instead of compiling. The files are machine code, so the folder is named for the TensorFlow version
-    and the CPU's features. A flag the user set wins; after TensorFlow has started, nothing changes."""
-    flags = os.environ.get("TF_XLA_FLAGS", "")
-    if XLA_CACHE_FLAG in flags or "tensorflow" in sys.modules:
-        return None
+@contextmanager
+def compile_cache(cache_dir: str) -> Iterator[Path | None]:
+    """Inside, XLA's persistent compilation cache (a TensorFlow flag in TF_XLA_FLAGS) is
+    `cache_dir`/xla/<kind of machine>: a run whose compiled programs were built before loads them instead
+    of compiling. The files are machine code, so the folder is named for the TensorFlow version and the
+    CPU's features. TensorFlow reads the flag once, at its first compilation, so it must be set before that
+    and stays in force for the process; the environment variable is put back as it was at the end. A flag
+    the user set wins; once TensorFlow has started, nothing changes."""
+    flags = os.environ.get("TF_XLA_FLAGS")
+    folder = None if XLA_CACHE_FLAG in (flags or "") or "tensorflow" in sys.modules else _cache_folder(cache_dir)
+    if folder is not None:
+        os.environ["TF_XLA_FLAGS"] = f"{flags or ''} {XLA_CACHE_FLAG}={folder}".strip()
+    try:
+        yield folder
+    finally:
+        if folder is not None:
+            if flags is None:
+                os.environ.pop("TF_XLA_FLAGS", None)
+            else:
+                os.environ["TF_XLA_FLAGS"] = flags
+
+
+def _cache_folder(cache_dir: str) -> Path | None:
     kind = [platform.machine(), _cpuinfo(("flags", "Features")) or platform.processor()]
     for package in ("tensorflow-cpu", "tensorflow"):
         try:
@@ -100,7 +116,6 @@ def use_compile_cache(cache_dir: str) -> Path | None:
     except OSError as error:
         log.debug("no XLA compilation cache (%s)", error)
         return None
-    os.environ["TF_XLA_FLAGS"] = f"{flags} {XLA_CACHE_FLAG}={folder}".strip()
     return folder
 
 

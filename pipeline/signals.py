@@ -9,6 +9,10 @@ the sys.unraisablehook installed here keeps quiet), and C code that calls back i
 calling __eq__, an attribute check) may clear it. So a signal is sent again every REDELIVERY seconds,
 by a thread of its own, until a run has ended on it or `held` raised it (`ended`): a SIGTERM never leaves
 training running.
+
+Installed by `python -m pipeline` (the process is the command line's); `train(cfg)` called from a notebook or
+another program leaves signals alone: there a KeyboardInterrupt still ends the run KILLED. `installed()`
+sets them up for a block and puts back what it found.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import os
 import signal
 import sys
 import threading
-import time
 from contextlib import contextmanager
+from typing import Iterator
 
 
 class Interrupted(KeyboardInterrupt):
@@ -30,7 +34,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 class Signals:
-    """One per process (SIGNALS): installed once, from the start of `python -m pipeline` or of the first run."""
+    """One per process (SIGNALS): installed once, from the start of `python -m pipeline`."""
 
     REDELIVERY = 0.5  # seconds: long enough to end a run on the signal, short next to a user's patience
 
@@ -39,21 +43,44 @@ class Signals:
         self.pending: int | None = None
         self.received: int | None = None  # the signal no run has ended on yet
         self.previous_hook = None
+        self.previous_handlers: dict[int, object] = {}
         self.start_held = False
+        self.stop = threading.Event()
 
     def install(self, held: bool = False) -> None:
         """Turn SIGINT and SIGTERM into Interrupted from now on (once; in the main thread only). `held`:
         hold them until the first run is open (`release`), so that one from the first moments ends it KILLED."""
         if threading.current_thread() is not threading.main_thread() or self.previous_hook is not None:
             return
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._handle)
+        self.previous_handlers = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
         self.previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         self.holding += held
         self.start_held = held
+        self.stop.clear()
         # a polling thread, not a timer started by the handler: the handler may run while the main thread
         # holds any lock, so it takes none
-        threading.Thread(target=self._redeliver, name="signal-redelivery", daemon=True).start()
+        self.thread = threading.Thread(target=self._redeliver, name="signal-redelivery", daemon=True)
+        self.thread.start()
+
+    def uninstall(self) -> None:
+        """Put back the handlers and hook found by `install`, and stop the redelivery thread."""
+        if self.previous_hook is None:
+            return
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+        sys.unraisablehook, self.previous_hook = self.previous_hook, None
+        self.stop.set()
+        self.thread.join()
+        self.holding, self.pending, self.received, self.start_held = 0, None, None, False
+
+    @contextmanager
+    def installed(self) -> Iterator["Signals"]:
+        """SIGINT and SIGTERM as Interrupted inside the block only (a test, or a program of its own)."""
+        self.install()
+        try:
+            yield self
+        finally:
+            self.uninstall()
 
     def release(self) -> None:
         """The first run is open: a signal held since the start is raised now."""
@@ -67,8 +94,7 @@ class Signals:
         self.received = None
 
     def _redeliver(self) -> None:
-        while True:
-            time.sleep(self.REDELIVERY)
+        while not self.stop.wait(self.REDELIVERY):
             if (signum := self.received) is not None:
                 os.kill(os.getpid(), signum)
 

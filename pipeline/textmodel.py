@@ -250,7 +250,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-if "mlflow" in sys.modules:  # MLflow is loading this file as a model's code
+# MLflow loads a model's code by running this file as a module of its own, outside any package (models from
+# code); imported as part of the pipeline package it sets nothing.
+if not __package__ and "mlflow" in sys.modules:
     import mlflow.models
 
     mlflow.models.set_model(__getattr__("RawTextModel")())

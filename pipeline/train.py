@@ -6,40 +6,45 @@ MLflow; this module calls them in order and hands each product to the run (pipel
 place that speaks to MLflow). The run is opened first, so that what MLflow shows is what happened: its
 start is the process's, each epoch is recorded as it ends, and an interrupt ends it KILLED.
 
-Two speed switches live here, each measured with it off by `python -m pipeline.bench --ablate`:
-`prepare_ahead` (the data prepared in a worker process while TensorFlow loads) and `freeze_gc`
-(TensorFlow's objects left out of garbage collection). `stage_cache` is pipeline/cache.py's;
-`fit.loop` and `fit.compile_cache` are the fit's.
+One speed switch lives here, measured with it off by `python -m pipeline.bench --ablate`: `prepare_ahead`
+(the data prepared in a worker process while TensorFlow loads). `freeze_gc` is the command line's
+(pipeline/collection.py), `stage_cache` pipeline/cache.py's, `fit.loop` and `fit.compile_cache` the fit's.
+From a notebook: `train(configure("fit.epochs=10"))`; the process is left as it was found (no signal
+handler, environment variable or thread of its own stays behind).
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import multiprocessing
 import signal
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
-from pipeline import build, evaluate, fit, search, tracking
-from pipeline.console import stage
+from pipeline import build, config, evaluate, fit, ingest, search, tracking
 from pipeline.cache import Prepared, clocked, prepare
+from pipeline.collection import COLLECTION
 from pipeline.config import PipelineConfig
+from pipeline.console import stage
 
 log = logging.getLogger(__name__)
 
 
+def check(cfg: PipelineConfig) -> None:
+    """What can be found wrong before any work, TensorFlow or run: the data's path (unless it is to be
+    downloaded) and the tracking server. An error here records nothing."""
+    if cfg.ingest.source != "keras" and not (cfg.ingest.source == "archive" and cfg.ingest.download):
+        ingest.locate(cfg.ingest)  # FileNotFoundError naming ingest.path
+    config.check_reachable(config.tracking_uri(cfg.tracking))
+
+
 def start_tensorflow(cfg: PipelineConfig) -> None:
-    """Import TensorFlow (through Keras) as this run needs it: XLA's compilation cache and the thread
-    limits are read once, when TensorFlow starts; a later job in the same process keeps them."""
+    """Import TensorFlow (through Keras) as this run needs it: the thread limits are read once, when
+    TensorFlow starts; a later job in the same process keeps them."""
     fresh = "tensorflow" not in sys.modules
-    if cfg.fit.jit_compile and cfg.fit.compile_cache:
-        fit.use_compile_cache(cfg.cache_dir)
-    frozen = cfg.freeze_gc and fresh
-    if frozen:
-        gc.disable()  # nothing TensorFlow and Keras create at import is garbage: no collection meanwhile
-    try:  # (python -m pipeline turned collection off from the start, for the other imports too)
+    try:
         import tensorflow as tf
 
         if cfg.sweep.threads:
@@ -49,12 +54,13 @@ def start_tensorflow(cfg: PipelineConfig) -> None:
             except RuntimeError:
                 log.debug("TensorFlow already started; thread limits stay as they were")
         import keras  # noqa: F401
-    finally:
-        if frozen:
-            # ... and none of it is ever freed: out of the collector's sight, no collection walks it again
-            # (the one at exit took 3 s of every run). Once a process: later jobs' garbage is collected.
-            gc.freeze()
-        gc.enable()
+    finally:  # (only where python -m pipeline paused collection: freeze_gc)
+        COLLECTION.resume(freeze=fresh)
+
+
+def xla_cache(cfg: PipelineConfig):
+    """XLA's compiled programs kept in cache_dir while the run compiles (fit.compile_cache)."""
+    return fit.compile_cache(cfg.cache_dir) if cfg.fit.jit_compile and cfg.fit.compile_cache else nullcontext()
 
 
 @contextmanager
@@ -71,8 +77,6 @@ def preparing(cfg: PipelineConfig):
         return
     pool = multiprocessing.get_context("spawn").Pool(1, initializer=signal.signal,
                                                        initargs=(signal.SIGINT, signal.SIG_IGN))  # Ctrl-C is the run's
-    pending = pool.apply_async(prepare, (cfg,))
-    log.info("ingest, split, vectorize: in a worker process while TensorFlow loads")
 
     def result() -> Prepared:
         try:
@@ -81,6 +85,8 @@ def preparing(cfg: PipelineConfig):
             pool.terminate()
 
     try:
+        pending = pool.apply_async(prepare, (cfg,))
+        log.info("ingest, split, vectorize: in a worker process while TensorFlow loads")
         yield result
     finally:
         pool.terminate()
@@ -88,13 +94,14 @@ def preparing(cfg: PipelineConfig):
 
 def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Run the pipeline once, tracked. Returns (metrics, objects)."""
-    with preparing(cfg) as prepared, tracking.TrackedRun(cfg) as run:
+    check(cfg)
+    with preparing(cfg) as prepared, tracking.TrackedRun(cfg) as run, xla_cache(cfg):
         seconds: dict[str, float] = {}
         if "build" in cfg.stages:
             with clocked(seconds, "start_tensorflow"):
                 start_tensorflow(cfg)
             stage("start TensorFlow", seconds["start_tensorflow"])
-        gc.enable()  # (on already, unless cfg.stages ends before build)
+        COLLECTION.resume(freeze=False)  # (on already, unless cfg.stages ends before build)
         data = prepared()
         seconds.update(data.seconds)
         for line in data.lines():
@@ -141,3 +148,15 @@ def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
         finally:
             run.stage_seconds(seconds)
 
+
+def configure(*overrides: str) -> PipelineConfig:
+    """The settings `python -m pipeline OVERRIDES` would run with, for train() in a notebook or another
+    program: conf/ composed with the overrides (Hydra's syntax, e.g. "fit.epochs=10"), checked as the
+    command line checks them."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline import sweep
+
+    sweep.register()  # the schema that types every key
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return config.load(compose(config_name="config", overrides=list(overrides)))

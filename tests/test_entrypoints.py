@@ -140,60 +140,78 @@ def test_mlflow_run_local_env(tiny_archive, tmp_path):
     check_complete_run(uri, frame.run_id[0], epochs=2)
 
 
-def _training(tiny_archive, tmp_path) -> tuple[subprocess.Popen, MlflowClient, str]:
+FINISHED_EPOCH = re.compile(r"^\d+/\d+ - .*val_loss: ", re.MULTILINE)  # Keras's line for an epoch that ended
+
+
+def _training(tiny_archive, tmp_path) -> tuple[subprocess.Popen, MlflowClient, str, Path]:
     """`python -m pipeline` training for a very long time, once its run has recorded 3 epochs: the process,
-    a client of its store and the run's id."""
+    a client of its store, the run's id and the file that holds what it printed (unbuffered, as on a terminal)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = tiny_overrides(tiny_archive, tmp_path) + ["fit.epochs=100000", f"hydra.run.dir={tmp_path / 'out'}"]
     client = created_store(uri)
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", *overrides], cwd=tmp_path, env=environment(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    printed = tmp_path / "printed.txt"
+    with open(printed, "w") as terminal:
+        process = subprocess.Popen([sys.executable, "-m", "pipeline", *overrides], cwd=tmp_path,
+                                   env=environment(PYTHONUNBUFFERED="1"), stdout=terminal, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
             time.sleep(1)
             frame = runs(uri) if client.get_experiment_by_name("imdb-sentiment") else []
             if len(frame) and len(client.get_metric_history(frame.run_id[0], "val_loss")) >= 3:
-                return process, client, frame.run_id[0]
-            assert process.poll() is None, process.stderr.read()[-3000:]
+                return process, client, frame.run_id[0], printed
+            assert process.poll() is None, printed.read_text()[-3000:]
         raise AssertionError("no 3 epochs recorded in 300 s")
     except BaseException:
         process.kill()
         raise
 
 
-def _check_epochs_in_order(client: MlflowClient, run_id: str) -> None:
-    epochs = [p.step for p in client.get_metric_history(run_id, "val_loss")]
-    assert len(epochs) >= 3 and epochs == list(range(1, len(epochs) + 1))
+def _recorded_epochs(client: MlflowClient, run_id: str) -> list:
+    """The run's val_loss points, one per epoch, in order 1..N."""
+    points = sorted(client.get_metric_history(run_id, "val_loss"), key=lambda point: point.step)
+    assert len(points) >= 3 and [point.step for point in points] == list(range(1, len(points) + 1))
+    return points
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_an_interrupted_run_ends_killed_with_its_finished_epochs(tiny_archive, tmp_path, signum):
-    process, client, run_id = _training(tiny_archive, tmp_path)
+    process, client, run_id, printed = _training(tiny_archive, tmp_path)
     try:
         process.send_signal(signum)
         process.wait(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
+    shown = printed.read_text()
     run = client.get_run(run_id)
-    assert run.info.status == "KILLED", process.stderr.read()[-3000:]
-    _check_epochs_in_order(client, run_id)
-    assert process.returncode != 0
+    assert run.info.status == "KILLED", shown[-3000:]
+    kept = len(_recorded_epochs(client, run_id))
+    # one line says how it ended, and nothing follows it: no traceback; the exit status is the shell's for the signal
+    assert shown.rstrip().splitlines()[-1] == (
+        f"MLflow run {run_id} ended KILLED ({signal.Signals(signum).name}), {kept} epochs kept"), shown[-3000:]
+    assert "Traceback" not in shown
+    assert process.returncode == 128 + signum
 
 
 def test_a_run_whose_process_is_killed_outright_is_not_left_running(tiny_archive, tmp_path):
-    # SIGKILL gives the process no chance to record anything; the run's watchdog process sees it go.
-    process, client, run_id = _training(tiny_archive, tmp_path)
+    # SIGKILL gives the process no chance to record anything: its watchdog process sees it go, writes the
+    # epochs the store lacks (each was told to it before Keras printed it) and ends the run when it was last alive.
+    process, client, run_id, printed = _training(tiny_archive, tmp_path)
     process.kill()
+    killed = time.time()
     process.wait(timeout=60)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
         time.sleep(0.5)
     run = client.get_run(run_id)
     assert run.info.status == "KILLED"
     assert "ended before it ended the run" in run.data.tags["error"]
-    _check_epochs_in_order(client, run_id)
+    points = _recorded_epochs(client, run_id)
+    shown = len(FINISHED_EPOCH.findall(printed.read_text()))
+    assert shown >= 3 and len(points) >= shown  # every epoch the terminal printed (and the one in flight, if told)
+    # the end is the last moment the process was known alive, its last epoch, not when the watchdog noticed
+    assert points[-1].timestamp <= run.info.end_time <= killed * 1000
 
 
 def test_logged_model_is_served_over_rest(tiny_archive, tmp_path):

@@ -31,10 +31,16 @@ def pipeline_command(tmp_path: Path, *overrides: str, env: dict | None = None, t
 
 # -- bad input: a clear error before expensive work, nothing half-written --------------------------------
 @pytest.mark.slow
-def test_invalid_setting_is_refused_before_data_or_tracking(tiny_archive, tmp_path):
-    done = pipeline_command(tmp_path, *tiny_overrides(tiny_archive, tmp_path), "build.hidden_units=0")
-    assert done.returncode != 0
-    assert "build.hidden_units=0 is not allowed" in done.stderr + done.stdout
+@pytest.mark.parametrize("mistake, message", [
+    ("build.hidden_units=0", "ValueError: build.hidden_units=0 is not allowed"),
+    ("fit.epoch=3", "Could not override 'fit.epoch'"),
+    ("ingest.path=missing.tar.gz", "FileNotFoundError: ingest.path='missing.tar.gz' does not exist")],
+    ids=["invalid-value", "unknown-key", "missing-path"])
+def test_a_users_mistake_is_refused_in_one_message_before_data_or_tracking(tiny_archive, tmp_path, mistake, message):
+    done = pipeline_command(tmp_path, *tiny_overrides(tiny_archive, tmp_path), mistake)
+    printed = done.stdout + done.stderr
+    assert done.returncode == 1 and printed.count(message) == 1, output(done)
+    assert "Traceback" not in printed and "Error executing job" not in printed
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "cache").exists()
 
 
@@ -43,8 +49,9 @@ def test_unreachable_tracking_server_fails_fast(tiny_archive, tmp_path):
     overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
     start = time.monotonic()
     done = pipeline_command(tmp_path, *overrides, f"tracking.uri=http://127.0.0.1:{free_port()}")
-    assert done.returncode != 0
-    assert "cannot reach the tracking server" in done.stderr + done.stdout
+    assert done.returncode == 1
+    assert (done.stderr + done.stdout).count("cannot reach the tracking server") == 1
+    assert "Traceback" not in done.stderr + done.stdout
     assert time.monotonic() - start < 60
     assert not (tmp_path / "cache").exists()  # no data was read
 
@@ -70,6 +77,57 @@ def test_exception_in_a_callback_ends_failed_with_finished_epochs_recorded(tiny_
     assert [p.step for p in history] == [1, 2]
 
 
+def process_state() -> dict:
+    """What a library must leave as it found it in the program that calls it."""
+    import gc
+    import os
+    import threading
+
+    return {"handlers": {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)},
+            "unraisablehook": sys.unraisablehook, "stderr": (sys.stderr, os.readlink("/proc/self/fd/2")),
+            "gc": (gc.isenabled(), gc.get_threshold(), gc.get_freeze_count()), "environment": dict(os.environ),
+            "threads": sorted(thread.name for thread in threading.enumerate()),
+            "descriptors": sorted(os.listdir("/proc/self/fd"))}
+
+
+def test_train_in_a_program_changes_nothing_global_and_a_keyboard_interrupt_ends_it_killed(tiny_archive, tmp_path):
+    """train(cfg) from a notebook or another program: no signal handler, hook, descriptor, collector setting,
+    environment variable or thread of its own stays behind, and a KeyboardInterrupt (here from a callback,
+    as from a notebook's stop button) ends the run KILLED with every finished epoch."""
+    import keras
+
+    from pipeline.train import configure
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    created_store(uri)  # (MLflow keeps a store's connections open once it has used it: not ours to close)
+    keras.layers.Dense(1)  # TensorFlow and Keras loaded, as a notebook would have them
+    cfg = configure(*tiny_overrides(tiny_archive, tmp_path), "fit.jit_compile=true", "fit.epochs=5")
+    found = process_state()
+    called = time.time()
+    train(cfg)
+    left = process_state()
+    assert {key: value for key, value in left.items() if key != "descriptors"} == {
+        key: value for key, value in found.items() if key != "descriptors"}
+
+    class Stop(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 2:
+                raise KeyboardInterrupt
+
+    original = fit.fit
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fit, "fit", lambda model, data, cfg, seed, callbacks=(): original(
+            model, data, cfg, seed, callbacks=[*callbacks, Stop()]))
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    assert process_state() == left  # (a second call opens no descriptor either)
+    frame = runs(uri)
+    assert frame["status"].tolist() == ["FINISHED", "KILLED"]
+    assert MlflowClient(uri).get_run(frame.run_id[0]).info.start_time >= int(called * 1000)  # not when imported
+    steps = [point.step for point in MlflowClient(uri).get_metric_history(frame.run_id[1], "val_loss")]
+    assert steps == [1, 2, 3]
+
+
 @pytest.mark.slow
 def test_a_signal_while_a_finished_run_is_recorded_still_stops_the_program(tiny_config, monkeypatch):
     from pipeline import tracking
@@ -81,7 +139,7 @@ def test_a_signal_while_a_finished_run_is_recorded_still_stops_the_program(tiny_
         return record_end(*args, **kwargs)
 
     monkeypatch.setattr(mlflow, "end_run", end_run_interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), SIGNALS.installed():  # as python -m pipeline sets the process up
         with tracking.TrackedRun(tiny_config):
             pass
     assert runs(tiny_config.tracking.uri)["status"].tolist() == ["FINISHED"]  # its end was recorded
@@ -111,7 +169,7 @@ def test_a_ctrl_c_whose_handler_runs_in_a_finalizer_still_stops_the_run(tiny_con
             signal.raise_signal(signal.SIGINT)  # the handler raises here, where Python drops exceptions
 
     started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), SIGNALS.installed():
         with tracking.TrackedRun(tiny_config):
             Finalized()
             time.sleep(30)  # the run's work goes on; the Ctrl-C must still stop it
@@ -125,7 +183,7 @@ def test_a_signal_whose_exception_is_lost_is_sent_again_until_the_run_ends(tiny_
     from pipeline import tracking
 
     started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), SIGNALS.installed():
         with tracking.TrackedRun(tiny_config):
             try:
                 signal.raise_signal(signum)  # the handler raises here ...
@@ -134,7 +192,8 @@ def test_a_signal_whose_exception_is_lost_is_sent_again_until_the_run_ends(tiny_
             time.sleep(30)  # training goes on; the signal must still stop it
     assert time.monotonic() - started < 10
     assert runs(tiny_config.tracking.uri)["status"].tolist() == ["KILLED"]
-    time.sleep(3 * SIGNALS.REDELIVERY)  # the run ended on it: it is not sent again
+    with SIGNALS.installed():
+        time.sleep(3 * SIGNALS.REDELIVERY)  # the run ended on it: it is not sent again
 
 
 def test_interrupted_sweep_resumes_without_duplicates(tiny_archive, tmp_path):

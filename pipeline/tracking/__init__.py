@@ -4,15 +4,16 @@ A TrackedRun opens as the run's work starts (its start time is the process's, fo
 process) and records: every setting as a flat dotted param, the data set as a dataset input, tags (git
 commit, package versions, per-stage seconds, cache hits), per-epoch curves at step = epoch, each with
 the time its epoch ended, the test metrics, artifacts (config, model summary, history, figures) and the
-raw-text model. It ends FINISHED, FAILED with the error, or KILLED on Ctrl-C or SIGTERM, holding every
-epoch finished before; a watchdog process (watchdog.py) ends it KILLED if the process is killed
-outright. The sweep's parent run and its analysis are sweeps.py's.
+raw-text model. It ends FINISHED, FAILED with the error, or KILLED on Ctrl-C, SIGTERM or a KeyboardInterrupt,
+holding every epoch finished before; a watchdog process (watchdog.py), told each epoch as it ends
+(epochs.py), ends it KILLED with them if the process is killed outright. Nothing here changes the process
+(signals, environment, threads): that is the command line's. The sweep's parent run and its analysis are sweeps.py's.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 import logging
 import os
 import shlex
@@ -20,31 +21,28 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
+import traceback
 from importlib import metadata
 from pathlib import Path
 
 import mlflow
 from filelock import FileLock
-from mlflow.data.dataset_source_registry import resolve_dataset_source
-from mlflow.data.meta_dataset import MetaDataset
 
 import pipeline
 from pipeline import config, textmodel
 from pipeline.config import EXPERIMENT, PARENT_RUN
 from pipeline.console import CONSOLE
 from pipeline.signals import SIGNALS
+from pipeline.tracking.datasets import ReviewsDataset, registering
+from pipeline.tracking.epochs import Epochs
 
 log = logging.getLogger(__name__)
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact clutters logs
-# MLflow's logging thread writes the queued epoch curves; with a buffer interval it waits on an event, not a
-# 1 s queue poll, so a flush (and the run's end) returns at once. Each point keeps its own timestamp.
-os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
 CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
 PACKAGES = ("tensorflow", "keras", "mlflow", "hydra-core", "numpy", "pandas")
 # Made-up reviews, so that no part of the data set is copied into the model's metadata.
 INPUT_EXAMPLE = ["A moving story with wonderful acting; I would watch it again.",
                  "Dull, far too long, and the plot makes no sense at all.<br /><br />Skip it."]
+MLFLOW_ENVIRONMENT = ("MLFLOW_", "_MLFLOW_")  # MLflow's fluent API sets and clears some of these as it goes
 HEADLINE = ("test_accuracy", "test_loss", "best_val_loss", "best_val_loss_epoch", "epochs_trained")
 
 
@@ -98,41 +96,18 @@ def git_tags() -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(bool(changes))}
 
 
-class ReviewsDataset(MetaDataset):
-    """The reviews as MLflow shows them: where they came from, their content digest and row counts."""
+def recorded(method):
+    """A TrackedRun method that writes to the store: whole or not at all (SIGNALS.held); then the watchdog
+    hears that the process was alive."""
+    @functools.wraps(method)
+    def recording(self, *args, **kwargs):
+        with SIGNALS.held():
+            result = method(self, *args, **kwargs)
+        if self.epochs is not None:
+            self.epochs.beat()
+        return result
 
-    def __init__(self, source: str, digest: str, counts: dict[str, int]):
-        try:
-            with warnings.catch_warnings():  # a local path matches two equivalent MLflow source types
-                warnings.simplefilter("ignore", UserWarning)
-                resolved = resolve_dataset_source(str(Path(source).resolve()) if Path(source).exists() else source)
-        except Exception:  # not a path or URI MLflow knows (keras.datasets.imdb): a code source
-            from mlflow.data.code_dataset_source import CodeDatasetSource
-
-            resolved = CodeDatasetSource(tags={"source": source})
-        self._counts = counts
-        super().__init__(source=resolved, name="imdb-reviews", digest=digest[:20])
-
-    @property
-    def profile(self) -> dict[str, int]:
-        return {"num_rows": sum(self._counts.values()), **{f"{k}_rows": v for k, v in self._counts.items()}}
-
-    def to_dict(self) -> dict[str, str]:
-        return {**super().to_dict(), "profile": json.dumps(self.profile)}
-
-
-def _registering(call, attempts: int = 3):
-    """`call()`, which registers a data set first thing. Jobs of a parallel sweep register the same data
-    set at the same moment; a server's SQL store checks for the row, then inserts it, and refuses the
-    second insert. On the next try the row exists and is linked instead."""
-    for attempt in range(attempts):
-        try:
-            return call()
-        except mlflow.exceptions.MlflowException as error:
-            if "unique constraint" not in str(error).lower() or attempt == attempts - 1:
-                raise
-            log.info("another job registered the same data set at the same moment; linking it instead")
-            time.sleep(0.2 * (attempt + 1))
+    return recording
 
 
 class TrackedRun:
@@ -145,13 +120,19 @@ class TrackedRun:
         self.cfg, self.run_id, self.experiment_id = cfg, None, None
         self.headline: dict[str, float] = {}  # what the closing log line reports
         self.watchdog: subprocess.Popen | None = None
+        self.epochs: Epochs | None = None
+        self.environment: dict[str, str] = {}  # MLflow's environment variables as the run found them
 
     def __enter__(self) -> "TrackedRun":
-        first = TrackedRun.first_in_process and not os.environ.get(PARENT_RUN)  # a sweep's jobs start later
+        # the first run of `python -m pipeline` starts with the process (a sweep's jobs later); in a notebook,
+        # a run starts when it is opened
+        first = pipeline.COMMAND_LINE and TrackedRun.first_in_process and not os.environ.get(PARENT_RUN)
         start = pipeline.STARTED if first else time.time()
         self.log_from = 0 if first else CONSOLE.offset()  # the first run's log is the process's from its start
         TrackedRun.first_in_process = False
-        SIGNALS.install()
+        self.environment = {key: value for key, value in os.environ.items() if key.startswith(MLFLOW_ENVIRONMENT)}
+        # (a progress bar per artifact clutters the terminal, and tqdm's monitor thread would outlive the run)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         try:
             with SIGNALS.held():  # a Ctrl-C now waits until the run exists, then ends it KILLED
                 uri = use(config.tracking_uri(self.cfg.tracking))
@@ -169,8 +150,9 @@ class TrackedRun:
                 self.watchdog = subprocess.Popen(  # ends the run KILLED if this process is killed outright
                     [sys.executable, str(Path(__file__).with_name("watchdog.py")), uri, self.run_id], stdin=subprocess.PIPE,
                     start_new_session=True)
+                self.epochs = Epochs(uri, self.run_id, self.watchdog.stdin)
                 self._record_setup()
-            SIGNALS.release()  # a Ctrl-C from the first moments of the process ends this run KILLED
+                self.epochs.beat()
         except BaseException as error:
             self.__exit__(type(error), error, None)
             raise
@@ -178,13 +160,16 @@ class TrackedRun:
                  run.info.experiment_id, config.redact("uri", uri))
         return self
 
-    def __exit__(self, kind, error, traceback) -> bool:
+    def __exit__(self, kind, error, tb) -> bool:
         status = "FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
         if status == "KILLED":
             SIGNALS.ended()
         with SIGNALS.held():
+            if self.epochs is not None:
+                self.epochs.close()  # every epoch recorded so far is in the store before the end
             if self.run_id is not None:
-                mlflow.flush_async_logging()  # every epoch queued so far is in the store before the end
+                if status != "FINISHED":  # the log keeps the traceback the terminal is spared
+                    CONSOLE.keep("".join(traceback.format_exception(error)))
                 try:
                     if (full := CONSOLE.since(self.log_from)) is not None:
                         mlflow.log_text(full, "logs/run.log")
@@ -193,11 +178,21 @@ class TrackedRun:
                 if status == "FAILED":
                     mlflow.set_tag("error", f"{kind.__name__}: {error}"[:5000])
                 mlflow.end_run(status=status)
-                headline = "".join(f", {name} {self.headline[name]:.4g}" for name in HEADLINE if name in self.headline)
-                log.info("MLflow run %s ended %s%s%s", self.run_id, status, headline,
-                         ui_links(mlflow.get_tracking_uri(), self.experiment_id, self.run_id))
+                if status == "KILLED":  # the one line an interrupt prints
+                    kept = self.epochs.recorded if self.epochs else 0
+                    log.info("MLflow run %s ended KILLED (%s), %d epoch%s kept", self.run_id, error or kind.__name__,
+                             kept, "s" * (kept != 1))
+                    if error is not None:
+                        error.reported = True  # (python -m pipeline then exits without another word)
+                else:
+                    headline = "".join(f", {name} {self.headline[name]:.4g}" for name in HEADLINE if name in self.headline)
+                    log.info("MLflow run %s ended %s%s%s", self.run_id, status, headline,
+                             ui_links(mlflow.get_tracking_uri(), self.experiment_id, self.run_id))
             if self.watchdog is not None:
-                self.watchdog.communicate(b"ended")  # the run has ended as it should: the watchdog leaves
+                self.watchdog.communicate(b"ended\n")  # the run has ended as it should: the watchdog leaves
+            for key in [key for key in os.environ if key.startswith(MLFLOW_ENVIRONMENT)]:
+                os.environ.pop(key)  # (set_tracking_uri and set_experiment export theirs for subprocesses)
+            os.environ.update(self.environment)
         return False  # a failing or interrupted run: its own exception propagates
 
     def _record_setup(self) -> None:
@@ -207,11 +202,11 @@ class TrackedRun:
         mlflow.set_tags({"pipeline.stages": ",".join(self.cfg.stages), **git_tags(), **tags})
         mlflow.log_text(config.recorded_yaml(self.cfg), "config/config.yaml")
 
-    @SIGNALS.held()
+    @recorded
     def data(self, prepared) -> None:
         """What the data stages produced: the dataset input, split sizes, cache hits, stage seconds."""
         meta = prepared.ingest_meta
-        _registering(lambda: mlflow.log_input(ReviewsDataset(meta["source"], meta["digest"], meta["counts"]),
+        registering(lambda: mlflow.log_input(ReviewsDataset(meta["source"], meta["digest"], meta["counts"]),
                                               context="training"))
         mlflow.set_tags({"data.digest": meta["digest"], **{f"cache.{k}": v for k, v in prepared.cache.items()}})
         if prepared.sizes:
@@ -225,11 +220,11 @@ class TrackedRun:
                 skipped = pd.DataFrame(meta["skipped"], columns=["row", "reason"]).to_csv(index=False)
                 mlflow.log_text(skipped, "data/skipped_rows.csv")
 
-    @SIGNALS.held()
+    @recorded
     def stage_seconds(self, seconds: dict[str, float]) -> None:
         mlflow.set_tags({f"seconds.{stage}": f"{value:.2f}" for stage, value in seconds.items()})
 
-    @SIGNALS.held()
+    @recorded
     def model_summary(self, text: str, parameters: int, device: dict[str, str]) -> None:
         mlflow.set_tags(device)  # where it trains: device, device.name
         mlflow.log_text(text, "model_summary.txt")
@@ -237,7 +232,7 @@ class TrackedRun:
 
     def epoch_logger(self):
         """A Keras callback that records each epoch's curves and seconds as it ends, stamped with that
-        moment. MLflow's own async logging writes them; training does not wait for the store."""
+        moment, before Keras prints it (epochs.py: training does not wait for the store)."""
         import keras
 
         run = self
@@ -250,18 +245,18 @@ class TrackedRun:
                 values = {k: float(v) for k, v in (logs or {}).items() if k in CURVES}
                 values["epoch_seconds"] = time.perf_counter() - self.began  # the first includes compiling
                 with SIGNALS.held():  # whole, or not at all
-                    mlflow.log_metrics(values, step=epoch + 1, timestamp=int(time.time() * 1000), synchronous=False)
+                    run.epochs.record(epoch + 1, values)
 
         return RecordEpochs()
 
-    @SIGNALS.held()
+    @recorded
     def fitted(self, fitted) -> None:
         mlflow.log_text(fitted.history.to_csv(index=False), "history.csv")
         summary = fitted.summary()
         mlflow.log_metrics(summary)
         self.headline.update(summary)
 
-    @SIGNALS.held()
+    @recorded
     def evaluation(self, result) -> None:
         from matplotlib import pyplot as plt
 
@@ -271,7 +266,7 @@ class TrackedRun:
             mlflow.log_figure(figure, f"figures/{name}")
             plt.close(figure)
 
-    @SIGNALS.held()
+    @recorded
     def log_model(self, model, encoded, cfg: config.PipelineConfig) -> None:
         """The raw-text pyfunc: pipeline/textmodel.py as model code, the Keras classifier and the vocabulary
         (and n-grams) it encodes text with. MLflow checks that the input example serves before keeping it. Input
@@ -294,7 +289,7 @@ class TrackedRun:
                 registered_model_name=cfg.evaluate.registered_model_name)
         mlflow.set_tag("model_uri", info.model_uri)
 
-    @SIGNALS.held()
+    @recorded
     def complete(self) -> None:
         """Mark the run as having done every stage it was asked for (what a resumed sweep looks for)."""
         mlflow.set_tag("pipeline.complete", "true")

@@ -1,22 +1,51 @@
-"""A run whose process is killed outright (SIGKILL, out of memory) must not stay RUNNING.
+"""A run whose process is killed outright (SIGKILL, out of memory) keeps every epoch and is not left RUNNING.
 
 TrackedRun starts this file as a process of its own (`python watchdog.py URI RUN_ID`, not through the
-package, so that it starts in milliseconds and imports nothing until it is needed) and holds its
-standard input. When the run ends as it should, the run's process writes "ended" and this process
-leaves. If the input closes without that word, the run's process is gone: the run ends KILLED, with an
+package, so that it starts in milliseconds and imports nothing until it is needed) and writes to its
+standard input one JSON line per epoch ({"time", "step", "values"}) before Keras prints it, and a line
+{"time"} when a stage ends. When the run ends as it should, the last line is "ended" and this process
+leaves. If the input closes without it, the run's process is gone: the epochs the store lacks are written
+with their own times, and the run ends KILLED, at the last moment its process was known alive, with an
 `error` tag that says so, unless it has ended already.
 """
 
+import json
 import signal
 import sys
+
+
+def rescue(uri: str, run_id: str, lines: list[bytes]) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(uri)
+    if client.get_run(run_id).info.status != "RUNNING":
+        return
+    told = []
+    for line in lines:
+        try:
+            told.append(json.loads(line))
+        except ValueError:  # a line cut short by the death
+            pass
+    epochs = [message for message in told if "step" in message]
+    missing = []
+    for key in {key for message in epochs for key in message["values"]}:
+        stored = {point.step for point in client.get_metric_history(run_id, key)}
+        missing += [Metric(key, message["values"][key], message["time"], message["step"])
+                    for message in epochs if key in message["values"] and message["step"] not in stored]
+    if missing:
+        client.log_batch(run_id, metrics=missing)
+    client.set_tag(run_id, "error", "the training process ended before it ended the run")
+    client.set_terminated(run_id, "KILLED", end_time=max((message["time"] for message in told), default=None))
+
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the run's process, which ends the run
     uri, run_id = sys.argv[1:3]
-    if sys.stdin.buffer.read() != b"ended":
-        from mlflow import MlflowClient
-
-        client = MlflowClient(uri)
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, "error", "the training process ended before it ended the run")
-            client.set_terminated(run_id, "KILLED")
+    lines = []
+    for line in sys.stdin.buffer:  # as each arrives; the end of input is the end of the run's process
+        if line == b"ended\n":
+            break
+        lines.append(line)
+    else:
+        rescue(uri, run_id, lines)
