@@ -196,6 +196,7 @@ def test_a_signal_whose_exception_is_lost_is_sent_again_until_the_run_ends(tiny_
         time.sleep(3 * SIGNALS.REDELIVERY)  # the run ended on it: it is not sent again
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_duplicates(tiny_archive, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # Half the jobs train 200 epochs (a few seconds each; Hydra runs them after the three 2-epoch ones):
