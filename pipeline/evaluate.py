@@ -115,8 +115,8 @@ class Checkpoints:
     def summary(self) -> dict[str, float]:
         """best.epoch, best.test_accuracy, best.test_loss and the same for last: what a sweep compares."""
         pairs = [self.served] + ([self.other] if self.other else [])
-        return {f"{role}.{key}": float(ck.epoch if key == "epoch" else ck.metrics[f"test_{key}"])
-                for ck in pairs for role in ck.role.split(",") for key in ("epoch", "accuracy", "loss")}
+        return {f"{role}.{key}": float(ck.epoch if key == "epoch" else ck.metrics[key])
+                for ck in pairs for role in ck.role.split(",") for key in ("epoch", "test_accuracy", "test_loss")}
 
     def line(self) -> str:
         """Both test accuracies side by side, for the terminal."""

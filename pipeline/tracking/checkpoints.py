@@ -37,7 +37,7 @@ def log_models(run, model, encoded, cfg, kept) -> str:
         model.set_weights(checkpoint.weights)
         name = checkpoint.role if checkpoint.role != "epoch" else f"epoch-{checkpoint.epoch}"
         with warnings.catch_warnings():  # MLflow's advice to give an input example: the served model has it
-            warnings.filterwarnings("ignore", "An input example was not provided", UserWarning)
+            warnings.filterwarnings("ignore", ".*An input example was not provided", UserWarning)
             info = run.log_model(model, encoded, cfg, served=False, name=name, step=checkpoint.epoch,
                                  tags={"checkpoint": checkpoint.role})
         # The test metrics as they were measured, before the served one's (whose points stay the run's latest)
