@@ -84,6 +84,9 @@ def test_serving_the_last_epoch_and_intermediate_checkpoints(tiny_archive, tmp_p
             {int(row.epoch): row.val_loss for row in history.itertuples() if row.epoch <= step})
     loaded = mlflow.pyfunc.load_model(f"models:/{found[sorted(every)[0]][0].model_id}")  # serves raw text too
     assert loaded.predict(["A wonderful film.", "Awful."]).shape == (2,)
+    for model, _ in found.values():  # each one complete, its MLmodel naming itself
+        assert str(model.status) in ("READY", "LoggedModelStatus.READY")
+        assert mlflow.models.get_model_info(f"models:/{model.model_id}").model_uuid == model.model_id
 
 
 def test_with_early_stopping_best_and_last_are_one_model(tiny_archive, tmp_path):

@@ -272,9 +272,9 @@ class TrackedRun:
             plt.close(figure)
 
     @SIGNALS.held()
-    def log_model(self, model, encoded, cfg: config.PipelineConfig, served=True, name="model", step=0, tags=None):
-        """The raw-text pyfunc: textmodel.py as model code, the Keras classifier and its vocabulary (and n-grams). MLflow
-        checks that the input example serves; a checkpoint not `served` (checkpoints.py) has none and is not registered."""
+    def log_model(self, model, encoded, cfg: config.PipelineConfig, step=0, tags=None):
+        """The raw-text pyfunc: pipeline/textmodel.py as model code, the Keras classifier and the vocabulary (and n-grams)
+        it encodes text with, at `step` (its epoch). MLflow checks that the input example serves before it keeps the model."""
         import numpy as np
         from mlflow.models import infer_signature
 
@@ -286,12 +286,12 @@ class TrackedRun:
             mlflow.log_metric("model.size_mb", sum(f.stat().st_size for f in (classifier, vocabulary_file)) / 1e6, step=step)
             requirements = {name: version for name, version in versions().items() if name != "hydra-core"}
             info = mlflow.pyfunc.log_model(
-                name=name, python_model=str(Path(textmodel.__file__)),  # models from code: nothing pickled
+                name="model", python_model=str(Path(textmodel.__file__)),  # models from code: nothing pickled
                 artifacts={"classifier": str(classifier), "vocabulary": str(vocabulary_file)},
                 signature=infer_signature(INPUT_EXAMPLE, np.full(len(INPUT_EXAMPLE), 0.5)),  # [string] -> [double]
-                input_example=INPUT_EXAMPLE if served else None,
+                input_example=INPUT_EXAMPLE,
                 pip_requirements=[f"{name}=={version}" for name, version in requirements.items()],
-                registered_model_name=cfg.evaluate.registered_model_name if served else None, step=step, tags=tags)
+                registered_model_name=cfg.evaluate.registered_model_name, step=step, tags=tags)
         return info
 
     @SIGNALS.held()

@@ -6,8 +6,10 @@ the `model_uri` tag. The run's own metrics and charts stay as they were (docs/ch
 
 from __future__ import annotations
 
+import datetime
 import logging
-import warnings
+import shutil
+import tempfile
 
 import mlflow
 from mlflow.entities import Metric
@@ -16,8 +18,9 @@ from pipeline.signals import SIGNALS
 from pipeline.tracking import CURVES
 
 log = logging.getLogger(__name__)
-LINKED = CURVES + ("epoch_seconds",)  # the per-epoch metrics a checkpoint's page shows, up to its epoch
+LINKED = CURVES  # the per-epoch curves linked to a checkpoint, up to its epoch (epoch_seconds: of the run, not the model)
 BATCH = 1000  # log_batch takes at most 1000 metrics a call
+MLMODEL = "MLmodel"  # an MLflow model's description file
 
 
 @SIGNALS.held()
@@ -28,30 +31,61 @@ def record(kept) -> None:
 
 
 def log_models(run, model, encoded, cfg, kept) -> str:
-    """Log every checkpoint of `kept` (pipeline.evaluate.Checkpoints) as a LoggedModel of `run`, the served
-    one last; `model` ends holding the served weights. Returns the served model's URI."""
-    mlflow.flush_async_logging()  # the epochs' points are in the store: log_model links its step's, we the rest
+    """Log every checkpoint of `kept` (pipeline.evaluate.Checkpoints) as a LoggedModel of `run`, the served one
+    first, through run.log_model (registered, MLflow's serving check of the input example); `model` ends
+    holding the served weights. Returns the served model's URI."""
+    mlflow.flush_async_logging()  # the epochs' points are in the store, to be linked
     client = mlflow.MlflowClient()
-    history = {key: client.get_metric_history(run.run_id, key) for key in LINKED}
-    for checkpoint in kept.every + ([kept.other] if kept.other else []):
-        model.set_weights(checkpoint.weights)
-        name = checkpoint.role if checkpoint.role != "epoch" else f"epoch-{checkpoint.epoch}"
-        with warnings.catch_warnings():  # MLflow's advice to give an input example: the served model has it
-            warnings.filterwarnings("ignore", ".*An input example was not provided", UserWarning)
-            info = run.log_model(model, encoded, cfg, served=False, name=name, step=checkpoint.epoch,
-                                 tags={"checkpoint": checkpoint.role})
-        # The test metrics as they were measured, before the served one's (whose points stay the run's latest)
-        tested = [Metric(key, value, int(checkpoint.measured * 1000), 0) for key, value in checkpoint.metrics.items()]
-        _link(client, run.run_id, info.model_id, _curve(history, checkpoint.epoch) + tested)
+    # A file store appends a point logged again (the SQL stores keep one): there, only MLflow's own linking
+    uri = mlflow.get_tracking_uri()
+    keeps_once = not (uri.startswith("file:") or "://" not in uri)
+    history = {key: client.get_metric_history(run.run_id, key) for key in LINKED} if keeps_once else {}
     served = kept.served
     model.set_weights(served.weights)
     info = run.log_model(model, encoded, cfg, step=served.epoch, tags={"checkpoint": served.role})
     # The run's own test points (run.evaluation logged them): the same points again, linked, are not new ones
     tested = [max((p for p in client.get_metric_history(run.run_id, key) if p.step == 0), key=lambda p: p.timestamp)
-              for key in served.metrics]
+              for key in served.metrics] if keeps_once else []
     _link(client, run.run_id, info.model_id, _curve(history, served.epoch) + tested)
     mlflow.set_tag("model_uri", info.model_uri)  # what pipeline.score, a sweep's champion and users follow
+    others = kept.every + ([kept.other] if kept.other else [])
+    if others:
+        with tempfile.TemporaryDirectory() as folder:
+            layout = mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=f"{folder}/served")
+            for checkpoint in others:
+                model.set_weights(checkpoint.weights)
+                model_id = _log_alike(client, run.run_id, model, layout, f"{folder}/{checkpoint.epoch}", checkpoint)
+                # The test metrics as they were measured, before the served one's (which stay the run's latest)
+                tested = [Metric(key, value, int(checkpoint.measured * 1000), 0) for key, value in checkpoint.metrics.items()]
+                _link(client, run.run_id, model_id, _curve(history, checkpoint.epoch + 1) + tested)
+        model.set_weights(served.weights)
     return info.model_uri
+
+
+@SIGNALS.held()
+def _log_alike(client, run_id: str, model, layout: str, folder: str, checkpoint) -> str:
+    """A checkpoint as a LoggedModel laid out as the served one (`layout`, as log_model wrote it: the same
+    model code, vocabulary, signature, input example and environment) with this checkpoint's classifier,
+    its MLmodel naming the new model. MLflow's serving check ran on the served one; the files it checks
+    are the same but for the weights. Cheaper than log_model: no environment inference, no second check."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    name = checkpoint.role if checkpoint.role != "epoch" else f"epoch-{checkpoint.epoch}"
+    logged = mlflow.initialize_logged_model(name=name, source_run_id=run_id, tags={"checkpoint": checkpoint.role},
+                                            params=client.get_run(run_id).data.params)  # as log_model does
+    shutil.copytree(layout, folder)
+    described = Model.load(f"{folder}/{MLMODEL}")
+    classifier = f"{folder}/{described.flavors['python_function']['artifacts']['classifier']['path']}"
+    model.save(classifier)
+    described.model_id = described.model_uuid = logged.model_id
+    described.artifact_path = logged.artifact_location
+    described.utc_time_created = str(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None))
+    described.save(f"{folder}/{MLMODEL}")
+    client.log_model_artifacts(logged.model_id, folder)
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=checkpoint.epoch)])
+    mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    return logged.model_id
 
 
 def _curve(history: dict, epoch: int) -> list:
