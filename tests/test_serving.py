@@ -82,7 +82,8 @@ def test_team_server_parallel_sweep_champion_serving_and_batch_scoring(tiny_arch
         assert champion.source == best_run.data.tags["model_uri"]
         checkpoint = client.get_logged_model(champion.source.removeprefix("models:/"))
         assert checkpoint.tags["checkpoint"] in ("best", "best,last")
-        lowest = min(client.get_metric_history(champion.run_id, "val_loss"), key=lambda point: (point.value, point.step))
+        curve = client.get_metric_history(champion.run_id, "val_loss")
+        lowest = min(curve, key=lambda point: (point.value, point.step))
         assert [o.step for o in best_run.outputs.model_outputs if o.model_id == checkpoint.model_id] == [lowest.step]
 
         # served from the registry by alias, answering real requests
