@@ -126,7 +126,7 @@ class BuildConfig:
 @dataclass
 class EarlyStoppingConfig:
     enabled: bool = False  # the tutorial trains all 40 epochs; turn on for the automatic answer to overfitting
-    monitor: str = "val_loss"
+    monitor: str = "val_loss"  # also what picks the "best" checkpoint, whether early stopping is on or not
     patience: int = 3  # epochs without improvement before stopping
     restore_best_weights: bool = True  # keep the best epoch's weights, not the last
 
@@ -145,6 +145,7 @@ class FitConfig:
     compile_cache: bool = True  # keep XLA's compiled programs in cache_dir: a later run loads them (0.5 s sooner)
     dense_gradients: bool = True  # fit.loop=epoch: an embedding's gradient summed per row (pipeline/epochloop.py)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    checkpoint_every: int = 0  # also keep every N-th epoch's weights, logged as checkpoints (0 or less: off)
 
     def validate(self) -> None:
         _positive("fit.epochs", self.epochs)
@@ -158,12 +159,13 @@ class EvaluateConfig:
     batch_size: int = 4096  # inference only: larger batches, same numbers
     log_model: bool = True  # log the raw-text model (pyfunc) to MLflow
     registered_model_name: Optional[str] = None  # also register the model under this name
+    serve: str = "best"  # the checkpoint logged as `model`, registered, scored as test_*: best (by validation) or last
 
     def validate(self) -> None:
+        _require(self.serve in ("best", "last"), "evaluate.serve", self.serve, "best (by fit.early_stopping.monitor) or last")
         _require(0.0 < self.threshold < 1.0, "evaluate.threshold", self.threshold, "use a value strictly between 0 and 1")
         _positive("evaluate.batch_size", self.batch_size)
-        name = self.registered_model_name
-        _require(name is None or (name.strip() != "" and not any(c in name for c in "/:")),
+        _require((name := self.registered_model_name) is None or (name.strip() != "" and not any(c in name for c in "/:")),
                  "evaluate.registered_model_name", name, "use a name without '/' or ':' (the model registry's rule)")
 
 

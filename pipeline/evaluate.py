@@ -4,12 +4,15 @@ In: the fitted model, Encoded arrays (the test split is read here for the first 
 history and an EvaluateConfig. Out: Evaluation, with test_loss, test_accuracy, test_precision,
 test_recall, test_f1_score, test_roc_auc and the confusion counts, the test probabilities, and figures
 (matplotlib): the tutorial's loss and accuracy curves, the ROC and precision-recall curves and the
-confusion matrix.
+confusion matrix. `checkpoints` evaluates the fit's best and last epochs alike (see Checkpoints) and
+leaves the model holding the weights evaluate.serve chose.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -61,6 +64,13 @@ def evaluate(model, data, history: pd.DataFrame, cfg: EvaluateConfig) -> Evaluat
 
 def score(probabilities: np.ndarray, y_test: np.ndarray, history: pd.DataFrame, cfg: EvaluateConfig) -> Evaluation:
     """The test metrics and figures from the model's test probabilities."""
+    predicted = (probabilities > cfg.threshold).astype(int)
+    return Evaluation(metrics=measure(probabilities, y_test, cfg), probabilities=probabilities,
+                      figures={**curves(history), **threshold_curves(y_test.astype(int), probabilities, predicted)})
+
+
+def measure(probabilities: np.ndarray, y_test: np.ndarray, cfg: EvaluateConfig) -> dict[str, float]:
+    """test_loss, test_accuracy, test_precision, ... and the confusion counts, from the test probabilities."""
     from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
 
     # Loss and accuracy follow from the probabilities as Keras computes them (binary cross-entropy with
@@ -81,8 +91,64 @@ def score(probabilities: np.ndarray, y_test: np.ndarray, history: pd.DataFrame, 
     counts = confusion_matrix(truth, predicted, labels=[0, 1]).ravel()
     metrics.update({f"test_{name}": float(count) for name, count in
                     zip(("true_negatives", "false_positives", "false_negatives", "true_positives"), counts)})
-    return Evaluation(metrics=metrics, probabilities=probabilities,
-                      figures={**curves(history), **threshold_curves(truth, probabilities, predicted)})
+    return metrics
+
+
+@dataclass
+class Checkpoint:
+    role: str  # best, last, "best,last" (one set of weights is both) or epoch (fit.checkpoint_every)
+    epoch: int  # the epoch whose weights these are (the LoggedModel's step)
+    weights: list  # model.get_weights()
+    metrics: dict[str, float] = field(default_factory=dict)  # test metrics (best and last only)
+    measured: float = 0.0  # when the other checkpoint's metrics were computed (time.time()): their timestamp
+
+
+@dataclass
+class Checkpoints:
+    """The fit's checkpoints: `served` (evaluate.serve's choice; its test metrics are the run's test_*),
+    `other` (the other of best and last; None when they coincide) and `every` (fit.checkpoint_every)."""
+    served: Checkpoint
+    other: Optional[Checkpoint]
+    every: list[Checkpoint]
+    evaluation: Evaluation  # the served checkpoint's, with the figures
+
+    def summary(self) -> dict[str, float]:
+        """best.epoch, best.test_accuracy, best.test_loss and the same for last: what a sweep compares."""
+        pairs = [self.served] + ([self.other] if self.other else [])
+        return {f"{role}.{key}": float(ck.epoch if key == "epoch" else ck.metrics[key])
+                for ck in pairs for role in ck.role.split(",") for key in ("epoch", "test_accuracy", "test_loss")}
+
+    def line(self) -> str:
+        """Both test accuracies side by side, for the terminal."""
+        if self.other is None:
+            return (f"best and last are one model (epoch {self.served.epoch}): test accuracy "
+                    f"{self.served.metrics['test_accuracy']:.4f}, test loss {self.served.metrics['test_loss']:.4f}")
+        text = {ck.role: f"{ck.role} (epoch {ck.epoch}) {ck.metrics['test_accuracy']:.4f}"
+                for ck in (self.served, self.other)}
+        return (f"test accuracy {text['best']} vs {text['last']}; serving {self.served.role}, test loss "
+                f"{self.served.metrics['test_loss']:.4f}")
+
+
+def checkpoints(model, data, fitted, cfg: EvaluateConfig) -> Checkpoints:
+    """Evaluate the best and the last epoch's weights on the test split (the one not served first, its
+    metrics only), keep every N-th epoch's as they are, and leave `model` holding the served weights."""
+    final = model.get_weights()
+    best, last = fitted.kept_best, fitted.final_epoch
+    every = [Checkpoint("epoch", epoch, weights) for epoch, weights in sorted(fitted.kept.items())
+             if epoch not in (best, last)]
+    other = None
+    if best is None or best == last:  # e.g. early stopping restored the best weights: one model, said once
+        served = Checkpoint("best,last", last, final)
+    else:
+        pair = {"best": Checkpoint("best", best, fitted.kept[best]), "last": Checkpoint("last", last, final)}
+        served, other = pair.pop(cfg.serve), pair.popitem()[1]
+        other.measured = time.time()
+        model.set_weights(other.weights)
+        other.metrics = measure(predict(model, data.x_test, cfg.batch_size), data.y_test, cfg)
+        model.set_weights(served.weights)
+    evaluation = evaluate(model, data, fitted.history, cfg)
+    served.metrics = evaluation.metrics
+    return Checkpoints(served, other, every, evaluation)
 
 
 def threshold_curves(truth: np.ndarray, probabilities: np.ndarray, predicted: np.ndarray) -> dict[str, object]:

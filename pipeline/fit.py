@@ -2,9 +2,11 @@
 
 In: a compiled model, the Encoded arrays, a FitConfig, the seed and extra Keras callbacks (the tracked
 run passes one that records each epoch as it ends). Out: Fitted, the per-epoch history as a table
-(epoch 1..N) and, with early stopping, the epoch it stopped at and the best epoch whose weights were
-kept. fit.loop=keras trains with model.fit as the tutorial does; fit.loop=epoch (the default) with
-pipeline.epochloop, the same steps in one compiled call an epoch.
+(epoch 1..N), with early stopping the epoch it stopped at and the best epoch whose weights were kept,
+and, in memory, the weights of the epoch where fit.early_stopping.monitor was best (the "best"
+checkpoint, early stopping on or off) and of every fit.checkpoint_every-th epoch. fit.loop=keras
+trains with model.fit as the tutorial does; fit.loop=epoch (the default) with pipeline.epochloop, the
+same steps in one compiled call an epoch.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -35,6 +37,9 @@ class Fitted:
     history: pd.DataFrame  # columns epoch, loss, accuracy, val_loss, val_accuracy
     stopped_epoch: Optional[int]  # last epoch trained when early stopping ended the fit
     best_epoch: Optional[int]  # the epoch whose weights the model holds after early stopping
+    final_epoch: int = 0  # the epoch whose weights the model holds now (early stopping may have restored the best)
+    kept: dict[int, list] = field(default_factory=dict)  # epoch -> model.get_weights(): the best, every N-th
+    kept_best: Optional[int] = None  # which of `kept` is the best by fit.early_stopping.monitor
 
     def summary(self) -> dict[str, float]:
         """epochs_trained, best_val_loss and the epoch it was reached (and stopped_epoch, best_epoch with
@@ -55,7 +60,8 @@ def fit(model, data, cfg: FitConfig, seed: int, callbacks: Sequence = ()) -> Fit
 
     keras.utils.set_random_seed(seed)
     stopper = None
-    every = list(callbacks)
+    keeper = _keeper(cfg.early_stopping.monitor, cfg.checkpoint_every)
+    every = [*callbacks, keeper]
     if cfg.early_stopping.enabled:
         stopper = keras.callbacks.EarlyStopping(
             monitor=cfg.early_stopping.monitor, patience=cfg.early_stopping.patience,
@@ -78,7 +84,38 @@ def fit(model, data, cfg: FitConfig, seed: int, callbacks: Sequence = ()) -> Fit
         stopped = len(table) if stopper.stopped_epoch else None
         column = table[cfg.early_stopping.monitor]
         best = int(table["epoch"][column.idxmin() if "loss" in cfg.early_stopping.monitor else column.idxmax()])
-    return Fitted(history=table, stopped_epoch=stopped, best_epoch=best)
+    restored = stopper is not None and cfg.early_stopping.restore_best_weights  # Keras restores at train end
+    return Fitted(history=table, stopped_epoch=stopped, best_epoch=best, final_epoch=best if restored else len(table),
+                  kept=keeper.kept, kept_best=keeper.best_epoch)
+
+
+def _keeper(monitor: str, every: int):
+    """A Keras callback that copies the model's weights (in memory) at the end of each epoch where
+    `monitor` improves (lower loss, higher accuracy, as EarlyStopping judges it; the earlier epoch wins
+    a tie), and every `every`-th epoch; model.fit and EpochLoop both call on_epoch_end with the logs.
+    A superseded best is dropped unless it is an every-N-th epoch."""
+    import keras
+
+    better = (lambda new, old: new < old) if "loss" in monitor else (lambda new, old: new > old)
+
+    class KeepWeights(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.kept: dict[int, list] = {}
+            self.best_epoch, self.best = None, None
+
+        def on_epoch_end(self, epoch, logs=None):
+            number, value = epoch + 1, (logs or {}).get(monitor)
+            wanted = every > 0 and number % every == 0
+            improved = value is not None and (self.best is None or better(value, self.best))
+            if improved:
+                if self.best_epoch is not None and not (every > 0 and self.best_epoch % every == 0):
+                    self.kept.pop(self.best_epoch, None)
+                self.best_epoch, self.best = number, value
+            if improved or wanted:
+                self.kept[number] = self.model.get_weights()
+
+    return KeepWeights()
 
 
 @contextmanager

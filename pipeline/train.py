@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import build, config, evaluate, fit, ingest, search, tracking
+from pipeline.tracking import checkpoints
 from pipeline.cache import Prepared, clocked, prepare
 from pipeline.collection import COLLECTION
 from pipeline.config import PipelineConfig
@@ -132,17 +133,19 @@ def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
                                              f"at epoch {at}")
                 metrics.update(val_loss=lowest, val_accuracy=float(fitted.history["val_accuracy"].max()))
             if "evaluate" in cfg.stages:
-                with clocked(seconds, "evaluate"):
-                    evaluation = evaluate.evaluate(model, data.encoded, fitted.history, cfg.evaluate)
+                with clocked(seconds, "evaluate"):  # the best and the last epoch; `model` ends as the served one
+                    kept = evaluate.checkpoints(model, data.encoded, fitted, cfg.evaluate)
+                    evaluation = kept.evaluation
                     run.evaluation(evaluation)
-                objects["evaluation"] = evaluation
+                    checkpoints.record(kept)
+                objects.update(evaluation=evaluation, checkpoints=kept)
                 metrics.update(evaluation.metrics)
-                stage("evaluate", seconds["evaluate"], f"test accuracy {metrics['test_accuracy']:.4f}, "
-                                                       f"test loss {metrics['test_loss']:.4f}")
+                stage("evaluate", seconds["evaluate"], kept.line())
                 if cfg.evaluate.log_model:
                     with clocked(seconds, "log_model"):
-                        run.log_model(model, data.encoded, cfg)
-                    stage("log_model", seconds["log_model"], "the raw-text model, served as it was tested")
+                        checkpoints.log_models(run, model, data.encoded, cfg, kept)
+                    stage("log_model", seconds["log_model"], f"{kept.served.role} (epoch {kept.served.epoch}) as the "
+                          f"raw-text model, served as it was tested; {1 + bool(kept.other) + len(kept.every)} checkpoint(s)")
             run.complete()
             return metrics, objects
         finally:

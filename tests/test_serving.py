@@ -94,7 +94,15 @@ def test_team_server_parallel_sweep_champion_serving_and_batch_scoring(tiny_arch
         # the sweep pointed the registry's champion alias at its best job
         champion = client.get_model_version_by_alias("imdb-tiny", "champion")
         assert champion.run_id == parent.data.tags["sweep.best_run"]
-        assert len(client.search_model_versions("name = 'imdb-tiny'")) == 4
+        assert len(client.search_model_versions("name = 'imdb-tiny'")) == 4  # each job registers one checkpoint
+        # ... at that job's best checkpoint by validation loss: its LoggedModel tagged best, at that epoch
+        best_run = client.get_run(champion.run_id)
+        assert champion.source == best_run.data.tags["model_uri"]
+        checkpoint = client.get_logged_model(champion.source.removeprefix("models:/"))
+        assert checkpoint.tags["checkpoint"] in ("best", "best,last")
+        curve = client.get_metric_history(champion.run_id, "val_loss")
+        lowest = min(curve, key=lambda point: (point.value, point.step))
+        assert [o.step for o in best_run.outputs.model_outputs if o.model_id == checkpoint.model_id] == [lowest.step]
 
         # served from the registry by alias, answering real requests
         with model_server("models:/imdb-tiny@champion", tmp_path, server) as url:

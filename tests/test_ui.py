@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from tests.conftest import PROJECT, tiny_overrides
 from tests.helpers import environment, output
@@ -191,15 +192,31 @@ def test_the_artifacts_view_lists_figures_report_and_model(browser_page):
     page.get_by_text("report.md", exact=True).click()
     page.get_by_text("Validation loss is lowest at epoch").first.wait_for()
     page.screenshot(path=str(SHOTS / "5-sweep-report.png"))
-    # the trained model is listed with the run (MLflow 3 keeps logged models beside the artifacts)
-    open_page(page, f"{url}/#/experiments/{experiment_id}/runs/{single.info.run_id}", "Logged models (1)")
+    # the run's two checkpoints, its best and last epoch, are listed with it (MLflow 3 keeps logged models
+    # beside the artifacts); the served one is the run's model_uri
+    open_page(page, f"{url}/#/experiments/{experiment_id}/runs/{single.info.run_id}", "Logged models (2)")
+    for other in MlflowClient(url).search_logged_models([experiment_id], f"source_run_id = '{single.info.run_id}'"):
+        page.locator(f"a[href*='/models/{other.model_id}']").first.wait_for()
     model_id = single.data.tags["model_uri"].removeprefix("models:/")
     link = page.locator(f"a[href*='/models/{model_id}']").first
-    link.wait_for()
     link.click()  # the model's own page
     page.get_by_text(model_id).first.wait_for()
     page.wait_for_timeout(1000)
     page.screenshot(path=str(SHOTS / "6-logged-model.png"))
+
+
+def test_the_models_tab_shows_each_runs_best_and_last_checkpoint(browser_page):
+    url, page = browser_page
+    experiment_id, single, _ = ids(url)
+    models = MlflowClient(url).search_logged_models([experiment_id], f"source_run_id = '{single.info.run_id}'")
+    assert sorted(m.tags["checkpoint"] for m in models) == ["best", "last"]
+    page.goto(f"{url}/#/experiments/{experiment_id}/models?workflowType=machine_learning")
+    page.get_by_text("tutorial-tiny").first.wait_for()
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(SHOTS / "6b-models-tab.png"), full_page=True)
+    body = page.inner_text("body")
+    # a row per LoggedModel: name (model: the served best epoch; last), status, source run
+    assert body.count("tutorial-tiny") == 2 and re.search(r"\blast\b", body) and re.search(r"\bmodel\b", body), body
 
 
 def test_comparing_the_sweep_children_shows_val_loss_curves_side_by_side(browser_page):

@@ -267,10 +267,10 @@ class TrackedRun:
             plt.close(figure)
 
     @recorded
-    def log_model(self, model, encoded, cfg: config.PipelineConfig) -> None:
-        """The raw-text pyfunc: pipeline/textmodel.py as model code, the Keras classifier and the vocabulary
-        (and n-grams) it encodes text with. MLflow checks that the input example serves before keeping it. Input
-        type Any, not string: MLflow's server casts a string column's null or 123 to text (docs/serving.md)."""
+    def log_model(self, model, encoded, cfg: config.PipelineConfig, step=0, tags=None):
+        """The raw-text pyfunc at `step` (its epoch): pipeline/textmodel.py as model code, the Keras classifier and
+        the vocabulary (and n-grams) it encodes text with. MLflow checks that the input example serves before keeping
+        it. Input type Any, not string: MLflow's server casts a string column's null or 123 to text (docs/serving.md)."""
         from mlflow.types.schema import AnyType, ColSpec, Schema
 
         with tempfile.TemporaryDirectory() as folder:
@@ -278,7 +278,7 @@ class TrackedRun:
             model.save(classifier)
             textmodel.save_vocabulary(vocabulary_file, encoded.vocabulary, cfg.build.sequence_length,
                                       cfg.build.truncate, encoded.ngrams, encoded.codes)
-            mlflow.log_metric("model.size_mb", sum(f.stat().st_size for f in (classifier, vocabulary_file)) / 1e6)
+            mlflow.log_metric("model.size_mb", sum(f.stat().st_size for f in (classifier, vocabulary_file)) / 1e6, step=step)
             requirements = {name: version for name, version in versions().items() if name != "hydra-core"}
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(Path(textmodel.__file__)),  # models from code: nothing pickled
@@ -286,8 +286,8 @@ class TrackedRun:
                 signature=mlflow.models.ModelSignature(Schema([ColSpec(AnyType())]), Schema([ColSpec("double")])),
                 input_example=INPUT_EXAMPLE,
                 pip_requirements=[f"{name}=={version}" for name, version in requirements.items()],
-                registered_model_name=cfg.evaluate.registered_model_name)
-        mlflow.set_tag("model_uri", info.model_uri)
+                registered_model_name=cfg.evaluate.registered_model_name, step=step, tags=tags)
+        return info
 
     @recorded
     def complete(self) -> None:
