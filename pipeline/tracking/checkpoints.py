@@ -34,7 +34,8 @@ def log_models(run, model, encoded, cfg, kept) -> str:
     """Log every checkpoint of `kept` (pipeline.evaluate.Checkpoints) as a LoggedModel of `run`, the served one
     first, through run.log_model (registered, MLflow's serving check of the input example); `model` ends
     holding the served weights. Returns the served model's URI."""
-    mlflow.flush_async_logging()  # the epochs' points are in the store, to be linked
+    if run.epochs is not None:
+        run.epochs.close()  # every epoch's points are in the store, to be linked
     client = mlflow.MlflowClient()
     # A file store appends a point logged again (the SQL stores keep one): there, only MLflow's own linking
     uri = mlflow.get_tracking_uri()
