@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+if TYPE_CHECKING:  # a stage imports this module: it loads neither OmegaConf nor Hydra (load() imports them)
+    from omegaconf import DictConfig
 
 STAGES = ("ingest", "split", "build", "fit", "evaluate")
 SOURCES = ("archive", "keras", "table")
@@ -219,6 +220,8 @@ class PipelineConfig:
 
 def load(cfg: DictConfig) -> PipelineConfig:
     """The composed Hydra config as a validated PipelineConfig (drops the `hydra` node if present)."""
+    from omegaconf import OmegaConf, open_dict
+
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.pop("hydra", None)  # Hydra's own node; its interpolations only resolve inside a running app
@@ -253,15 +256,17 @@ def flatten(cfg: PipelineConfig) -> dict[str, Any]:
     credentials redacted (see `redact`)."""
     import pandas as pd
 
-    return pd.json_normalize(_redacted(OmegaConf.to_container(OmegaConf.structured(cfg)))).iloc[0].to_dict()
+    return pd.json_normalize(_redacted(asdict(cfg))).iloc[0].to_dict()
 
 
 def recorded_yaml(cfg: PipelineConfig) -> str:
     """The settings as YAML for the run's artifacts, with the same redaction as the params."""
-    return OmegaConf.to_yaml(_redacted(OmegaConf.to_container(OmegaConf.structured(cfg))))
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(_redacted(asdict(cfg)))
 
 
-# -- where runs are recorded (no MLflow needed: checked before anything heavy loads) ---------------
+# -- where runs are recorded (pipeline.tracking.server checks that it answers) ----------------------
 def tracking_uri(cfg: TrackingConfig) -> str:
     """The configured URI, else $MLFLOW_TRACKING_URI, else the embedded store that `mlflow ui` opens here."""
     if cfg.uri:
@@ -269,35 +274,3 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def check_reachable(uri: str, timeout: float = 5.0) -> str:
-    """Fail in seconds, before any work, when a tracking server does not answer (not after 40 epochs), or
-    refuses us (a server behind MLflow's basic-auth, without the credentials MLflow's client sends)."""
-    if not uri.startswith(("http://", "https://")):
-        return uri
-    import base64
-    import urllib.error
-    import urllib.request
-
-    ask = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search", b'{"max_results": 1}',
-                                 {"Content-Type": "application/json"})
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if user and password:
-        ask.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-        urllib.request.urlopen(ask, timeout=timeout).close()
-    except urllib.error.HTTPError as error:
-        if error.code in (401, 403) and not os.environ.get("MLFLOW_TRACKING_TOKEN"):
-            raise PermissionError(
-                f"the tracking server {redact('uri', uri)} refuses {'these' if user else 'requests without'} credentials "
-                f"({error.code}): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of it") from None
-        if error.code >= 500:
-            raise ConnectionError(f"tracking server {redact('uri', uri)} answers with {error.code}") from None
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise ConnectionError(
-            f"cannot reach the tracking server at {redact('uri', uri)} ({reason}); start it, or point "
-            "tracking.uri / MLFLOW_TRACKING_URI elsewhere (unset both for the local store mlflow.db)") from None
-    return uri

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import build, config, evaluate, fit, ingest, search, tracking
-from pipeline.tracking import checkpoints
+from pipeline.tracking import checkpoints, server
 from pipeline.cache import Prepared, clocked, prepare
 from pipeline.collection import COLLECTION
 from pipeline.config import PipelineConfig
@@ -38,7 +38,7 @@ def check(cfg: PipelineConfig) -> None:
     downloaded) and the tracking server. An error here records nothing."""
     if cfg.ingest.source != "keras" and not (cfg.ingest.source == "archive" and cfg.ingest.download):
         ingest.locate(cfg.ingest)  # FileNotFoundError naming ingest.path
-    config.check_reachable(config.tracking_uri(cfg.tracking))
+    server.check_reachable(config.tracking_uri(cfg.tracking))
 
 
 def start_tensorflow(cfg: PipelineConfig) -> None:

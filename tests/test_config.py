@@ -114,3 +114,17 @@ def test_a_familys_epoch_budget_holds_whatever_fit_group_is_chosen():
     for fit in ("tutorial", "early_stopping"):
         assert compose_config(["build=cnn", f"fit={fit}"]).fit.epochs == 2
         assert compose_config([f"fit={fit}", "build=nbsvm"]).fit.epochs == 3
+
+
+@pytest.mark.slow
+def test_a_stage_loads_neither_hydra_nor_omegaconf_nor_mlflow():
+    """Stages are plain functions: importing them (and their typed configs) brings in no framework."""
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT
+
+    code = ("import sys, pipeline.ingest, pipeline.split, pipeline.build, pipeline.fit, pipeline.evaluate; "
+            "print(sorted(m for m in ('hydra', 'omegaconf', 'mlflow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -35,6 +35,7 @@ from pipeline.console import CONSOLE
 from pipeline.signals import SIGNALS
 from pipeline.tracking.datasets import ReviewsDataset, registering
 from pipeline.tracking.epochs import Epochs
+from pipeline.tracking.server import check_reachable
 
 log = logging.getLogger(__name__)
 CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -50,7 +51,7 @@ def use(uri: str | None) -> str:
     """Point the MLflow client at `uri` (None: as config.tracking_uri decides), creating a new SQLite store
     one process at a time: MLflow migrates a new database without a lock, and two runs started at once
     into a fresh mlflow.db would both migrate it and one would fail half-way."""
-    uri = config.check_reachable(uri or config.tracking_uri(config.TrackingConfig()))
+    uri = check_reachable(uri or config.tracking_uri(config.TrackingConfig()))
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:"):
         path = os.path.abspath(uri.split("?", 1)[0].removeprefix("sqlite:///"))

@@ -1,0 +1,45 @@
+"""Is the tracking server there, and does it let us in? Asked before any data is read or TensorFlow loads.
+
+`check_reachable(uri)` fails in seconds (not after 40 epochs) when an http(s) tracking server does not answer
+or refuses the credentials MLflow's client would send. Our own probe, not MLflow's client: that one retries an
+unreachable server with backoff for about two minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES), right mid-run but not at
+the start, and changing the variable would change it for the whole process.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pipeline.config import redact
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> str:
+    """Fail in seconds, before any work, when a tracking server does not answer (not after 40 epochs), or
+    refuses us (a server behind MLflow's basic-auth, without the credentials MLflow's client sends)."""
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    import base64
+    import urllib.error
+    import urllib.request
+
+    ask = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search", b'{"max_results": 1}',
+                                 {"Content-Type": "application/json"})
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        ask.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        urllib.request.urlopen(ask, timeout=timeout).close()
+    except urllib.error.HTTPError as error:
+        if error.code in (401, 403) and not os.environ.get("MLFLOW_TRACKING_TOKEN"):
+            raise PermissionError(
+                f"the tracking server {redact('uri', uri)} refuses {'these' if user else 'requests without'} credentials "
+                f"({error.code}): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of it") from None
+        if error.code >= 500:
+            raise ConnectionError(f"tracking server {redact('uri', uri)} answers with {error.code}") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConnectionError(
+            f"cannot reach the tracking server at {redact('uri', uri)} ({reason}); start it, or point "
+            "tracking.uri / MLFLOW_TRACKING_URI elsewhere (unset both for the local store mlflow.db)") from None
+    return uri
