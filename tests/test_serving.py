@@ -34,6 +34,14 @@ def test_evaluate_registers_the_model_under_its_name(tiny_archive, tmp_path):
     assert model.predict(REVIEWS).shape == (3,)
 
 
+@pytest.fixture(scope="module")
+def served(tiny_archive, tmp_path_factory):
+    """One tiny run's logged model, loaded as a user loads it (trained once for the cases below)."""
+    cfg = compose_config(tiny_overrides(tiny_archive, tmp_path_factory.mktemp("served")))
+    train(cfg)
+    return mlflow.pyfunc.load_model(runs(cfg.tracking.uri)["tags.model_uri"][0])
+
+
 @pytest.mark.parametrize("given, refusal", [
     (["A film.", None], "input 1 (counting from 0) is null, not a review"),
     ([123], "input 0 (counting from 0) is int 123, not a review"),
@@ -42,10 +50,9 @@ def test_evaluate_registers_the_model_under_its_name(tiny_archive, tmp_path):
     ([{"stars": 5}], "input 0 (counting from 0) is int 5, not a review"),
     (["A film.", "  "], "input 1 (counting from 0) is an empty string, not a review"),
 ])
-def test_the_loaded_model_refuses_what_is_not_a_review(tiny_config, given, refusal):
+def test_the_loaded_model_refuses_what_is_not_a_review(served, given, refusal):
     """In-process as over REST (tests/test_entrypoints.py): the message names the first bad input."""
-    train(tiny_config)
-    model = mlflow.pyfunc.load_model(runs(tiny_config.tracking.uri)["tags.model_uri"][0])
+    model = served
     with pytest.raises(mlflow.exceptions.MlflowException, match=re.escape(refusal)):
         model.predict(given)
     assert model.predict(["A film.", {"text": "Awful."}["text"]]).shape == (2,)  # text is still scored

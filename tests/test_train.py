@@ -13,6 +13,8 @@ from pipeline.train import train
 from tests.conftest import compose_config, tiny_overrides
 from tests.helpers import check_complete_run, runs
 
+NO_MODEL = "evaluate.log_model=false"  # what the stage cache reuses does not depend on the logged model (tested below)
+
 
 def test_a_run_records_everything_a_user_looks_for(tiny_config):
     metrics, objects = train(tiny_config)
@@ -26,7 +28,7 @@ def test_a_run_records_everything_a_user_looks_for(tiny_config):
 
 
 def test_with_the_stage_cache_off_nothing_is_cached_and_the_numbers_are_the_same(tiny_archive, tmp_path):
-    base = tiny_overrides(tiny_archive, tmp_path)
+    base = tiny_overrides(tiny_archive, tmp_path) + [NO_MODEL]
     cached, _ = train(compose_config(base))
     again, _ = train(compose_config(base))  # from the cache
     off, _ = train(compose_config(base + ["stage_cache=false", f"cache_dir={tmp_path / 'unused'}"]))
@@ -61,7 +63,7 @@ def test_a_prefix_of_stages_runs_only_that_prefix(tiny_archive, tmp_path):
 
 
 def test_second_run_that_changes_only_the_model_reuses_prepared_data(tiny_archive, tmp_path, caplog):
-    base = tiny_overrides(tiny_archive, tmp_path)
+    base = tiny_overrides(tiny_archive, tmp_path) + [NO_MODEL]
     train(compose_config(base))
     caplog.set_level("INFO")
     train(compose_config(base + ["build.hidden_units=8", "fit.epochs=2"]))
@@ -77,7 +79,7 @@ def test_a_changed_archive_is_never_served_from_the_cache(tmp_path):
     from tests.conftest import write_archive
 
     archive = write_archive(tmp_path / "data.tar.gz", seed=1)
-    overrides = tiny_overrides(archive, tmp_path) + ["fit.epochs=1"]
+    overrides = tiny_overrides(archive, tmp_path) + ["fit.epochs=1", NO_MODEL]
     train(compose_config(overrides))
     write_archive(archive, seed=2)  # same path, new content
     train(compose_config(overrides))
@@ -87,7 +89,7 @@ def test_a_changed_archive_is_never_served_from_the_cache(tmp_path):
 
 
 def test_a_damaged_cache_entry_is_rebuilt(tiny_archive, tmp_path):
-    overrides = tiny_overrides(tiny_archive, tmp_path) + ["fit.epochs=1"]
+    overrides = tiny_overrides(tiny_archive, tmp_path) + ["fit.epochs=1", NO_MODEL]
     train(compose_config(overrides))
     entry = next((tmp_path / "cache" / "vectorize").iterdir())
     (entry / "x_train.npy").write_bytes(b"\x93NUMPY garbage")
