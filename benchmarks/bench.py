@@ -156,7 +156,9 @@ def last_run(work: Path) -> dict:
     seconds = {k.removeprefix("tags.seconds."): float(v) for k, v in run.items()
                if k.startswith("tags.seconds.") and isinstance(v, str)}  # stages a warm run skipped have none
     return {"seconds": seconds, "epoch_after_first": statistics.median(epochs[1:]),
-            "test_accuracy": float(run["metrics.test_accuracy"]), "val_loss": val_loss}
+            # the last epoch's, as the script's: the served model is the best epoch's (docs/checkpoints.md)
+            "test_accuracy": float(run.get("metrics.last.test_accuracy", run["metrics.test_accuracy"])),
+            "val_loss": val_loss}
 
 
 def spread(values: list[float], digits: int = 2) -> str:
