@@ -49,7 +49,7 @@ try:
 except KeyboardInterrupt as interrupt:  # a Ctrl-C while the libraries load
     stopped(interrupt)
 
-sweep.register()
+config.register()
 search.register()  # hydra/sweeper=optuna: our sweeper (pipeline/search.py), also from an editable install
 log = logging.getLogger("pipeline")
 

@@ -218,6 +218,23 @@ class PipelineConfig:
                  f"a prefix of {list(STAGES)}, e.g. [ingest,split]")
 
 
+def register() -> None:
+    """Give Hydra the schema, so that conf/config.yaml (and every group option) is type-checked against it."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
+
+
+def configure(*overrides: str) -> PipelineConfig:
+    """The settings `python -m pipeline OVERRIDES` would run with, for train() in a notebook or another
+    program: conf/ composed with the overrides (Hydra's syntax, e.g. "fit.epochs=10"), checked alike."""
+    from hydra import compose, initialize_config_dir
+
+    register()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return load(compose(config_name="config", overrides=list(overrides)))
+
+
 def load(cfg: DictConfig) -> PipelineConfig:
     """The composed Hydra config as a validated PipelineConfig (drops the `hydra` node if present)."""
     from omegaconf import OmegaConf, open_dict

@@ -1,7 +1,6 @@
-"""Hydra's side of the pipeline: the typed schema, and a multirun as one parent run with a child per job.
+"""Hydra's side of a sweep: a multirun as one parent run with a child per job, and its analysis.
 
-`register()` puts the PipelineConfig schema in Hydra's ConfigStore, so that every YAML value is
-type-checked. SweepCallback (named in conf/config.yaml) acts in multirun mode: it opens the parent run
+SweepCallback (named in conf/config.yaml) acts in multirun mode: it opens the parent run
 (or adopts the one `mlflow run` created), hands its id and what the driver resolved (the variables the
 config reads, MLflow's client settings, the directory relative paths mean) to the jobs through the
 environment (inherited by joblib workers, given to Ray's) and, when they are done, runs the
@@ -20,7 +19,6 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -37,11 +35,6 @@ RESUMING = "PIPELINE_SWEEP_RESUMING"
 # Where the driver ran (relative paths mean this directory), its host, and the data path it could read
 DIRECTORY, DRIVER_HOST, DRIVER_DATA = "PIPELINE_SWEEP_DIRECTORY", "PIPELINE_SWEEP_HOST", "PIPELINE_SWEEP_DATA"
 READS_VARIABLE = re.compile(r"oc\.env:\s*['\"]?([A-Za-z_][A-Za-z0-9_]*)")  # ${oc.env:NAME,default} in a config
-
-
-def register() -> None:
-    """Register the schema so that conf/config.yaml (and every group option) is type-checked."""
-    ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
 
 
 def sweep_axes(hydra_cfg: DictConfig) -> dict[str, str]:
@@ -193,7 +186,7 @@ class SweepCallback(Callback):
                     train.train(reference)
             except Exception:  # recorded as a FAILED child; the analysis lists it
                 log.exception("the early-stopping reference job failed")
-        analysis = sweeps.analyze_sweep(self.parent, alias=self.settings.sweep.champion_alias)
+        analysis = analyze_sweep(self.parent, alias=self.settings.sweep.champion_alias)
         failed = len(analysis.failed)
         sweeps.close_sweep_parent(self.parent, "FINISHED")
         self.parent = None
@@ -240,6 +233,18 @@ def _forward_to_ray(launcher: DictConfig, variables: dict[str, str]) -> None:
         init.runtime_env = runtime_env
 
 
+def analyze_sweep(parent_run_id: str, alias: str | None = None):
+    """The sweep's children read back, analysed along its own axes (pipeline.analysis, pure), and the analysis
+    written to the parent; with `alias`, the best job's registered model version gets it. Returns the Analysis."""
+    from pipeline import analysis
+    from pipeline.tracking import sweeps
+
+    axes, jobs, histories, failed, early = sweeps.read_jobs(parent_run_id, analysis.BUDGET)
+    result = analysis.analyze(axes, [analysis.job_row(**job) for job in jobs], histories, failed, early)
+    sweeps.write_analysis(parent_run_id, result, early, alias)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m pipeline.sweep PARENT_RUN_ID`: run the analysis again for a finished sweep."""
     import argparse
@@ -255,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     tracking.use(args.tracking_uri)
-    analysis = sweeps.analyze_sweep(args.parent_run_id, alias=args.alias)
+    analysis = analyze_sweep(args.parent_run_id, alias=args.alias)
     print(analysis.report)
 
 

@@ -9,7 +9,7 @@ start is the process's, each epoch is recorded as it ends, and an interrupt ends
 One speed switch lives here, measured with it off by `python -m pipeline.bench --ablate`: `prepare_ahead`
 (the data prepared in a worker process while TensorFlow loads). `freeze_gc` is the command line's
 (pipeline/collection.py), `stage_cache` pipeline/cache.py's, `fit.loop` and `fit.compile_cache` the fit's.
-From a notebook: `train(configure("fit.epochs=10"))`; the process is left as it was found (no signal
+From a notebook: `train(config.configure("fit.epochs=10"))`; the process is left as it was found (no signal
 handler, environment variable or thread of its own stays behind).
 """
 
@@ -150,16 +150,3 @@ def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
             return metrics, objects
         finally:
             run.stage_seconds(seconds)
-
-
-def configure(*overrides: str) -> PipelineConfig:
-    """The settings `python -m pipeline OVERRIDES` would run with, for train() in a notebook or another
-    program: conf/ composed with the overrides (Hydra's syntax, e.g. "fit.epochs=10"), checked as the
-    command line checks them."""
-    from hydra import compose, initialize_config_dir
-
-    from pipeline import sweep
-
-    sweep.register()  # the schema that types every key
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        return config.load(compose(config_name="config", overrides=list(overrides)))

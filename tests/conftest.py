@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from pipeline import config, sweep
+from pipeline import config
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONF = PROJECT / "conf"
@@ -81,7 +81,7 @@ def tiny_overrides(archive: Path, workdir: Path) -> list[str]:
 
 
 def compose_config(overrides: list[str]) -> config.PipelineConfig:
-    sweep.register()
+    config.register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return config.load(compose(config_name="config", overrides=overrides))
 

@@ -178,7 +178,7 @@ def test_no_finished_job_is_a_report_that_says_so():
     assert list(result.table.columns[:2]) == ["job", "build.hidden_units"]
 
 
-# -- pipeline.tracking.sweeps.analyze_sweep: the same analysis, read from and written to a store ------------------
+# -- pipeline.sweep.analyze_sweep: the same analysis, read from and written to a store ------------------
 def test_analyze_sweep_reads_the_axes_and_pruned_trials_back_from_the_store(tmp_path):
     """A search as the store holds it (parent params sweep.<key>, children with their params, curves and tags):
     the analysis written to the parent has a column per searched key, the pruned trial and the time it saved."""
@@ -186,7 +186,7 @@ def test_analyze_sweep_reads_the_axes_and_pruned_trials_back_from_the_store(tmp_
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
-    from pipeline.tracking import sweeps
+    from pipeline import sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -212,7 +212,7 @@ def test_analyze_sweep_reads_the_axes_and_pruned_trials_back_from_the_store(tmp_
                                tags={"mlflow.parentRunId": parent, "error": "ValueError: boom"}).info.run_id
     client.set_terminated(failed, "FAILED")
 
-    sweeps.analyze_sweep(parent)
+    sweep.analyze_sweep(parent)
     table = pd.read_csv(client.download_artifacts(parent, "analysis/jobs.csv", str(tmp_path)))
     assert list(table.columns[:3]) == ["job", "build.optimizer", "build.dropout_rate"]  # in the jobs' names' order
     assert table[["build.optimizer", "build.dropout_rate", "pruned", "epochs_trained", "trial"]].values.tolist() == [

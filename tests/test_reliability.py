@@ -96,7 +96,7 @@ def test_train_in_a_program_changes_nothing_global_and_a_keyboard_interrupt_ends
     as from a notebook's stop button) ends the run KILLED with every finished epoch."""
     import keras
 
-    from pipeline.train import configure
+    from pipeline.config import configure
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     created_store(uri)  # (MLflow keeps a store's connections open once it has used it: not ours to close)

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import resume, sweep
+from pipeline import config, resume, sweep
 from pipeline.config import flatten
 from pipeline.tracking import sweeps
 from tests.conftest import compose_config, tiny_overrides
@@ -81,7 +81,7 @@ def test_the_variables_the_config_reads_and_mlflows_settings_are_forwarded(monke
     monkeypatch.setenv("IMDB_ARCHIVE", "data/mine.tar.gz")
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "me")
     monkeypatch.setenv("UNRELATED_SECRET", "x")
-    sweep.register()
+    config.register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         forwarded = sweep.driver_environment(compose(config_name="config"))
     assert forwarded["IMDB_ARCHIVE"] == "data/mine.tar.gz" and forwarded["MLFLOW_TRACKING_USERNAME"] == "me"

@@ -3,7 +3,8 @@
 
 pipeline.sweep (Hydra's side) calls these: the parent is opened when the multirun starts (or adopted
 from `mlflow run`), jobs record into children through TrackedRun, and at the end the children are read
-back, analysed (pipeline.analysis, pure) and the table, figures and report are written to the parent.
+back (read_jobs), analysed by pipeline.analysis (pure) and the table, figures and report are written to the
+parent (write_analysis).
 """
 
 from __future__ import annotations
@@ -137,22 +138,20 @@ def _setting(key: str, params: dict, run_name: str):
     return named.get(key.rsplit(".", 1)[-1], params.get(f"{key}.family"))
 
 
-def analyze_sweep(parent_run_id: str, alias: str | None = None):
-    """Read the parent's children back, analyse them along the sweep's own axes, and write table, figures and
-    report to the parent. With `alias`, the best job's registered model version (if it registered one) gets it."""
-    from matplotlib import pyplot as plt
-
-    from pipeline import analysis
-
+def read_jobs(parent_run_id: str, budget: str):
+    """The sweep as the analysis needs it, read back from the parent's children: (axes, jobs, histories,
+    failed, early). `axes`: the swept keys and their values as written; `jobs`: pipeline.analysis.job_row's
+    arguments for each finished (or pruned) job; `histories`: their curves by run id; `failed`: job, run_id,
+    error of the others; `early`: the early-stopping reference job, if the sweep ran one. `budget`: the
+    dotted key of the epoch budget (pipeline.analysis.BUDGET), recorded for every job."""
     client = mlflow.MlflowClient()
     axes = _axes(client.get_run(parent_run_id))
-    children = _children(client, parent_run_id)
     latest: dict[str, object] = {}  # a resumed sweep can hold several attempts of one job: keep one
-    for run in children:  # oldest first, so later attempts win, and a finished one beats any other
+    for run in _children(client, parent_run_id):  # oldest first, so later attempts win, and a finished one beats any other
         kept = latest.get(run.info.run_name)
         if kept is None or run.info.status == "FINISHED" or kept.info.status != "FINISHED":
             latest[run.info.run_name] = run
-    rows, histories, failed, early = [], {}, [], None
+    jobs, histories, failed, early = [], {}, [], None
     for run in latest.values():
         name, run_id = run.info.run_name, run.info.run_id
         params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
@@ -169,22 +168,31 @@ def analyze_sweep(parent_run_id: str, alias: str | None = None):
             continue
         histories[run_id] = history
         settings = {key: _setting(key, params, name) for key in axes}
-        settings[analysis.BUDGET] = int(params[analysis.BUDGET])
+        settings[budget] = int(params[budget])
         extra = {"family": params.get("build.family")} if {"build", "build.family"} & set(axes) else {}
         if "search.trial" in tags:
             extra["trial"] = int(tags["search.trial"])
-        rows.append(analysis.job_row(
-            name, run_id, settings, history.dropna(subset=["val_loss"]), metrics.get("test_accuracy", float("nan")),
-            status=run.info.status, pruned=pruned,
+        jobs.append(dict(
+            job=name, run_id=run_id, settings=settings, history=history.dropna(subset=["val_loss"]),
+            test_accuracy=metrics.get("test_accuracy", float("nan")), status=run.info.status, pruned=pruned,
             epochs_trained=int(metrics.get("epochs_trained", history["val_loss"].notna().sum())),
             epoch_seconds=float(history["epoch_seconds"].median()), fit_seconds=float(tags.get("seconds.fit", "nan")),
             parameters=int(metrics.get("model.parameters", 0)), model_size_mb=metrics.get("model.size_mb", float("nan")),
             **extra))
     # the order the job names give the axes (the parent's params come back sorted by name)
-    order = [part.split("=", 1)[0] for row in rows[:1] for part in row["job"].split(",")]
+    order = [part.split("=", 1)[0] for job in jobs[:1] for part in job["job"].split(",")]
     axes = dict(sorted(axes.items(), key=lambda item: (order.index(short) if (short := item[0].rsplit(".", 1)[-1])
                                                        in order else len(order))))
-    result = analysis.analyze(axes, rows, histories, failed, early)
+    return axes, jobs, histories, failed, early
+
+
+def write_analysis(parent_run_id: str, result, early: dict | None, alias: str | None = None) -> None:
+    """The analysis (pipeline.analysis.Analysis) on the parent: analysis/ (jobs.csv, report.md, figures,
+    ranking.csv), headline metrics, the best job's tags; with `alias`, the best job's registered model
+    version (if it registered one) gets that alias."""
+    from matplotlib import pyplot as plt
+
+    client = mlflow.MlflowClient()
     client.log_text(parent_run_id, result.table.to_csv(index=False), "analysis/jobs.csv")
     if not result.failed.empty:
         client.log_text(parent_run_id, result.failed.to_csv(index=False), "analysis/failed_jobs.csv")
@@ -208,7 +216,6 @@ def analyze_sweep(parent_run_id: str, alias: str | None = None):
             client.set_tag(parent_run_id, "sweep.best_family", result.ranking["family"].iloc[0])
         if alias:
             promote(client, parent_run_id, result.best_run, alias)
-    return result
 
 
 def promote(client, parent_run_id: str, run_id: str, alias: str) -> None:
