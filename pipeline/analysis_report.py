@@ -74,12 +74,14 @@ def overfitting(sweep: Sweep) -> tuple[dict, list[str]]:
     if overfit.empty:
         line += " It is still falling at the last epoch of every job: no overfitting within these budgets."
     lines, costs = [line], []
+    # a budget's test accuracy is its last epoch's (a run serves its best epoch's: the other checkpoint)
+    ended = "last_epoch_test_accuracy" if "last_epoch_test_accuracy" in sweep.done else "test_accuracy"
     if BUDGET in sweep.axes:  # what training to the largest budget costs, per setting: best budget's test accuracy minus the largest's
         others = [axis for axis in sweep.axes if axis != BUDGET]
         for _, group in (sweep.done.groupby(others, dropna=False) if others else [(None, sweep.done)]):
             if group[BUDGET].nunique() > 1:
-                at_max = group.loc[group[BUDGET] == group[BUDGET].max(), "test_accuracy"].max()
-                costs.append(group["test_accuracy"].max() - at_max)
+                at_max = group.loc[group[BUDGET] == group[BUDGET].max(), ended].max()
+                costs.append(group[ended].max() - at_max)
         if costs:
             over = f"{len(costs)} settings of {', '.join(others)}" if others else "the one setting"
             lines.append(f"- **Training to {int(sweep.done[BUDGET].max())} epochs instead of the best budget costs "
@@ -89,11 +91,29 @@ def overfitting(sweep: Sweep) -> tuple[dict, list[str]]:
         lines.append(f"- In {len(overfit)} of {len(curves)} jobs validation loss then rises, by {np.median(rises):.3f} "
                      f"(median) to the last epoch ({budgets(overfit)}): they overfit after epoch "
                      f"{float(overfit['min_val_loss_epoch'].median()):g}.")
+    measured, found = past_the_best(sweep)
+    lines += measured
     for axis in settings:
         if continuous(sweep.table[axis]) or pd.api.types.is_numeric_dtype(sweep.table[axis]):
             lines += trend(sweep, axis)
     cost = 100 * float(np.median(costs)) if costs else float("nan")
-    return {"median_min_val_loss_epoch": median_epoch, "max_epochs_cost_points": cost}, lines
+    return {"median_min_val_loss_epoch": median_epoch, "max_epochs_cost_points": cost, **found}, lines
+
+
+def past_the_best(sweep: Sweep) -> tuple[list[str], dict]:
+    """What training past the best epoch cost, measured on every run: its best epoch's model against its last's."""
+    columns = ["best_epoch", "last_epoch", "best_epoch_test_accuracy", "last_epoch_test_accuracy"]
+    if not set(columns) <= set(sweep.done.columns):
+        return [], {}
+    both = sweep.done.dropna(subset=columns)
+    both = both[both["best_epoch"] != both["last_epoch"]]  # (early stopping's restored weights: one model)
+    if both.empty:
+        return [], {}
+    points = 100 * (both["best_epoch_test_accuracy"] - both["last_epoch_test_accuracy"])
+    jobs = f"{len(both)} {'job' if len(both) == 1 else 'jobs'}"
+    return [f"- **Measured on every run: stopping at the best epoch instead of the last gains {points.median():+.2f} "
+            f"points of test accuracy** (median over {jobs}, each run's best-epoch model against its last-epoch "
+            f"model; from {points.min():+.2f} to {points.max():+.2f})."], {"best_vs_last_epoch_points": float(points.median())}
 
 
 def budgets(jobs: pd.DataFrame) -> str:

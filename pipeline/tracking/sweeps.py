@@ -172,6 +172,10 @@ def read_jobs(parent_run_id: str, budget: str):
         extra = {"family": params.get("build.family")} if {"build", "build.family"} & set(axes) else {}
         if "search.trial" in tags:
             extra["trial"] = int(tags["search.trial"])
+        for role in ("best", "last"):  # each run's two checkpoints (pipeline.tracking.checkpoints), where it logged them
+            if f"{role}.test_accuracy" in metrics:
+                extra[f"{role}_epoch"] = int(metrics[f"{role}.epoch"])
+                extra[f"{role}_epoch_test_accuracy"] = metrics[f"{role}.test_accuracy"]
         jobs.append(dict(
             job=name, run_id=run_id, settings=settings, history=history.dropna(subset=["val_loss"]),
             test_accuracy=metrics.get("test_accuracy", float("nan")), status=run.info.status, pruned=pruned,
