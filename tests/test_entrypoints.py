@@ -187,6 +187,9 @@ def test_an_interrupted_run_ends_killed_with_its_finished_epochs(tiny_archive, t
     run = client.get_run(run_id)
     assert run.info.status == "KILLED", shown[-3000:]
     kept = len(_recorded_epochs(client, run_id))
+    reported = len(FINISHED_EPOCH.findall(shown))  # every epoch the terminal printed is kept (at most one more: in flight)
+    assert reported >= 3 and reported <= kept <= reported + 1, (reported, kept)
+    assert run.info.end_time >= _recorded_epochs(client, run_id)[-1].timestamp
     # one line says how it ended, and nothing follows it: no traceback; the exit status is the shell's for the signal
     assert shown.rstrip().splitlines()[-1] == (
         f"MLflow run {run_id} ended KILLED ({signal.Signals(signum).name}), {kept} epochs kept"), shown[-3000:]
