@@ -205,7 +205,7 @@ class PipelineConfig:
     seed: int = 42  # seeds the split, weight initialisation and batch order
     cache_dir: str = ".cache/pipeline"  # stage products and compiled programs, keyed by what made them
     verbose: bool = False  # true: the libraries' own lines on the terminal (false: in the run's logs/run.log only)
-    # Speed switches, each measured by `python -m pipeline.bench --ablate` (docs/performance.md)
+    # Speed switches, each measured by `python benchmarks/bench.py --ablate` (docs/performance.md)
     stage_cache: bool = True  # reuse ingest/split/vectorize products from cache_dir (pipeline.cache)
     prepare_ahead: bool = True  # prepare the data in a worker process while TensorFlow loads
     freeze_gc: bool = True  # once TensorFlow is loaded, leave its objects out of garbage collection

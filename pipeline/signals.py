@@ -44,18 +44,14 @@ class Signals:
         self.received: int | None = None  # the signal no run has ended on yet
         self.previous_hook = None
         self.previous_handlers: dict[int, object] = {}
-        self.start_held = False
         self.stop = threading.Event()
 
-    def install(self, held: bool = False) -> None:
-        """Turn SIGINT and SIGTERM into Interrupted from now on (once; in the main thread only). `held`:
-        hold them until the first run is open (`release`), so that one from the first moments ends it KILLED."""
+    def install(self) -> None:
+        """Turn SIGINT and SIGTERM into Interrupted from now on (once; in the main thread only)."""
         if threading.current_thread() is not threading.main_thread() or self.previous_hook is not None:
             return
         self.previous_handlers = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
         self.previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
-        self.holding += held
-        self.start_held = held
         self.stop.clear()
         # a polling thread, not a timer started by the handler: the handler may run while the main thread
         # holds any lock, so it takes none
@@ -71,7 +67,7 @@ class Signals:
         sys.unraisablehook, self.previous_hook = self.previous_hook, None
         self.stop.set()
         self.thread.join()
-        self.holding, self.pending, self.received, self.start_held = 0, None, None, False
+        self.holding, self.pending, self.received = 0, None, None
 
     @contextmanager
     def installed(self) -> Iterator["Signals"]:
@@ -81,13 +77,6 @@ class Signals:
             yield self
         finally:
             self.uninstall()
-
-    def release(self) -> None:
-        """The first run is open: a signal held since the start is raised now."""
-        if self.start_held:
-            self.start_held = False
-            with self.held():
-                self.holding -= 1
 
     def ended(self) -> None:
         """A run has ended KILLED on the signal: it was not lost, and is not sent again."""

@@ -6,7 +6,7 @@ MLflow; this module calls them in order and hands each product to the run (pipel
 place that speaks to MLflow). The run is opened first, so that what MLflow shows is what happened: its
 start is the process's, each epoch is recorded as it ends, and an interrupt ends it KILLED.
 
-One speed switch lives here, measured with it off by `python -m pipeline.bench --ablate`: `prepare_ahead`
+One speed switch lives here, measured with it off by `python benchmarks/bench.py --ablate`: `prepare_ahead`
 (the data prepared in a worker process while TensorFlow loads). `freeze_gc` is the command line's
 (pipeline/collection.py), `stage_cache` pipeline/cache.py's, `fit.loop` and `fit.compile_cache` the fit's.
 From a notebook: `train(config.configure("fit.epochs=10"))`; the process is left as it was found (no signal

@@ -60,7 +60,6 @@ def open_sweep_parent(cfg: config.PipelineConfig, axes: dict[str, str], sweep_di
         name = cfg.tracking.run_name or "sweep " + ",".join(key.rsplit(".", 1)[-1] for key in axes)
         run = client.create_run(experiment.experiment_id, run_name=name, start_time=int(pipeline.STARTED * 1000))
     run_id = run.info.run_id
-    SIGNALS.release()  # a Ctrl-C from the first moments ends the sweep with its parent KILLED
     client.log_batch(run_id, params=[Param(f"sweep.{key}", value[:6000]) for key, value in axes.items()],
                      tags=[mlflow.entities.RunTag(k, v) for k, v in
                            {"sweep.parent": "true", "sweep.dir": sweep_dir, **git_tags()}.items()])

@@ -33,8 +33,8 @@ def rescue(uri: str, run_id: str, lines: list[bytes]) -> None:
         stored = {point.step for point in client.get_metric_history(run_id, key)}
         missing += [Metric(key, message["values"][key], message["time"], message["step"])
                     for message in epochs if key in message["values"] and message["step"] not in stored]
-    if missing:
-        client.log_batch(run_id, metrics=missing)
+    for start in range(0, len(missing), 1000):  # (a batch takes at most 1000 metrics)
+        client.log_batch(run_id, metrics=missing[start:start + 1000])
     client.set_tag(run_id, "error", "the training process ended before it ended the run")
     client.set_terminated(run_id, "KILLED", end_time=max((message["time"] for message in told), default=None))
 
