@@ -80,10 +80,8 @@ def fit(model, data, cfg: FitConfig, seed: int, callbacks: Sequence = ()) -> Fit
     table = pd.DataFrame(rows)
     table.insert(0, "epoch", range(1, len(table) + 1))
     stopped = best = None
-    if stopper is not None:
-        stopped = len(table) if stopper.stopped_epoch else None
-        column = table[cfg.early_stopping.monitor]
-        best = int(table["epoch"][column.idxmin() if "loss" in cfg.early_stopping.monitor else column.idxmax()])
+    if stopper is not None:  # the best epoch by the monitor is the one the keeper kept (the earlier of a tie)
+        stopped, best = (len(table) if stopper.stopped_epoch else None), keeper.best_epoch
     restored = stopper is not None and cfg.early_stopping.restore_best_weights  # Keras restores at train end
     return Fitted(history=table, stopped_epoch=stopped, best_epoch=best, final_epoch=best if restored else len(table),
                   kept=keeper.kept, kept_best=keeper.best_epoch)
