@@ -17,7 +17,7 @@ import sys
 import traceback
 
 import pipeline
-from pipeline.collection import COLLECTION
+from pipeline.speed.collection import COLLECTION
 from pipeline.signals import SIGNALS
 
 if __name__ == "__main__":  # the command line owns its process: set up before the libraries load

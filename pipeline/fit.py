@@ -5,31 +5,24 @@ run passes one that records each epoch as it ends). Out: Fitted, the per-epoch h
 (epoch 1..N), with early stopping the epoch it stopped at and the best epoch whose weights were kept,
 and, in memory, the weights of the epoch where fit.early_stopping.monitor was best (the "best"
 checkpoint, early stopping on or off) and of every fit.checkpoint_every-th epoch. fit.loop=keras
-trains with model.fit as the tutorial does; fit.loop=epoch (the default) with pipeline.epochloop, the
+trains with model.fit as the tutorial does; fit.loop=epoch (the default) with pipeline/speed/epochloop.py, the
 same steps in one compiled call an epoch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import platform
 import shutil
 import subprocess
-import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import metadata
-from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import pandas as pd
 
 from pipeline.config import FitConfig
 
 log = logging.getLogger(__name__)
-XLA_CACHE_FLAG = "--tf_xla_persistent_cache_directory"
 
 
 @dataclass
@@ -56,7 +49,7 @@ def fit(model, data, cfg: FitConfig, seed: int, callbacks: Sequence = ()) -> Fit
     """Train `model` in place on the training arrays, validating on the held-out arrays each epoch."""
     import keras
 
-    from pipeline.epochloop import EpochLoop
+    from pipeline.speed.epochloop import EpochLoop
 
     keras.utils.set_random_seed(seed)
     stopper = None
@@ -116,44 +109,6 @@ def _keeper(monitor: str, every: int):
     return KeepWeights()
 
 
-@contextmanager
-def compile_cache(cache_dir: str) -> Iterator[Path | None]:
-    """Inside, XLA's persistent compilation cache (a TensorFlow flag in TF_XLA_FLAGS) is
-    `cache_dir`/xla/<kind of machine>: a run whose compiled programs were built before loads them instead
-    of compiling. The files are machine code, so the folder is named for the TensorFlow version and the
-    CPU's features. TensorFlow reads the flag once, at its first compilation, so it must be set before that
-    and stays in force for the process; the environment variable is put back as it was at the end. A flag
-    the user set wins; once TensorFlow has started, nothing changes."""
-    flags = os.environ.get("TF_XLA_FLAGS")
-    folder = None if XLA_CACHE_FLAG in (flags or "") or "tensorflow" in sys.modules else _cache_folder(cache_dir)
-    if folder is not None:
-        os.environ["TF_XLA_FLAGS"] = f"{flags or ''} {XLA_CACHE_FLAG}={folder}".strip()
-    try:
-        yield folder
-    finally:
-        if folder is not None:
-            if flags is None:
-                os.environ.pop("TF_XLA_FLAGS", None)
-            else:
-                os.environ["TF_XLA_FLAGS"] = flags
-
-
-def _cache_folder(cache_dir: str) -> Path | None:
-    kind = [platform.machine(), _cpuinfo(("flags", "Features")) or platform.processor()]
-    for package in ("tensorflow-cpu", "tensorflow"):
-        try:
-            kind.append(f"{package}=={metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            pass
-    folder = (Path(cache_dir) / "xla" / hashlib.sha256("\n".join(kind).encode()).hexdigest()[:16]).resolve()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        log.debug("no XLA compilation cache (%s)", error)
-        return None
-    return folder
-
-
 def device() -> dict[str, str]:
     """Where this process trains, as the run's tags: `device` (GPU:0 or CPU) and `device.name`. A machine
     whose NVIDIA GPU TensorFlow does not see (tensorflow-cpu installed, or no CUDA) gets a warning."""
@@ -167,11 +122,11 @@ def device() -> dict[str, str]:
         if listed:
             log.warning("this machine has a GPU (%s) but TensorFlow trains on the CPU: install the gpu extra "
                         "(docs/performance.md, 'On a GPU')", listed.splitlines()[0])
-    name = _cpuinfo(("model name",)).split(":", 1)[-1].strip()
+    name = cpuinfo(("model name",)).split(":", 1)[-1].strip()
     return {"device": "CPU", "device.name": name or platform.processor() or platform.machine()}
 
 
-def _cpuinfo(prefixes: tuple[str, ...]) -> str:
+def cpuinfo(prefixes: tuple[str, ...]) -> str:
     """The first line of /proc/cpuinfo that starts with one of `prefixes` ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as handle:

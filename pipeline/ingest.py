@@ -9,7 +9,6 @@ Out: Reviews, a table with columns text, label (0/1), rating (1-10, or -1 where 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import tarfile
 import zlib

@@ -16,19 +16,16 @@ handler, environment variable or thread of its own stays behind).
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import signal
 import sys
-from contextlib import contextmanager, nullcontext
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from pipeline import build, config, evaluate, fit, ingest, search, tracking
-from pipeline.tracking import checkpoints, server
-from pipeline.cache import Prepared, clocked, prepare
-from pipeline.collection import COLLECTION
+from pipeline import build, config, evaluate, fit, ingest, search, speed, split, tracking
+from pipeline.build import Encoded
 from pipeline.config import PipelineConfig
-from pipeline.console import stage
+from pipeline.speed.collection import COLLECTION
+from pipeline.steps import Steps
+from pipeline.tracking import server
 
 log = logging.getLogger(__name__)
 
@@ -59,94 +56,56 @@ def start_tensorflow(cfg: PipelineConfig) -> None:
         COLLECTION.resume(freeze=fresh)
 
 
-def xla_cache(cfg: PipelineConfig):
-    """XLA's compiled programs kept in cache_dir while the run compiles (fit.compile_cache)."""
-    return fit.compile_cache(cfg.cache_dir) if cfg.fit.jit_compile and cfg.fit.compile_cache else nullcontext()
+@dataclass
+class Data:
+    """What the data stages hand on: the reviews' source, digest, counts and labels (Reviews.meta), the
+    split's sizes and the arrays (None where cfg.stages stops before), and the stage cache's hits."""
+    reviews: dict
+    sizes: dict[str, int] | None
+    encoded: Encoded | None
+    cache: dict[str, str]
 
 
-@contextmanager
-def preparing(cfg: PipelineConfig):
-    """Yields a function that returns the run's Prepared data. With prepare_ahead (and TensorFlow not
-    loaded yet) the data stages start at once in a worker process, a fresh interpreter (safe whatever
-    threads run here), while this process opens the run and imports TensorFlow; the worker is stopped
-    as soon as its result is in, or when the run ends first. A spawned worker imports the main module
-    again: only a module started with -m (`python -m pipeline`, whose code is guarded) is safe to."""
-    main = sys.modules["__main__"]
-    if not (cfg.prepare_ahead and "build" in cfg.stages and "tensorflow" not in sys.modules
-            and getattr(main, "__spec__", None) is not None and multiprocessing.parent_process() is None):
-        yield lambda: prepare(cfg)
-        return
-    pool = multiprocessing.get_context("spawn").Pool(1, initializer=signal.signal,
-                                                       initargs=(signal.SIGINT, signal.SIG_IGN))  # Ctrl-C is the run's
-
-    def result() -> Prepared:
-        try:
-            return pending.get()
-        finally:
-            pool.terminate()
-
-    try:
-        pending = pool.apply_async(prepare, (cfg,))
-        log.info("ingest, split, vectorize: in a worker process while TensorFlow loads")
-        yield result
-    finally:
-        pool.terminate()
+def prepare(cfg: PipelineConfig, step: Steps) -> Data:
+    """ingest -> split -> vectorize, as far as cfg.stages goes."""
+    reviews = step("ingest", ingest.ingest, cfg.ingest, cfg.seed)
+    parts = step("split", split.split, reviews.frame, cfg.split, cfg.seed) if "split" in cfg.stages else None
+    encoded = step("vectorize", build.vectorize, parts, cfg.build) if "build" in cfg.stages else None
+    return Data(reviews.meta(), parts and parts.sizes(), encoded, dict(step.cache))
 
 
 def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Run the pipeline once, tracked. Returns (metrics, objects)."""
     check(cfg)
-    with preparing(cfg) as prepared, tracking.TrackedRun(cfg) as run, xla_cache(cfg):
-        seconds: dict[str, float] = {}
+    step = Steps(cfg)  # each stage's call below: timed, its line on the terminal, through the stage cache
+    metrics: dict[str, float] = {}
+    with speed.ahead(cfg, prepare, step) as prepared, tracking.TrackedRun(cfg, step.seconds) as run, \
+            speed.xla_cache(cfg):
         if "build" in cfg.stages:
-            with clocked(seconds, "start_tensorflow"):
-                start_tensorflow(cfg)
-            stage("start TensorFlow", seconds["start_tensorflow"])
+            step("start_tensorflow", start_tensorflow, cfg)
         COLLECTION.resume(freeze=False)  # (on already, unless cfg.stages ends before build)
-        data = prepared()
-        seconds.update(data.seconds)
-        for line in data.lines():
-            stage(*line)
+        data = prepared()  # prepare(cfg, step), made here or by the worker that started with the run
         run.data(data)
-        objects: dict[str, Any] = {"prepared": data}
-        metrics: dict[str, float] = {}
-        try:
-            if data.encoded is None:  # cfg.stages ends before build
-                run.complete()
-                return metrics, objects
-            with clocked(seconds, "build"):
-                encoded = data.encoded
-                model = build.build_model(cfg.build, encoded.input_size, encoded.x_train.shape[1], cfg.seed,
-                                          train=(encoded.x_train, encoded.y_train))
+        objects: dict[str, Any] = {"data": data}
+        if "build" in cfg.stages:
+            encoded = data.encoded
+            model = step("build", build.build_model, cfg.build, encoded.input_size, encoded.x_train.shape[1],
+                         cfg.seed, train=(encoded.x_train, encoded.y_train))
             run.model_summary(build.summary(model), model.count_params(), fit.device())
-            stage("build", seconds["build"], f"{model.count_params():,} parameters")
-            objects.update(encoded=data.encoded, model=model)
-            if "fit" in cfg.stages:
-                search_trial = search.report_to_study(cfg.sweep)  # in an Optuna search: report each epoch, be pruned
-                with clocked(seconds, "fit"):
-                    fitted = fit.fit(model, data.encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger(), *search_trial])
-                run.fitted(fitted)
-                objects["fitted"] = fitted
-                done = fitted.summary()
-                epochs, lowest, at = done["epochs_trained"], done["best_val_loss"], done["best_val_loss_epoch"]
-                stage("fit", seconds["fit"], f"{epochs} epoch{'s' * (epochs != 1)}, lowest val_loss {lowest:.4f} "
-                                             f"at epoch {at}")
-                metrics.update(val_loss=lowest, val_accuracy=float(fitted.history["val_accuracy"].max()))
-            if "evaluate" in cfg.stages:
-                with clocked(seconds, "evaluate"):  # the best and the last epoch; `model` ends as the served one
-                    kept = evaluate.checkpoints(model, data.encoded, fitted, cfg.evaluate)
-                    evaluation = kept.evaluation
-                    run.evaluation(evaluation)
-                    checkpoints.record(kept)
-                objects.update(evaluation=evaluation, checkpoints=kept)
-                metrics.update(evaluation.metrics)
-                stage("evaluate", seconds["evaluate"], kept.line())
-                if cfg.evaluate.log_model:
-                    with clocked(seconds, "log_model"):
-                        checkpoints.log_models(run, model, data.encoded, cfg, kept)
-                    stage("log_model", seconds["log_model"], f"{kept.served.role} (epoch {kept.served.epoch}) as the "
-                          f"raw-text model, served as it was tested; {1 + bool(kept.other) + len(kept.every)} checkpoint(s)")
-            run.complete()
-            return metrics, objects
-        finally:
-            run.stage_seconds(seconds)
+            objects.update(encoded=encoded, model=model)
+        if "fit" in cfg.stages:
+            trial = search.report_to_study(cfg.sweep)  # in an Optuna search: report each epoch, be pruned
+            fitted = step("fit", fit.fit, model, encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger(), *trial])
+            run.fitted(fitted)
+            objects["fitted"] = fitted
+            metrics.update(val_loss=float(fitted.history["val_loss"].min()),
+                           val_accuracy=float(fitted.history["val_accuracy"].max()))
+        if "evaluate" in cfg.stages:
+            kept = step("evaluate", evaluate.checkpoints, model, encoded, fitted, cfg.evaluate)  # best and last epoch
+            run.evaluation(kept)
+            objects.update(evaluation=kept.evaluation, checkpoints=kept)
+            metrics.update(kept.evaluation.metrics)
+            if cfg.evaluate.log_model:  # the served checkpoint as a raw-text model (`model` ends holding it)
+                step("log_model", run.log_models, model, encoded, cfg, kept)
+        run.complete()
+    return metrics, objects

@@ -8,7 +8,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from pipeline import cache
+from pipeline.speed import cache
 from pipeline.train import train
 from tests.conftest import compose_config, tiny_overrides
 from tests.helpers import check_complete_run, runs
@@ -67,7 +67,8 @@ def test_second_run_that_changes_only_the_model_reuses_prepared_data(tiny_archiv
     train(compose_config(base))
     caplog.set_level("INFO")
     train(compose_config(base + ["build.hidden_units=8", "fit.epochs=2"]))
-    assert re.search(r"data +\d+\.\d s  from the stage cache", caplog.text)
+    assert re.search(r"ingest +\d+\.\d s  .*, from the stage cache", caplog.text)
+    assert re.search(r"vectorize +\d+\.\d s  .*, from the stage cache", caplog.text)
     train(compose_config(base + ["split.validation_size=6"]))
     frame = runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert frame["tags.cache.vectorize"].tolist() == ["miss", "hit", "miss"]
@@ -96,8 +97,8 @@ def test_a_damaged_cache_entry_is_rebuilt(tiny_archive, tmp_path):
     train(compose_config(overrides))
     frame = runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert frame["tags.cache.vectorize"].tolist() == ["miss", "miss"]
-    store = cache.StageCache(tmp_path / "cache")
-    assert store.load("vectorize", entry.name) is not None  # rebuilt and verified
+    store = cache.StageCache(compose_config(overrides))
+    assert store.key("vectorize") == entry.name and store.load("vectorize") is not None  # rebuilt and verified
 
 
 def test_a_failing_run_ends_failed_with_the_error(tiny_archive, tmp_path):

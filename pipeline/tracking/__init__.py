@@ -34,11 +34,11 @@ from pipeline.config import EXPERIMENT, PARENT_RUN
 from pipeline.console import CONSOLE
 from pipeline.signals import SIGNALS
 from pipeline.tracking.datasets import ReviewsDataset, registering
-from pipeline.tracking.epochs import Epochs
+from pipeline.tracking import checkpoints
+from pipeline.tracking.epochs import CURVES, Epochs
 from pipeline.tracking.server import check_reachable
 
 log = logging.getLogger(__name__)
-CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
 PACKAGES = ("tensorflow", "keras", "mlflow", "hydra-core", "numpy", "pandas")
 # Made-up reviews, so that no part of the data set is copied into the model's metadata.
 INPUT_EXAMPLE = ["A moving story with wonderful acting; I would watch it again.",
@@ -117,8 +117,9 @@ class TrackedRun:
 
     first_in_process = True  # the first run of a process started with the process
 
-    def __init__(self, cfg: config.PipelineConfig):
+    def __init__(self, cfg: config.PipelineConfig, seconds: dict[str, float] | None = None):
         self.cfg, self.run_id, self.experiment_id = cfg, None, None
+        self.seconds = seconds if seconds is not None else {}  # each stage's, filled as the run goes; tags at its end
         self.headline: dict[str, float] = {}  # what the closing log line reports
         self.watchdog: subprocess.Popen | None = None
         self.epochs: Epochs | None = None
@@ -172,10 +173,11 @@ class TrackedRun:
                 if status != "FINISHED":  # the log keeps the traceback the terminal is spared
                     CONSOLE.keep("".join(traceback.format_exception(error)))
                 try:
+                    mlflow.set_tags({f"seconds.{stage}": f"{value:.2f}" for stage, value in self.seconds.items()})
                     if (full := CONSOLE.since(self.log_from)) is not None:
                         mlflow.log_text(full, "logs/run.log")
-                except Exception as failure:  # the log is a record of the run; its end matters more
-                    log.warning("could not keep the run's log (%s)", failure)
+                except Exception as failure:  # the seconds and log are a record of the run; its end matters more
+                    log.warning("could not keep the run's seconds and log (%s)", failure)
                 if status == "FAILED":
                     mlflow.set_tag("error", f"{kind.__name__}: {error}"[:5000])
                 mlflow.end_run(status=status)
@@ -205,8 +207,8 @@ class TrackedRun:
 
     @recorded
     def data(self, prepared) -> None:
-        """What the data stages produced: the dataset input, split sizes, cache hits, stage seconds."""
-        meta = prepared.ingest_meta
+        """What the data stages produced (train.Data): the dataset input, split sizes, labels, cache hits."""
+        meta = prepared.reviews
         registering(lambda: mlflow.log_input(ReviewsDataset(meta["source"], meta["digest"], meta["counts"]),
                                               context="training"))
         mlflow.set_tags({"data.digest": meta["digest"], **{f"cache.{k}": v for k, v in prepared.cache.items()}})
@@ -220,10 +222,6 @@ class TrackedRun:
 
                 skipped = pd.DataFrame(meta["skipped"], columns=["row", "reason"]).to_csv(index=False)
                 mlflow.log_text(skipped, "data/skipped_rows.csv")
-
-    @recorded
-    def stage_seconds(self, seconds: dict[str, float]) -> None:
-        mlflow.set_tags({f"seconds.{stage}": f"{value:.2f}" for stage, value in seconds.items()})
 
     @recorded
     def model_summary(self, text: str, parameters: int, device: dict[str, str]) -> None:
@@ -258,14 +256,21 @@ class TrackedRun:
         self.headline.update(summary)
 
     @recorded
-    def evaluation(self, result) -> None:
+    def evaluation(self, kept) -> None:
+        """The served checkpoint's test metrics and figures, and best.* and last.* (evaluate.Checkpoints)."""
         from matplotlib import pyplot as plt
 
+        result = kept.evaluation
+        checkpoints.record(kept)
         mlflow.log_metrics(result.metrics)
         self.headline.update(result.metrics)
         for name, figure in result.figures.items():
             mlflow.log_figure(figure, f"figures/{name}")
             plt.close(figure)
+
+    def log_models(self, model, encoded, cfg: config.PipelineConfig, kept) -> str:
+        """Every checkpoint of `kept` as a LoggedModel, the served one first (checkpoints.py); its URI."""
+        return checkpoints.log_models(self, model, encoded, cfg, kept)
 
     @recorded
     def log_model(self, model, encoded, cfg: config.PipelineConfig, step=0, tags=None):

@@ -15,7 +15,7 @@ import mlflow
 from mlflow.entities import Metric
 
 from pipeline.signals import SIGNALS
-from pipeline.tracking import CURVES
+from pipeline.tracking.epochs import CURVES
 
 log = logging.getLogger(__name__)
 LINKED = CURVES  # the per-epoch curves linked to a checkpoint, up to its epoch (epoch_seconds: of the run, not the model)

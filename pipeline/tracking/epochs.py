@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 log = logging.getLogger(__name__)
+CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")  # what each epoch records (with epoch_seconds)
 
 
 def now_ms() -> int:

@@ -1,0 +1,52 @@
+"""The speed mechanisms, each behind its switch and imported only when that switch is on.
+
+switch               what it does                                                    module
+prepare_ahead        the data stages run in a worker process while TensorFlow loads   prepare_ahead.py
+stage_cache          ingest's and vectorize's products reused from cache_dir         cache.py
+fit.compile_cache    XLA's compiled programs reused from cache_dir                   xla.py
+fit.loop=epoch       one compiled call per epoch instead of model.fit's per batch     epochloop.py (fit.py)
+fit.dense_gradients  Adam gets the embedding's gradient summed per row               epochloop.py
+freeze_gc            the command line's gc paused while the libraries import         collection.py (__main__)
+
+Each is measured switched off by `python benchmarks/bench.py --ablate` (docs/performance.md), and a
+parity test shows the numbers are the same with it off. The run's story (pipeline/train.py) reads the same
+either way.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+CACHED_STAGES = ("ingest", "vectorize")  # what stage_cache keeps (split takes a hundredth of a second)
+
+
+def stage_cache(cfg):
+    """The run's stage cache (cache.StageCache), or None with stage_cache=false."""
+    if not cfg.stage_cache:
+        return None
+    from pipeline.speed.cache import StageCache
+
+    return StageCache(cfg)
+
+
+def xla_cache(cfg):
+    """A context inside which XLA keeps its compiled programs in cache_dir (fit.compile_cache, with jit_compile)."""
+    if not (cfg.fit.jit_compile and cfg.fit.compile_cache):
+        return nullcontext()
+    from pipeline.speed.xla import compile_cache
+
+    return compile_cache(cfg.cache_dir)
+
+
+@contextmanager
+def ahead(cfg, prepare, step):
+    """Yields `prepared()`, which returns prepare(cfg, step): made in a worker process started now
+    (prepare_ahead, see prepare_ahead.py), or here when it is called."""
+    if cfg.prepare_ahead:
+        from pipeline.speed import prepare_ahead as worker
+
+        if worker.can_start(cfg):
+            with worker.started(cfg, prepare, step) as prepared:
+                yield prepared
+            return
+    yield lambda: prepare(cfg, step)

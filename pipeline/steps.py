@@ -1,0 +1,97 @@
+"""Each stage's call as train.py makes it: timed, told and, for the data stages, through the stage cache.
+
+`step(name, stage_function, *args)` returns what stage_function(*args) returns, and keeps its seconds
+(the run's `seconds.<name>` tags) and one terminal line: the stage, its seconds, what it made (WORDS).
+With stage_cache=true, ingest's and vectorize's products are read from the stage cache when the same
+settings, inputs and code made them before (pipeline/speed/cache.py), and kept there when not; `cache`
+says which were hits. This is the one place that times a stage or writes its line.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipeline import speed
+from pipeline.config import PipelineConfig
+from pipeline.console import stage as show
+
+
+def _reviews(reviews) -> str:
+    meta = reviews.meta()
+    left_out = f", {len(meta['skipped'])} left out (see data/skipped_rows.csv)" if meta["skipped"] else ""
+    return f"{sum(meta['counts'].values()):,} reviews from {Path(meta['source']).name}{left_out}"
+
+
+def _tokens(encoded) -> str:
+    kind = f"{len(encoded.codes):,} n-grams" if encoded.ngrams else f"{len(encoded.vocabulary):,} tokens"
+    return f"{kind}, {encoded.x_train.shape[1]} a review"
+
+
+def _fitted(fitted) -> str:
+    done = fitted.summary()
+    epochs = done["epochs_trained"]
+    return (f"{epochs} epoch{'s' * (epochs != 1)}, lowest val_loss {done['best_val_loss']:.4f} "
+            f"at epoch {done['best_val_loss_epoch']}")
+
+
+def _logged(uri, model, encoded, cfg, kept) -> str:
+    return (f"{kept.served.role} (epoch {kept.served.epoch}) as the raw-text model, served as it was tested; "
+            f"{1 + bool(kept.other) + len(kept.every)} checkpoint(s)")
+
+
+# What each stage's line says it made: a function of its product (and the call's arguments).
+WORDS = {
+    "ingest": lambda reviews, *args: _reviews(reviews),
+    "split": lambda parts, *args: ", ".join(f"{count:,} {name}" for name, count in parts.sizes().items()),
+    "vectorize": lambda encoded, *args: _tokens(encoded),
+    "build": lambda model, *args: f"{model.count_params():,} parameters",
+    "fit": lambda fitted, *args: _fitted(fitted),
+    "evaluate": lambda kept, *args: kept.line(),
+    "log_model": _logged,
+}
+LABELS = {"start_tensorflow": "start TensorFlow"}  # a line's stage, where it is not the name its seconds are kept under
+
+
+class Steps:
+    def __init__(self, cfg: PipelineConfig, tell: bool = True):
+        self.cfg, self.tell = cfg, tell  # False in the worker that prepares the data ahead: its lines are told when taken
+        self.store = speed.stage_cache(cfg)  # None with stage_cache=false
+        self.seconds: dict[str, float] = {}
+        self.cache: dict[str, str] = {}  # ingest, vectorize: hit, miss, or off
+        self.lines: list[tuple[str, float, str]] = []
+
+    def __call__(self, name: str, function, *args, **kwargs):
+        start = time.perf_counter()
+        kept = self.store is not None and self.store.key(name) is not None  # a stage the cache keeps
+        product = self.store.load(name) if kept else None
+        hit = product is not None
+        if not hit:
+            product = function(*args, **kwargs)
+        took = time.perf_counter() - start
+        if kept and not hit:
+            began = time.perf_counter()
+            self.store.save(name, product)
+            self.seconds["cache_write"] = self.seconds.get("cache_write", 0.0) + time.perf_counter() - began
+        if name in speed.CACHED_STAGES:
+            self.cache[name] = "hit" if hit else "miss" if kept else "off"
+        self.seconds[name] = self.seconds.get(name, 0.0) + took
+        words = WORDS.get(name, lambda *_: "")(product, *args)
+        self.line(LABELS.get(name, name), took, words + (", from the stage cache" if hit else ""))
+        return product
+
+    def line(self, name: str, seconds: float, words: str) -> None:
+        self.lines.append((name, seconds, words))
+        if self.tell:
+            show(name, seconds, words)
+
+    def quiet(self) -> "Steps":
+        """A fresh Steps that keeps its lines to itself (for the data worker, pipeline/speed/prepare_ahead.py)."""
+        return Steps(self.cfg, tell=False)
+
+    def taken(self, other: "Steps") -> None:
+        """Adopt what the data worker's Steps did (pipeline/speed/prepare_ahead.py): its seconds, hits, and lines, told now."""
+        self.seconds.update(other.seconds)
+        self.cache.update(other.cache)
+        for line in other.lines:
+            self.line(*line)
