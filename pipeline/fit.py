@@ -5,7 +5,7 @@ run passes one that records each epoch as it ends). Out: Fitted, the per-epoch h
 (epoch 1..N), with early stopping the epoch it stopped at and the best epoch whose weights were kept,
 and, in memory, the weights of the epoch where fit.early_stopping.monitor was best (the "best"
 checkpoint, early stopping on or off) and of every fit.checkpoint_every-th epoch. fit.loop=keras
-trains with model.fit as the tutorial does; fit.loop=epoch (the default) with pipeline/speed/epochloop.py, the
+trains with model.fit as the tutorial does; fit.loop=epoch (the default) with pipeline/epochloop.py, the
 same steps in one compiled call an epoch.
 """
 
@@ -49,7 +49,7 @@ def fit(model, data, cfg: FitConfig, seed: int, callbacks: Sequence = ()) -> Fit
     """Train `model` in place on the training arrays, validating on the held-out arrays each epoch."""
     import keras
 
-    from pipeline.speed.epochloop import EpochLoop
+    from pipeline.epochloop import EpochLoop
 
     keras.utils.set_random_seed(seed)
     stopper = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline import speed
 from pipeline.config import PipelineConfig
 from pipeline.console import stage as show
 
@@ -54,27 +53,27 @@ LABELS = {"start_tensorflow": "start TensorFlow"}  # a line's stage, where it is
 
 
 class Steps:
-    def __init__(self, cfg: PipelineConfig, tell: bool = True):
-        self.cfg, self.tell = cfg, tell  # False in the worker that prepares the data ahead: its lines are told when taken
-        self.store = speed.stage_cache(cfg)  # None with stage_cache=false
+    def __init__(self, cfg: PipelineConfig, store, tell: bool = True):
+        self.cfg, self.store = cfg, store  # the stage cache (pipeline.speed.stage_cache), keeping ingest and vectorize
+        self.tell = tell  # False in the worker that prepares the data ahead: its lines are told when taken
         self.seconds: dict[str, float] = {}
         self.cache: dict[str, str] = {}  # ingest, vectorize: hit, miss, or off
         self.lines: list[tuple[str, float, str]] = []
 
     def __call__(self, name: str, function, *args, **kwargs):
         start = time.perf_counter()
-        kept = self.store is not None and self.store.key(name) is not None  # a stage the cache keeps
+        kept = self.store.key(name) is not None  # a stage the cache keeps
         product = self.store.load(name) if kept else None
         hit = product is not None
         if not hit:
             product = function(*args, **kwargs)
         took = time.perf_counter() - start
-        if kept and not hit:
+        if kept and not hit and self.store.on:
             began = time.perf_counter()
             self.store.save(name, product)
             self.seconds["cache_write"] = self.seconds.get("cache_write", 0.0) + time.perf_counter() - began
-        if name in speed.CACHED_STAGES:
-            self.cache[name] = "hit" if hit else "miss" if kept else "off"
+        if kept:
+            self.cache[name] = "hit" if hit else "miss" if self.store.on else "off"
         self.seconds[name] = self.seconds.get(name, 0.0) + took
         words = WORDS.get(name, lambda *_: "")(product, *args)
         self.line(LABELS.get(name, name), took, words + (", from the stage cache" if hit else ""))
@@ -87,7 +86,7 @@ class Steps:
 
     def quiet(self) -> "Steps":
         """A fresh Steps that keeps its lines to itself (for the data worker, pipeline/speed/prepare_ahead.py)."""
-        return Steps(self.cfg, tell=False)
+        return Steps(self.cfg, self.store, tell=False)
 
     def taken(self, other: "Steps") -> None:
         """Adopt what the data worker's Steps did (pipeline/speed/prepare_ahead.py): its seconds, hits, and lines, told now."""

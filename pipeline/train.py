@@ -1,16 +1,13 @@
-"""One run, top to bottom: ingest -> split -> build -> fit -> evaluate, recorded as one MLflow run.
+"""One run, top to bottom: ingest -> split -> vectorize -> build -> fit -> evaluate, recorded as one MLflow run.
 
 `train(cfg)` returns (metrics, objects): the final metrics (what a sweeper optimizes) and the products.
-The stages are plain functions (pipeline/ingest.py ... evaluate.py) that know nothing of Hydra or
-MLflow; this module calls them in order and hands each product to the run (pipeline.tracking, the one
-place that speaks to MLflow). The run is opened first, so that what MLflow shows is what happened: its
-start is the process's, each epoch is recorded as it ends, and an interrupt ends it KILLED.
-
-One speed switch lives here, measured with it off by `python benchmarks/bench.py --ablate`: `prepare_ahead`
-(the data prepared in a worker process while TensorFlow loads). `freeze_gc` is the command line's
-(pipeline/collection.py), `stage_cache` pipeline/cache.py's, `fit.loop` and `fit.compile_cache` the fit's.
-From a notebook: `train(config.configure("fit.epochs=10"))`; the process is left as it was found (no signal
-handler, environment variable or thread of its own stays behind).
+The stages are plain functions (pipeline/ingest.py ... evaluate.py) that know nothing of Hydra or MLflow;
+this module calls each by name, in order, through `step` (pipeline/steps.py: its seconds, its terminal line,
+the stage cache), and hands each product to the run (pipeline.tracking, the one place that speaks to MLflow).
+The run is opened first, so that what MLflow shows is what happened: its start is the process's, each epoch
+is recorded as it ends, and an interrupt ends it KILLED. The speed switches (pipeline/speed/) leave this
+story as it reads. From a notebook: `train(config.configure("fit.epochs=10"))`; the process is left as it
+was found (no signal handler, environment variable or thread of its own stays behind).
 """
 
 from __future__ import annotations
@@ -77,7 +74,7 @@ def prepare(cfg: PipelineConfig, step: Steps) -> Data:
 def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Run the pipeline once, tracked. Returns (metrics, objects)."""
     check(cfg)
-    step = Steps(cfg)  # each stage's call below: timed, its line on the terminal, through the stage cache
+    step = Steps(cfg, speed.stage_cache(cfg))  # each stage's call below: timed, its line told, through the stage cache
     metrics: dict[str, float] = {}
     with speed.ahead(cfg, prepare, step) as prepared, tracking.TrackedRun(cfg, step.seconds) as run, \
             speed.xla_cache(cfg):

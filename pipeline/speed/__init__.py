@@ -4,11 +4,12 @@ switch               what it does                                               
 prepare_ahead        the data stages run in a worker process while TensorFlow loads   prepare_ahead.py
 stage_cache          ingest's and vectorize's products reused from cache_dir         cache.py
 fit.compile_cache    XLA's compiled programs reused from cache_dir                   xla.py
-fit.loop=epoch       one compiled call per epoch instead of model.fit's per batch     epochloop.py (fit.py)
-fit.dense_gradients  Adam gets the embedding's gradient summed per row               epochloop.py
+fit.loop=epoch       one compiled call per epoch instead of model.fit's per batch     ../epochloop.py
+fit.dense_gradients  Adam gets the embedding's gradient summed per row               ../epochloop.py
 freeze_gc            the command line's gc paused while the libraries import         collection.py (__main__)
 
-Each is measured switched off by `python benchmarks/bench.py --ablate` (docs/performance.md), and a
+(The epoch loop sits beside fit.py, the stage that imports it when fit.loop=epoch: the stages import nothing
+above them.) Each is measured switched off by `python benchmarks/bench.py --ablate` (docs/performance.md), and a
 parity test shows the numbers are the same with it off. The run's story (pipeline/train.py) reads the same
 either way.
 """
@@ -20,10 +21,24 @@ from contextlib import contextmanager, nullcontext
 CACHED_STAGES = ("ingest", "vectorize")  # what stage_cache keeps (split takes a hundredth of a second)
 
 
-def stage_cache(cfg):
-    """The run's stage cache (cache.StageCache), or None with stage_cache=false."""
-    if not cfg.stage_cache:
+class NoStageCache:
+    """stage_cache=false: the stages it would keep are made every time (their cache tag says "off")."""
+    on = False
+
+    def key(self, stage: str) -> str | None:
+        return "off" if stage in CACHED_STAGES else None
+
+    def load(self, stage: str) -> None:
         return None
+
+    def save(self, stage: str, product) -> None:
+        pass
+
+
+def stage_cache(cfg):
+    """The run's stage cache: cache.StageCache, or NoStageCache with stage_cache=false."""
+    if not cfg.stage_cache:
+        return NoStageCache()
     from pipeline.speed.cache import StageCache
 
     return StageCache(cfg)

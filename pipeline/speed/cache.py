@@ -59,6 +59,7 @@ def unpack(stage: str, arrays: dict[str, Any], meta: dict):
 
 class StageCache:
     """The cache of one run's settings: a key per stage, its entries in cfg.cache_dir."""
+    on = True
 
     def __init__(self, cfg: PipelineConfig):
         self.cfg, self.root, self.keys = cfg, Path(cfg.cache_dir), {}

@@ -16,7 +16,6 @@ import functools
 import hashlib
 import logging
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from pipeline.signals import SIGNALS
 from pipeline.tracking.datasets import ReviewsDataset, registering
 from pipeline.tracking import checkpoints
 from pipeline.tracking.epochs import CURVES, Epochs
-from pipeline.tracking.server import check_reachable
+from pipeline.tracking.server import check_reachable, ui_links
 
 log = logging.getLogger(__name__)
 PACKAGES = ("tensorflow", "keras", "mlflow", "hydra-core", "numpy", "pandas")
@@ -59,19 +58,6 @@ def use(uri: str | None) -> str:
         with FileLock(Path(tempfile.gettempdir()) / f"pipeline-store-{name}.lock"):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates the store, or finds it current
     return uri
-
-
-def ui_links(uri: str, experiment_id: str, run_id: str) -> str:
-    """Where MLflow's UI shows the run and its experiment's runs table. MLflow 3.17's UI opens an experiment
-    on its GenAI pages unless the browser chose "Model training" or the URL asks for it, as these do."""
-    if uri.startswith("sqlite:"):  # `mlflow ui` serves it at its default address
-        base, head = "http://127.0.0.1:5000", f"See it: mlflow ui --backend-store-uri {shlex.quote(uri)}, then open"
-    elif uri.startswith(("http://", "https://")):
-        base, head = config.URL_USERINFO.sub(lambda m: m.group("scheme"), uri).rstrip("/"), "See it:"
-    else:
-        return ""
-    runs, view = f"{base}/#/experiments/{experiment_id}/runs", "?workflowType=machine_learning"
-    return f"\n{head}\n  the run         {runs}/{run_id}{view}\n  the runs table  {runs}{view}"
 
 
 def versions() -> dict[str, str]:

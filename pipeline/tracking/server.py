@@ -1,4 +1,5 @@
 """Is the tracking server there, and does it let us in? Asked before any data is read or TensorFlow loads.
+And where its UI shows a run (`ui_links`).
 
 `check_reachable(uri)` fails in seconds (not after 40 epochs) when an http(s) tracking server does not answer
 or refuses the credentials MLflow's client would send. Our own probe, not MLflow's client: that one retries an
@@ -9,7 +10,9 @@ the start, and changing the variable would change it for the whole process.
 from __future__ import annotations
 
 import os
+import shlex
 
+from pipeline import config
 from pipeline.config import redact
 
 
@@ -43,3 +46,16 @@ def check_reachable(uri: str, timeout: float = 5.0) -> str:
             f"cannot reach the tracking server at {redact('uri', uri)} ({reason}); start it, or point "
             "tracking.uri / MLFLOW_TRACKING_URI elsewhere (unset both for the local store mlflow.db)") from None
     return uri
+
+
+def ui_links(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where MLflow's UI shows the run and its experiment's runs table. MLflow 3.17's UI opens an experiment
+    on its GenAI pages unless the browser chose "Model training" or the URL asks for it, as these do."""
+    if uri.startswith("sqlite:"):  # `mlflow ui` serves it at its default address
+        base, head = "http://127.0.0.1:5000", f"See it: mlflow ui --backend-store-uri {shlex.quote(uri)}, then open"
+    elif uri.startswith(("http://", "https://")):
+        base, head = config.URL_USERINFO.sub(lambda m: m.group("scheme"), uri).rstrip("/"), "See it:"
+    else:
+        return ""
+    runs, view = f"{base}/#/experiments/{experiment_id}/runs", "?workflowType=machine_learning"
+    return f"\n{head}\n  the run         {runs}/{run_id}{view}\n  the runs table  {runs}{view}"
