@@ -49,8 +49,6 @@ def fit(model, data, cfg: FitConfig, seed: int, callbacks: Sequence = ()) -> Fit
     """Train `model` in place on the training arrays, validating on the held-out arrays each epoch."""
     import keras
 
-    from pipeline.epochloop import EpochLoop
-
     keras.utils.set_random_seed(seed)
     stopper = None
     keeper = _keeper(cfg.early_stopping.monitor, cfg.checkpoint_every)
@@ -61,6 +59,8 @@ def fit(model, data, cfg: FitConfig, seed: int, callbacks: Sequence = ()) -> Fit
             restore_best_weights=cfg.early_stopping.restore_best_weights, verbose=1)
         every.insert(0, stopper)
     if cfg.loop == "epoch" and keras.backend.backend() == "tensorflow":
+        from pipeline.epochloop import EpochLoop  # (a speed switch: imported only when on)
+
         rows = EpochLoop(model, data, cfg.batch_size, cfg.jit_compile, seed, cfg.dense_gradients).run(cfg.epochs, every)
     else:
         if cfg.loop == "epoch":

@@ -128,3 +128,22 @@ def test_a_stage_loads_neither_hydra_nor_omegaconf_nor_mlflow():
             "print(sorted(m for m in ('hydra', 'omegaconf', 'mlflow') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_a_speed_mechanism_is_imported_only_when_its_switch_is_on(tiny_archive, tmp_path):
+    """With every speed switch off, a run loads none of pipeline/speed's mechanisms (the gc pause aside: the
+    command line's, imported by the story to resume it)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT, tiny_overrides
+
+    off = ["stage_cache=false", "prepare_ahead=false", "fit.compile_cache=false", "fit.loop=keras", "freeze_gc=false",
+           "evaluate.log_model=false", "fit.epochs=1"]
+    code = ("import sys; from pipeline.config import configure; from pipeline.train import train; "
+            f"train(configure(*{tiny_overrides(tiny_archive, tmp_path) + off!r})); "
+            "print(sorted(m for m in sys.modules if m.startswith(('pipeline.speed.', 'pipeline.epochloop'))))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "['pipeline.speed.collection']", done.stdout
