@@ -45,7 +45,8 @@ def test_python_m_pipeline(tiny_archive, tmp_path):
     again = subprocess.run([sys.executable, "-m", "pipeline", *overrides], cwd=tmp_path, env=environment(),
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, output(again)
-    assert re.search(r"^data +\d+\.\d s  from the stage cache", again.stdout, re.MULTILINE)
+    for stage in ("ingest", "vectorize"):
+        assert re.search(rf"^{stage} +\d+\.\d s  .*, from the stage cache$", again.stdout, re.MULTILINE), stage
     second = runs(uri).iloc[1]
     assert second["tags.cache.vectorize"] == "hit"
     assert second["metrics.test_accuracy"] == frame["metrics.test_accuracy"][0]  # same products, same result
