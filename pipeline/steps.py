@@ -63,18 +63,20 @@ class Steps:
     def __call__(self, name: str, function, *args, **kwargs):
         start = time.perf_counter()
         kept = self.store.key(name) is not None  # a stage the cache keeps
-        product = self.store.load(name) if kept else None
-        hit = product is not None
-        if not hit:
-            product = function(*args, **kwargs)
-        took = time.perf_counter() - start
+        try:  # (a stage that fails or is interrupted still has its seconds, up to then)
+            product = self.store.load(name) if kept else None
+            hit = product is not None
+            if not hit:
+                product = function(*args, **kwargs)
+        finally:
+            took = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + took
+        if kept:
+            self.cache[name] = "hit" if hit else "miss" if self.store.on else "off"
         if kept and not hit and self.store.on:
             began = time.perf_counter()
             self.store.save(name, product)
             self.seconds["cache_write"] = self.seconds.get("cache_write", 0.0) + time.perf_counter() - began
-        if kept:
-            self.cache[name] = "hit" if hit else "miss" if self.store.on else "off"
-        self.seconds[name] = self.seconds.get(name, 0.0) + took
         words = WORDS.get(name, lambda *_: "")(product, *args)
         self.line(LABELS.get(name, name), took, words + (", from the stage cache" if hit else ""))
         return product

@@ -74,6 +74,7 @@ def test_exception_in_a_callback_ends_failed_with_finished_epochs_recorded(tiny_
     frame = runs(tiny_config.tracking.uri)
     assert frame["status"].tolist() == ["FAILED"]
     assert "callback exploded" in frame["tags.error"][0]
+    assert float(frame["tags.seconds.fit"][0]) > 0  # how long the fit ran before it failed
     history = MlflowClient(tiny_config.tracking.uri).get_metric_history(frame.run_id[0], "val_loss")
     assert [p.step for p in history] == [1, 2]
 
