@@ -17,12 +17,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import build, config, evaluate, fit, ingest, search, speed, split, tracking
+from pipeline import build, config, evaluate, fit, ingest, search, speed, split
 from pipeline.build import Encoded
 from pipeline.config import PipelineConfig
 from pipeline.speed.collection import COLLECTION
 from pipeline.steps import Steps
-from pipeline.tracking import server
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +29,8 @@ log = logging.getLogger(__name__)
 def check(cfg: PipelineConfig) -> None:
     """What can be found wrong before any work, TensorFlow or run: the data's path (unless it is to be
     downloaded) and the tracking server. An error here records nothing."""
+    from pipeline.tracking import server  # (see train: this module is imported without MLflow)
+
     if cfg.ingest.source != "keras" and not (cfg.ingest.source == "archive" and cfg.ingest.download):
         ingest.locate(cfg.ingest)  # FileNotFoundError naming ingest.path
     server.check_reachable(config.tracking_uri(cfg.tracking))
@@ -73,6 +74,8 @@ def prepare(cfg: PipelineConfig, step: Steps) -> Data:
 
 def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Run the pipeline once, tracked. Returns (metrics, objects)."""
+    from pipeline import tracking  # MLflow, imported here: the data worker imports this module for prepare() alone
+
     check(cfg)
     step = Steps(cfg, speed.stage_cache(cfg))  # each stage's call below: timed, its line told, through the stage cache
     metrics: dict[str, float] = {}
