@@ -368,8 +368,8 @@ def test_same_config_same_numbers_cold_and_warm(tiny_archive, tmp_path):
     assert frame["metrics.test_loss"][0] == frame["metrics.test_loss"][1]
 
 
-def test_a_run_records_what_is_needed_to_repeat_it(tiny_config):
-    train(tiny_config)
+def test_a_run_records_what_is_needed_to_repeat_it(tiny_run):
+    tiny_config, _, _ = tiny_run
     frame = runs(tiny_config.tracking.uri)
     run = frame.iloc[0]
     assert len(run["tags.git.commit"]) == 40 and run["tags.git.dirty"] in ("True", "False")
