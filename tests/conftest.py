@@ -89,3 +89,14 @@ def compose_config(overrides: list[str]) -> config.PipelineConfig:
 @pytest.fixture
 def tiny_config(tiny_archive, tmp_path) -> config.PipelineConfig:
     return compose_config(tiny_overrides(tiny_archive, tmp_path))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_archive, tmp_path_factory):
+    """One tiny run of the real config, trained in-process once for the tests that only read what it left
+    (its store, its logged model, what train() returned): (config, metrics, objects). Alone in its store."""
+    from pipeline.train import train
+
+    cfg = compose_config(tiny_overrides(tiny_archive, tmp_path_factory.mktemp("tiny_run")))
+    metrics, objects = train(cfg)
+    return cfg, metrics, objects

@@ -53,12 +53,16 @@ def tracking_server(folder: Path, backend: str | None = None, app_name: str | No
     """`mlflow server` on loopback, serving artifacts itself (the documented team setup; SQLite unless
     `backend` says otherwise; `app_name="basic-auth"` behind MLflow's login, settings in `env`)."""
     port = free_port()
-    args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+    with running(server_command(folder, port, backend, app_name), folder, f"http://127.0.0.1:{port}/health", **env):
+        yield f"http://127.0.0.1:{port}"
+
+
+def server_command(folder: Path, port: int, backend: str | None = None, app_name: str | None = None) -> list[str]:
+    """The `mlflow server` command of `tracking_server` (to start it again on the same port and store)."""
+    return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
             "--backend-store-uri", backend or f"sqlite:///{folder / 'server.db'}",
             "--artifacts-destination", str(folder / "server-artifacts"), "--workers", "2",
             *(["--app-name", app_name] if app_name else [])]
-    with running(args, folder, f"http://127.0.0.1:{port}/health", **env):
-        yield f"http://127.0.0.1:{port}"
 
 
 @contextlib.contextmanager

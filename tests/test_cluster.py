@@ -30,14 +30,20 @@ RAY_PORT, SERVER_PORT = 6390, 5090  # inside the namespace, where nothing else l
 CLUSTER_HOST = "pipeline-test-cluster"  # the host name the cluster's processes see (a UTS namespace of their own)
 
 
-@pytest.fixture
-def namespace(monkeypatch, tmp_path):
+@pytest.fixture(scope="module")
+def namespace(tmp_path_factory):
     """`ip netns exec NS` as a command prefix, in a namespace whose only interface is loopback, up. Every
-    process in it is this test's: at the end they are all ended, the cluster's helpers included. HOME is
-    the test's own, so that no ~/.ray/auth_token left by another Ray (a local sweep's) is read."""
+    process in it is these tests': at the end they are all ended, the cluster's helpers included. HOME is
+    the tests' own, so that no ~/.ray/auth_token left by another Ray (a local sweep's) is read."""
     pytest.importorskip("hydra_plugins.hydra_ray_launcher")
-    (tmp_path / "home").mkdir()
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # (tests.helpers.environment passes it on)
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("HOME", str(home))  # (tests.helpers.environment passes it on)
+        yield from in_namespace()
+
+
+def in_namespace():
+    """The namespace made, its loopback up; at the end every process in it ended and it deleted."""
     name = f"pipeline-test-{os.getpid()}"
     try:
         made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
@@ -58,10 +64,12 @@ def namespace(monkeypatch, tmp_path):
         subprocess.run(["ip", "netns", "del", name])
 
 
-@pytest.fixture
-def cluster(namespace, tmp_path):
-    """A Ray head with 2 CPUs and an MLflow server (SQLite, serving artifacts), both in the namespace.
-    Yields (ray address, tracking URI as the jobs see it, tracking URI as this process reads it, artifacts)."""
+@pytest.fixture(scope="module")
+def cluster(namespace, tmp_path_factory):
+    """A Ray head with 2 CPUs and an MLflow server (SQLite, serving artifacts), both in the namespace, started
+    once for the tests below (each sweeps into an experiment of its own). Yields (ray address, tracking URI as
+    the jobs see it, tracking URI as this process reads it, artifacts, the cluster's own folder)."""
+    tmp_path = tmp_path_factory.mktemp("cluster")
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {k: v for k, v in environment().items() if k != "IMDB_ARCHIVE"}  # none of the driver's settings
     (tmp_path / "cluster").mkdir()
@@ -83,7 +91,7 @@ def cluster(namespace, tmp_path):
         while subprocess.run([*namespace, sys.executable, "-c", health], capture_output=True).returncode != 0:
             assert server.poll() is None and time.monotonic() < deadline, "the tracking server did not start"
             time.sleep(1)
-        yield f"127.0.0.1:{RAY_PORT}", f"http://127.0.0.1:{SERVER_PORT}", f"sqlite:///{store}", artifacts
+        yield f"127.0.0.1:{RAY_PORT}", f"http://127.0.0.1:{SERVER_PORT}", f"sqlite:///{store}", artifacts, tmp_path / "cluster"
     finally:
         if server is not None:
             server.terminate()
@@ -103,16 +111,16 @@ def _driver(namespace, tmp_path, archive, address, uri, *overrides: str) -> tupl
     return command, environment(IMDB_ARCHIVE=os.path.join("data", "imdb.tar.gz"))
 
 
-def _family(store: str) -> tuple[object, list]:
+def _family(store: str, experiment: str = "imdb-sentiment") -> tuple[object, list]:
     client = MlflowClient(store)
-    every = client.search_runs([client.get_experiment_by_name("imdb-sentiment").experiment_id], max_results=100)
+    every = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=100)
     parents = [r for r in every if r.data.tags.get("sweep.parent") == "true"]
     assert len(parents) == 1
     return parents[0], [r for r in every if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
 
 
 def test_a_sweep_on_an_existing_ray_cluster(namespace, cluster, tiny_archive, tmp_path):
-    address, uri, store, artifacts = cluster
+    address, uri, store, artifacts, cluster_folder = cluster
     # 4 jobs; the two of validation_size=30 leave no training data and fail
     command, env = _driver(namespace, tmp_path, tiny_archive, address, uri, "build.hidden_units=4,8",
                            "split.validation_size=8,30", "fit.epochs=2")
@@ -123,7 +131,7 @@ def test_a_sweep_on_an_existing_ray_cluster(namespace, cluster, tiny_archive, tm
     parent, children = _family(store)
     # the jobs read the driver's data and wrote the cache beside it, where the driver runs
     assert {c.data.params["ingest.path"] for c in children} == {str(tmp_path / "data" / "imdb.tar.gz")}
-    assert (tmp_path / ".cache" / "pipeline").is_dir() and not (tmp_path / "cluster" / ".cache").exists()
+    assert (tmp_path / ".cache" / "pipeline").is_dir() and not (cluster_folder / ".cache").exists()
     statuses = {c.info.run_name: c.info.status for c in children}
     assert statuses == {"hidden_units=4,validation_size=8": "FINISHED", "hidden_units=8,validation_size=8": "FINISHED",
                         "hidden_units=4,validation_size=30": "FAILED", "hidden_units=8,validation_size=30": "FAILED"}
@@ -155,9 +163,9 @@ def test_a_sweep_on_an_existing_ray_cluster(namespace, cluster, tiny_archive, tm
 
 
 def test_ctrl_c_of_the_ray_driver_leaves_no_child_running(namespace, cluster, tiny_archive, tmp_path):
-    address, uri, store, _ = cluster
+    address, uri, store, _, _ = cluster
     command, env = _driver(namespace, tmp_path, tiny_archive, address, uri, "build.hidden_units=4,8",
-                           "fit.epochs=100000")
+                           "fit.epochs=100000", "tracking.experiment_name=interrupted")
     driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True)
     try:
@@ -166,9 +174,9 @@ def test_ctrl_c_of_the_ray_driver_leaves_no_child_running(namespace, cluster, ti
             assert driver.poll() is None and time.monotonic() < deadline, driver.stderr.read()[-3000:]
             time.sleep(2)
             if os.path.exists(store.removeprefix("sqlite:///")) and MlflowClient(store).get_experiment_by_name(
-                    "imdb-sentiment"):
+                    "interrupted"):
                 try:
-                    _, children = _family(store)
+                    _, children = _family(store, "interrupted")
                 except AssertionError:
                     continue
                 client = MlflowClient(store)
@@ -180,9 +188,9 @@ def test_ctrl_c_of_the_ray_driver_leaves_no_child_running(namespace, cluster, ti
         if driver.poll() is None:
             driver.kill()
     deadline = time.monotonic() + 120
-    while any(c.info.status == "RUNNING" for c in _family(store)[1]) and time.monotonic() < deadline:
+    while any(c.info.status == "RUNNING" for c in _family(store, "interrupted")[1]) and time.monotonic() < deadline:
         time.sleep(2)
-    parent, children = _family(store)
+    parent, children = _family(store, "interrupted")
     assert {c.info.status for c in children} == {"KILLED"}
     assert parent.info.status == "KILLED"
     assert driver.returncode != 0

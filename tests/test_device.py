@@ -21,8 +21,8 @@ def _gpus() -> list:
     return tf.config.list_physical_devices("GPU")
 
 
-def test_a_run_is_tagged_with_the_device_it_trained_on(tiny_config):
-    train(tiny_config)
+def test_a_run_is_tagged_with_the_device_it_trained_on(tiny_run):
+    tiny_config, _, _ = tiny_run
     frame = runs(tiny_config.tracking.uri)
     assert frame["tags.device"][0] == ("GPU:0" if _gpus() else "CPU")
     assert frame["tags.device.name"][0]

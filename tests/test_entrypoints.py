@@ -47,14 +47,22 @@ def test_python_m_pipeline(tiny_archive, tmp_path):
     assert again.returncode == 0, output(again)
     for stage in ("ingest", "vectorize"):
         assert re.search(rf"^{stage} +\d+\.\d s  .*, from the stage cache$", again.stdout, re.MULTILINE), stage
-    second = runs(uri).iloc[1]
-    assert second["tags.cache.vectorize"] == "hit"
-    assert second["metrics.test_accuracy"] == frame["metrics.test_accuracy"][0]  # same products, same result
+    # the same config and seed, cold then warm: the same curves and test metrics
+    both = runs(uri)
+    assert both["tags.cache.vectorize"].tolist() == ["miss", "hit"]
+    client = MlflowClient(uri)
+    for curve in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        first, second = ([(p.step, p.value) for p in sorted(client.get_metric_history(r, curve), key=lambda p: p.step)]
+                         for r in both.run_id)
+        assert first == second, curve
+    assert both["metrics.test_accuracy"][0] == both["metrics.test_accuracy"][1]
+    assert both["metrics.test_loss"][0] == both["metrics.test_loss"][1]
 
 
 def test_the_readmes_own_reviews_command_on_a_table_of_3000_reviews(tmp_path):
     """The README's command, as written there, on a CSV of 3,000 reviews: a table holds out a share of its
-    training split (the tutorial's 10,000 would leave none), and the run is in the store."""
+    training split (the tutorial's 10,000 would leave none), and the run is in the store. No tracking.uri
+    given: the run goes to the default store, the one `mlflow ui` opens in this folder."""
     section = (PROJECT / "README.md").read_text().split("## Your own reviews", 1)[1]
     command = re.search(r"^python -m pipeline .*?(?<!\\)$", section.replace("\\\n", " "), re.MULTILINE).group(0).split()
     assert "ingest=table" in command and "ingest.path=IMDB_Dataset.csv" in command, command
@@ -62,11 +70,14 @@ def test_the_readmes_own_reviews_command_on_a_table_of_3000_reviews(tmp_path):
     pd.DataFrame({"review": [review(rng, i % 2 == 0) for i in range(3000)],
                   "sentiment": ["positive" if i % 2 == 0 else "negative" for i in range(3000)]}).to_csv(
         tmp_path / "IMDB_Dataset.csv", index=False)
-    tiny = [o for o in tiny_overrides(tmp_path, tmp_path) if not o.startswith(("ingest.", "split."))]
+    tiny = [o for o in tiny_overrides(tmp_path, tmp_path) if not o.startswith(("ingest.", "split.", "tracking.uri"))]
     done = subprocess.run([sys.executable, *command[1:], *tiny, f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path,
                           env=environment(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, output(done)
-    run = runs(f"sqlite:///{tmp_path / 'mlflow.db'}").iloc[0]
+    assert (tmp_path / "mlflow.db").exists()  # `mlflow ui` in this folder opens sqlite:///mlflow.db
+    frame = runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(frame) == 1
+    run = frame.iloc[0]
     assert run.status == "FINISHED" and run["params.ingest.source"] == "table"
     assert (run["params.split.validation_fraction"], run["params.split.validation_size"]) == ("0.4", "None")
     rows = [int(run[f"params.data.{part}_rows"]) for part in ("train", "validation", "test")]
@@ -117,15 +128,6 @@ def test_a_failure_while_preparing_in_the_worker_fails_the_run(tmp_path):
     assert "not a readable .tar.gz archive" in frame["tags.error"][0]
 
 
-def test_default_store_is_the_one_mlflow_ui_opens(tiny_archive, tmp_path):
-    overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
-    done = subprocess.run([sys.executable, "-m", "pipeline", *overrides, "evaluate.log_model=false"],
-                          cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, output(done)
-    assert (tmp_path / "mlflow.db").exists()  # `mlflow ui` in this folder opens sqlite:///mlflow.db
-    assert len(runs("sqlite:///" + str(tmp_path / "mlflow.db"))) == 1
-
-
 def test_mlflow_run_local_env(tiny_archive, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
@@ -144,28 +146,29 @@ def test_mlflow_run_local_env(tiny_archive, tmp_path):
 FINISHED_EPOCH = re.compile(r"^\d+/\d+ - .*val_loss: ", re.MULTILINE)  # Keras's line for an epoch that ended
 
 
-def _training(tiny_archive, tmp_path) -> tuple[subprocess.Popen, MlflowClient, str, Path]:
-    """`python -m pipeline` training for a very long time, once its run has recorded 3 epochs: the process,
-    a client of its store, the run's id and the file that holds what it printed (unbuffered, as on a terminal)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = tiny_overrides(tiny_archive, tmp_path) + ["fit.epochs=100000", f"hydra.run.dir={tmp_path / 'out'}"]
+def _start_training(tiny_archive, folder: Path) -> tuple[subprocess.Popen, MlflowClient, str, Path]:
+    """`python -m pipeline` training for a very long time into a store of its own in `folder`: the process, a
+    client of its store, the store's URI and the file that holds what it printed (unbuffered, as on a terminal)."""
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    overrides = tiny_overrides(tiny_archive, folder) + ["fit.epochs=100000", f"hydra.run.dir={folder / 'out'}"]
     client = created_store(uri)
-    printed = tmp_path / "printed.txt"
+    printed = folder / "printed.txt"
     with open(printed, "w") as terminal:
-        process = subprocess.Popen([sys.executable, "-m", "pipeline", *overrides], cwd=tmp_path,
+        process = subprocess.Popen([sys.executable, "-m", "pipeline", *overrides], cwd=folder,
                                    env=environment(PYTHONUNBUFFERED="1"), stdout=terminal, stderr=subprocess.STDOUT)
+    return process, client, uri, printed
+
+
+def _three_epochs_in(process: subprocess.Popen, client: MlflowClient, uri: str, printed: Path) -> str:
+    """The run's id, once it has recorded 3 epochs."""
     deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline:
-            time.sleep(1)
-            frame = runs(uri) if client.get_experiment_by_name("imdb-sentiment") else []
-            if len(frame) and len(client.get_metric_history(frame.run_id[0], "val_loss")) >= 3:
-                return process, client, frame.run_id[0], printed
-            assert process.poll() is None, printed.read_text()[-3000:]
-        raise AssertionError("no 3 epochs recorded in 300 s")
-    except BaseException:
-        process.kill()
-        raise
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        frame = runs(uri) if client.get_experiment_by_name("imdb-sentiment") else []
+        if len(frame) and len(client.get_metric_history(frame.run_id[0], "val_loss")) >= 3:
+            return frame.run_id[0]
+        assert process.poll() is None, printed.read_text()[-3000:]
+    raise AssertionError("no 3 epochs recorded in 300 s")
 
 
 def _recorded_epochs(client: MlflowClient, run_id: str) -> list:
@@ -175,36 +178,46 @@ def _recorded_epochs(client: MlflowClient, run_id: str) -> list:
     return points
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_an_interrupted_run_ends_killed_with_its_finished_epochs(tiny_archive, tmp_path, signum):
-    process, client, run_id, printed = _training(tiny_archive, tmp_path)
+def test_a_run_stopped_mid_fit_by_ctrl_c_sigterm_or_sigkill_ends_killed_with_its_finished_epochs(tiny_archive,
+                                                                                                 tmp_path):
+    """Three runs training at once, each in a folder and store of its own, each stopped once it has recorded 3
+    epochs: by Ctrl-C, by SIGTERM, and killed outright (SIGKILL)."""
+    ways = {"ctrl-c": signal.SIGINT, "sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}
+    started = {}
     try:
-        process.send_signal(signum)
-        process.wait(timeout=120)
+        for way in ways:
+            (tmp_path / way).mkdir()
+            started[way] = _start_training(tiny_archive, tmp_path / way)
+        stopped = {}
+        for way, signum in ways.items():
+            process, client, uri, printed = started[way]
+            run_id = _three_epochs_in(process, client, uri, printed)
+            process.send_signal(signum)
+            stopped[way] = run_id, time.time()
+            process.wait(timeout=120)
     finally:
-        if process.poll() is None:
-            process.kill()
-    shown = printed.read_text()
-    run = client.get_run(run_id)
-    assert run.info.status == "KILLED", shown[-3000:]
-    kept = len(_recorded_epochs(client, run_id))
-    reported = len(FINISHED_EPOCH.findall(shown))  # every epoch the terminal printed is kept (at most one more: in flight)
-    assert reported >= 3 and reported <= kept <= reported + 1, (reported, kept)
-    assert run.info.end_time >= _recorded_epochs(client, run_id)[-1].timestamp
-    # one line says how it ended, and nothing follows it: no traceback; the exit status is the shell's for the signal
-    assert shown.rstrip().splitlines()[-1] == (
-        f"MLflow run {run_id} ended KILLED ({signal.Signals(signum).name}), {kept} epochs kept"), shown[-3000:]
-    assert "Traceback" not in shown
-    assert process.returncode == 128 + signum
+        for process, *_ in started.values():
+            if process.poll() is None:
+                process.kill()
 
+    for way in ("ctrl-c", "sigterm"):  # the process records how it ended
+        signum, (process, client, _, printed), (run_id, _) = ways[way], started[way], stopped[way]
+        shown = printed.read_text()
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED", shown[-3000:]
+        kept = len(_recorded_epochs(client, run_id))
+        reported = len(FINISHED_EPOCH.findall(shown))  # every epoch the terminal printed is kept (at most one more: in flight)
+        assert reported >= 3 and reported <= kept <= reported + 1, (way, reported, kept)
+        assert run.info.end_time >= _recorded_epochs(client, run_id)[-1].timestamp
+        # one line says how it ended, and nothing follows it: no traceback; the exit status is the shell's for the signal
+        assert shown.rstrip().splitlines()[-1] == (
+            f"MLflow run {run_id} ended KILLED ({signal.Signals(signum).name}), {kept} epochs kept"), shown[-3000:]
+        assert "Traceback" not in shown
+        assert process.returncode == 128 + signum
 
-def test_a_run_whose_process_is_killed_outright_is_not_left_running(tiny_archive, tmp_path):
     # SIGKILL gives the process no chance to record anything: its watchdog process sees it go, writes the
     # epochs the store lacks (each was told to it before Keras printed it) and ends the run when it was last alive.
-    process, client, run_id, printed = _training(tiny_archive, tmp_path)
-    process.kill()
-    killed = time.time()
-    process.wait(timeout=60)
+    (process, client, _, printed), (run_id, killed) = started["sigkill"], stopped["sigkill"]
     deadline = time.monotonic() + 120
     while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
         time.sleep(0.5)

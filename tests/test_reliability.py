@@ -353,26 +353,9 @@ def test_truncated_cache_entry_is_rebuilt_not_used(tmp_path):
     assert not (tmp_path / "vectorize" / "k").exists()
 
 
-# -- reproducibility -----------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_same_config_same_numbers_cold_and_warm(tiny_archive, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    for attempt in range(2):  # the first run fills the cache, the second reads it
-        done = pipeline_command(tmp_path, *tiny_overrides(tiny_archive, tmp_path), "fit.epochs=4")
-        assert done.returncode == 0, output(done)
-    frame = runs(uri)
-    assert frame["tags.cache.vectorize"].tolist() == ["miss", "hit"]
-    client = MlflowClient(uri)
-    for curve in ("loss", "accuracy", "val_loss", "val_accuracy"):
-        first, second = ([(p.step, p.value) for p in sorted(client.get_metric_history(r, curve), key=lambda p: p.step)]
-                         for r in frame.run_id)
-        assert first == second, curve
-    assert frame["metrics.test_accuracy"][0] == frame["metrics.test_accuracy"][1]
-    assert frame["metrics.test_loss"][0] == frame["metrics.test_loss"][1]
-
-
-def test_a_run_records_what_is_needed_to_repeat_it(tiny_config):
-    train(tiny_config)
+# -- reproducibility (the same numbers cold and warm: tests/test_entrypoints.py::test_python_m_pipeline) --
+def test_a_run_records_what_is_needed_to_repeat_it(tiny_run):
+    tiny_config, _, _ = tiny_run
     frame = runs(tiny_config.tracking.uri)
     run = frame.iloc[0]
     assert len(run["tags.git.commit"]) == 40 and run["tags.git.dirty"] in ("True", "False")

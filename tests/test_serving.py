@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import subprocess
 import sys
@@ -16,16 +14,24 @@ from mlflow import MlflowClient
 
 from pipeline.train import train
 from tests.conftest import compose_config, tiny_overrides
-from tests.helpers import assert_every_epoch_recorded, environment, output, post, runs
-from tests.servers import model_server, postgresql, tracking_server
+from tests.helpers import assert_every_epoch_recorded, environment, free_port, output, post, runs
+from tests.servers import model_server, postgresql, running, server_command, tracking_server
 
 REVIEWS = ["Superb, brilliant and moving.", "Awful, boring, the worst.", "A film, with a plot."]
 
 
-def test_evaluate_registers_the_model_under_its_name(tiny_archive, tmp_path):
-    cfg = compose_config(tiny_overrides(tiny_archive, tmp_path) + ["evaluate.registered_model_name=imdb-tiny"])
+@pytest.fixture(scope="module")
+def registered(tiny_archive, tmp_path_factory):
+    """Two tiny runs, each registering its model under one name (trained once for the cases below)."""
+    cfg = compose_config(tiny_overrides(tiny_archive, tmp_path_factory.mktemp("registered"))
+                         + ["evaluate.registered_model_name=imdb-tiny"])
     train(cfg)
     train(cfg)
+    return cfg
+
+
+def test_evaluate_registers_the_model_under_its_name(registered):
+    cfg = registered
     client = MlflowClient(cfg.tracking.uri)
     versions = sorted(client.search_model_versions("name = 'imdb-tiny'"), key=lambda v: int(v.version))
     assert [int(v.version) for v in versions] == [1, 2]
@@ -35,11 +41,9 @@ def test_evaluate_registers_the_model_under_its_name(tiny_archive, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def served(tiny_archive, tmp_path_factory):
-    """One tiny run's logged model, loaded as a user loads it (trained once for the cases below)."""
-    cfg = compose_config(tiny_overrides(tiny_archive, tmp_path_factory.mktemp("served")))
-    train(cfg)
-    return mlflow.pyfunc.load_model(runs(cfg.tracking.uri)["tags.model_uri"][0])
+def served(registered):
+    """The last run's logged model, loaded as a user loads it."""
+    return mlflow.pyfunc.load_model(runs(registered.tracking.uri)["tags.model_uri"].iloc[-1])
 
 
 @pytest.mark.parametrize("given, refusal", [
@@ -58,58 +62,96 @@ def test_the_loaded_model_refuses_what_is_not_a_review(served, given, refusal):
     assert model.predict(["A film.", {"text": "Awful."}["text"]]).shape == (2,)  # text is still scored
 
 
-@contextlib.contextmanager
-def store(kind: str):
-    """The team server's run store: SQLite (None: the server's default file) or a PostgreSQL cluster."""
-    if kind == "postgresql":
-        with postgresql() as uri:
-            yield uri
-    else:
-        yield None
+def team_sweep(overrides: list[str], folder, server: str, epochs: str, **env: str) -> subprocess.Popen:
+    """The README's team recipe: a sweep of 4 jobs, 2 writing at once, each registering its model. What it
+    prints goes to `sweep.out` in `folder` (a pipe nobody reads while it runs could fill and stop it)."""
+    with open(folder / "sweep.out", "w") as printed:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "-m", *overrides, "build.hidden_units=4,8", f"fit.epochs={epochs}",
+             "build.learning_rate=0.02", "evaluate.registered_model_name=imdb-tiny", "hydra/launcher=joblib",
+             "hydra.launcher.n_jobs=2", "sweep.threads=1", f"hydra.sweep.dir={folder / 'multirun'}"],
+            cwd=folder, env=environment(MLFLOW_TRACKING_URI=server, **env), stdout=printed, stderr=subprocess.STDOUT)
+
+
+def finished(sweep: subprocess.Popen, folder) -> None:
+    try:
+        sweep.wait(timeout=900)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 0, (folder / "sweep.out").read_text()[-5000:]
+
+
+def check_team_sweep(server: str, folder) -> None:
+    """Every run, metric point and artifact of the sweep arrived at the server, written by two jobs at once; the
+    registry's champion alias points at the best job's best checkpoint."""
+    assert not (folder / "mlflow.db").exists()  # everything went to the server
+    client = MlflowClient(server)
+    experiment = client.get_experiment_by_name("imdb-sentiment")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")  # served by the server
+    every = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in every if r.data.tags.get("sweep.parent") == "true")
+    children = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(every) == 5 and len(children) == 4
+    assert all(r.info.status == "FINISHED" for r in every), [(r.info.run_name, r.info.status) for r in every]
+    for child in children:
+        assert child.data.tags.get("pipeline.complete") == "true"
+        assert_every_epoch_recorded(client, child.info.run_id, int(child.data.params["fit.epochs"]))
+        paths = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}
+        assert {"figures/loss.png", "figures/accuracy.png"} <= paths
+        assert [d.dataset.name for d in child.inputs.dataset_inputs] == ["imdb-reviews"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "analysis")} >= {"analysis/report.md"}
+
+    # the sweep pointed the registry's champion alias at its best job
+    champion = client.get_model_version_by_alias("imdb-tiny", "champion")
+    assert champion.run_id == parent.data.tags["sweep.best_run"]
+    assert len(client.search_model_versions("name = 'imdb-tiny'")) == 4  # each job registers one checkpoint
+    # ... at that job's best checkpoint by validation loss: its LoggedModel tagged best, at that epoch
+    best_run = client.get_run(champion.run_id)
+    assert champion.source == best_run.data.tags["model_uri"]
+    checkpoint = client.get_logged_model(champion.source.removeprefix("models:/"))
+    assert checkpoint.tags["checkpoint"] in ("best", "best,last")
+    curve = client.get_metric_history(champion.run_id, "val_loss")
+    lowest = min(curve, key=lambda point: (point.value, point.step))
+    assert [o.step for o in best_run.outputs.model_outputs if o.model_id == checkpoint.model_id] == [lowest.step]
+
+
+def until_a_job_writes_epochs(server: str, sweep: subprocess.Popen) -> None:
+    """Waits until a job of the sweep is training and writing its epochs to the server."""
+    client = MlflowClient(server)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert sweep.poll() is None, "the sweep ended before any job wrote an epoch"
+        experiment = client.get_experiment_by_name("imdb-sentiment")
+        running_children = [r for r in client.search_runs([experiment.experiment_id]) if r.info.status == "RUNNING"
+                            and "mlflow.parentRunId" in r.data.tags] if experiment else []
+        if running_children and client.get_metric_history(running_children[0].info.run_id, "val_loss"):
+            return
+        time.sleep(0.5)
+    sweep.kill()
+    pytest.fail("no job started writing epochs")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_team_server_parallel_sweep_champion_serving_and_batch_scoring(tiny_archive, tmp_path, backend):
-    """The README's team recipe: `mlflow server` keeping runs in SQLite or PostgreSQL and serving artifacts
-    itself; a sweep of 4 jobs, 2 writing at once, registering models; the champion served over REST."""
+def test_a_team_server_on_sqlite_restarted_mid_sweep_keeps_every_child_and_serves_the_champion(tiny_archive, tmp_path):
+    """The README's team recipe: `mlflow server` keeping runs in SQLite and serving artifacts itself; a sweep
+    of 4 jobs, 2 writing at once, registering models. The server is stopped while a job is writing its epochs
+    and started again 5 s later on the same store: every child ends FINISHED with all its epochs, none stays
+    RUNNING, and the sweep succeeds (MLflow's client retries refused requests with backoff, about two minutes
+    by default). Then the champion is served over REST and scores batches from the command line.
+    (PostgreSQL and a server behind basic-auth: the test below.)"""
+    port = free_port()
+    server = f"http://127.0.0.1:{port}"
+    args = server_command(tmp_path, port)
     overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
-    with store(backend) as database, tracking_server(tmp_path, database) as server:
-        sweep = subprocess.run(
-            [sys.executable, "-m", "pipeline", "-m", *overrides, "build.hidden_units=4,8", "fit.epochs=8,12",
-             "build.learning_rate=0.02", "evaluate.registered_model_name=imdb-tiny", "hydra/launcher=joblib",
-             "hydra.launcher.n_jobs=2", "sweep.threads=1", f"hydra.sweep.dir={tmp_path / 'multirun'}"],
-            cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=server), capture_output=True, text=True, timeout=900)
-        assert sweep.returncode == 0, output(sweep)
-        assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
-
-        # every run, metric point and artifact arrived, written by two jobs at once
-        client = MlflowClient(server)
-        experiment = client.get_experiment_by_name("imdb-sentiment")
-        assert experiment.artifact_location.startswith("mlflow-artifacts:")  # served by the server
-        every = client.search_runs([experiment.experiment_id])
-        parent = next(r for r in every if r.data.tags.get("sweep.parent") == "true")
-        children = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-        assert len(every) == 5 and len(children) == 4
-        for child in children:
-            assert_every_epoch_recorded(client, child.info.run_id, int(child.data.params["fit.epochs"]))
-            paths = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}
-            assert {"figures/loss.png", "figures/accuracy.png"} <= paths
-            assert [d.dataset.name for d in child.inputs.dataset_inputs] == ["imdb-reviews"]
-        assert {a.path for a in client.list_artifacts(parent.info.run_id, "analysis")} >= {"analysis/report.md"}
-
-        # the sweep pointed the registry's champion alias at its best job
-        champion = client.get_model_version_by_alias("imdb-tiny", "champion")
-        assert champion.run_id == parent.data.tags["sweep.best_run"]
-        assert len(client.search_model_versions("name = 'imdb-tiny'")) == 4  # each job registers one checkpoint
-        # ... at that job's best checkpoint by validation loss: its LoggedModel tagged best, at that epoch
-        best_run = client.get_run(champion.run_id)
-        assert champion.source == best_run.data.tags["model_uri"]
-        checkpoint = client.get_logged_model(champion.source.removeprefix("models:/"))
-        assert checkpoint.tags["checkpoint"] in ("best", "best,last")
-        curve = client.get_metric_history(champion.run_id, "val_loss")
-        lowest = min(curve, key=lambda point: (point.value, point.step))
-        assert [o.step for o in best_run.outputs.model_outputs if o.model_id == checkpoint.model_id] == [lowest.step]
+    with running(args, tmp_path, f"{server}/health"):
+        # 40 and 60 epochs: a job is still writing its epochs when the server goes down
+        sweep = team_sweep(overrides, tmp_path, server, "40,60")
+        until_a_job_writes_epochs(server, sweep)
+    time.sleep(5)  # the server is down: the jobs' requests fail and are retried
+    with running(args, tmp_path, f"{server}/health"):
+        finished(sweep, tmp_path)
+        check_team_sweep(server, tmp_path)
 
         # served from the registry by alias, answering real requests
         with model_server("models:/imdb-tiny@champion", tmp_path, server) as url:
@@ -131,15 +173,19 @@ def test_team_server_parallel_sweep_champion_serving_and_batch_scoring(tiny_arch
 
 
 @pytest.mark.slow
-def test_a_server_behind_basic_auth_records_a_run_with_credentials_and_refuses_one_without(tiny_archive, tmp_path):
+def test_a_team_server_on_postgresql_behind_basic_auth_records_a_signed_sweep_and_refuses_the_unsigned(
+        tiny_archive, tmp_path, monkeypatch):
+    """The same recipe with the runs in PostgreSQL, behind MLflow's basic-auth: a sweep given credentials is
+    recorded whole (the jobs get them from the driver); a run without credentials, or with wrong ones, fails in
+    seconds naming what to set, and leaves nothing on the server."""
     overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
     admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "a-long-test-password-1"}
-    with tracking_server(tmp_path, None, "basic-auth", MLFLOW_AUTH_ADMIN_PASSWORD=admin["MLFLOW_TRACKING_PASSWORD"],
-                         MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret") as server:
+    with postgresql() as database, tracking_server(
+            tmp_path, database, "basic-auth", MLFLOW_AUTH_ADMIN_PASSWORD=admin["MLFLOW_TRACKING_PASSWORD"],
+            MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret") as server:
+        finished(team_sweep(overrides, tmp_path, server, "8,12", **admin), tmp_path)
+
         command = [sys.executable, "-m", "pipeline", *overrides, "fit.epochs=2", f"hydra.run.dir={tmp_path / 'out'}"]
-        signed = subprocess.run(command, cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=server, **admin),
-                                capture_output=True, text=True, timeout=600)
-        assert signed.returncode == 0, output(signed)
         started = time.monotonic()
         anonymous = subprocess.run(command, cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=server),
                                    capture_output=True, text=True, timeout=600)
@@ -149,59 +195,10 @@ def test_a_server_behind_basic_auth_records_a_run_with_credentials_and_refuses_o
         wrong = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=environment(
             MLFLOW_TRACKING_URI=server, MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD="wrong"))
         assert wrong.returncode != 0 and "refuses these credentials" in wrong.stdout + wrong.stderr
-        # the server holds the one signed run, complete; nothing of the refused ones
-        os.environ.update(admin)
-        try:
-            client = MlflowClient(server)
-            every = client.search_runs([e.experiment_id for e in client.search_experiments()])
-            assert [(r.info.status, r.data.tags.get("pipeline.complete")) for r in every] == [("FINISHED", "true")]
-            assert len(client.get_metric_history(every[0].info.run_id, "val_loss")) == 2
-        finally:
-            for key in admin:
-                os.environ.pop(key)
 
-
-@pytest.mark.slow
-def test_a_team_server_restarted_mid_sweep_leaves_every_finished_child_intact(tiny_archive, tmp_path):
-    """The server is stopped while a job is writing its epochs and started again 5 s later on the same
-    store: every child ends FINISHED with all its epochs, none stays RUNNING, and the sweep succeeds
-    (MLflow's client retries refused requests with backoff, about two minutes by default)."""
-    from tests.helpers import free_port
-    from tests.servers import running
-
-    port = free_port()
-    server = f"http://127.0.0.1:{port}"
-    args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "2"]
-    overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
-    with running(args, tmp_path, f"{server}/health"):
-        sweep = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "-m", *overrides, "build.hidden_units=4,8", "fit.epochs=40,60",
-             "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "sweep.threads=1",
-             f"hydra.sweep.dir={tmp_path / 'multirun'}"],
-            cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=server), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True)
+        for key, value in admin.items():  # this process reads the server as the admin
+            monkeypatch.setenv(key, value)
+        check_team_sweep(server, tmp_path)  # the signed sweep, complete
+        # nothing of the refused runs: the sweep's parent and 4 children are all the server holds
         client = MlflowClient(server)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:  # until a job is training and writing its epochs
-            experiment = client.get_experiment_by_name("imdb-sentiment")
-            running_children = [r for r in client.search_runs([experiment.experiment_id]) if r.info.status == "RUNNING"
-                                and "mlflow.parentRunId" in r.data.tags] if experiment else []
-            if running_children and client.get_metric_history(running_children[0].info.run_id, "val_loss"):
-                break
-            time.sleep(0.5)
-        else:
-            sweep.kill()
-            pytest.fail("no job started writing epochs")
-    time.sleep(5)  # the server is down: the jobs' requests fail and are retried
-    with running(args, tmp_path, f"{server}/health"):
-        printed, _ = sweep.communicate(timeout=900)
-        assert sweep.returncode == 0, printed[-5000:]
-        experiment = client.get_experiment_by_name("imdb-sentiment")
-        every = client.search_runs([experiment.experiment_id])
-        children = [r for r in every if "mlflow.parentRunId" in r.data.tags]
-        assert len(children) == 4 and all(r.info.status == "FINISHED" for r in every), \
-            [(r.info.run_name, r.info.status) for r in every]
-        for child in children:
-            assert_every_epoch_recorded(client, child.info.run_id, int(child.data.params["fit.epochs"]))
+        assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == 5

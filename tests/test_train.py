@@ -16,8 +16,8 @@ from tests.helpers import check_complete_run, runs
 NO_MODEL = "evaluate.log_model=false"  # what the stage cache reuses does not depend on the logged model (tested below)
 
 
-def test_a_run_records_everything_a_user_looks_for(tiny_config):
-    metrics, objects = train(tiny_config)
+def test_a_run_records_everything_a_user_looks_for(tiny_run):
+    tiny_config, metrics, objects = tiny_run
     frame = runs(tiny_config.tracking.uri)
     assert len(frame) == 1
     check_complete_run(tiny_config.tracking.uri, frame.run_id[0], epochs=3)
@@ -38,8 +38,8 @@ def test_with_the_stage_cache_off_nothing_is_cached_and_the_numbers_are_the_same
     assert cached == pytest.approx(again, abs=1e-9) and off == pytest.approx(cached, abs=1e-9)
 
 
-def test_the_logged_model_predicts_like_the_trained_one(tiny_config):
-    _, objects = train(tiny_config)
+def test_the_logged_model_predicts_like_the_trained_one(tiny_run):
+    tiny_config, _, objects = tiny_run
     uri = runs(tiny_config.tracking.uri)["tags.model_uri"][0]
     model = mlflow.pyfunc.load_model(uri)
     texts = ["Brilliant, superb and moving.", "Dull, awful, a waste.<br /><br />The worst."]

@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import PROJECT, tiny_overrides
-from tests.helpers import environment, output
+from tests.helpers import environment
 from tests.servers import tracking_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -28,17 +28,26 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 
 @pytest.fixture(scope="module")
 def filled_store(tiny_archive, tmp_path_factory):
+    """One run and a sweep of 3 into a new store, started at once (they share nothing but the store)."""
     folder = tmp_path_factory.mktemp("ui")
     common = tiny_overrides(tiny_archive, folder) + [f"fit.epochs={EPOCHS}"]
-    single = subprocess.run([sys.executable, "-m", "pipeline", *common, "tracking.run_name=tutorial-tiny",
-                             f"hydra.run.dir={folder / 'out'}"], cwd=folder, env=environment(),
-                            capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, output(single)
-    (folder / "single.out").write_text(single.stdout)  # what the terminal showed
-    sweep = subprocess.run([sys.executable, "-m", "pipeline", "-m", *common, "build.hidden_units=4,8,16",
-                            f"hydra.sweep.dir={folder / 'multirun'}"], cwd=folder, env=environment(),
-                           capture_output=True, text=True, timeout=600)
-    assert sweep.returncode == 0, output(sweep)
+    commands = {"single": [sys.executable, "-m", "pipeline", *common, "tracking.run_name=tutorial-tiny",
+                           f"hydra.run.dir={folder / 'out'}"],
+                "sweep": [sys.executable, "-m", "pipeline", "-m", *common, "build.hidden_units=4,8,16",
+                          f"hydra.sweep.dir={folder / 'multirun'}"]}
+    started = {}
+    for name, command in commands.items():  # single.out: what the single run's terminal showed
+        with open(folder / f"{name}.out", "w") as shown, open(folder / f"{name}.err", "w") as complained:
+            started[name] = subprocess.Popen(command, cwd=folder, env=environment(), stdout=shown, stderr=complained)
+    try:
+        for name, process in started.items():
+            process.wait(timeout=600)
+            assert process.returncode == 0, (
+                f"{name}\n{(folder / f'{name}.out').read_text()[-3000:]}\n{(folder / f'{name}.err').read_text()[-3000:]}")
+    finally:
+        for process in started.values():
+            if process.poll() is None:
+                process.kill()
     return folder
 
 
