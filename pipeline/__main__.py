@@ -98,6 +98,7 @@ def ready(settings: config.PipelineConfig) -> config.PipelineConfig:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @reported
 def main(cfg: DictConfig) -> float | None:
+    from pipeline import tracking  # noqa: F401  (MLflow and its log handler, before the console calms it)
     from pipeline.train import train
 
     if not os.environ.get(config.PARENT_RUN):  # a single run
