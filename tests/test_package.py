@@ -82,7 +82,13 @@ def test_the_wheel_runs_a_run_a_search_and_scoring_from_an_empty_folder(installe
     packaged = installed.parents[1] / "lib"
     assert found.returncode == 0, output(found)
     module, conf = map(Path, found.stdout.split())
-    assert packaged in module.parents and conf == module.parent / "conf" and (conf / "config.yaml").is_file()
+    assert packaged in module.parents and conf == module.parent / "conf"
+    # every module and every config file of the checkout is in the package
+    shipped = {path.relative_to(module.parent) for path in module.parent.rglob("*.py")}
+    assert {path.relative_to(PROJECT / "pipeline") for path in (PROJECT / "pipeline").rglob("*.py")
+            if "hydra_plugin" not in path.parts} <= shipped  # (the plugin is installed as hydra_plugins.pipeline_search)
+    assert sorted(path.relative_to(conf) for path in conf.rglob("*.yaml")) == sorted(
+        path.relative_to(config.CONF) for path in config.CONF.rglob("*.yaml"))
     assert config.CONF == PROJECT / "conf"  # (this checkout, and its editable install, read its own conf/)
     # a single run, its settings in an experiment file of the user's own, and a search, side by side
     single, search = tmp_path / "single", tmp_path / "search"
