@@ -33,7 +33,9 @@ def sweep_axes() -> dict[str, list[str]]:
     """The overfitting sweep's axes as conf/experiment/overfit_sweep.yaml declares them (their one home)."""
     from omegaconf import OmegaConf
 
-    params = OmegaConf.load(PROJECT / "conf" / "experiment" / "overfit_sweep.yaml").hydra.sweeper.params
+    from pipeline.config import CONF
+
+    params = OmegaConf.load(CONF / "experiment" / "overfit_sweep.yaml").hydra.sweeper.params
     return {key: [value.strip() for value in str(values).split(",")] for key, values in params.items()}
 
 

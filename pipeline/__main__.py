@@ -1,6 +1,6 @@
 """`python -m pipeline [overrides]`: the Hydra entry point, kept thin.
 
-It composes conf/, validates it into a PipelineConfig and calls pipeline.train.train; the return value
+It composes conf/ (config.CONF), validates it into a PipelineConfig and calls pipeline.train.train; the return value
 (the best validation accuracy) is what a Hydra sweeper optimizes. In a sweep a failed job returns NaN
 instead of raising, so that the other jobs run; its child run records the error. `--overrides "a=1 b=2"`
 takes the overrides as one string, which is how `mlflow run` passes them (see MLproject).
@@ -95,7 +95,7 @@ def ready(settings: config.PipelineConfig) -> config.PipelineConfig:
     return settings
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(config.CONF), config_name="config")  # (a wheel: inside the package)
 @reported
 def main(cfg: DictConfig) -> float | None:
     from pipeline import tracking  # noqa: F401  (MLflow and its log handler, before the console calms it)

@@ -225,13 +225,19 @@ def register() -> None:
     ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
 
 
+# The configuration Hydra composes: in an installed wheel, inside the package (pipeline/conf, pyproject.toml's
+# package-dir); in a checkout and its editable install, conf/ at the top of the repository.
+PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+CONF = PACKAGED_CONF if PACKAGED_CONF.is_dir() else PACKAGED_CONF.parents[1] / "conf"
+
+
 def configure(*overrides: str) -> PipelineConfig:
     """The settings `python -m pipeline OVERRIDES` would run with, for train() in a notebook or another
     program: conf/ composed with the overrides (Hydra's syntax, e.g. "fit.epochs=10"), checked alike."""
     from hydra import compose, initialize_config_dir
 
     register()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return load(compose(config_name="config", overrides=list(overrides)))
 
 

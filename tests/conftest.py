@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from pipeline import config
 
 PROJECT = Path(__file__).resolve().parents[1]
-CONF = PROJECT / "conf"
+CONF = config.CONF  # the conf/ the pipeline composes (the checkout's, or an installed wheel's)
 # The full data set, where the machine has it (CI does): beside the project, or named by IMDB_ARCHIVE.
 REAL_ARCHIVE = Path(os.environ.get("IMDB_ARCHIVE", PROJECT.parent / "shared" / "data" / "aclImdb_v1_labeled.tar.gz"))
 
