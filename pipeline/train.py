@@ -31,7 +31,8 @@ def check(cfg: PipelineConfig) -> None:
     downloaded) and the tracking server. An error here records nothing."""
     from pipeline.tracking import server  # (see train: this module is imported without MLflow)
 
-    if cfg.ingest.source != "keras" and not (cfg.ingest.source == "archive" and cfg.ingest.download):
+    source = ingest.SOURCES[cfg.ingest.source]
+    if source.local and not (source.downloads and cfg.ingest.download):
         ingest.locate(cfg.ingest)  # FileNotFoundError naming ingest.path
     server.check_reachable(config.tracking_uri(cfg.tracking))
 
