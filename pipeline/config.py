@@ -17,7 +17,6 @@ if TYPE_CHECKING:  # a stage imports this module: it loads neither OmegaConf nor
     from omegaconf import DictConfig
 
 STAGES = ("ingest", "split", "build", "fit", "evaluate")
-SOURCES = ("archive", "keras", "table")
 TRUNCATIONS = ("pre", "post")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "nadam")
 FAMILIES = ("tutorial", "fasttext", "cnn", "nbsvm")  # conf/build/<family>.yaml each
@@ -54,8 +53,10 @@ class IngestConfig:
     skip_bad_rows: bool = False  # true: leave out empty rows or unreadable files (counted and listed in the run)
 
     def validate(self) -> None:
+        from pipeline.ingest import SOURCES  # the sources' one table, in their stage
+
         _require(self.source in SOURCES, "ingest.source", self.source, f"one of {', '.join(SOURCES)}")
-        if self.source in ("archive", "table"):
+        if SOURCES[self.source].path:
             _require(bool(self.path), "ingest.path", self.path,
                      "set the archive or table location (or the IMDB_ARCHIVE environment variable)")
         _positive("ingest.num_words", self.num_words)

@@ -4,6 +4,7 @@ In: an IngestConfig naming the Large Movie Review Dataset (a local .tar.gz or ex
 canonical layout, downloaded only when missing), `keras.datasets.imdb`, or a user's CSV/Parquet file.
 Out: Reviews, a table with columns text, label (0/1), rating (1-10, or -1 where unknown) and split
 (train/test), in a canonical order, with a sha256 content digest of exactly those rows.
+SOURCES, at the end, is the one table of the sources (ingest.source): what the rest of the pipeline asks of one.
 """
 
 from __future__ import annotations
@@ -14,18 +15,22 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
 
-from pipeline.config import IngestConfig
 from pipeline.download import download, downloaded, progress, record, sha256_file
+from pipeline.tables import SUFFIXES as TABLES
+from pipeline.tables import not_text, read_frame, row_names, text_column
+
+if TYPE_CHECKING:  # (config asks SOURCES below when it validates ingest.source: no import back at run time)
+    from pipeline.config import IngestConfig
 
 # aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt, anywhere below the archive's or folder's root
 MEMBER = re.compile(r"(?:^|/)aclImdb/(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")
 COLUMNS = ["text", "label", "rating", "split"]
 SPLITS = ("train", "test")
-TABLES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".pq")  # read_frame's suffixes
 
 
 @dataclass
@@ -153,24 +158,9 @@ def locate(cfg: IngestConfig) -> Path:
     path = Path(cfg.path).expanduser()
     if path.exists():
         return path
-    if cfg.source != "archive" or not cfg.download:
-        raise FileNotFoundError(f"ingest.path={cfg.path!r} does not exist; point it at your "
-                                f"{'archive' if cfg.source == 'archive' else 'table'} file")
+    if not SOURCES[cfg.source].downloads or not cfg.download:
+        raise FileNotFoundError(f"ingest.path={cfg.path!r} does not exist; point it at your {cfg.source} file")
     return download(cfg.url, path, cfg.sha256)
-
-
-def read_frame(path: Path) -> pd.DataFrame:
-    """A table from a CSV, TSV, JSON lines (.jsonl) or Parquet file, by its suffix."""
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    if suffix in (".jsonl", ".ndjson"):
-        return pd.read_json(path, lines=True, dtype=False)
-    if suffix in (".csv", ".tsv"):
-        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
-    archive = f"; the aclImdb archive or folder is read with ingest=archive ingest.path={path}" \
-        if path.is_dir() or path.name.lower().endswith((".tar.gz", ".tgz", ".tar")) else ""
-    raise ValueError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv, .jsonl or .parquet{archive}")
 
 
 def labels_of(column: pd.Series, positive: str | None, where: str) -> tuple[pd.Series, dict]:
@@ -194,18 +184,21 @@ def labels_of(column: pd.Series, positive: str | None, where: str) -> tuple[pd.S
 
 def read_table(cfg: IngestConfig, seed: int) -> Reviews:
     """Reviews from a table: a text column, a label column and an optional split column."""
-    path = locate(cfg)
-    frame = read_frame(path)
+    path, broken = locate(cfg), []
+    frame = read_frame(path, broken)  # (a JSON line that does not parse: a bad row, named below)
     missing = [c for c in (cfg.text_column, cfg.label_column) if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; found {list(frame.columns)} "
                          "(set ingest.text_column / ingest.label_column)")
+    texts = text_column(frame, cfg.text_column, path, "set ingest.text_column to the column of reviews")
     labels, mapping = labels_of(frame[cfg.label_column], cfg.positive_label, f"{path}: column {cfg.label_column!r}")
-    texts = frame[cfg.text_column]
-    empty = ~texts.map(lambda text: isinstance(text, str) and bool(text.strip())).to_numpy(dtype=bool)
-    unusable = empty | labels.isna().to_numpy()
-    bad = [[str(number + 1), "empty text" if empty[number] else "no label"] for number in np.flatnonzero(unusable)]
-    _bad(str(path), bad, cfg.skip_bad_rows, "rows with an empty text or no label, counting from 1 after the header")
+    why = [not_text(text) for text in texts]
+    unusable = np.array([bool(w) for w in why], dtype=bool) | labels.isna().to_numpy()
+    names = row_names(frame)
+    bad = [[names[number], why[number] or "no label"] for number in np.flatnonzero(unusable)]
+    bad = sorted(broken + bad, key=lambda row: int(row[0].split()[-1]))  # (in the file's order)
+    _bad(str(path), bad, cfg.skip_bad_rows, "lines that are not JSON objects, or have an empty text or no label"
+         if frame.index.name == "line" else "rows with an empty text or no label, counting from 1 after the header")
     if cfg.split_column and cfg.split_column in frame.columns:
         split = frame[cfg.split_column].astype(str).str.lower()
         if not split.isin(SPLITS).all():
@@ -235,21 +228,19 @@ def read_keras(cfg: IngestConfig) -> Reviews:
     return _finish(rows, "keras.datasets.imdb", [])
 
 
-def ingest(cfg: IngestConfig, seed: int = 42) -> Reviews:
-    """Read the configured source into a Reviews table."""
-    if cfg.source == "keras":
-        return read_keras(cfg)
-    if cfg.source == "table":
-        return read_table(cfg, seed)
+def read_aclimdb(cfg: IngestConfig, seed: int = 42) -> Reviews:
+    """Reviews from the aclImdb archive or its extracted folder (downloaded first if missing and allowed)."""
     path = locate(cfg)
     return (read_folder if path.is_dir() else read_archive)(path, cfg.skip_bad_rows)
 
 
-def input_digest(cfg: IngestConfig) -> str:
-    """What identifies the input before reading it, for the stage cache: the file's own sha256
-    (an archive or table), the names, sizes and times of a folder's files, or the keras source."""
-    if cfg.source == "keras":
-        return f"keras.datasets.imdb:{cfg.num_words}"
+def ingest(cfg: IngestConfig, seed: int = 42) -> Reviews:
+    """Read the configured source into a Reviews table."""
+    return SOURCES[cfg.source].read(cfg, seed)
+
+
+def file_digest(cfg: IngestConfig) -> str:
+    """The file's own sha256 (an archive or table), or the names, sizes and times of a folder's files."""
     path = Path(cfg.path).expanduser()
     if not path.exists():
         return ""
@@ -260,3 +251,28 @@ def input_digest(cfg: IngestConfig) -> str:
         stat = file.stat()
         digest.update(f"{file.relative_to(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def input_digest(cfg: IngestConfig) -> str:
+    """What identifies the input before reading it, for the stage cache (the source's `digest`)."""
+    return SOURCES[cfg.source].digest(cfg)
+
+
+@dataclass(frozen=True)
+class Source:
+    """An ingest source: its reader and what the rest of the pipeline asks of it."""
+    read: Callable[..., Reviews]  # (IngestConfig, seed) -> Reviews
+    digest: Callable[..., str]  # (IngestConfig) -> what identifies its input before reading it (the stage cache)
+    path: bool  # reads ingest.path, which must then be set (config.py)
+    local: bool  # ingest.path is a file or folder on this machine: checked before a run (train.py), and every
+    #              worker of a sweep must read it there (sweep.py); the stage cache keys it by its content
+    downloads: bool  # a missing ingest.path is fetched from ingest.url unless ingest.download=false
+    seeded: bool  # its rows depend on the run's seed (a table's test rows are drawn): part of the cache key
+
+
+SOURCES = {  # ingest.source -> Source; a new format is a reader and a line here
+    "archive": Source(read_aclimdb, file_digest, path=True, local=True, downloads=True, seeded=False),
+    "keras": Source(lambda cfg, seed=42: read_keras(cfg), lambda cfg: f"keras.datasets.imdb:{cfg.num_words}",
+                    path=False, local=False, downloads=False, seeded=False),
+    "table": Source(read_table, file_digest, path=True, local=True, downloads=False, seeded=True),
+}

@@ -122,7 +122,9 @@ def readable_here(settings: PipelineConfig) -> None:
     the host (FileNotFoundError), rather than downloading it there: on another host than the driver's,
     or when the driver could read this very path."""
     path, driver, here = settings.ingest.path, os.environ.get(DRIVER_HOST), socket.gethostname()
-    if not driver or settings.ingest.source == "keras" or not path:
+    from pipeline.ingest import SOURCES
+
+    if not driver or not SOURCES[settings.ingest.source].local or not path:
         return
     if (driver != here or path == os.environ.get(DRIVER_DATA)) and not os.access(path, os.R_OK):
         raise FileNotFoundError(

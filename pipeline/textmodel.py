@@ -30,6 +30,7 @@ PAD, UNKNOWN = "", "[UNK]"  # ids 0 and 1, as TextVectorization numbers them
 CLASSIFIER_FILE = "classifier.keras"
 VOCABULARY_FILE = "vocabulary.json"
 ENCODE_CHUNK = 4096  # reviews tokenized at once: their token lists are about 10 KB a review while they live
+TEXT = "text"  # the review's column in a table sent to the served model (any other column is ignored)
 
 
 def standardize(text: str) -> bytes:
@@ -166,28 +167,48 @@ def save_vocabulary(path: Path, vocabulary: Sequence[str], sequence_length: int,
                                       "truncate": truncate, "ngrams": ngrams, "codes": [int(c) for c in codes]}))
 
 
-def as_texts(model_input: Any) -> list[str]:
-    """Accept what users pass to predict: a DataFrame (column `text`, else its only column), a
-    Series, a list or array of strings, or a single string. Anything else in them is refused, naming
-    the first bad input's position and type: a null, a number, an object or a list is not a review,
-    and neither is an empty string (training refuses empty reviews too)."""
-    import pandas as pd
-
+def review_column(model_input: Any) -> Any:
+    """A table's reviews chosen by name: its column `text`, whatever other columns it has and in any order;
+    a table of one column, whatever its name; a table of several columns without `text` is refused, naming
+    them. A table is a DataFrame, a dict of columns, or a list of records (dicts); anything else (a string,
+    a list of strings) is returned as it is."""
     if isinstance(model_input, pd.DataFrame):
-        if "text" in model_input.columns:
-            column = model_input["text"]
-        elif model_input.shape[1] == 1:
-            column = model_input.iloc[:, 0]
-        else:
-            raise ValueError(f"expected a `text` column, got columns {list(model_input.columns)}")
-        values = column.tolist()
+        columns = list(model_input.columns)
+        if TEXT in columns:
+            return model_input[[TEXT]]
+    elif isinstance(model_input, dict):
+        columns = list(model_input)
+        if TEXT in columns:
+            return {TEXT: model_input[TEXT]}
+    elif isinstance(model_input, list) and model_input and all(isinstance(row, dict) for row in model_input):
+        columns = list(dict.fromkeys(key for row in model_input for key in row))
+        if TEXT in columns:
+            return [{TEXT: row.get(TEXT)} for row in model_input]
+    else:
+        return model_input
+    if len(columns) > 1:
+        shown = ", ".join(map(repr, columns[:10])) + (", ..." if len(columns) > 10 else "")
+        raise ValueError(f"no column `{TEXT}` among the {len(columns)} columns sent ({shown}): name the review's "
+                         f"column `{TEXT}` (the others are ignored), or send the reviews alone")
+    return model_input
+
+
+def as_texts(model_input: Any) -> list[str]:
+    """Accept what users pass to predict: a table (a DataFrame, records or a dict of columns: its column
+    `text`, else its only column), a Series, a list or array of strings, or a single string. Anything else
+    in them is refused, naming the first bad input's position and type: a null, a number, an object or a
+    list is not a review, and neither is an empty string (training refuses empty reviews too)."""
+    model_input = review_column(model_input)
+    if isinstance(model_input, pd.DataFrame):
+        values = model_input.iloc[:, 0].tolist() if model_input.shape[1] else []
     elif isinstance(model_input, str):
         values = [model_input]
-    elif isinstance(model_input, dict) and "text" in model_input:
-        values = list(np.atleast_1d(model_input["text"]))
+    elif isinstance(model_input, dict) and TEXT in model_input:
+        values = list(np.atleast_1d(model_input[TEXT]))
+    elif isinstance(model_input, list) and model_input and all(isinstance(row, dict) for row in model_input):
+        values = [next(iter(row.values()), None) for row in model_input]
     else:
         values = list(np.asarray(model_input, dtype=object).reshape(-1))
-    # MLflow's server hands a JSON object's values over as 0-d arrays: {"text": "..."} is one review
     values = [v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v for v in values]
     bad = [(i, v) for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
     if bad:
@@ -206,6 +227,8 @@ def _raw_text_model_class():
 
     class RawTextModel(mlflow.pyfunc.PythonModel):
         """Review strings in, probability of a positive review out (one float per review)."""
+
+        reads_reviews_by_name = True  # what read_reviews_by_name looks for
 
         def load_context(self, context) -> None:
             import keras
@@ -250,9 +273,42 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def read_reviews_by_name() -> None:
+    """Have MLflow hand this model a table's column `text`, not its first column.
+
+    MLflow checks an input against the logged signature before the model sees it, and for a signature of one
+    unnamed column (which a list of strings or a one-column table needs) it keeps a table's first column and
+    drops the others (mlflow/models/utils.py, _enforce_unnamed_col_schema): {"extra": "zzz", "text": "..."}
+    would be scored as "zzz". A signature naming `text` would refuse a list of strings instead, and no signature
+    lets MLflow's server turn ["A film.", 123] into two strings. So PyFuncModel.predict, which the server calls
+    too, first picks the column by name (review_column) for the models of this file, and for no other model.
+    Installed once per process, when MLflow loads this file as a model's code."""
+    import functools
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import PyFuncModel
+
+    predict = PyFuncModel.predict
+    if getattr(predict, "reads_reviews_by_name", False):
+        return
+
+    @functools.wraps(predict)
+    def by_name(self, data, params=None):
+        if getattr(getattr(getattr(self, "_model_impl", None), "python_model", None), "reads_reviews_by_name", False):
+            try:
+                data = review_column(data)
+            except ValueError as error:  # MLflow's server answers this one 400 with the message
+                raise MlflowException.invalid_parameter_value(str(error)) from None
+        return predict(self, data, params)
+
+    by_name.reads_reviews_by_name = True
+    PyFuncModel.predict = by_name
+
+
 # MLflow loads a model's code by running this file as a module of its own, outside any package (models from
 # code); imported as part of the pipeline package it sets nothing.
 if not __package__ and "mlflow" in sys.modules:
     import mlflow.models
 
+    read_reviews_by_name()
     mlflow.models.set_model(__getattr__("RawTextModel")())

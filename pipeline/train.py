@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import build, config, evaluate, fit, ingest, search, speed, split
+from pipeline import build, config, evaluate, fit, ingest, speed, split, trial
 from pipeline.build import Encoded
 from pipeline.config import PipelineConfig
 from pipeline.speed.collection import COLLECTION
@@ -31,7 +31,8 @@ def check(cfg: PipelineConfig) -> None:
     downloaded) and the tracking server. An error here records nothing."""
     from pipeline.tracking import server  # (see train: this module is imported without MLflow)
 
-    if cfg.ingest.source != "keras" and not (cfg.ingest.source == "archive" and cfg.ingest.download):
+    source = ingest.SOURCES[cfg.ingest.source]
+    if source.local and not (source.downloads and cfg.ingest.download):
         ingest.locate(cfg.ingest)  # FileNotFoundError naming ingest.path
     server.check_reachable(config.tracking_uri(cfg.tracking))
 
@@ -94,8 +95,8 @@ def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
             run.model_summary(build.summary(model), model.count_params(), fit.device())
             objects.update(encoded=encoded, model=model)
         if "fit" in cfg.stages:
-            trial = search.report_to_study(cfg.sweep)  # in an Optuna search: report each epoch, be pruned
-            fitted = step("fit", fit.fit, model, encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger(), *trial])
+            pruning = trial.report_to_study(cfg.sweep)  # in an Optuna search: report each epoch, be pruned
+            fitted = step("fit", fit.fit, model, encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger(), *pruning])
             run.fitted(fitted)
             objects["fitted"] = fitted
             metrics.update(val_loss=float(fitted.history["val_loss"].min()),

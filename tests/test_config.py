@@ -118,7 +118,8 @@ def test_a_familys_epoch_budget_holds_whatever_fit_group_is_chosen():
 
 @pytest.mark.slow
 def test_a_stage_loads_neither_hydra_nor_omegaconf_nor_mlflow():
-    """Stages are plain functions: importing them (and their typed configs) brings in no framework."""
+    """Stages are plain functions: importing them (and their typed configs) brings in no framework; the story
+    (train) loads no Hydra or OmegaConf either, nor MLflow until it runs."""
     import subprocess
     import sys
 
@@ -126,9 +127,10 @@ def test_a_stage_loads_neither_hydra_nor_omegaconf_nor_mlflow():
 
     code = ("import sys, pipeline.ingest, pipeline.split, pipeline.build, pipeline.fit, pipeline.evaluate; "
             "print(sorted(m for m in ('hydra', 'omegaconf', 'mlflow') if m in sys.modules)); "
-            "import pipeline.train; print('mlflow' in sys.modules)")  # (the data worker imports the story, not MLflow)
+            "import pipeline.train; print('mlflow' in sys.modules); "  # (the data worker imports the story, not MLflow)
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'hydra', 'omegaconf', 'hydra_plugins'}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.split() == ["[]", "False"], done.stdout + done.stderr
+    assert done.returncode == 0 and done.stdout.split() == ["[]", "False", "[]"], done.stdout + done.stderr
 
 
 @pytest.mark.slow

@@ -71,11 +71,11 @@ class StageCache:
         if stage not in self.keys:
             cfg = self.cfg
             if stage == "ingest":
-                if cfg.ingest.source != "keras":
+                source = ingest.SOURCES[cfg.ingest.source]
+                if source.local:
                     ingest.locate(cfg.ingest)  # download first if needed, so that the key sees the real file
                 settings = {k: v for k, v in asdict(cfg.ingest).items() if k not in INGEST_KEY_SKIPS}
-                settings.update(input=ingest.input_digest(cfg.ingest),
-                                seed=cfg.seed if cfg.ingest.source == "table" else None)
+                settings.update(input=ingest.input_digest(cfg.ingest), seed=cfg.seed if source.seeded else None)
                 self.keys[stage] = make_key("ingest", settings, [ingest])
             else:
                 self.keys[stage] = make_key("vectorize", {
