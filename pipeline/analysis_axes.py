@@ -108,6 +108,12 @@ def served_model(sweep: Sweep) -> str:
     return f"the served ({which}) model" if which else "the served model"
 
 
+def model_key(sweep: Sweep, column: str = "test_accuracy") -> str:
+    """The model a test-accuracy column measures, as parent metric names say it."""
+    named = {BEST: "best_epoch_model", LAST: "last_epoch_model"}.get(column)
+    return named or ("last_epoch_model" if served_model(sweep) == "the last epoch's model" else "served_model")
+
+
 def seed_spread(sweep: Sweep, outcome: str, frame: pd.DataFrame | None = None) -> float:
     """How much `outcome` moves between seeds alone: the standard deviation over the seeds of a setting, the
     mean over the settings run with more than one seed. NaN without seeds."""
@@ -128,8 +134,8 @@ def contrast(sweep: Sweep, frame: pd.DataFrame, axis: str, low, high, difference
     caveats = []
     if min(len(side) for side in sides) == 1:
         caveats.append("one job per side" if max(len(side) for side in sides) == 1 else "one job on a side")
-    confounded = [other for other in sweep.axes if other not in (axis, SEED) and
-                  sorted(map(str, sweep.labels[other][sides[0].index])) != sorted(map(str, sweep.labels[other][sides[1].index]))]
+    confounded = [other for other in sweep.axes if other not in (axis, SEED) and  # its values not the same on both sides
+                  len({tuple(sorted(map(str, sweep.labels[other][side.index]))) for side in sides}) > 1]
     if confounded:
         caveats.append("confounded: " + ", ".join(f"`{other}`" for other in confounded) + " also differ"
                        + ("s" if len(confounded) == 1 else "") + " between the two sides")

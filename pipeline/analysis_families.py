@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.analysis_axes import BUDGET, SEED, Sweep, contrast, rise, served_model
+from pipeline.analysis_axes import BUDGET, SEED, Sweep, contrast, model_key, rise, served_model
 from pipeline.analysis_text import caveat, markdown, spread_of
 
 
@@ -20,7 +20,7 @@ def comparison(sweep: Sweep, ranking: pd.DataFrame, champion: list[str]) -> tupl
     lines = [f"- **Best family: {best.family}**, validation accuracy {best.best_val_accuracy:.4f}, test accuracy of "
              f"{served} {best.test_accuracy_mean:.4f}{spread_of(best.test_accuracy_std, best.runs, repeats)}, "
              f"{best.fit_seconds:.1f} s of training, {int(best.parameters):,} parameters, {best.model_size_mb:.1f} MB."]
-    headline = {"best_family.test_accuracy_mean": float(best.test_accuracy_mean),
+    headline = {f"best_family.{model_key(sweep)}.test_accuracy_mean": float(best.test_accuracy_mean),
                 "best_family.best_val_accuracy_mean": float(best.best_val_accuracy)}
     tutorial = ranking[ranking["family"] == "tutorial"]
     if len(tutorial) and best.family != "tutorial":
@@ -33,10 +33,10 @@ def comparison(sweep: Sweep, ranking: pd.DataFrame, champion: list[str]) -> tupl
         each = (f"one {repeats[:-1]} each" if best.runs == base.runs == 1 else
                 f"the mean over {int(best.runs)} {repeats} vs {int(base.runs)}")
         lines.append(f"- **Against the tutorial's model**: {points:+.2f} points of test accuracy of {served} "
-                     f"({best.test_accuracy_mean:.4f} against {base.test_accuracy_mean:.4f}, {each}), with {best.fit_seconds / base.fit_seconds:.2f}x "
-                     f"its training time, {best.parameters / base.parameters:.1f}x its parameters and "
+                     f"({best.test_accuracy_mean:.4f} against {base.test_accuracy_mean:.4f}, {each}), with "
+                     f"{best.fit_seconds / base.fit_seconds:.2f}x its training time, {best.parameters / base.parameters:.1f}x its parameters and "
                      f"{best.model_size_mb / base.model_size_mb:.1f}x its size on disk." + caveat(caveats))
-        headline["best_family.points_vs_tutorial"] = float(points)
+        headline[f"best_family.{model_key(sweep)}.points_vs_tutorial"] = float(points)
     short = [f"{row.family} {row.epochs:g} of its {row.own_epochs:g}" for row in ranking.itertuples() if below(row)]
     if short:
         lines.append("- **Compared below their own epoch budget** (their conf/build file's `fit.epochs`): "

@@ -3,8 +3,8 @@
 val_loss_by_<axis>.png: every whole-budget curve (each setting's longest), coloured by the axis's value (or
 third), dots at the minimum; by `family` for a sweep over build, by job when no setting varies.
 best_val_accuracy_by_<axis>.png; test_accuracy_by_fit.epochs.png when the budget is swept (of the best and the
-last epoch's model, where the runs measured both); test_accuracy_by_training_seconds.png for a family ranking. Pure: no MLflow; no pyplot (a caller's backend and
-figures are its own).
+last epoch's model, where the runs measured both); test_accuracy_by_training_seconds.png for a family ranking.
+Pure: no MLflow; no pyplot (a caller's backend and figures are its own).
 """
 
 from __future__ import annotations
@@ -108,8 +108,13 @@ def by_budget(sweep: Sweep):
         for (column, _), style in zip(models, ("o-", "s--")):
             which = {BEST: "best epoch", LAST: "last epoch"}.get(column)
             axes.plot(group.index, group[column], style, color=colour, label=f"{label}, {which}" if which else label)
-    named = {BEST: "solid: each run's best epoch; dashed: its last", "test_accuracy": served_model(sweep)}
-    axes.set(title=f"Test accuracy by epoch budget ({BUDGET}); {named[models[0][0]]}", xlabel="Epoch budget",
+    if others:  # the mean over each budget's jobs: the numbers of the report's fit.epochs table
+        means = sweep.done.groupby(BUDGET)[[column for column, _ in models]].mean()
+        for (column, _), style in zip(models, ("o-", "s--")):
+            which = {BEST: ", best epoch", LAST: ", last epoch"}.get(column, "")
+            axes.plot(means.index, means[column], style, color="black", linewidth=2.5, label=f"mean{which}")
+    named = {BEST: "solid: each run's best-epoch model; dashed: its last epoch's", "test_accuracy": served_model(sweep)}
+    axes.set(title=f"Test accuracy by epoch budget ({BUDGET})\n{named[models[0][0]]}", xlabel="Epoch budget",
              ylabel="Test accuracy")
     axes.legend(fontsize="small")
     figure.tight_layout()

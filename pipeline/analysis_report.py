@@ -14,12 +14,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.analysis_axes import BEST, BUDGET, LAST, SEED, Sweep, best_setting, by_axis, continuous, contrast, \
-    over_seeds, rank_correlation, rise, seed_spread, served_model, show, sides, tested
+    model_key, over_seeds, rank_correlation, rise, seed_spread, served_model, show, sides, tested
 from pipeline.analysis_families import comparison
 from pipeline.analysis_text import caveat, markdown, spread_of
 
 LISTED = 12  # per-setting lists longer than this are left to the tables
-MODEL_KEYS = {BEST: "best_epoch_model", LAST: "last_epoch_model", "test_accuracy": "served_model"}  # in metric names
 
 
 def report(sweep: Sweep, failed: pd.DataFrame, ranking: pd.DataFrame | None, best_run: str,
@@ -110,7 +109,8 @@ def longest_budget(sweep: Sweep) -> tuple[list[str], dict]:
     chooser = LAST if LAST in means else models[0][0]
     name = dict(models)[chooser]
     longest, best = means.index.max(), means[chooser].idxmax()
-    metrics = {f"longest_budget_vs_best_points.{MODEL_KEYS[column]}": 100 * float(means.loc[longest, column] - means.loc[best, column]) for column, _ in models}
+    metrics = {f"longest_vs_best_budget_points.{model_key(sweep, column)}":
+               100 * float(means.loc[longest, column] - means.loc[best, column]) for column, _ in models}
     count = sides(done, sweep.labels[BUDGET], best, longest)
     if best == longest:
         return [f"- **{name[0].upper() + name[1:]} scores best at the longest budget, {show(longest)} epochs** (mean "
@@ -119,8 +119,9 @@ def longest_budget(sweep: Sweep) -> tuple[list[str], dict]:
     said = []
     for column, model in sorted(models, key=lambda item: item[0] != chooser):
         points = 100 * (means.loc[longest, column] - means.loc[best, column])
-        verb = "changes" if round(points, 2) == 0 else "gains" if points > 0 else "costs"
-        said.append(f"{verb} {model} {abs(points):.2f} points of test accuracy** "
+        verb = f"leaves {model} as it was" if round(points, 2) == 0 else \
+            f"{'gains' if points > 0 else 'costs'} {model} {abs(points):.2f} points of test accuracy"
+        said.append(f"{verb}** "
                     f"({means.loc[longest, column]:.4f} against {means.loc[best, column]:.4f})")
     line = (f"- **Training to {show(longest)} epochs instead of {show(best)} " + " and **".join(said)
             + f": the mean over the jobs of each budget ({count}); {show(best)} epochs is where {name} scores best.")
@@ -129,7 +130,8 @@ def longest_budget(sweep: Sweep) -> tuple[list[str], dict]:
     pairs = [group.set_index(BUDGET)[chooser] for group in pairs if {best, longest} <= set(group[BUDGET])]
     if others and pairs:
         lower = sum(pair.loc[longest].mean() < pair.loc[best].mean() for pair in pairs)
-        line += f" Setting by setting ({', '.join(others)}), {name} scores lower at {show(longest)} in {lower} of {len(pairs)}."
+        line += (f" Setting by setting ({', '.join(others)}), {name} scores lower at {show(longest)} in {lower} of "
+                 f"{len(pairs)}.")
     difference = means.loc[longest, chooser] - means.loc[best, chooser]
     return [line + caveat(contrast(sweep, done, BUDGET, best, longest, difference, seed_spread(sweep, chooser)))], metrics
 
@@ -148,7 +150,7 @@ def past_the_best(sweep: Sweep) -> tuple[list[str], dict]:
     return ([f"- **Measured on every run: stopping at the best epoch instead of the last gains {points.median():+.2f} "
             f"points of test accuracy** (median over {jobs}, each run's best-epoch model against its last-epoch "
             f"model; from {points.min():+.2f} to {points.max():+.2f})." + caveat(["one job"] if len(both) == 1 else [])],
-            {"best_vs_last_epoch_points": float(points.median())})
+            {"median_best_vs_last_epoch_points": float(points.median())})
 
 
 def budgets(jobs: pd.DataFrame) -> str:
@@ -185,7 +187,7 @@ def trend(sweep: Sweep, axis: str) -> list[str]:
 
 def chosen(sweep: Sweep, best: pd.Series, best_run: str) -> tuple[dict, list[str]]:
     served = served_model(sweep)
-    numbers = {"best_job.test_accuracy": float(best["test_accuracy"]),
+    numbers = {f"best_job.{model_key(sweep)}.test_accuracy": float(best["test_accuracy"]),
                "best_job.best_val_accuracy": float(best["best_val_accuracy"])}
     job = (f"`{best['job']}` (run `{best_run}`), best validation accuracy {best['best_val_accuracy']:.4f}, "
            f"test accuracy of {served} {best['test_accuracy']:.4f}.")
