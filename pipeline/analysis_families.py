@@ -34,7 +34,8 @@ def comparison(sweep: Sweep, ranking: pd.DataFrame, champion: list[str]) -> tupl
                 f"the mean over {int(best.runs)} {repeats} vs {int(base.runs)}")
         lines.append(f"- **Against the tutorial's model**: {points:+.2f} points of test accuracy of {served} "
                      f"({best.test_accuracy_mean:.4f} against {base.test_accuracy_mean:.4f}, {each}), with "
-                     f"{best.fit_seconds / base.fit_seconds:.2f}x its training time, {best.parameters / base.parameters:.1f}x its parameters and "
+                     f"{best.fit_seconds / base.fit_seconds:.2f}x its training time, "
+                     f"{best.parameters / base.parameters:.1f}x its parameters and "
                      f"{best.model_size_mb / base.model_size_mb:.1f}x its size on disk." + caveat(caveats))
         headline[f"best_family.{model_key(sweep)}.points_vs_tutorial"] = float(points)
     short = [f"{row.family} {row.epochs:g} of its {row.own_epochs:g}" for row in ranking.itertuples() if below(row)]

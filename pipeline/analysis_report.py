@@ -226,8 +226,8 @@ def axes_section(sweep: Sweep) -> tuple[dict, list[str]]:
         table = by_axis(sweep, axis)
         accuracy, epoch = table.set_index(axis)["best_val_accuracy"], table.set_index(axis)["min_val_loss_epoch"].dropna()
         if accuracy.nunique() > 1:
-            text = "Best validation accuracy is highest at " + extremes(sweep, axis, sweep.done, accuracy, "best_val_accuracy",
-                                                                        "as the mean over each value's jobs")
+            text = "Best validation accuracy is highest at " + extremes(
+                sweep, axis, sweep.done, accuracy, "best_val_accuracy", "as the mean over each value's jobs")
         else:
             text = f"Best validation accuracy is {accuracy.iloc[0]:.4f} at every value (the mean over its jobs)."
         if len(epoch) and epoch.nunique() > 1:  # (on each setting's longest curve; along the budget, every job's)
