@@ -94,7 +94,7 @@ def tested(sweep: Sweep) -> list[tuple[str, str]]:
     epoch's and the last epoch's where the runs logged both checkpoints, else the served one's."""
     if {BEST, LAST} <= set(sweep.done.columns) and sweep.done[[BEST, LAST]].notna().all().all():
         served = set(sweep.done.get("served", pd.Series(dtype=object)).dropna())
-        best = "the best epoch's model" + (" (the one served)" if served <= {"best"} else "")
+        best = "the best epoch's model" + (" (the one served)" if served == {"best"} else "")
         return [(BEST, best), (LAST, "the last epoch's model" + (" (the one served)" if served == {"last"} else ""))]
     return [("test_accuracy", served_model(sweep))]
 
