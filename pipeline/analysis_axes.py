@@ -16,7 +16,9 @@ FAMILY_AXES = ("build", "build.family")  # a sweep over either ranks its values:
 OUTCOMES = ["status", "pruned", BUDGET, "epochs_trained", "min_val_loss_epoch", "min_val_loss", "best_val_accuracy",
             "final_accuracy_gap", "test_accuracy", "epoch_seconds", "fit_seconds", "parameters", "model_size_mb"]
 RANKING_COLUMNS = ["family", "runs", "test_accuracy_mean", "test_accuracy_std", "best_val_accuracy",
-                   "min_val_loss_epoch", "epochs", "fit_seconds", "parameters", "model_size_mb"]
+                   "min_val_loss_epoch", "epochs", "own_epochs", "fit_seconds", "parameters", "model_size_mb"]
+# Each run's two checkpoints (docs/checkpoints.md) and the test accuracy of each, where the runs logged them
+BEST, LAST = "best_epoch_test_accuracy", "last_epoch_test_accuracy"
 # A numeric axis with more distinct values than this, or one searched as interval(...), is continuous: the
 # report groups its jobs in thirds of the values (by rank) and gives the rank correlation with the value.
 MANY_VALUES = 6
@@ -75,16 +77,77 @@ def show(value) -> str:
 
 
 def by_axis(sweep: Sweep, axis: str) -> pd.DataFrame:
-    """How the outcome moves along `axis`: per value (or third), the jobs, their mean best validation and test
-    accuracy, and the median epoch of lowest validation loss (on each setting's longest curve; along the
-    budget itself, on every job)."""
+    """How the outcome moves along `axis`: per value (or third), the jobs, their mean best validation accuracy,
+    the median epoch of lowest validation loss (on each setting's longest curve; along the budget itself, on
+    every job) and the mean test accuracy of each model the runs measured (tested())."""
     done, label = sweep.done, sweep.labels[axis]
     epochs = done if axis == BUDGET else sweep.curves
     groups = done.groupby(label[done.index], observed=True)
     return pd.DataFrame({
         "jobs": groups.size(), "best_val_accuracy": groups["best_val_accuracy"].mean(),
         "min_val_loss_epoch": epochs.groupby(label[epochs.index], observed=True)["min_val_loss_epoch"].median(),
-        "test_accuracy": groups["test_accuracy"].mean()}).rename_axis(axis).reset_index()
+        **{column: groups[column].mean() for column, _ in tested(sweep)}}).rename_axis(axis).reset_index()
+
+
+def tested(sweep: Sweep) -> list[tuple[str, str]]:
+    """(column, the model it measures) for each model whose test accuracy every whole-budget job has: the best
+    epoch's and the last epoch's where the runs logged both checkpoints, else the served one's."""
+    if {BEST, LAST} <= set(sweep.done.columns) and sweep.done[[BEST, LAST]].notna().all().all():
+        served = set(sweep.done.get("served", pd.Series(dtype=object)).dropna())
+        best = "the best epoch's model" + (" (the one served)" if served == {"best"} else "")
+        return [(BEST, best), (LAST, "the last epoch's model" + (" (the one served)" if served == {"last"} else ""))]
+    return [("test_accuracy", served_model(sweep))]
+
+
+def served_model(sweep: Sweep) -> str:
+    """What a job's `test_accuracy` measures: the model its run serves (evaluate.serve: best, the default, or last)."""
+    served = set(sweep.table.get("served", pd.Series(dtype=object)).dropna())
+    if not served and BEST not in sweep.table:
+        return "the last epoch's model"  # (runs from before checkpoints: they served their last epoch)
+    which = {"best": "best-epoch", "last": "last-epoch"}.get(served.pop()) if len(served) == 1 else None
+    return f"the served ({which}) model" if which else "the served model"
+
+
+def model_key(sweep: Sweep, column: str = "test_accuracy") -> str:
+    """The model a test-accuracy column measures, as parent metric names say it."""
+    named = {BEST: "best_epoch_model", LAST: "last_epoch_model"}.get(column)
+    return named or ("last_epoch_model" if served_model(sweep) == "the last epoch's model" else "served_model")
+
+
+def seed_spread(sweep: Sweep, outcome: str, frame: pd.DataFrame | None = None) -> float:
+    """How much `outcome` moves between seeds alone: the standard deviation over the seeds of a setting, the
+    mean over the settings run with more than one seed. NaN without seeds."""
+    frame = sweep.done if frame is None else frame
+    if SEED not in sweep.axes or outcome not in frame:
+        return float("nan")
+    groups = frame.assign(setting="every job").groupby(sweep.settings or ["setting"], dropna=False)[outcome]
+    spread = groups.std(ddof=0)[groups.size() > 1]
+    return float(spread.mean()) if len(spread) else float("nan")
+
+
+def contrast(sweep: Sweep, frame: pd.DataFrame, axis: str, low, high, difference: float, spread: float) -> list[str]:
+    """What a difference between the jobs of `frame` at `low` and at `high` on `axis` rests on, as caveats
+    (none: a finding): one job on a side, other axes not held fixed between the two sides (confounded),
+    a difference no larger than the spread between seeds."""
+    label = sweep.labels[axis][frame.index] if axis in sweep.labels else frame[axis]
+    sides = [frame[label == value] for value in (low, high)]
+    caveats = []
+    if min(len(side) for side in sides) == 1:
+        caveats.append("one job per side" if max(len(side) for side in sides) == 1 else "one job on a side")
+    confounded = [other for other in sweep.axes if other not in (axis, SEED) and  # its values not the same on both sides
+                  len({tuple(sorted(map(str, sweep.labels[other][side.index]))) for side in sides}) > 1]
+    if confounded:
+        caveats.append("confounded: " + ", ".join(f"`{other}`" for other in confounded) + " also differ"
+                       + ("s" if len(confounded) == 1 else "") + " between the two sides")
+    if spread == spread and abs(difference) <= spread:
+        caveats.append("within the spread between seeds")
+    return caveats
+
+
+def sides(frame: pd.DataFrame, label: pd.Series, low, high) -> str:
+    """How many jobs stand at `low` and at `high`: "2 jobs vs 1"."""
+    counts = [int((label[frame.index] == value).sum()) for value in (low, high)]
+    return f"{counts[0]} {'job' if counts[0] == 1 else 'jobs'} vs {counts[1]}"
 
 
 def rank_correlation(sweep: Sweep, axis: str, outcome: str) -> float:
@@ -100,10 +163,15 @@ def over_seeds(sweep: Sweep) -> pd.DataFrame:
     groups = sweep.done.assign(setting="every job").groupby(keys, dropna=False)
     frame = pd.DataFrame({
         "seeds": groups.size(), "best_val_accuracy_mean": groups["best_val_accuracy"].mean(),
-        "best_val_accuracy_std": groups["best_val_accuracy"].std(ddof=0),
-        "test_accuracy_mean": groups["test_accuracy"].mean(), "test_accuracy_std": groups["test_accuracy"].std(ddof=0),
+        "best_val_accuracy_std": spread(groups["best_val_accuracy"]),
+        "test_accuracy_mean": groups["test_accuracy"].mean(), "test_accuracy_std": spread(groups["test_accuracy"]),
         "min_val_loss_epoch": groups["min_val_loss_epoch"].median()}).reset_index()
     return frame.sort_values("best_val_accuracy_mean", ascending=False, ignore_index=True, kind="stable")
+
+
+def spread(values) -> pd.Series:
+    """The standard deviation over each group's runs; none (NaN) for a group of one run: one run has no spread."""
+    return values.std(ddof=0).where(values.size() > 1)
 
 
 def best_setting(sweep: Sweep) -> tuple[pd.Series | None, pd.Series]:
@@ -121,12 +189,14 @@ def best_setting(sweep: Sweep) -> tuple[pd.Series | None, pd.Series]:
 def rank(sweep: Sweep) -> pd.DataFrame:
     """One row per family (the value of the build axis): mean and spread (standard deviation over its runs) of
     test accuracy, mean best validation accuracy, median epoch of the lowest validation loss, the longest
-    budget, mean training seconds, size; by mean best validation accuracy."""
+    budget and the family's own (its conf/build file's, where known), mean training seconds, size; by mean best
+    validation accuracy."""
     groups = sweep.done.groupby(sweep.family)
     ranking = pd.DataFrame({
         "runs": groups.size(), "test_accuracy_mean": groups["test_accuracy"].mean(),
-        "test_accuracy_std": groups["test_accuracy"].std(ddof=0), "best_val_accuracy": groups["best_val_accuracy"].mean(),
+        "test_accuracy_std": spread(groups["test_accuracy"]), "best_val_accuracy": groups["best_val_accuracy"].mean(),
         "min_val_loss_epoch": groups["min_val_loss_epoch"].median(), "epochs": groups[BUDGET].max(),
+        "own_epochs": groups["family_epochs"].max() if "family_epochs" in sweep.done else np.nan,
         "fit_seconds": groups["fit_seconds"].mean(), "parameters": groups["parameters"].max(),
         "model_size_mb": groups["model_size_mb"].max()}).rename_axis("family").reset_index()
     return ranking.sort_values(["best_val_accuracy", "family"], ascending=[False, True], ignore_index=True)[RANKING_COLUMNS]

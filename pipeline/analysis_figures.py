@@ -2,21 +2,19 @@
 
 val_loss_by_<axis>.png: every whole-budget curve (each setting's longest), coloured by the axis's value (or
 third), dots at the minimum; by `family` for a sweep over build, by job when no setting varies.
-best_val_accuracy_by_<axis>.png; test_accuracy_by_fit.epochs.png when the budget is swept;
-test_accuracy_by_training_seconds.png for a family ranking. Pure: no MLflow.
+best_val_accuracy_by_<axis>.png; test_accuracy_by_fit.epochs.png when the budget is swept (of the best and the
+last epoch's model, where the runs measured both); test_accuracy_by_training_seconds.png for a family ranking.
+Pure: no MLflow; no pyplot (a caller's backend and figures are its own).
 """
 
 from __future__ import annotations
 
 import pandas as pd
 
-from pipeline.analysis_axes import BUDGET, Sweep, show
+from pipeline.analysis_axes import BEST, BUDGET, LAST, Sweep, served_model, show, tested
 
 
 def figures(sweep: Sweep) -> dict[str, object]:
-    import matplotlib
-
-    matplotlib.use("Agg")
     out = {}
     overlaid = [axis for axis in sweep.settings if axis != BUDGET]  # a budget's curves are the longest's start
     for axis in overlaid:
@@ -41,15 +39,21 @@ def ordered(labels: pd.Series) -> list:
 
 
 def colours() -> list[str]:
-    from matplotlib import pyplot as plt
+    import matplotlib
 
-    return plt.rcParams["axes.prop_cycle"].by_key()["color"] * 8
+    return matplotlib.rcParams["axes.prop_cycle"].by_key()["color"] * 8
+
+
+def new_axes():
+    """A Figure of its own and its axes: drawn without pyplot, so a notebook's backend and figures are left alone."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 5))
+    return figure, figure.subplots()
 
 
 def val_loss(sweep: Sweep, labels: pd.Series, name: str, by_family: bool = False):
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8, 5))
+    figure, axes = new_axes()
     curves = sweep.curves
     labels = labels[curves.index]
     for value, colour in zip(ordered(labels), colours()):
@@ -71,9 +75,7 @@ def val_loss(sweep: Sweep, labels: pd.Series, name: str, by_family: bool = False
 
 def accuracy_by(sweep: Sweep, axis: str):
     """Each whole-budget job's best validation accuracy against its value on `axis`, and each value's mean."""
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8, 5))
+    figure, axes = new_axes()
     done = sweep.done
     values = done[axis]
     numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
@@ -94,26 +96,33 @@ def accuracy_by(sweep: Sweep, axis: str):
 
 
 def by_budget(sweep: Sweep):
-    """Test accuracy against the epoch budget, a line per setting of the other axes."""
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8, 5))
+    """Test accuracy against the epoch budget, a line per setting of the other axes: of the best epoch's model
+    (solid) and the last epoch's (dashed) where the runs measured both, else of the served model."""
+    figure, axes = new_axes()
     others = [axis for axis in sweep.axes if axis != BUDGET]
     groups = sweep.done.groupby(others, dropna=False) if others else [((), sweep.done)]
-    for key, group in groups:
-        group = group.sort_values(BUDGET)
-        label = ",".join(f"{axis}={show(value)}" for axis, value in zip(others, key)) or "every job"
-        axes.plot(group[BUDGET], group["test_accuracy"], "o-", label=label)
-    axes.set(title=f"Test accuracy by epoch budget ({BUDGET})", xlabel="Epochs trained", ylabel="Test accuracy")
+    models = tested(sweep)
+    for (key, group), colour in zip(groups, colours()):
+        group = group.groupby(BUDGET)[[column for column, _ in models]].mean()  # (seeds: their mean)
+        label = ",".join(f"{axis}={show(value)}" for axis, value in zip(others, key if others else ())) or "every job"
+        for (column, _), style in zip(models, ("o-", "s--")):
+            which = {BEST: "best epoch", LAST: "last epoch"}.get(column)
+            axes.plot(group.index, group[column], style, color=colour, label=f"{label}, {which}" if which else label)
+    if others:  # the mean over each budget's jobs: the numbers of the report's fit.epochs table
+        means = sweep.done.groupby(BUDGET)[[column for column, _ in models]].mean()
+        for (column, _), style in zip(models, ("o-", "s--")):
+            which = {BEST: ", best epoch", LAST: ", last epoch"}.get(column, "")
+            axes.plot(means.index, means[column], style, color="black", linewidth=2.5, label=f"mean{which}")
+    named = {BEST: "solid: each run's best-epoch model; dashed: its last epoch's", "test_accuracy": served_model(sweep)}
+    axes.set(title=f"Test accuracy by epoch budget ({BUDGET})\n{named[models[0][0]]}", xlabel="Epoch budget",
+             ylabel="Test accuracy")
     axes.legend(fontsize="small")
     figure.tight_layout()
     return figure
 
 
 def by_seconds(sweep: Sweep):
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8, 5))
+    figure, axes = new_axes()
     for (family, runs), colour in zip(sweep.done.groupby(sweep.family), colours()):
         axes.scatter(runs["fit_seconds"], runs["test_accuracy"], color=colour, alpha=0.5)
         axes.plot(runs["fit_seconds"].mean(), runs["test_accuracy"].mean(), "D", color=colour, label=family)

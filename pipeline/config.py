@@ -242,6 +242,14 @@ def configure(*overrides: str) -> PipelineConfig:
         return load(compose(config_name="config", overrides=list(overrides)))
 
 
+def family_epochs(family: str | None) -> int | None:
+    """A family's own epoch budget: the `fit.epochs` its conf/build file sets, else FitConfig's (None: no such family)."""
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parents[1] / "conf" / "build" / f"{family}.yaml"
+    return int(OmegaConf.select(OmegaConf.load(path), "fit.epochs", default=FitConfig.epochs)) if path.is_file() else None
+
+
 def load(cfg: DictConfig) -> PipelineConfig:
     """The composed Hydra config as a validated PipelineConfig (drops the `hydra` node if present)."""
     from omegaconf import OmegaConf, open_dict

@@ -626,7 +626,7 @@ def test_the_comparison_chooses_by_validation_accuracy_never_by_test_accuracy():
     assert "**Best family: steady**" in result.report and "+3.00 points of test accuracy" in result.report
     assert "it overfits after epoch 2" in result.report and "boom" in result.report
     assert set(result.figures) == {"test_accuracy_by_training_seconds.png", "val_loss_by_family.png"}
-    assert result.headline["best_family_test_accuracy"] == pytest.approx(0.902)
+    assert result.headline["best_family.last_epoch_model.test_accuracy_mean"] == pytest.approx(0.902)
     from matplotlib import pyplot as plt
 
     for figure in result.figures.values():

@@ -168,7 +168,10 @@ def read_jobs(parent_run_id: str, budget: str):
         histories[run_id] = history
         settings = {key: _setting(key, params, name) for key in axes}
         settings[budget] = int(params[budget])
-        extra = {"family": params.get("build.family")} if {"build", "build.family"} & set(axes) else {}
+        extra = {"served": params.get("evaluate.serve")}  # which checkpoint its test_accuracy measures
+        if {"build", "build.family"} & set(axes):  # a family's own epoch budget: is it compared below it?
+            own = config.family_epochs(settings.get("build") or params.get("build.family"))  # (conf/build/<option>)
+            extra |= {"family": params.get("build.family"), "family_epochs": own}
         if "search.trial" in tags:
             extra["trial"] = int(tags["search.trial"])
         for role in ("best", "last"):  # each run's two checkpoints (pipeline.tracking.checkpoints), where it logged them
@@ -193,8 +196,6 @@ def write_analysis(parent_run_id: str, result, early: dict | None, alias: str | 
     """The analysis (pipeline.analysis.Analysis) on the parent: analysis/ (jobs.csv, report.md, figures,
     ranking.csv), headline metrics, the best job's tags; with `alias`, the best job's registered model
     version (if it registered one) gets that alias."""
-    from matplotlib import pyplot as plt
-
     client = mlflow.MlflowClient()
     client.log_text(parent_run_id, result.table.to_csv(index=False), "analysis/jobs.csv")
     if not result.failed.empty:
@@ -203,8 +204,7 @@ def write_analysis(parent_run_id: str, result, early: dict | None, alias: str | 
     if result.ranking is not None:
         client.log_text(parent_run_id, result.ranking.to_csv(index=False), "analysis/ranking.csv")
     for name, figure in result.figures.items():
-        client.log_figure(parent_run_id, figure, f"analysis/{name}")
-        plt.close(figure)
+        client.log_figure(parent_run_id, figure, f"analysis/{name}")  # (a pyplot-free Figure: nothing to close)
     if result.headline:
         client.log_batch(parent_run_id, metrics=[
             mlflow.entities.Metric(key, value, int(time.time() * 1000), 0)
