@@ -107,7 +107,7 @@ def test_data_a_worker_cannot_read_fails_at_once_naming_the_path_and_the_host(ti
 def test_a_resume_asking_other_settings_leaves_the_parent_as_it_was(tiny_archive, tmp_path):
     settings = compose_config(tiny_overrides(tiny_archive, tmp_path))
     axes = {"build.hidden_units": "8,16"}
-    parent, _ = sweeps.open_sweep_parent(settings, axes, "multirun/1")
+    parent, _, _ = sweeps.open_sweep_parent(settings, axes, "multirun/1")
     sweeps.close_sweep_parent(parent, "FINISHED")
     client = MlflowClient(settings.tracking.uri)
     before = client.get_run(parent)
