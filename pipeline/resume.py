@@ -64,7 +64,7 @@ def job_identity(settings: Mapping[str, str], axes: Iterable[str], run_name: str
     job; an axis that is no setting (or a run that recorded none): the value its run name gives."""
     named = dict(part.split("=", 1) for part in run_name.split(",") if "=" in part)
     found: list = []
-    for axis in axes:
+    for axis in sorted(axes):
         under = sorted((key, value) for key, value in settings.items() if key == axis or key.startswith(axis + "."))
         found.append((axis, tuple(under) or named.get(axis.rsplit(".", 1)[-1])))
     found.append(("sweep.trial", settings.get("sweep.trial", "None")))
