@@ -29,10 +29,16 @@ if __name__ == "__main__":  # the command line owns its process: set up before t
 
 
 def stopped(error: KeyboardInterrupt) -> None:
-    """The process ends on an interrupt: one line (the run's end said what it kept), exit 128 + the signal."""
+    """The process ends on an interrupt: one line (the run's end said what it kept; a sweep's says, as the
+    process ends, what its parent kept), exit 128 + the signal."""
     SIGNALS.ended()  # the signal has reached the top: nothing sends it again
     signum = getattr(error, "signum", signal.SIGINT)
-    if not getattr(error, "reported", False):  # no run was open: nothing recorded
+    said, cause = False, error
+    while cause is not None and not said:  # a second Ctrl-C that came while a run ended on the first: said
+        said, cause = getattr(cause, "reported", False), cause.__context__
+    settings = sys.modules.get("pipeline.config")
+    sweeping = bool(getattr(settings, "PARENT_RUN", None) and os.environ.get(settings.PARENT_RUN))
+    if not (said or sweeping):  # no run was open: nothing recorded
         print(f"{signal.Signals(signum).name}: stopped before a run was recorded", file=sys.stderr, flush=True)
     sys.exit(128 + signum)
 

@@ -66,14 +66,16 @@ def reference_name(settings: PipelineConfig, axes) -> str:
 
 
 def finished_job(settings: PipelineConfig) -> dict | None:
-    """When resuming a sweep: the job's earlier FINISHED child run under the parent, if there is one that
-    ran with the settings asked now. One that ran with others is said, and the job runs again."""
+    """When resuming a sweep: the job's earlier FINISHED child run under the parent (the same settings on
+    the axes, whatever its run's name), if it ran with the settings asked now. One that ran with others is
+    said, and the job runs again."""
     if not os.environ.get(RESUMING):
         return None
     from pipeline.tracking import sweeps
 
     name = settings.tracking.run_name
-    previous = sweeps.finished_child(os.environ[PARENT_RUN], name, as_recorded(flatten(settings)))
+    previous = sweeps.finished_child(os.environ[PARENT_RUN], json.loads(os.environ.get(AXES, "[]")), name,
+                                     as_recorded(flatten(settings)))
     if previous and previous["differs"]:
         log.warning("sweep job %s finished before as run %s with other settings (%s): it runs again", name,
                     previous["run_id"], describe(previous["differs"], "then"))
@@ -146,17 +148,20 @@ class SweepCallback(Callback):
         self.settings: PipelineConfig | None = None
         self.axes: dict[str, str] = {}
         self.on_ray = False
+        self.analysing = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from pipeline.tracking import sweeps
 
         hydra_cfg = config.hydra
         directory = os.getcwd()  # (hydra.job.chdir is false: where the user ran the command)
+        atexit.register(self._abandoned)  # (once the parent is open, the process's end ends it)
         try:
             self.settings = absolute(load(config), directory)
             search.check(hydra_cfg.sweeper)  # an Optuna search without Optuna (or bad settings): stop before the parent
-            axes = self.axes = sweep_axes(hydra_cfg)
-            self.parent, experiment_id = sweeps.open_sweep_parent(self.settings, axes, str(hydra_cfg.sweep.dir))
+            axes = sweep_axes(hydra_cfg)
+            self.parent, experiment_id, order = sweeps.open_sweep_parent(self.settings, axes, str(hydra_cfg.sweep.dir))
+            axes = self.axes = {key: axes[key] for key in order}  # a resume names its jobs as the sweep did
         except Exception as error:  # Hydra would only warn and run the jobs untracked as a sweep: stop instead
             log.error("the sweep cannot start: %s", error)
             raise SystemExit(2) from error
@@ -170,7 +175,6 @@ class SweepCallback(Callback):
         self.on_ray = "ray" in str(hydra_cfg.launcher.get("_target_", ""))
         if self.on_ray:
             _forward_to_ray(hydra_cfg.launcher, forwarded)
-        atexit.register(self._abandoned)
         log.info("sweep over %s: parent MLflow run %s", ", ".join(f"{k}={v}" for k, v in axes.items()), self.parent)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -188,34 +192,43 @@ class SweepCallback(Callback):
                     train.train(reference)
             except Exception:  # recorded as a FAILED child; the analysis lists it
                 log.exception("the early-stopping reference job failed")
-        analysis = analyze_sweep(self.parent, alias=self.settings.sweep.champion_alias)
+        self.analysing = True  # (an interrupt from here on stops the analysis, not a job)
+        analysis, interrupted = analyze_sweep(self.parent, alias=self.settings.sweep.champion_alias)
         failed = len(analysis.failed)
-        sweeps.close_sweep_parent(self.parent, "FINISHED")
-        self.parent = None
+        with SIGNALS.held():  # the parent ends FINISHED and is let go of, or neither
+            sweeps.close_sweep_parent(self.parent, "FINISHED")
+            self.parent = None
         for key in (PARENT_RUN, EXPERIMENT, AXES, RESUMING, DIRECTORY, DRIVER_HOST, DRIVER_DATA):
             os.environ.pop(key, None)
-        log.info("sweep analysis: %d jobs finished, %d failed\n%s", len(analysis.table), failed, analysis.report)
+        log.info("sweep analysis: %d jobs finished, %d failed%s\n%s", len(analysis.table), failed,
+                 f", {len(interrupted)} interrupted earlier and not run again" if interrupted else "", analysis.report)
         if failed:  # exit non-zero so that scripts notice (an exception here would only become a warning)
             log.error("%d sweep job(s) failed: %s; the others are recorded and analysed under the parent run",
                       failed, ", ".join(analysis.failed["job"]))
             raise SystemExit(1)
 
     def _abandoned(self) -> None:
-        """The process is ending before the sweep did (Ctrl-C, SIGTERM, a crash): end the parent KILLED and
-        say, in one line, the command that resumes it (the user's own, plus sweep.resume). On Ray, the driver's end stops its jobs' workers, and with them the watchdogs they started (Ray
-        kills a worker's child processes): once Ray is shut down, the children still RUNNING end KILLED here."""
+        """The process is ending before the sweep did (Ctrl-C, SIGTERM, a crash): end the parent KILLED, let
+        go of it and say, in one line, the command that resumes it (the user's own, plus sweep.resume). On Ray,
+        the driver's end stops its jobs' workers, and with them the watchdogs they started (Ray kills a
+        worker's child processes): once Ray is shut down, the children still RUNNING end KILLED here."""
         SIGNALS.ended()
         if self.parent:
             from pipeline.tracking import sweeps
 
-            with SIGNALS.held():
-                if self.on_ray:
-                    if "ray" in sys.modules and sys.modules["ray"].is_initialized():  # (Ray's own atexit may have)
-                        sys.modules["ray"].shutdown()  # the job ends: the cluster stops its workers
-                    sweeps.end_running_children(self.parent, "its sweep's driver ended, and Ray stopped the job")
-                sweeps.close_sweep_parent(self.parent, "KILLED")
-            print(f"sweep {self.parent} ended KILLED before its jobs did; resume it with: "
-                  f"{resume_command(sys.orig_argv, self.parent)}", file=sys.stderr, flush=True)
+            parent, self.parent = self.parent, None
+            try:
+                with SIGNALS.held():  # (a second Ctrl-C waits for the parent's end, then is dropped: see below)
+                    if self.on_ray:
+                        if "ray" in sys.modules and sys.modules["ray"].is_initialized():  # (Ray's own atexit may have)
+                            sys.modules["ray"].shutdown()  # the job ends: the cluster stops its workers
+                        sweeps.end_running_children(parent, "its sweep's driver ended, and Ray stopped the job")
+                    sweeps.close_sweep_parent(parent, "KILLED")
+            except KeyboardInterrupt:  # the process is ending already: the second signal has nothing more to stop
+                SIGNALS.ended()
+            when = "during its analysis (every job had ended)" if self.analysing else "before its jobs did"
+            print(f"sweep {parent} ended KILLED {when}; {'finish' if self.analysing else 'resume'} it with: "
+                  f"{resume_command(sys.orig_argv, parent)}", file=sys.stderr, flush=True)
 
 
 def _forward_to_ray(launcher: DictConfig, variables: dict[str, str]) -> None:
@@ -237,14 +250,19 @@ def _forward_to_ray(launcher: DictConfig, variables: dict[str, str]) -> None:
 
 def analyze_sweep(parent_run_id: str, alias: str | None = None):
     """The sweep's children read back, analysed along its own axes (pipeline.analysis, pure), and the analysis
-    written to the parent; with `alias`, the best job's registered model version gets it. Returns the Analysis."""
+    written to the parent; with `alias`, the best job's registered model version gets it. Returns the Analysis
+    and the jobs interrupted (KILLED) and not finished since: neither finished nor failed, the report says so."""
     from pipeline import analysis
     from pipeline.tracking import sweeps
 
-    axes, jobs, histories, failed, early = sweeps.read_jobs(parent_run_id, analysis.BUDGET)
+    axes, jobs, histories, failed, early, interrupted = sweeps.read_jobs(parent_run_id, analysis.BUDGET)
     result = analysis.analyze(axes, [analysis.job_row(**job) for job in jobs], histories, failed, early)
+    if interrupted:
+        result.report += "\n## Interrupted jobs\n\nEnded KILLED (Ctrl-C, SIGTERM, or their process ended) and not run since " \
+                         "(an Optuna search runs a new trial in place of an interrupted one):\n\n" + "".join(
+                             f"- {job['job']} (run {job['run_id']}): {job['error']}\n" for job in interrupted)
     sweeps.write_analysis(parent_run_id, result, early, alias)
-    return result
+    return result, interrupted
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -262,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     tracking.use(args.tracking_uri)
-    analysis = analyze_sweep(args.parent_run_id, alias=args.alias)
+    analysis, _ = analyze_sweep(args.parent_run_id, alias=args.alias)
     print(analysis.report)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 import signal
 import subprocess
 import sys
@@ -197,55 +196,6 @@ def test_a_signal_whose_exception_is_lost_is_sent_again_until_the_run_ends(tiny_
     assert runs(tiny_config.tracking.uri)["status"].tolist() == ["KILLED"]
     with SIGNALS.installed():
         time.sleep(3 * SIGNALS.REDELIVERY)  # the run ended on it: it is not sent again
-
-
-@pytest.mark.slow
-def test_interrupted_sweep_resumes_without_duplicates(tiny_archive, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # Half the jobs train 200 epochs (a few seconds each; Hydra runs them after the three 2-epoch ones):
-    # the sweep is still running when two jobs have finished and the interrupt comes, however fast the
-    # short jobs are.
-    args = [sys.executable, "-m", "pipeline", "-m", *tiny_overrides(tiny_archive, tmp_path),
-            "build.hidden_units=4,8,12", "fit.epochs=2,200", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
-    client = created_store(uri)
-    process = subprocess.Popen(args, cwd=tmp_path, env=environment(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-            assert process.poll() is None, process.stderr.read()[-3000:]
-            experiment = client.get_experiment_by_name("imdb-sentiment")
-            if experiment and len(client.search_runs([experiment.experiment_id],
-                                                     "attributes.status = 'FINISHED'")) >= 2:
-                break
-        process.send_signal(signal.SIGINT)
-        _, printed = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    parent, children = sweep_runs(uri)
-    assert parent.info.status == "KILLED", printed[-3000:]
-    assert all(c.info.status in ("FINISHED", "KILLED") for c in children)  # none left RUNNING
-    finished_before = {c.info.run_name: c.info.run_id for c in children if c.info.status == "FINISHED"}
-    assert 2 <= len(finished_before) < 6
-    # the last words on the terminal: the command that resumes it, the user's own plus the parent
-    said = [line for line in printed.splitlines() if "resume it with: " in line]
-    assert len(said) == 1 and said[0].startswith(f"sweep {parent.info.run_id} ended KILLED"), printed[-3000:]
-    command = shlex.split(said[0].split("resume it with: ", 1)[1])
-    assert command == [*args, f"sweep.resume={parent.info.run_id}"]
-
-    again = subprocess.run(command, cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, output(again)
-    parent, children = sweep_runs(uri)
-    assert parent.info.status == "FINISHED"
-    finished = [c for c in children if c.info.status == "FINISHED"]
-    names = sorted(c.info.run_name for c in finished)
-    assert len(names) == len(set(names)) == 6  # every job finished exactly once
-    for name, run_id in finished_before.items():  # and the ones done before were not run again
-        assert {c.info.run_id for c in finished if c.info.run_name == name} == {run_id}
-    table = pd.read_csv(client.download_artifacts(parent.info.run_id, "analysis/jobs.csv", str(tmp_path)))
-    assert len(table) == 6 and set(table.run_id) == {c.info.run_id for c in finished}
 
 
 @pytest.mark.slow

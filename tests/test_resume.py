@@ -1,18 +1,28 @@
-"""A sweep's jobs see what its driver resolved, and a resume asks what its sweep was asked (fast: no training)."""
+"""A sweep's jobs see what its driver resolved, a resume asks what its sweep was asked (whatever the order it
+is typed in), and one command at a time works on a sweep (fast, but for one interrupted and resumed sweep)."""
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
+import signal
 import socket
+import subprocess
+import sys
+import time
 from dataclasses import replace
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
 from pipeline import config, resume, sweep
 from pipeline.config import flatten
-from pipeline.tracking import sweeps
+from pipeline.tracking import holder, sweeps
 from tests.conftest import compose_config, tiny_overrides
+from tests.helpers import created_store, environment, output
+from tests.test_sweeps import sweep_runs
 
 
 # -- what counts as the same settings --------------------------------------------------------------------
@@ -40,6 +50,68 @@ def test_a_resume_is_checked_axis_by_axis_and_setting_by_setting():
         "sweep.resume=p asks for other settings than that sweep was given: the axis seed: not swept in the sweep, "
         "1,2 now; fit.epochs: 5 in the sweep, 6 now. A resume continues the same sweep: run this as a new sweep "
         "(the same command without sweep.resume)")
+
+
+def test_the_same_axes_typed_in_another_order_or_form_are_the_same_sweep():
+    same = [("build.hidden_units", "8,16", "16, 8"), ("build.hidden_units", "8,16", "choice(16,8)"),
+            ("build.hidden_units", "8,16", "range(8, 17, 8)"), ("build.learning_rate", "0.001,0.01", "1e-2,1e-3"),
+            ("build.dropout_rate", "interval(0, 0.5)", "interval(0.0,0.5)"), ("build", "tutorial,nbsvm", "nbsvm,tutorial")]
+    for key, before, now in same:
+        assert resume.canonical_axis(key, before) == resume.canonical_axis(key, now), (before, now)
+        resume.check_same_sweep("p", {key: before, "fit.epochs": "3,4"}, {"fit.epochs": "4,3", key: now}, None, {})
+    for key, before, now in [("build.hidden_units", "8,16", "8,16,32"), ("build.learning_rate", "0.001", "0.01"),
+                             ("build.dropout_rate", "interval(0, 0.5)", "tag(log, interval(0, 0.5))")]:
+        assert resume.canonical_axis(key, before) != resume.canonical_axis(key, now), (before, now)
+
+
+def test_a_job_is_known_by_its_settings_on_the_axes_not_by_its_run_name():
+    axes = ["build.hidden_units", "fit.epochs"]
+    job = {"build.hidden_units": "8", "fit.epochs": "3", "seed": "42", "sweep.trial": "None"}
+    assert resume.job_identity(job, axes, "hidden_units=8,epochs=3") == resume.job_identity(
+        {**job, "seed": "1", "data.train_rows": "16"}, list(reversed(axes)), "epochs=3,hidden_units=8")
+    assert resume.job_identity(job, axes, "a") != resume.job_identity({**job, "fit.epochs": "4"}, axes, "a")
+    # two trials of a search that drew the same values are two jobs; the early-stopping reference is a job of its own
+    assert resume.job_identity(job, axes, "a") != resume.job_identity({**job, "sweep.trial": "7"}, axes, "a")
+    assert resume.job_identity(job, axes, "a") != resume.job_identity(job, axes, "early_stopping,hidden_units=8")
+    # a group axis: every setting under it; a run that recorded no settings (a job refused at once): its name
+    family = {"build.family": "nbsvm", "build.ngrams": "2"}
+    assert resume.job_identity(family, ["build"], "x") != resume.job_identity({**family, "build.ngrams": "1"}, ["build"], "x")
+    assert resume.job_identity({}, axes, "hidden_units=0,epochs=3") == resume.job_identity(
+        {}, axes, "epochs=3,hidden_units=0")
+
+
+def test_a_holder_whose_process_is_gone_or_silent_does_not_hold_the_sweep():
+    here = {"host": socket.gethostname(), "pid": os.getpid(), "started": __import__("psutil").Process().create_time(),
+            "heartbeat": 0}
+    assert holder.alive(here)
+    assert not holder.alive({**here, "started": here["started"] - 60})  # that pid, now another process
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    assert not holder.alive({**here, "pid": ended.pid})
+    elsewhere = {**here, "host": "another-host", "heartbeat": time.time() - 10}
+    assert holder.alive(elsewhere) and not holder.alive({**elsewhere, "heartbeat": time.time() - holder.STALE - 1})
+
+
+@pytest.mark.parametrize("cause", ["a second Ctrl-C while the run ended", "a sweep's"])
+def test_an_interrupt_that_was_said_is_not_said_again(cause, capsys, monkeypatch):
+    from pipeline.__main__ import stopped
+    from pipeline.signals import Interrupted
+
+    if cause == "a sweep's":  # a sweep's parent is open: its end says what it kept, as the process ends
+        monkeypatch.setenv(config.PARENT_RUN, "abc")
+        interrupt = Interrupted(signal.SIGINT)
+    else:
+        try:
+            try:
+                raise Interrupted(signal.SIGINT)
+            except KeyboardInterrupt as first:
+                first.reported = True  # (TrackedRun said "ended KILLED")
+                raise Interrupted(signal.SIGINT)
+        except KeyboardInterrupt as second:
+            interrupt = second
+    with pytest.raises(SystemExit) as ended:
+        stopped(interrupt)
+    assert ended.value.code == 130 and capsys.readouterr().err == ""
 
 
 def test_the_settings_a_child_records_compare_equal_to_the_same_settings_asked_again(tiny_config):
@@ -107,7 +179,7 @@ def test_data_a_worker_cannot_read_fails_at_once_naming_the_path_and_the_host(ti
 def test_a_resume_asking_other_settings_leaves_the_parent_as_it_was(tiny_archive, tmp_path):
     settings = compose_config(tiny_overrides(tiny_archive, tmp_path))
     axes = {"build.hidden_units": "8,16"}
-    parent, _ = sweeps.open_sweep_parent(settings, axes, "multirun/1")
+    parent, _, _ = sweeps.open_sweep_parent(settings, axes, "multirun/1")
     sweeps.close_sweep_parent(parent, "FINISHED")
     client = MlflowClient(settings.tracking.uri)
     before = client.get_run(parent)
@@ -125,5 +197,93 @@ def test_a_resume_asking_other_settings_leaves_the_parent_as_it_was(tiny_archive
     assert len(client.search_runs([before.info.experiment_id])) == 1  # no other run made
     # the same settings (another run name, verbose): continued
     same = replace(asked, verbose=True, tracking=replace(asked.tracking, run_name="again"))
-    assert sweeps.open_sweep_parent(same, axes, "multirun/3")[0] == parent
+    assert sweeps.open_sweep_parent(same, {"build.hidden_units": "16,8"}, "multirun/3")[0] == parent  # values reordered
     assert client.get_run(parent).info.status == "RUNNING"
+    assert json.loads(client.get_run(parent).data.tags[holder.TAG])["pid"] == os.getpid()  # held by this process
+    sweeps.close_sweep_parent(parent, "FINISHED")
+    assert holder.TAG not in client.get_run(parent).data.tags  # and let go of at its end
+
+
+# -- an interrupted sweep, resumed as a user would: in another order, twice at once, after a killed resume ---
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumed_in_another_order_runs_each_missing_job_once(tiny_archive, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Half the jobs train 200 epochs (a few seconds each; Hydra runs them after the three 2-epoch ones):
+    # the sweep is still running when two jobs have finished and the interrupt comes, however fast the
+    # short jobs are.
+    prefix = [sys.executable, "-m", "pipeline", "-m", *tiny_overrides(tiny_archive, tmp_path)]
+    axes, suffix = ["build.hidden_units=4,8,12", "fit.epochs=2,200"], [f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    args = prefix + axes + suffix
+    client = created_store(uri)
+    process = subprocess.Popen(args, cwd=tmp_path, env=environment(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            experiment = client.get_experiment_by_name("imdb-sentiment")
+            if experiment and len(client.search_runs([experiment.experiment_id],
+                                                     "attributes.status = 'FINISHED'")) >= 2:
+                break
+        process.send_signal(signal.SIGINT)
+        _, printed = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    parent, children = sweep_runs(uri)
+    assert parent.info.status == "KILLED", printed[-3000:]
+    assert all(c.info.status in ("FINISHED", "KILLED") for c in children)  # none left RUNNING
+    finished_before = {c.info.run_name: c.info.run_id for c in children if c.info.status == "FINISHED"}
+    assert 2 <= len(finished_before) < 6
+    # the last words on the terminal: the command that resumes it, the user's own plus the parent
+    said = [line for line in printed.splitlines() if "resume it with: " in line]
+    assert len(said) == 1 and said[0].startswith(f"sweep {parent.info.run_id} ended KILLED"), printed[-3000:]
+    assert "stopped before a run was recorded" not in printed
+    command = shlex.split(said[0].split("resume it with: ", 1)[1])
+    resumed = f"sweep.resume={parent.info.run_id}"
+    assert command == [*args, resumed]
+
+    # A resume killed outright (SIGKILL) once it holds the sweep: it does not hold it forever.
+    killed = subprocess.Popen(command, cwd=tmp_path, env=environment(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        while json.loads(client.get_run(parent.info.run_id).data.tags.get(holder.TAG, "{}")).get("pid") != killed.pid:
+            assert killed.poll() is None and time.monotonic() < deadline + 300
+            time.sleep(0.2)
+    finally:
+        killed.kill()
+        killed.wait()
+    # Two resumes at once, typed with the keys and the values in other orders: the same sweep. One runs the
+    # jobs still missing; the other is refused in one line naming the command that holds the sweep.
+    started = time.time()
+    together = [subprocess.Popen(prefix + order + suffix + [resumed], cwd=tmp_path, env=environment(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for order in (["fit.epochs=200,2", "build.hidden_units=12,4,8"],
+                              ["build.hidden_units=8,12,4", "fit.epochs=200,2"])]
+    printed = [p.communicate(timeout=900)[0] for p in together]
+    assert sorted(p.returncode for p in together) == [0, 2], [text[-3000:] for text in printed]
+    won = 0 if together[0].returncode == 0 else 1
+    refusal = [line for line in printed[1 - won].splitlines() if "is being worked on by another command" in line]
+    assert len(refusal) == 1, printed[1 - won][-3000:]
+    assert f"(pid {together[won].pid} on {socket.gethostname()}, since " in refusal[0] and resumed in refusal[0]
+    assert "Traceback" not in printed[1 - won] and "Launching" not in printed[1 - won]  # no job of its own
+    assert "which has ended without letting go: taken over" in printed[won]  # the killed resume's hold
+    assert "failed" not in printed[won].split("sweep analysis:", 1)[1].split("\n", 1)[0], printed[won][-3000:]
+
+    parent, children = sweep_runs(uri)
+    assert parent.info.status == "FINISHED" and holder.TAG not in parent.data.tags
+    assert (parent.data.metrics["jobs_finished"], parent.data.metrics["jobs_failed"]) == (6, 0)
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    names = sorted(c.info.run_name for c in finished)
+    assert len(names) == len(set(names)) == 6, names  # every job finished exactly once ...
+    assert all(name.startswith("hidden_units=") for name in names)  # ... named in the sweep's own order
+    for name, run_id in finished_before.items():  # the ones done before were not run again
+        assert {c.info.run_id for c in finished if c.info.run_name == name} == {run_id}
+        assert f"already finished as run {run_id}; not run again" in printed[won]
+    assert len([c for c in finished if c.info.start_time > started * 1000]) == 6 - len(finished_before)
+    table = pd.read_csv(client.download_artifacts(parent.info.run_id, "analysis/jobs.csv", str(tmp_path)))
+    assert len(table) == 6 and set(table.run_id) == {c.info.run_id for c in finished}
+    assert len(set(zip(table["build.hidden_units"], table["fit.epochs"]))) == 6
+    report = open(client.download_artifacts(parent.info.run_id, "analysis/report.md", str(tmp_path))).read()
+    assert "Interrupted jobs" not in report and "Failed jobs" not in report  # the KILLED attempts finished since

@@ -9,6 +9,7 @@ parent (write_analysis).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -19,16 +20,19 @@ import pipeline
 from pipeline import config, resume
 from pipeline.config import EXPERIMENT, PARENT_RUN
 from pipeline.signals import SIGNALS
-from pipeline.tracking import CURVES, git_tags, use
+from pipeline.tracking import CURVES, git_tags, holder, use
 
 log = logging.getLogger(__name__)
 SETTINGS = "sweep/settings.json"  # on the parent: every setting the sweep was asked, flattened, as strings
 
 
-def open_sweep_parent(cfg: config.PipelineConfig, axes: dict[str, str], sweep_dir: str) -> tuple[str, str]:
-    """Create the sweep's parent run, or adopt the one `mlflow run` created. Returns (run id, experiment id).
-    The parent records what it was asked: the axes as `sweep.<key>` params, every other setting in
-    sweep/settings.json. A resume that asks otherwise is refused (ValueError) before anything is written."""
+def open_sweep_parent(cfg: config.PipelineConfig, axes: dict[str, str], sweep_dir: str) -> tuple[str, str, list[str]]:
+    """Create the sweep's parent run, or adopt the one `mlflow run` created, and hold it for this command
+    (holder.py). Returns (run id, experiment id, the axes' keys in the order the sweep first gave them, so
+    that a resumed job is named as it was). The parent records what it was asked: the axes as `sweep.<key>`
+    params and their order in the tag `sweep.axes`, every other setting in sweep/settings.json. A resume
+    that asks otherwise is refused (ValueError), and one while another command works on the sweep
+    (holder.SweepHeld), before anything is written."""
     from mlflow.entities import Param
 
     use(config.tracking_uri(cfg.tracking))
@@ -37,7 +41,7 @@ def open_sweep_parent(cfg: config.PipelineConfig, axes: dict[str, str], sweep_di
     # Under `mlflow run` the project's run becomes the parent; the variable must not reach the jobs,
     # or the first job would record into the parent itself.
     adopted = os.environ.pop("MLFLOW_RUN_ID", None)
-    recorded = False
+    recorded, order = False, list(axes)
     if cfg.sweep.resume:  # an interrupted sweep continues under its own parent
         run = client.get_run(cfg.sweep.resume)
         if run.data.tags.get("sweep.parent") != "true":
@@ -46,13 +50,11 @@ def open_sweep_parent(cfg: config.PipelineConfig, axes: dict[str, str], sweep_di
         if not recorded:
             log.warning("sweep.resume=%s: that parent recorded no settings (it was made before they were kept); "
                         "each job's own recorded settings decide whether it runs again", run.info.run_id)
-        resume.check_same_sweep(  # (its axes are its `sweep.<key>` params)
-            run.info.run_id, {k.removeprefix("sweep."): v for k, v in run.data.params.items() if k.startswith("sweep.")},
-            {key: value[:6000] for key, value in axes.items()},
-            mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{SETTINGS}") if recorded else None, settings)
-        client.update_run(run.info.run_id, status="RUNNING")
-        if adopted and adopted != cfg.sweep.resume:  # `mlflow run` made a run of its own: point it to the parent
-            client.set_tag(adopted, "sweep.resumed_parent", cfg.sweep.resume)
+        resume.check_same_sweep(run.info.run_id, _axes(run), {key: value[:6000] for key, value in axes.items()},
+                                mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{SETTINGS}") if recorded else None,
+                                settings)
+        order = _axis_order(client, run, list(axes))
+        holder.take(run.info.run_id)
     elif adopted:
         run = client.get_run(adopted)
     else:
@@ -60,12 +62,36 @@ def open_sweep_parent(cfg: config.PipelineConfig, axes: dict[str, str], sweep_di
         name = cfg.tracking.run_name or "sweep " + ",".join(key.rsplit(".", 1)[-1] for key in axes)
         run = client.create_run(experiment.experiment_id, run_name=name, start_time=int(pipeline.STARTED * 1000))
     run_id = run.info.run_id
-    client.log_batch(run_id, params=[Param(f"sweep.{key}", value[:6000]) for key, value in axes.items()],
-                     tags=[mlflow.entities.RunTag(k, v) for k, v in
-                           {"sweep.parent": "true", "sweep.dir": sweep_dir, **git_tags()}.items()])
-    if not recorded:  # (not under another prefix of params: the analysis reads every `sweep.` param as an axis)
-        client.log_dict(run_id, settings, SETTINGS)
-    return run_id, run.info.experiment_id
+    try:
+        if cfg.sweep.resume:
+            client.update_run(run_id, status="RUNNING")
+            if adopted and adopted != run_id:  # `mlflow run` made a run of its own: point it to the parent
+                client.set_tag(adopted, "sweep.resumed_parent", run_id)
+        else:
+            holder.take(run_id, new=True)
+            client.log_batch(run_id, params=[Param(f"sweep.{key}", value[:6000]) for key, value in axes.items()],
+                             tags=[mlflow.entities.RunTag("sweep.axes", json.dumps(order))])
+        client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in
+                                       {"sweep.parent": "true", "sweep.dir": sweep_dir, **git_tags()}.items()])
+        if not recorded:  # (not under another prefix of params: the analysis reads every `sweep.` param as an axis)
+            client.log_dict(run_id, settings, SETTINGS)
+    except BaseException as error:  # (an interrupt, or the store refusing a write)
+        close_sweep_parent(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    return run_id, run.info.experiment_id, order
+
+
+def _axis_order(client, parent, axes: list[str]) -> list[str]:
+    """The parent's axes in the order its sweep first gave them: its tag `sweep.axes`, else (a parent made
+    before it was kept) the order its first child's name gives them; else `axes` as they are."""
+    if "sweep.axes" in parent.data.tags:
+        first = json.loads(parent.data.tags["sweep.axes"])
+    else:
+        named = _children(client, parent.info.run_id, max_results=1)
+        shorts = [part.split("=", 1)[0] for run in named for part in run.info.run_name.split(",")]
+        first = sorted(axes, key=lambda key: shorts.index(key.rsplit(".", 1)[-1]) if key.rsplit(".", 1)[-1] in shorts
+                       else len(shorts))
+    return [key for key in first if key in axes] + [key for key in axes if key not in first]
 
 
 def record_failed_job(run_name: str, error: Exception) -> None:
@@ -84,19 +110,19 @@ def _children(client, parent_run_id: str, where: str = "", order: str = "ASC", m
                               max_results=max_results, order_by=[f"attributes.start_time {order}"])
 
 
-def finished_child(parent_run_id: str, run_name: str, asked: dict[str, str]) -> dict | None:
-    """The latest complete, FINISHED child of `parent_run_id` named `run_name`: its id, best validation
-    accuracy and `differs`, the settings asked now (`asked`, flattened) that it did not run with."""
+def finished_child(parent_run_id: str, axes: list[str], run_name: str, asked: dict[str, str]) -> dict | None:
+    """The latest complete, FINISHED child of `parent_run_id` that is the same job as the one asked (the
+    same settings on the sweep's `axes`, resume.job_identity; whatever its run was named): its id, best
+    validation accuracy and `differs`, the settings asked now (`asked`, flattened) that it did not run with."""
     client = mlflow.MlflowClient()
-    quoted = run_name.replace("'", "\\'")
-    found = _children(client, parent_run_id, f" and attributes.run_name = '{quoted}' and attributes.status = 'FINISHED' "
-                                             "and tags.`pipeline.complete` = 'true'", "DESC", max_results=1)
-    if not found:
-        return None
-    history = client.get_metric_history(found[0].info.run_id, "val_accuracy")
-    best = max((point.value for point in history), default=float("nan"))
-    return {"run_id": found[0].info.run_id, "val_accuracy": best,
-            "differs": resume.differences(found[0].data.params, asked)}
+    job = resume.job_identity(asked, axes, run_name)
+    for run in _children(client, parent_run_id, " and attributes.status = 'FINISHED' and tags.`pipeline.complete` = 'true'",
+                         "DESC"):
+        if resume.job_identity(run.data.params, axes, run.info.run_name) == job:
+            history = client.get_metric_history(run.info.run_id, "val_accuracy")
+            best = max((point.value for point in history), default=float("nan"))
+            return {"run_id": run.info.run_id, "val_accuracy": best, "differs": resume.differences(run.data.params, asked)}
+    return None
 
 
 def end_running_children(parent_run_id: str, why: str) -> None:
@@ -108,9 +134,13 @@ def end_running_children(parent_run_id: str, why: str) -> None:
 
 
 def close_sweep_parent(run_id: str, status: str) -> None:
+    """End the parent (if it is RUNNING) with `status`, and let go of it (holder.py)."""
     client = mlflow.MlflowClient()
-    if client.get_run(run_id).info.status == "RUNNING":
-        client.set_terminated(run_id, status)
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status)
+    finally:
+        holder.release(run_id)
 
 
 def _history(client, run_id: str):
@@ -139,25 +169,30 @@ def _setting(key: str, params: dict, run_name: str):
 
 def read_jobs(parent_run_id: str, budget: str):
     """The sweep as the analysis needs it, read back from the parent's children: (axes, jobs, histories,
-    failed, early). `axes`: the swept keys and their values as written; `jobs`: pipeline.analysis.job_row's
-    arguments for each finished (or pruned) job; `histories`: their curves by run id; `failed`: job, run_id,
-    error of the others; `early`: the early-stopping reference job, if the sweep ran one. `budget`: the
-    dotted key of the epoch budget (pipeline.analysis.BUDGET), recorded for every job."""
+    failed, early, interrupted). `axes`: the swept keys and their values as written, in the sweep's order;
+    `jobs`: pipeline.analysis.job_row's arguments for each finished (or pruned) job; `histories`: their curves
+    by run id; `failed`: job, run_id, error of the jobs that failed; `early`: the early-stopping reference job,
+    if the sweep ran one; `interrupted`: job, run_id, error of the jobs whose attempt was interrupted (KILLED)
+    and not finished since. A job is counted once, however often it was attempted (resume.job_identity).
+    `budget`: the dotted key of the epoch budget (pipeline.analysis.BUDGET), recorded for every job."""
     client = mlflow.MlflowClient()
-    axes = _axes(client.get_run(parent_run_id))
-    latest: dict[str, object] = {}  # a resumed sweep can hold several attempts of one job: keep one
+    parent = client.get_run(parent_run_id)
+    axes = _axes(parent)
+    latest: dict[tuple, object] = {}  # a resumed sweep can hold several attempts of one job: keep one
     for run in _children(client, parent_run_id):  # oldest first, so later attempts win, and a finished one beats any other
-        kept = latest.get(run.info.run_name)
+        job = resume.job_identity(run.data.params, axes, run.info.run_name)
+        kept = latest.get(job)
         if kept is None or run.info.status == "FINISHED" or kept.info.status != "FINISHED":
-            latest[run.info.run_name] = run
-    jobs, histories, failed, early = [], {}, [], None
+            latest[job] = run
+    jobs, histories, failed, early, interrupted = [], {}, [], None, []
     for run in latest.values():
         name, run_id = run.info.run_name, run.info.run_id
         params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
         pruned = tags.get("search.pruned") == "true"  # a search's pruner stopped it: a job, whether it was scored or not
         history = _history(client, run_id) if pruned or run.info.status == "FINISHED" else None
         if history is None or history["val_loss"].isna().all() or not (pruned or "test_accuracy" in metrics):
-            failed.append({"job": name, "run_id": run_id, "error": tags.get("error", f"run {run.info.status.lower()}")})
+            ended = {"job": name, "run_id": run_id, "error": tags.get("error", f"run {run.info.status.lower()}")}
+            (interrupted if run.info.status == "KILLED" else failed).append(ended)
             continue
         # the reference job pipeline.sweep adds (sweep.early_stopping_reference): early stopping, not an axis
         if params.get("fit.early_stopping.enabled") == "True" and name.split(",")[0] == "early_stopping":
@@ -185,11 +220,9 @@ def read_jobs(parent_run_id: str, budget: str):
             epoch_seconds=float(history["epoch_seconds"].median()), fit_seconds=float(tags.get("seconds.fit", "nan")),
             parameters=int(metrics.get("model.parameters", 0)), model_size_mb=metrics.get("model.size_mb", float("nan")),
             **extra))
-    # the order the job names give the axes (the parent's params come back sorted by name)
-    order = [part.split("=", 1)[0] for job in jobs[:1] for part in job["job"].split(",")]
-    axes = dict(sorted(axes.items(), key=lambda item: (order.index(short) if (short := item[0].rsplit(".", 1)[-1])
-                                                       in order else len(order))))
-    return axes, jobs, histories, failed, early
+    # the sweep's own order of the axes (the parent's params come back sorted by name)
+    axes = {key: axes[key] for key in _axis_order(client, parent, list(axes))}
+    return axes, jobs, histories, failed, early, interrupted
 
 
 def write_analysis(parent_run_id: str, result, early: dict | None, alias: str | None = None) -> None:
