@@ -27,7 +27,8 @@ NOT_SOURCE = {".git", ".venv", "build", "data", ".cache", "mlflow.db", "mlruns",
 
 def not_source(folder: str, names: list[str]) -> set[str]:
     top = Path(folder) == PROJECT
-    return {name for name in names if name == "__pycache__" or name.endswith(".egg-info") or (top and name in NOT_SOURCE)}
+    return {name for name in names
+            if name == "__pycache__" or name.endswith(".egg-info") or (top and name in NOT_SOURCE)}
 
 
 # a run of seconds: tiny_overrides's settings, but 2 epochs; data and store are the folder's own
@@ -86,7 +87,7 @@ def test_the_wheel_runs_a_run_a_search_and_scoring_from_an_empty_folder(installe
     # every module and every config file of the checkout is in the package
     shipped = {path.relative_to(module.parent) for path in module.parent.rglob("*.py")}
     assert {path.relative_to(PROJECT / "pipeline") for path in (PROJECT / "pipeline").rglob("*.py")
-            if "hydra_plugin" not in path.parts} <= shipped  # (the plugin is installed as hydra_plugins.pipeline_search)
+            if "hydra_plugin" not in path.parts} <= shipped  # (the plugin: installed as hydra_plugins.pipeline_search)
     assert sorted(path.relative_to(conf) for path in conf.rglob("*.yaml")) == sorted(
         path.relative_to(config.CONF) for path in config.CONF.rglob("*.yaml"))
     assert config.CONF == PROJECT / "conf"  # (this checkout, and its editable install, read its own conf/)
