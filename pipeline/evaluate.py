@@ -3,9 +3,9 @@
 In: the fitted model, Encoded arrays (the test split is read here for the first time), the fit's
 history and an EvaluateConfig. Out: Evaluation, with test_loss, test_accuracy, test_precision,
 test_recall, test_f1_score, test_roc_auc and the confusion counts, the test probabilities, and figures
-(matplotlib): the tutorial's loss and accuracy curves, the ROC and precision-recall curves and the
-confusion matrix. `checkpoints` evaluates the fit's best and last epochs alike (see Checkpoints) and
-leaves the model holding the weights evaluate.serve chose.
+(matplotlib Figures, no pyplot state): the tutorial's loss and accuracy curves, the ROC and precision-recall
+curves and the confusion matrix. `checkpoints` evaluates the fit's best and last epochs alike (see Checkpoints)
+and leaves the model holding the weights evaluate.serve chose.
 """
 
 from __future__ import annotations
@@ -29,14 +29,12 @@ class Evaluation:
 
 def curves(history: pd.DataFrame) -> dict[str, object]:
     """The tutorial's figures: training vs validation loss, and training vs validation accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure  # (not pyplot: no backend chosen, no figure kept open in the caller's process)
 
     figures = {}
     for metric, title in (("loss", "Training and validation loss"), ("accuracy", "Training and validation accuracy")):
-        figure, axes = plt.subplots(figsize=(7, 4.5))
+        figure = Figure(figsize=(7, 4.5), layout="tight")
+        axes = figure.subplots()
         axes.plot(history["epoch"], history[metric], "o", markersize=4, label=f"Training {metric}")
         axes.plot(history["epoch"], history[f"val_{metric}"], "-", label=f"Validation {metric}")
         if metric == "loss":
@@ -45,7 +43,6 @@ def curves(history: pd.DataFrame) -> dict[str, object]:
                          label=f"lowest validation loss (epoch {int(best['epoch'])})")
         axes.set(title=title, xlabel="Epoch", ylabel=metric.capitalize())
         axes.legend()
-        figure.tight_layout()
         figures[f"{metric}.png"] = figure
     return figures
 
@@ -153,20 +150,19 @@ def checkpoints(model, data, fitted, cfg: EvaluateConfig) -> Checkpoints:
 
 def threshold_curves(truth: np.ndarray, probabilities: np.ndarray, predicted: np.ndarray) -> dict[str, object]:
     """ROC and precision-recall curves of the test probabilities, and the confusion matrix at the
-    threshold (scikit-learn's displays)."""
-    from matplotlib import pyplot as plt
+    threshold (scikit-learn's displays, drawn on the axes given them)."""
+    from matplotlib.figure import Figure
     from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 
     figures = {}
     for name, display in (("roc_curve.png", RocCurveDisplay), ("precision_recall_curve.png", PrecisionRecallDisplay)):
-        figure, axes = plt.subplots(figsize=(5.5, 5))
-        display.from_predictions(truth, probabilities, ax=axes, name="test split")
-        figure.tight_layout()
+        figure = Figure(figsize=(5.5, 5), layout="tight")
+        display.from_predictions(truth, probabilities, ax=figure.subplots(), name="test split")
         figures[name] = figure
-    figure, axes = plt.subplots(figsize=(5, 4.5))
+    figure = Figure(figsize=(5, 4.5), layout="tight")
+    axes = figure.subplots()
     ConfusionMatrixDisplay.from_predictions(truth, predicted, display_labels=["negative", "positive"], ax=axes,
                                             colorbar=False)
     axes.set_title("Test split, at the threshold")
-    figure.tight_layout()
     figures["confusion_matrix.png"] = figure
     return figures

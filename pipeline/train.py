@@ -7,7 +7,8 @@ the stage cache), and hands each product to the run (pipeline.tracking, the one 
 The run is opened first, so that what MLflow shows is what happened: its start is the process's, each epoch
 is recorded as it ends, and an interrupt ends it KILLED. The speed switches (pipeline/speed/) leave this
 story as it reads. From a notebook: `train(config.configure("fit.epochs=10"))`; the process is left as it
-was found (no signal handler, environment variable or thread of its own stays behind).
+was found (no signal handler, environment variable, thread, plotting backend or figure of its own stays behind;
+the random generators it seeds and MLflow's tracking URI and experiment are put back).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import build, config, evaluate, fit, ingest, speed, split, trial
+from pipeline import build, config, evaluate, fit, ingest, seeds, speed, split, trial
 from pipeline.build import Encoded
 from pipeline.config import PipelineConfig
 from pipeline.speed.collection import COLLECTION
@@ -80,8 +81,8 @@ def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
     check(cfg)
     step = Steps(cfg, speed.stage_cache(cfg))  # each stage's call below: timed, its line told, through the stage cache
     metrics: dict[str, float] = {}
-    with speed.ahead(cfg, prepare, step) as prepared, tracking.TrackedRun(cfg, step.seconds) as run, \
-            speed.xla_cache(cfg):
+    with seeds.kept(), speed.ahead(cfg, prepare, step) as prepared, tracking.TrackedRun(cfg, step.seconds) as run, \
+            speed.xla_cache(cfg):  # (the caller's random generators put back at the end: seeds.py)
         if "build" in cfg.stages:
             step("start_tensorflow", start_tensorflow, cfg)
         COLLECTION.resume(freeze=False)  # (on already, unless cfg.stages ends before build)

@@ -17,9 +17,11 @@ from tests.helpers import CURVES, assert_every_epoch_recorded, runs
 def checkpoints(uri: str, run_id: str) -> dict[str, object]:
     """The run's LoggedModels by their `checkpoint` tag (intermediate ones as epoch-N), each with its step."""
     client = MlflowClient(uri)
-    steps = {output.model_id: output.step for output in client.get_run(run_id).outputs.model_outputs}
+    run = client.get_run(run_id)
+    steps = {output.model_id: output.step for output in run.outputs.model_outputs}
     found = {}
-    for model in mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list"):
+    for model in mlflow.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'",
+                                             output_format="list"):
         role = model.tags["checkpoint"]
         found[role if role != "epoch" else f"epoch-{steps[model.model_id]}"] = (model, steps[model.model_id])
     return found
@@ -60,7 +62,8 @@ def test_a_run_logs_its_best_and_last_epoch_and_serves_the_best(tiny_archive, tm
     assert run["tags.model_uri"] == f"models:/{best.model_id}" and best.name == "model"
     version = client.get_model_version("imdb", "1")
     assert version.source == f"models:/{best.model_id}" and version.run_id == run.run_id
-    ranked = mlflow.search_logged_models(filter_string=f"source_run_id = '{run.run_id}'", output_format="list",
+    ranked = mlflow.search_logged_models([run.experiment_id], filter_string=f"source_run_id = '{run.run_id}'",
+                                         output_format="list",
                                          order_by=[{"field_name": "metrics.val_loss", "ascending": True}])
     assert ranked[0].model_id == best.model_id  # ranked by validation, as the Models tab sorts them
 

@@ -27,7 +27,8 @@ NOT_SOURCE = {".git", ".venv", "build", "data", ".cache", "mlflow.db", "mlruns",
 
 def not_source(folder: str, names: list[str]) -> set[str]:
     top = Path(folder) == PROJECT
-    return {name for name in names if name == "__pycache__" or name.endswith(".egg-info") or (top and name in NOT_SOURCE)}
+    return {name for name in names
+            if name == "__pycache__" or name.endswith(".egg-info") or (top and name in NOT_SOURCE)}
 
 
 # a run of seconds: tiny_overrides's settings, but 2 epochs; data and store are the folder's own
@@ -86,7 +87,7 @@ def test_the_wheel_runs_a_run_a_search_and_scoring_from_an_empty_folder(installe
     # every module and every config file of the checkout is in the package
     shipped = {path.relative_to(module.parent) for path in module.parent.rglob("*.py")}
     assert {path.relative_to(PROJECT / "pipeline") for path in (PROJECT / "pipeline").rglob("*.py")
-            if "hydra_plugin" not in path.parts} <= shipped  # (the plugin is installed as hydra_plugins.pipeline_search)
+            if "hydra_plugin" not in path.parts} <= shipped  # (the plugin: installed as hydra_plugins.pipeline_search)
     assert sorted(path.relative_to(conf) for path in conf.rglob("*.yaml")) == sorted(
         path.relative_to(config.CONF) for path in config.CONF.rglob("*.yaml"))
     assert config.CONF == PROJECT / "conf"  # (this checkout, and its editable install, read its own conf/)
@@ -97,31 +98,32 @@ def test_the_wheel_runs_a_run_a_search_and_scoring_from_an_empty_folder(installe
         OmegaConf.from_dotlist(TINY)))
     data = [f"ingest.path={tiny_archive}", "ingest.download=false"]
     search.mkdir()
+    terminal = (search / "terminal.txt").open("w")  # (a file, not a pipe a long search could fill)
     searching = subprocess.Popen(
         [str(installed), "-m", "pipeline", "-m", "experiment=optuna_search", "hydra.sweeper.n_trials=2",
-         "evaluate.log_model=false", *data, *TINY],
-        cwd=search, env=alone(installed), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         "evaluate.log_model=false", *data, *TINY], cwd=search, env=alone(installed), stdout=terminal, stderr=terminal)
     try:
         done = run(installed, single, "-m", "pipeline", "--config-dir", "mine", "experiment=tiny", *data)
-        searched = searching.communicate(timeout=600)[0]
+        assert done.returncode == 0, output(done)
+        (job,) = single.glob("outputs/*/*")
+        assert config_sources(job)[1:3] == [str(conf), str(single / "mine")]  # ours, then the user's folder
+        frame = runs(f"sqlite:///{single / 'mlflow.db'}")
+        assert frame["status"].tolist() == ["FINISHED"] and frame["params.build.vocabulary_size"][0] == "200"
+        assert frame["metrics.epochs_trained"][0] == 2
+        # the logged model (models from code: pipeline/textmodel.py travels in it), loaded and scored
+        (single / "reviews.txt").write_text("Superb, brilliant and moving.\nAwful, boring, the worst.\n")
+        scored = run(installed, single, "-m", "pipeline.score", frame["tags.model_uri"][0], "reviews.txt",
+                     "-o", "scored.csv")
+        searching.wait(timeout=600)
     finally:
         searching.kill()
-    assert done.returncode == 0, output(done)
-    assert searching.returncode == 0, searched[-3000:]
-    (job,) = single.glob("outputs/*/*")
-    assert config_sources(job)[1:3] == [str(conf), str(single / "mine")]  # ours, then the user's folder
-    frame = runs(f"sqlite:///{single / 'mlflow.db'}")
-    assert frame["status"].tolist() == ["FINISHED"] and frame["params.build.vocabulary_size"][0] == "200"
-    assert frame["metrics.epochs_trained"][0] == 2
+        terminal.close()
+    assert searching.returncode == 0, (search / "terminal.txt").read_text()[-3000:]
     swept = runs(f"sqlite:///{search / 'mlflow.db'}")
     assert sorted(swept["status"]) == ["FINISHED"] * 3  # the parent and its two trials
     children = swept[swept["tags.mlflow.parentRunId"].notna()]
     assert len(children) == 2 and set(children["params.build.vocabulary_size"]) == {"200"}
     assert config_sources(next(search.glob("multirun/*/*/0")))[1] == str(conf)
-    # the logged model (models from code: pipeline/textmodel.py travels in it), loaded and scored
-    (single / "reviews.txt").write_text("Superb, brilliant and moving.\nAwful, boring, the worst.\n")
-    scored = run(installed, single, "-m", "pipeline.score", frame["tags.model_uri"][0], "reviews.txt",
-                 "-o", "scored.csv")
     assert scored.returncode == 0, output(scored)
     table = pd.read_csv(single / "scored.csv")
     assert len(table) == 2 and table["probability"].between(0, 1).all()

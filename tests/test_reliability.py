@@ -79,55 +79,100 @@ def test_exception_in_a_callback_ends_failed_with_finished_epochs_recorded(tiny_
 
 
 def process_state() -> dict:
-    """What a library must leave as it found it in the program that calls it."""
+    """What a notebook user could notice of a library they called, besides its numbers (next_numbers): signal
+    handlers, hooks, standard error, the collector, the environment, threads, descriptors; the plotting backend,
+    its settings and open figures; MLflow's tracking URI, the experiment the next run goes to, the active run."""
     import gc
     import os
     import threading
+
+    import matplotlib
+    from matplotlib import pyplot as plt
+    from mlflow.tracking import fluent
 
     return {"handlers": {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)},
             "unraisablehook": sys.unraisablehook, "stderr": (sys.stderr, os.readlink("/proc/self/fd/2")),
             "gc": (gc.isenabled(), gc.get_threshold(), gc.get_freeze_count()), "environment": dict(os.environ),
             # (MLflow's artifact repositories are cached per run with their thread pools: MLflow's, like its connections)
             "threads": sorted(t.name for t in threading.enumerate() if not t.name.startswith("MlflowLocalArtifact")),
-            "descriptors": sorted(os.listdir("/proc/self/fd"))}
+            "descriptors": sorted(os.listdir("/proc/self/fd")),
+            "plotting": (matplotlib.get_backend(), matplotlib.is_interactive(), dict(matplotlib.rcParams),
+                         plt.get_fignums()),
+            "mlflow": (mlflow.get_tracking_uri(), fluent._get_experiment_id(), mlflow.active_run())}
 
 
-def test_train_in_a_program_changes_nothing_global_and_a_keyboard_interrupt_ends_it_killed(tiny_archive, tmp_path):
-    """train(cfg) from a notebook or another program: no signal handler, hook, descriptor, collector setting,
-    environment variable or thread of its own stays behind, and a KeyboardInterrupt (here from a callback,
-    as from a notebook's stop button) ends the run KILLED with every finished epoch."""
+def next_numbers() -> dict:
+    """The next number of each random generator a notebook draws from (drawing it moves the generator on)."""
+    import random
+
     import keras
+    import numpy as np
+    import tensorflow as tf
+
+    return {"random": random.random(), "numpy": float(np.random.rand()), "numpy.normal": float(np.random.normal()),
+            "tensorflow": float(tf.random.uniform([])), "keras": float(keras.random.uniform(()))}
+
+
+def test_train_in_a_program_changes_nothing_global_and_a_keyboard_interrupt_ends_it_killed(tiny_archive, tmp_path,
+                                                                                            monkeypatch):
+    """train(cfg) from a notebook or another program: no signal handler, hook, descriptor, collector setting,
+    environment variable, thread, plotting backend or figure of its own stays behind, the notebook's random
+    generators go on as if it had not run and its MLflow settings are as it left them, and a KeyboardInterrupt
+    (here from a callback, as from a notebook's stop button) ends the run KILLED with every finished epoch."""
+    import keras
+    import matplotlib
+    from mlflow.tracking import _tracking_service, fluent
 
     from pipeline.config import configure
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     created_store(uri)  # (MLflow keeps a store's connections open once it has used it: not ours to close)
     keras.layers.Dense(1)  # TensorFlow and Keras loaded, as a notebook would have them
+    # the notebook's own choices: a plotting backend, a tracking store and experiment, seeded generators
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):  # (all put back for the tests after this one)
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(_tracking_service.utils, "_tracking_uri", _tracking_service.utils._tracking_uri)
+    monkeypatch.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
+    created_store(notebook := f"sqlite:///{tmp_path / 'notebook.db'}").create_experiment("earlier")
+    mlflow.set_tracking_uri(notebook)
+    mlflow.set_experiment("notebook")  # (its id, 2, is not the run's experiment's)
     cfg = configure(*tiny_overrides(tiny_archive, tmp_path), "fit.jit_compile=true", "fit.epochs=5")
-    found = process_state()
-    called = time.time()
-    train(cfg)
-    left = process_state()
-    assert {key: value for key, value in left.items() if key != "descriptors"} == {
-        key: value for key, value in found.items() if key != "descriptors"}
+    keras.utils.set_random_seed(7)
+    try:
+        found, _ = process_state(), next_numbers()
+        called = time.time()
+        train(cfg)
+        left, drawn = process_state(), next_numbers()
+        keras.utils.set_random_seed(7)
+        next_numbers()
+        assert drawn == next_numbers()  # each generator's second number, as without train() between
+        assert {key: value for key, value in left.items() if key != "descriptors"} == {
+            key: value for key, value in found.items() if key != "descriptors"}
+        assert left["mlflow"][:2] == (notebook, "2") and left["plotting"][0] == "svg"  # (what the test set up)
 
-    class Stop(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch == 2:
-                raise KeyboardInterrupt
+        class Stop(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if epoch == 2:
+                    raise KeyboardInterrupt
 
-    original = fit.fit
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fit, "fit", lambda model, data, cfg, seed, callbacks=(): original(
-            model, data, cfg, seed, callbacks=[*callbacks, Stop()]))
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg)
-    assert process_state() == left  # (a second call opens no descriptor either)
+        original = fit.fit
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(fit, "fit", lambda model, data, cfg, seed, callbacks=(): original(
+                model, data, cfg, seed, callbacks=[*callbacks, Stop()]))
+            with pytest.raises(KeyboardInterrupt):
+                train(cfg)
+        assert process_state() == left  # (a second call opens no descriptor either)
+    finally:
+        matplotlib.use(backend)
     frame = runs(uri)
     assert frame["status"].tolist() == ["FINISHED", "KILLED"]
     assert MlflowClient(uri).get_run(frame.run_id[0]).info.start_time >= int(called * 1000)  # not when imported
     steps = [point.step for point in MlflowClient(uri).get_metric_history(frame.run_id[1], "val_loss")]
     assert steps == [1, 2, 3]
+    notebook_store = MlflowClient(notebook)  # nothing went to the notebook's own store
+    assert notebook_store.search_runs([e.experiment_id for e in notebook_store.search_experiments()]) == []
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import mlflow
 from filelock import FileLock
+from mlflow.tracking import fluent
 
 import pipeline
 from pipeline import config, textmodel
@@ -110,6 +111,8 @@ class TrackedRun:
         self.watchdog: subprocess.Popen | None = None
         self.epochs: Epochs | None = None
         self.environment: dict[str, str] = {}  # MLflow's environment variables as the run found them
+        # the caller's tracking URI (None: not set) and active experiment, put back at the end (no public getter)
+        self.found = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None, fluent._active_experiment_id
 
     def __enter__(self) -> "TrackedRun":
         # the first run of `python -m pipeline` starts with the process (a sweep's jobs later); in a notebook,
@@ -179,6 +182,8 @@ class TrackedRun:
                              ui_links(mlflow.get_tracking_uri(), self.experiment_id, self.run_id))
             if self.watchdog is not None:
                 self.watchdog.communicate(b"ended\n")  # the run has ended as it should: the watchdog leaves
+            mlflow.set_tracking_uri(self.found[0])
+            fluent._active_experiment_id = self.found[1]
             for key in [key for key in os.environ if key.startswith(MLFLOW_ENVIRONMENT)]:
                 os.environ.pop(key)  # (set_tracking_uri and set_experiment export theirs for subprocesses)
             os.environ.update(self.environment)
@@ -244,15 +249,12 @@ class TrackedRun:
     @recorded
     def evaluation(self, kept) -> None:
         """The served checkpoint's test metrics and figures, and best.* and last.* (evaluate.Checkpoints)."""
-        from matplotlib import pyplot as plt
-
         result = kept.evaluation
         checkpoints.record(kept)
         mlflow.log_metrics(result.metrics)
         self.headline.update(result.metrics)
         for name, figure in result.figures.items():
             mlflow.log_figure(figure, f"figures/{name}")
-            plt.close(figure)
 
     def log_models(self, model, encoded, cfg: config.PipelineConfig, kept) -> str:
         """Every checkpoint of `kept` as a LoggedModel, the served one first (checkpoints.py); its URI."""
