@@ -26,7 +26,7 @@ class Analysis:
     axes: list[str] = field(default_factory=list)  # the swept keys whose values differ between finished jobs
     figures: dict[str, object] = field(default_factory=dict)  # file name -> matplotlib Figure
     report: str = ""  # Markdown
-    headline: dict[str, float] = field(default_factory=dict)  # numbers worth logging as parent metrics
+    headline: dict[str, float] = field(default_factory=dict)  # parent metrics, named for the model they measure
     best_run: str | None = None  # by validation accuracy (a comparison: the best family's best run)
     ranking: pd.DataFrame | None = None  # a sweep over build: one row per family, best first
 
@@ -35,7 +35,9 @@ def job_row(job: str, run_id: str, settings: dict, history: pd.DataFrame, test_a
             status: str = "FINISHED", **extra) -> dict:
     """One table row. `settings`: each axis's value by its dotted key, and fit.epochs (the job's budget);
     `history`: columns epoch, loss, accuracy, val_loss, val_accuracy; `extra`: pruned, trial, epochs_trained,
-    epoch_seconds (the median), fit_seconds, parameters, model_size_mb, family, as known."""
+    epoch_seconds (the median), fit_seconds, parameters, model_size_mb, family and family_epochs (its own budget),
+    served (evaluate.serve), best_epoch, last_epoch and each one's test accuracy (best_epoch_test_accuracy,
+    last_epoch_test_accuracy), as known."""
     best = history.loc[history["val_loss"].idxmin()]
     last = history.iloc[-1]
     return {"job": job, **settings, "status": status, "pruned": False, "epochs_trained": len(history),
