@@ -55,7 +55,8 @@ def test_a_resume_is_checked_axis_by_axis_and_setting_by_setting():
 def test_the_same_axes_typed_in_another_order_or_form_are_the_same_sweep():
     same = [("build.hidden_units", "8,16", "16, 8"), ("build.hidden_units", "8,16", "choice(16,8)"),
             ("build.hidden_units", "8,16", "range(8, 17, 8)"), ("build.learning_rate", "0.001,0.01", "1e-2,1e-3"),
-            ("build.dropout_rate", "interval(0, 0.5)", "interval(0.0,0.5)"), ("build", "tutorial,nbsvm", "nbsvm,tutorial")]
+            ("build.dropout_rate", "interval(0, 0.5)", "interval(0.0,0.5)"),
+            ("build", "tutorial,nbsvm", "nbsvm,tutorial")]
     for key, before, now in same:
         assert resume.canonical_axis(key, before) == resume.canonical_axis(key, now), (before, now)
         resume.check_same_sweep("p", {key: before, "fit.epochs": "3,4"}, {"fit.epochs": "4,3", key: now}, None, {})
@@ -75,7 +76,8 @@ def test_a_job_is_known_by_its_settings_on_the_axes_not_by_its_run_name():
     assert resume.job_identity(job, axes, "a") != resume.job_identity(job, axes, "early_stopping,hidden_units=8")
     # a group axis: every setting under it; a run that recorded no settings (a job refused at once): its name
     family = {"build.family": "nbsvm", "build.ngrams": "2"}
-    assert resume.job_identity(family, ["build"], "x") != resume.job_identity({**family, "build.ngrams": "1"}, ["build"], "x")
+    other = {**family, "build.ngrams": "1"}
+    assert resume.job_identity(family, ["build"], "x") != resume.job_identity(other, ["build"], "x")
     assert resume.job_identity({}, axes, "hidden_units=0,epochs=3") == resume.job_identity(
         {}, axes, "epochs=3,hidden_units=0")
 
