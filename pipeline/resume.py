@@ -86,8 +86,8 @@ def check_same_sweep(parent_run_id: str, axes_before: Mapping[str, str], axes: M
     settings (flattened) differ from what the parent recorded. `settings_before` None: the parent kept
     none (made before they were kept), and only its axes are compared."""
     found = {f"the axis {key}": (axes_before.get(key, "not swept"), axes.get(key, "not swept"))
-             for key in sorted(set(axes_before) | set(axes))
-             if key not in axes_before or key not in axes or canonical_axis(key, axes_before[key]) != canonical_axis(key, axes[key])}
+             for key in sorted(set(axes_before) | set(axes)) if key not in axes_before or key not in axes
+             or canonical_axis(key, axes_before[key]) != canonical_axis(key, axes[key])}
     if settings_before is not None:
         found.update(differences(settings_before, settings, skip=tuple(axes_before) + tuple(axes)))
     if found:

@@ -101,19 +101,16 @@ def search_space(written: list[str]) -> tuple[dict[str, Any], list[str]]:
 
 
 def as_in_study(space: dict[str, Any], trials) -> dict[str, Any]:
-    """The search space with each distribution as the study's trials recorded it, where that one allows the
-    same values (choice(16, 8) for choice(8, 16), choice(8, 16) for range(8, 17, 8)): one search, however it
-    was typed. (Optuna refuses a parameter's choices in another order, or another kind of distribution.)"""
-    recorded: dict[str, Any] = {}
-    for trial in trials:
-        for key, kept in trial.distributions.items():
-            recorded.setdefault(key, kept)
-    return {key: recorded[key] if key in recorded and (values := _values(asked)) is not None
-            and values == _values(recorded[key]) else asked for key, asked in space.items()}
+    """The search space with each distribution as the study's first trials recorded it, where that one draws
+    the same values (choice(16, 8) for choice(8, 16); range(8, 17, 8) for choice(8, 16)): Optuna refuses a
+    parameter's choices in another order, or another kind of distribution, and it is the same search."""
+    recorded = {key: kept for trial in reversed(trials) for key, kept in trial.distributions.items()}
+    return {key: recorded[key] if key in recorded and _values(asked) is not None
+            and _values(asked) == _values(recorded[key]) else asked for key, asked in space.items()}
 
 
 def _values(distribution) -> list[str] | None:
-    """The values a distribution draws from, sorted, if it draws from a finite list of them."""
+    """The values a distribution draws from, sorted, if it draws from a list of them."""
     from optuna.distributions import CategoricalDistribution, IntDistribution
 
     if isinstance(distribution, CategoricalDistribution):
@@ -179,8 +176,7 @@ class OptunaSweeper(Sweeper):
         study.set_user_attr(PRUNER_ATTR, {"name": self.pruner, "arguments": self.pruner_arguments})
         space = as_in_study(space, existing)
         for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            # Left RUNNING by a search that was stopped (Ctrl-C, a crash): it did not finish, and a new trial
-            # takes its place (its run under a resumed parent is said as interrupted, not as a failed job).
+            # Left RUNNING by a search that was stopped (Ctrl-C, a crash): a new trial takes its place.
             log.warning("trial %d of study %s was interrupted in an earlier search: marked FAIL in the study (Optuna "
                         "has no state for an interrupted trial); a new trial runs in its place", stale.number,
                         self.study_name)

@@ -258,9 +258,9 @@ def analyze_sweep(parent_run_id: str, alias: str | None = None):
     axes, jobs, histories, failed, early, interrupted = sweeps.read_jobs(parent_run_id, analysis.BUDGET)
     result = analysis.analyze(axes, [analysis.job_row(**job) for job in jobs], histories, failed, early)
     if interrupted:
-        result.report += "\n## Interrupted jobs\n\nEnded KILLED (Ctrl-C, SIGTERM, or their process ended) and not run since " \
-                         "(an Optuna search runs a new trial in place of an interrupted one):\n\n" + "".join(
-                             f"- {job['job']} (run {job['run_id']}): {job['error']}\n" for job in interrupted)
+        result.report += ("\n## Interrupted jobs\n\nEnded KILLED (Ctrl-C, SIGTERM, or their process ended) and not run "
+                          "since (an Optuna search runs a new trial in place of an interrupted one):\n\n"
+                          + "".join(f"- {job['job']} (run {job['run_id']}): {job['error']}\n" for job in interrupted))
     sweeps.write_analysis(parent_run_id, result, early, alias)
     return result, interrupted
 

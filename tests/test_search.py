@@ -67,3 +67,22 @@ def test_without_optuna_the_message_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # as if it were not installed
     with pytest.raises(ImportError, match=r"pip install -e '\.\[search\]'"):
         search.check(sweeper())
+
+
+def test_the_same_choices_typed_in_another_order_are_the_studys_own_distribution():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    study = optuna.create_study()  # (in memory) a study whose trials drew from choice(8, 16) and range(1, 4)
+    first = {"build.hidden_units": CategoricalDistribution([8, 16]), "build.hidden_layers": IntDistribution(1, 3),
+             "build.dropout_rate": FloatDistribution(0.0, 0.5)}
+    study.tell(study.ask(first), 0.5)
+    space, _ = search.search_space(["build.hidden_units=choice(16, 8)", "build.hidden_layers=choice(3, 1, 2)",
+                                    "build.dropout_rate=interval(0.0, 0.4)", "build.embedding_dim=choice(8, 16)"])
+    kept = search.as_in_study(space, study.trials)
+    assert kept["build.hidden_units"] == first["build.hidden_units"]
+    assert kept["build.hidden_layers"] == first["build.hidden_layers"]
+    assert kept["build.dropout_rate"] == FloatDistribution(0.0, 0.4)  # another interval: as asked
+    assert kept["build.embedding_dim"] == CategoricalDistribution([8, 16])  # new to the study: as asked
+    study.tell(study.ask(kept), 0.6)  # Optuna takes it (the order as typed: "does not support dynamic value space")
+    with pytest.raises(ValueError):
+        study.ask(space)

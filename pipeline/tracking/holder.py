@@ -73,7 +73,7 @@ def take(run_id: str, new: bool = False) -> None:
     client = mlflow.MlflowClient(uri := mlflow.get_tracking_uri())
     me = _this_process()
     found = None if new else _read(client, run_id)
-    if _same(found, me):  # (taken already by this process)
+    if _same(found, me) and run_id in _held:  # (taken already by this process)
         return
     if found and alive(found):
         raise SweepHeld(f"sweep {run_id} is being worked on by another command: {describe(found)}; "
@@ -82,13 +82,16 @@ def take(run_id: str, new: bool = False) -> None:
         log.warning("sweep %s was held by %s, which has ended without letting go: taken over", run_id, describe(found))
     client.set_tag(run_id, TAG, json.dumps(me))
     _held[run_id] = _Heartbeat(uri, run_id, me)  # (from here on release() lets go, whatever happens next)
-    if not new:
-        time.sleep(SETTLE)
-        last = _read(client, run_id)
-        if not _same(last, me):  # another command wrote after this one: it holds the sweep
-            _held.pop(run_id).stop()
-            raise SweepHeld(f"sweep {run_id} is being worked on by another command: {describe(last or {})}; "
-                            "wait for it to end, or stop it, then run this again")
+    try:
+        if not new:
+            time.sleep(SETTLE)
+            last = _read(client, run_id)
+            if not _same(last, me):  # another command wrote after this one: it holds the sweep
+                raise SweepHeld(f"sweep {run_id} is being worked on by another command: {describe(last or {})}; "
+                                "wait for it to end, or stop it, then run this again")
+    except BaseException:  # (refused, or interrupted while it settled)
+        release(run_id)
+        raise
     _held[run_id].start()
 
 

@@ -116,12 +116,13 @@ def finished_child(parent_run_id: str, axes: list[str], run_name: str, asked: di
     validation accuracy and `differs`, the settings asked now (`asked`, flattened) that it did not run with."""
     client = mlflow.MlflowClient()
     job = resume.job_identity(asked, axes, run_name)
-    for run in _children(client, parent_run_id, " and attributes.status = 'FINISHED' and tags.`pipeline.complete` = 'true'",
-                         "DESC"):
+    finished = " and attributes.status = 'FINISHED' and tags.`pipeline.complete` = 'true'"
+    for run in _children(client, parent_run_id, finished, "DESC"):
         if resume.job_identity(run.data.params, axes, run.info.run_name) == job:
             history = client.get_metric_history(run.info.run_id, "val_accuracy")
             best = max((point.value for point in history), default=float("nan"))
-            return {"run_id": run.info.run_id, "val_accuracy": best, "differs": resume.differences(run.data.params, asked)}
+            return {"run_id": run.info.run_id, "val_accuracy": best,
+                    "differs": resume.differences(run.data.params, asked)}
     return None
 
 
