@@ -246,7 +246,7 @@ def family_epochs(family: str | None) -> int | None:
     """A family's own epoch budget: the `fit.epochs` its conf/build file sets, else FitConfig's (None: no such family)."""
     from omegaconf import OmegaConf
 
-    path = Path(__file__).resolve().parents[1] / "conf" / "build" / f"{family}.yaml"
+    path = CONF / "build" / f"{family}.yaml"
     return int(OmegaConf.select(OmegaConf.load(path), "fit.epochs", default=FitConfig.epochs)) if path.is_file() else None
 
 
