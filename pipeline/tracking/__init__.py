@@ -259,7 +259,7 @@ class TrackedRun:
         return checkpoints.log_models(self, model, encoded, cfg, kept)
 
     @recorded
-    def log_model(self, model, encoded, cfg: config.PipelineConfig, step=0, tags=None):
+    def log_model(self, model, encoded, cfg: config.PipelineConfig, step=0, tags=None, name="model"):
         """The raw-text pyfunc at `step` (its epoch): pipeline/textmodel.py as model code, the Keras classifier and
         the vocabulary (and n-grams) it encodes text with. MLflow checks that the input example serves before keeping
         it. Input type Any, not string: MLflow's server casts a string column's null or 123 to text (docs/serving.md)."""
@@ -273,7 +273,7 @@ class TrackedRun:
             mlflow.log_metric("model.size_mb", sum(f.stat().st_size for f in (classifier, vocabulary_file)) / 1e6, step=step)
             requirements = {name: version for name, version in versions().items() if name != "hydra-core"}
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(Path(textmodel.__file__)),  # models from code: nothing pickled
+                name=name, python_model=str(Path(textmodel.__file__)),  # models from code: nothing pickled
                 artifacts={"classifier": str(classifier), "vocabulary": str(vocabulary_file)},
                 signature=mlflow.models.ModelSignature(Schema([ColSpec(AnyType())]), Schema([ColSpec("double")])),
                 input_example=INPUT_EXAMPLE,
