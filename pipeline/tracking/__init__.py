@@ -35,6 +35,7 @@ from pipeline.signals import SIGNALS
 from pipeline.tracking.datasets import ReviewsDataset, registering
 from pipeline.tracking import checkpoints
 from pipeline.tracking.epochs import CURVES, Epochs
+from pipeline.tracking.projects import project_run
 from pipeline.tracking.server import check_reachable, ui_links
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,8 @@ class TrackedRun:
                 if os.environ.get(PARENT_RUN):
                     run = client.create_run(os.environ[EXPERIMENT], start_time=int(start * 1000), run_name=name,
                                             tags={"mlflow.parentRunId": os.environ[PARENT_RUN]})
-                elif os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run, started when it started us
-                    run = client.get_run(os.environ["MLFLOW_RUN_ID"])
+                elif os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run, or a new one it points to
+                    run = project_run(client, os.environ["MLFLOW_RUN_ID"], self.cfg.tracking.experiment_name, name, start)
                 else:
                     experiment = mlflow.set_experiment(self.cfg.tracking.experiment_name)
                     run = client.create_run(experiment.experiment_id, start_time=int(start * 1000), run_name=name)
