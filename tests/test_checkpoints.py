@@ -73,7 +73,7 @@ def test_a_run_logs_its_best_and_last_epoch_and_serves_the_best(tiny_archive, tm
     assert run["metrics.test_accuracy"] == metrics["test_accuracy"] == pytest.approx(run["metrics.best.test_accuracy"])
     assert run["tags.model_uri"] == f"models:/{best.model_id}"
     name = run["tags.mlflow.runName"]  # a row of the Models tab says whose, which and whether served
-    assert (best.name, last.name) == (f"{name}-best-epoch-{best_step}-served", f"{name}-last-epoch-6")
+    assert (best.name, last.name) == (f"best-epoch-{best_step}-served of {name}", f"last-epoch-6 of {name}")
     version = client.get_model_version("imdb", "1")
     assert version.source == f"models:/{best.model_id}" and version.run_id == run.run_id
     ranked = mlflow.search_logged_models(filter_string=f"source_run_id = '{run.run_id}'", output_format="list",
@@ -92,12 +92,12 @@ def test_serving_the_last_epoch_and_intermediate_checkpoints(tiny_archive, tmp_p
     every = {f"epoch-{epoch}" for epoch in (2, 4) if epoch != best_epoch}
     assert set(found) == {"best", "last"} | every
     last, _ = found["last"]
-    assert run["tags.model_uri"] == f"models:/{last.model_id}" and last.name == "lr=0_01_a-last-epoch-6-served"
+    assert run["tags.model_uri"] == f"models:/{last.model_id}" and last.name == "last-epoch-6-served of lr=0_01_a"
     assert metrics["test_accuracy"] == pytest.approx(served_accuracy(cfg, last.model_id))
     for name in every:
         model, step = found[name]
         assert linked(model, "val_loss") == pytest.approx(at_epoch(history, step, "val_loss"))
-        assert model.name == f"lr=0_01_a-{name}"
+        assert model.name == f"{name} of lr=0_01_a"
     loaded = mlflow.pyfunc.load_model(f"models:/{found[sorted(every)[0]][0].model_id}")  # serves raw text too
     assert loaded.predict(["A wonderful film.", "Awful."]).shape == (2,)
     for model, _ in found.values():  # each one complete, its MLmodel naming itself
@@ -116,7 +116,7 @@ def test_with_early_stopping_best_and_last_are_one_model(tiny_archive, tmp_path)
     assert step == run["metrics.best_epoch"] == run["metrics.best.epoch"] == run["metrics.last.epoch"]
     assert run["metrics.best.test_accuracy"] == run["metrics.last.test_accuracy"] == run["metrics.test_accuracy"]
     assert run["tags.model_uri"] == f"models:/{model.model_id}"
-    assert model.name == f"{run['tags.mlflow.runName']}-best+last-epoch-{step}-served"
+    assert model.name == f"best+last-epoch-{step}-served of {run['tags.mlflow.runName']}"
     a_model_half_logged_when_the_process_is_killed_ends_failed_and_the_run_says_so(cfg.tracking.uri)
 
 
@@ -130,16 +130,16 @@ def a_model_half_logged_when_the_process_is_killed_ends_failed_and_the_run_says_
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("imdb-sentiment").experiment_id
     run_id = client.create_run(experiment, run_name="tiny").info.run_id
-    done = client.create_logged_model(experiment, name="tiny-best-epoch-2-served", source_run_id=run_id)
+    done = client.create_logged_model(experiment, name="best-epoch-2-served of tiny", source_run_id=run_id)
     client.finalize_logged_model(done.model_id, LoggedModelStatus.READY)
-    half = client.create_logged_model(experiment, name="tiny-last-epoch-3", source_run_id=run_id)
+    half = client.create_logged_model(experiment, name="last-epoch-3 of tiny", source_run_id=run_id)
     watchdog = subprocess.Popen([sys.executable, str(Path(tracking.__file__).with_name("watchdog.py")), uri, run_id],
                                 stdin=subprocess.PIPE)
     watchdog.communicate(json.dumps({"time": int(time.time() * 1000), "step": 3, "values": {"val_loss": 0.5}}).encode()
                          + b"\n", timeout=120)  # then its input closes without "ended": the process is gone
     run = client.get_run(run_id)
     assert run.info.status == "KILLED"
-    assert "while it logged the model tiny-last-epoch-3 (marked FAILED)" in run.data.tags["error"]
+    assert "while it logged the model last-epoch-3 of tiny (marked FAILED)" in run.data.tags["error"]
     assert client.get_logged_model(half.model_id).status == LoggedModelStatus.FAILED
     assert "ended while this model was logged" in client.get_logged_model(half.model_id).tags["error"]
     assert client.get_logged_model(done.model_id).status == LoggedModelStatus.READY

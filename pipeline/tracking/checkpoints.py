@@ -1,6 +1,6 @@
 """A run's checkpoints as MLflow 3 LoggedModels: the best and the last epoch (one model when they coincide),
 and every fit.checkpoint_every-th epoch, each logged with its step (the epoch), a `checkpoint` tag, a name
-that says whose and which it is (`<run>-best-epoch-25-served`), and only its own values linked to it
+that says which and whose it is (`best-epoch-25-served of <run>`), and only its own values linked to it
 (model_id): the epoch's curves at its step and its test metrics, so each column of the Models tab is its own.
 The served one is registered and the run's `model_uri` tag. The run's own metrics and charts stay as they
 were (docs/checkpoints.md).
@@ -95,11 +95,12 @@ def _log_alike(client, run_id: str, model, layout: str, folder: str, checkpoint,
 
 
 def model_name(run_name: str, checkpoint, served: bool = False) -> str:
-    """What the Models tab names a checkpoint: its run, role and epoch, and whether it is served
-    (`tutorial-best-epoch-25-served`, `tutorial-last-epoch-40`, `tutorial-epoch-10`), so that a sweep's rows
-    tell themselves apart wherever a model is listed without its run."""
+    """What the Models tab names a checkpoint: its role and epoch, whether it is served, and its run
+    (`best-epoch-25-served of tutorial`, `last-epoch-40 of tutorial`, `epoch-10 of tutorial`), so that a sweep's
+    rows tell themselves apart, and a model listed without its run says whose it is. The role comes first:
+    the UI's name column shows the first 25 characters or so."""
     role = "" if checkpoint.role == "epoch" else checkpoint.role.replace(",", "+") + "-"
-    return f"{run_name[:200].translate(NOT_IN_NAMES)}-{role}epoch-{checkpoint.epoch}{'-served' * served}"
+    return f"{role}epoch-{checkpoint.epoch}{'-served' * served} of {run_name[:200].translate(NOT_IN_NAMES)}"
 
 
 def _at(history: dict, epoch: int) -> list:
