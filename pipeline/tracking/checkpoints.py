@@ -80,16 +80,20 @@ def _log_alike(client, run_id: str, model, layout: str, folder: str, checkpoint,
 
     logged = mlflow.initialize_logged_model(name=name, source_run_id=run_id, tags={"checkpoint": checkpoint.role},
                                             params=client.get_run(run_id).data.params)  # as log_model does
-    shutil.copytree(layout, folder)
-    described = Model.load(f"{folder}/{MLMODEL}")
-    classifier = f"{folder}/{described.flavors['python_function']['artifacts']['classifier']['path']}"
-    model.save(classifier)
-    described.model_id = described.model_uuid = logged.model_id
-    described.artifact_path = logged.artifact_location
-    described.utc_time_created = str(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None))
-    described.save(f"{folder}/{MLMODEL}")
-    client.log_model_artifacts(logged.model_id, folder)
-    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=checkpoint.epoch)])
+    try:  # (as MLflow's log_model does: a model whose logging failed is not left PENDING)
+        shutil.copytree(layout, folder)
+        described = Model.load(f"{folder}/{MLMODEL}")
+        classifier = f"{folder}/{described.flavors['python_function']['artifacts']['classifier']['path']}"
+        model.save(classifier)
+        described.model_id = described.model_uuid = logged.model_id
+        described.artifact_path = logged.artifact_location
+        described.utc_time_created = str(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None))
+        described.save(f"{folder}/{MLMODEL}")
+        client.log_model_artifacts(logged.model_id, folder)
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=checkpoint.epoch)])
+    except Exception:
+        mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
     mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     return logged.model_id
 

@@ -23,6 +23,8 @@ def project_run(client: mlflow.MlflowClient, run_id: str, experiment_name: str, 
     if made.info.experiment_id != UNCHOSEN:
         return made
     experiment = mlflow.set_experiment(experiment_name)
+    if experiment.experiment_id == UNCHOSEN:  # tracking.experiment_name=Default asks for it
+        return made
     tags = {key: value for key, value in made.data.tags.items() if key.startswith("mlflow.") and key not in NOT_COPIED}
     run = client.create_run(experiment.experiment_id, start_time=int(start * 1000),
                             run_name=run_name or made.info.run_name, tags={**tags, "pipeline.project_run": run_id})
