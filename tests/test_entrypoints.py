@@ -151,11 +151,14 @@ def test_mlflow_run_local_env(tiny_archive, tmp_path):
     assert pointer.info.run_id == frame["tags.pipeline.project_run"][0] in done.stderr  # ("Run (ID '...') succeeded")
     assert pointer.data.tags["pipeline.recorded_as"] == frame.run_id[0] and pointer.info.status == "FINISHED"
     assert frame.run_id[0] in pointer.data.tags["mlflow.note.content"] and not pointer.data.metrics
-    # an experiment the user chose (`mlflow run --experiment-name`, MLFLOW_EXPERIMENT_NAME) keeps its run
+    # an experiment the user chose (`mlflow run --experiment-name`, MLFLOW_EXPERIMENT_NAME) keeps its run, and
+    # so does Default when the settings ask for it (tracking.experiment_name=Default)
     client = MlflowClient(uri)
     chosen = client.create_run(client.create_experiment("mine")).info.run_id
     assert project_run(client, chosen, "imdb-sentiment", None, time.time()).info.run_id == chosen
-    assert len(runs(uri)) == 1
+    asked = client.create_run("0").info.run_id
+    assert project_run(client, asked, "Default", None, time.time()).info.run_id == asked
+    assert len(runs(uri)) == 1 and len(client.search_runs(["0"])) == 2
 
 
 FINISHED_EPOCH = re.compile(r"^\d+/\d+ - .*val_loss: ", re.MULTILINE)  # Keras's line for an epoch that ended

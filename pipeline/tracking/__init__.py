@@ -99,7 +99,7 @@ def recorded(method):
 
 
 class TrackedRun:
-    """Context manager around one MLflow run (under `mlflow run`, the run it created; in a sweep, a child
+    """Context manager around one MLflow run (under `mlflow run`, its run or one it points to; in a sweep, a child
     of the sweep's parent). Each write to the store is held (SIGNALS.held): whole, or not at all."""
 
     first_in_process = True  # the first run of a process started with the process
