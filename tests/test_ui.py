@@ -224,7 +224,8 @@ def row_of(page, name: str) -> str:
 def test_the_models_tab_names_each_checkpoint_and_shows_its_own_epochs_values(browser_page):
     """A row per LoggedModel (the single run's and the sweep's, best and last each), named by role, epoch and
     run, its metric columns that model's (MLflow 3.17 shows a model's first point of a key: a whole linked
-    curve showed epoch 1's loss beside the last epoch's model); the model's own page likewise."""
+    curve showed epoch 1's loss beside the last epoch's model); the run page's logged models and the model's
+    own page likewise."""
     url, shared = browser_page
     experiment_id, single, _ = ids(url)
     client = MlflowClient(url)
@@ -241,12 +242,16 @@ def test_the_models_tab_names_each_checkpoint_and_shows_its_own_epochs_values(br
         page.get_by_text(mine[0].name).first.wait_for()
         page.wait_for_timeout(1000)
         page.screenshot(path=str(SHOTS / "6b-models-tab.png"))
-        for model in mine:
-            epoch, row = steps[model.model_id], row_of(page, model.name)
-            assert model.name.startswith(f"{model.tags['checkpoint']}-epoch-{epoch}") and "tutorial-tiny" in row, row
-            for key, values in curves.items():  # its epoch's value, no other epoch's
-                assert repr(values[epoch]) in row, (model.name, key, row)
-                assert not [step for step, value in values.items() if value != values[epoch] and repr(value) in row], row
+        for where in ("models tab", "run page"):
+            if where == "run page":
+                page.goto(f"{url}/#/experiments/{experiment_id}/runs/{single.info.run_id}")
+                page.get_by_text(mine[0].name).first.wait_for()
+            for model in mine:
+                epoch, row = steps[model.model_id], row_of(page, model.name)
+                assert model.name.startswith(f"{model.tags['checkpoint']}-epoch-{epoch}") and "tutorial-tiny" in row
+                for key, values in curves.items():  # its epoch's value, no other epoch's
+                    assert repr(values[epoch]) in row, (where, model.name, key, row)
+                    assert not [s for s, value in values.items() if value != values[epoch] and repr(value) in row], row
         last = next(model for model in mine if model.tags["checkpoint"] == "last")
         page.goto(f"{url}/#/experiments/{experiment_id}/models/{last.model_id}")
         page.get_by_text(last.model_id).first.wait_for()
