@@ -1,14 +1,21 @@
-"""A run's checkpoints, read back as a user would: LoggedModels of the run with their steps, tags, linked
-metrics, the served and registered one, and test accuracies recomputed from the loaded models."""
+"""A run's checkpoints, read back as a user would: LoggedModels of the run with their names, steps, tags,
+linked metrics (each its own epoch's, as the Models tab shows them), the served and registered one, test
+accuracies recomputed from the loaded models, and a model left half-logged by a killed process."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import ingest, split
+from pipeline import ingest, split, tracking
 from pipeline.train import train
 from tests.conftest import compose_config, tiny_overrides
 from tests.helpers import CURVES, assert_every_epoch_recorded, runs
@@ -28,7 +35,14 @@ def checkpoints(uri: str, run_id: str) -> dict[str, object]:
 
 
 def linked(model, key: str) -> dict[int, float]:
-    return {metric.step: metric.value for metric in model.metrics if metric.key == key}
+    points = [(metric.step, metric.value) for metric in model.metrics if metric.key == key]
+    assert len(points) <= 1, (model.name, key, points)  # one value per column: the Models tab shows one
+    return dict(points)
+
+
+def at_epoch(history, epoch: int, curve: str) -> dict[int, float]:
+    """What the model of `epoch` has for `curve`: that epoch's value alone."""
+    return {epoch: float(history.loc[history["epoch"] == epoch, curve].iloc[0])}
 
 
 def served_accuracy(cfg, model_id: str) -> float:
@@ -51,15 +65,17 @@ def test_a_run_logs_its_best_and_last_epoch_and_serves_the_best(tiny_archive, tm
     assert set(found) == {"best", "last"}
     (best, best_step), (last, last_step) = found["best"], found["last"]
     assert (best_step, last_step) == (best_epoch, 6)
-    for model, step in ((best, best_step), (last, last_step)):  # each model's page: its own curve, up to its step
+    for model, step in ((best, best_step), (last, last_step)):  # each model's columns: its own epoch's values
         for curve in CURVES:
-            assert linked(model, curve) == pytest.approx(
-                {int(row.epoch): getattr(row, curve) for row in history.itertuples() if row.epoch <= step})
+            assert linked(model, curve) == pytest.approx(at_epoch(history, step, curve))
         assert linked(model, "test_accuracy")[0] == pytest.approx(served_accuracy(cfg, model.model_id))
+    assert linked(last, "loss") != linked(best, "loss")
     assert run["metrics.best.test_accuracy"] == pytest.approx(linked(best, "test_accuracy")[0])
     assert run["metrics.last.test_accuracy"] == pytest.approx(linked(last, "test_accuracy")[0])
     assert run["metrics.test_accuracy"] == metrics["test_accuracy"] == pytest.approx(run["metrics.best.test_accuracy"])
-    assert run["tags.model_uri"] == f"models:/{best.model_id}" and best.name == "model"
+    assert run["tags.model_uri"] == f"models:/{best.model_id}"
+    name = run["tags.mlflow.runName"]  # a row of the Models tab says whose, which and whether served
+    assert (best.name, last.name) == (f"best-epoch-{best_step}-served of {name}", f"last-epoch-6 of {name}")
     version = client.get_model_version("imdb", "1")
     assert version.source == f"models:/{best.model_id}" and version.run_id == run.run_id
     ranked = mlflow.search_logged_models([run.experiment_id], filter_string=f"source_run_id = '{run.run_id}'",
@@ -70,7 +86,7 @@ def test_a_run_logs_its_best_and_last_epoch_and_serves_the_best(tiny_archive, tm
 
 def test_serving_the_last_epoch_and_intermediate_checkpoints(tiny_archive, tmp_path):
     cfg = compose_config(tiny_overrides(tiny_archive, tmp_path) + ["fit.epochs=6", "fit.checkpoint_every=2",
-                                                                     "evaluate.serve=last"])
+                                                                     "evaluate.serve=last", "tracking.run_name='lr=0.01/a'"])
     metrics, objects = train(cfg)
     history = objects["fitted"].history
     best_epoch = int(history.loc[history["val_loss"].idxmin(), "epoch"])
@@ -79,12 +95,12 @@ def test_serving_the_last_epoch_and_intermediate_checkpoints(tiny_archive, tmp_p
     every = {f"epoch-{epoch}" for epoch in (2, 4) if epoch != best_epoch}
     assert set(found) == {"best", "last"} | every
     last, _ = found["last"]
-    assert run["tags.model_uri"] == f"models:/{last.model_id}" and last.name == "model"
+    assert run["tags.model_uri"] == f"models:/{last.model_id}" and last.name == "last-epoch-6-served of lr=0_01_a"
     assert metrics["test_accuracy"] == pytest.approx(served_accuracy(cfg, last.model_id))
     for name in every:
         model, step = found[name]
-        assert linked(model, "val_loss") == pytest.approx(
-            {int(row.epoch): row.val_loss for row in history.itertuples() if row.epoch <= step})
+        assert linked(model, "val_loss") == pytest.approx(at_epoch(history, step, "val_loss"))
+        assert model.name == f"{name} of lr=0_01_a"
     loaded = mlflow.pyfunc.load_model(f"models:/{found[sorted(every)[0]][0].model_id}")  # serves raw text too
     assert loaded.predict(["A wonderful film.", "Awful."]).shape == (2,)
     for model, _ in found.values():  # each one complete, its MLmodel naming itself
@@ -103,3 +119,31 @@ def test_with_early_stopping_best_and_last_are_one_model(tiny_archive, tmp_path)
     assert step == run["metrics.best_epoch"] == run["metrics.best.epoch"] == run["metrics.last.epoch"]
     assert run["metrics.best.test_accuracy"] == run["metrics.last.test_accuracy"] == run["metrics.test_accuracy"]
     assert run["tags.model_uri"] == f"models:/{model.model_id}"
+    assert model.name == f"best+last-epoch-{step}-served of {run['tags.mlflow.runName']}"
+    a_model_half_logged_when_the_process_is_killed_ends_failed_and_the_run_says_so(cfg.tracking.uri)
+
+
+def a_model_half_logged_when_the_process_is_killed_ends_failed_and_the_run_says_so(uri: str):
+    """The run's watchdog (pipeline/tracking/watchdog.py, as TrackedRun starts it) when its process is killed
+    outright while logging a checkpoint: its input closes with the LoggedModel still PENDING. That model ends
+    FAILED with an `error` tag, the run KILLED with an error naming it; the model logged before stays READY.
+    (In the store of the test above, a run of its own: a new store would cost seconds of migrations.)"""
+    from mlflow.entities import LoggedModelStatus
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("imdb-sentiment").experiment_id
+    run_id = client.create_run(experiment, run_name="tiny").info.run_id
+    done = client.create_logged_model(experiment, name="best-epoch-2-served of tiny", source_run_id=run_id)
+    client.finalize_logged_model(done.model_id, LoggedModelStatus.READY)
+    half = client.create_logged_model(experiment, name="last-epoch-3 of tiny", source_run_id=run_id)
+    watchdog = subprocess.Popen([sys.executable, str(Path(tracking.__file__).with_name("watchdog.py")), uri, run_id],
+                                stdin=subprocess.PIPE)
+    watchdog.communicate(json.dumps({"time": int(time.time() * 1000), "step": 3, "values": {"val_loss": 0.5}}).encode()
+                         + b"\n", timeout=120)  # then its input closes without "ended": the process is gone
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert "while it logged the model last-epoch-3 of tiny (marked FAILED)" in run.data.tags["error"]
+    assert client.get_logged_model(half.model_id).status == LoggedModelStatus.FAILED
+    assert "ended while this model was logged" in client.get_logged_model(half.model_id).tags["error"]
+    assert client.get_logged_model(done.model_id).status == LoggedModelStatus.READY
+    assert [point.step for point in client.get_metric_history(run_id, "val_loss")] == [3]

@@ -129,18 +129,36 @@ def test_a_failure_while_preparing_in_the_worker_fails_the_run(tmp_path):
 
 
 def test_mlflow_run_local_env(tiny_archive, tmp_path):
+    """`mlflow run . --env-manager local` as the README writes it, no experiment named: the run lands in
+    imdb-sentiment with every other run, and the run `mlflow run` made in Default points to it."""
+    from pipeline.tracking.projects import project_run
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
     overrides += ["fit.epochs=2", f"hydra.run.dir={tmp_path / 'out'}"]
     done = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(PROJECT), "--env-manager", "local",
-         "--experiment-name", "imdb-sentiment", "-P", "overrides=" + " ".join(overrides)],
+         "-P", "overrides=" + " ".join(overrides)],
         cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, output(done)
     frame = runs(uri)
-    assert len(frame) == 1  # the job recorded into the run that `mlflow run` created
-    assert frame["tags.mlflow.project.entryPoint"][0] == "main"
+    assert len(frame) == 1  # the job's run, with the project's tags
+    assert frame["tags.mlflow.project.entryPoint"][0] == "main" and frame["tags.mlflow.source.type"][0] == "PROJECT"
     check_complete_run(uri, frame.run_id[0], epochs=2)
+    experiment_id = MlflowClient(uri).get_experiment_by_name("imdb-sentiment").experiment_id
+    assert f"/#/experiments/{experiment_id}/runs/{frame.run_id[0]}" in done.stdout  # the link it prints
+    (pointer,) = MlflowClient(uri).search_runs(["0"])  # what `mlflow run` made, and ended, in Default
+    assert pointer.info.run_id == frame["tags.pipeline.project_run"][0] in done.stderr  # ("Run (ID '...') succeeded")
+    assert pointer.data.tags["pipeline.recorded_as"] == frame.run_id[0] and pointer.info.status == "FINISHED"
+    assert frame.run_id[0] in pointer.data.tags["mlflow.note.content"] and not pointer.data.metrics
+    # an experiment the user chose (`mlflow run --experiment-name`, MLFLOW_EXPERIMENT_NAME) keeps its run, and
+    # so does Default when the settings ask for it (tracking.experiment_name=Default)
+    client = MlflowClient(uri)
+    chosen = client.create_run(client.create_experiment("mine")).info.run_id
+    assert project_run(client, chosen, "imdb-sentiment", None, time.time()).info.run_id == chosen
+    asked = client.create_run("0").info.run_id
+    assert project_run(client, asked, "Default", None, time.time()).info.run_id == asked
+    assert len(runs(uri)) == 1 and len(client.search_runs(["0"])) == 2
 
 
 FINISHED_EPOCH = re.compile(r"^\d+/\d+ - .*val_loss: ", re.MULTILINE)  # Keras's line for an epoch that ended

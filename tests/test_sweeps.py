@@ -43,19 +43,22 @@ def analysis_table(uri: str, parent_id: str, tmp_path: Path, name: str = "jobs.c
 
 def test_grid_sweep_gives_one_parent_a_child_per_job_and_the_analysis(tiny_archive, tmp_path):
     """The overfitting grid as the MLflow project's entry point runs it (`mlflow run . -e overfit_sweep`, its
-    axes replaced by tiny ones, the early-stopped reference kept): every job under the run `mlflow run` made.
-    (`python -m pipeline -m` itself: every other sweep here.)"""
+    axes replaced by tiny ones, the early-stopped reference kept), no experiment named, as the README writes it:
+    every job in imdb-sentiment under a parent that carries the project's tags, to which the run `mlflow run`
+    made in Default points. (`python -m pipeline -m` itself: every other sweep here.)"""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
     overrides += ["build.hidden_units=4,8", "fit.epochs=2,3", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
     done = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(PROJECT), "-e", "overfit_sweep", "--env-manager", "local",
-         "--experiment-name", "imdb-sentiment", "-P", "overrides=" + " ".join(overrides)],
+         "-P", "overrides=" + " ".join(overrides)],
         cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, output(done)
     parent, children = sweep_runs(uri)
-    assert parent.data.tags["mlflow.project.entryPoint"] == "overfit_sweep"  # the run `mlflow run` made
+    assert parent.data.tags["mlflow.project.entryPoint"] == "overfit_sweep"  # the project's tags
     assert parent.info.status == "FINISHED"
+    (pointer,) = MlflowClient(uri).search_runs(["0"])  # the run `mlflow run` made in Default, and ended
+    assert pointer.data.tags["pipeline.recorded_as"] == parent.info.run_id and pointer.info.status == "FINISHED"
     assert parent.data.params["sweep.build.hidden_units"] == "4,8"
     assert parent.data.params["sweep.fit.epochs"] == "2,3"
     names = sorted(child.info.run_name for child in children)

@@ -101,9 +101,9 @@ def open_page(page, url: str, wait_for: str):
     page.get_by_text(wait_for, exact=False).first.wait_for()
 
 
-def fresh_page(page):
+def fresh_page(page, width: int = 1600):
     """A page in a new browser profile: what a newcomer's browser holds (nothing remembered)."""
-    fresh = page.context.browser.new_page(viewport={"width": 1600, "height": 1000})
+    fresh = page.context.browser.new_page(viewport={"width": width, "height": 1000})
     fresh.set_default_timeout(60_000)
     return fresh
 
@@ -214,18 +214,53 @@ def test_the_artifacts_view_lists_figures_report_and_model(browser_page):
     page.screenshot(path=str(SHOTS / "6-logged-model.png"))
 
 
-def test_the_models_tab_shows_each_runs_best_and_last_checkpoint(browser_page):
-    url, page = browser_page
+def row_of(page, name: str) -> str:
+    """The text of the grid's row that holds `name`: its pinned and scrolled parts (a div[role=row] each) joined."""
+    index = page.locator("div[role='row'][row-index]").filter(has_text=name).first.get_attribute("row-index")
+    parts = page.locator(f"div[role='row'][row-index='{index}']")
+    return "\n".join(parts.nth(i).inner_text() for i in range(parts.count()))
+
+
+def test_the_models_tab_names_each_checkpoint_and_shows_its_own_epochs_values(browser_page):
+    """A row per LoggedModel (the single run's and the sweep's, best and last each), named by role, epoch and
+    run, its metric columns that model's (MLflow 3.17 shows a model's first point of a key: a whole linked
+    curve showed epoch 1's loss beside the last epoch's model); the run page's logged models and the model's
+    own page likewise."""
+    url, shared = browser_page
     experiment_id, single, _ = ids(url)
-    models = MlflowClient(url).search_logged_models([experiment_id], f"source_run_id = '{single.info.run_id}'")
-    assert sorted(m.tags["checkpoint"] for m in models) == ["best", "last"]
-    page.goto(f"{url}/#/experiments/{experiment_id}/models?workflowType=machine_learning")
-    page.get_by_text("tutorial-tiny").first.wait_for()
-    page.wait_for_timeout(1000)
-    page.screenshot(path=str(SHOTS / "6b-models-tab.png"), full_page=True)
-    body = page.inner_text("body")
-    # a row per LoggedModel: name (model: the served best epoch; last), status, source run
-    assert body.count("tutorial-tiny") == 2 and re.search(r"\blast\b", body) and re.search(r"\bmodel\b", body), body
+    client = MlflowClient(url)
+    every = client.search_logged_models([experiment_id])
+    names = [model.name for model in every]
+    assert len(every) == 8 and len(set(names)) == 8, names  # 4 runs x best and last, no two rows named alike
+    mine = [model for model in every if model.source_run_id == single.info.run_id]
+    steps = {output.model_id: output.step for output in client.get_run(single.info.run_id).outputs.model_outputs}
+    assert sorted((m.tags["checkpoint"], steps[m.model_id]) for m in mine)[1] == ("last", EPOCHS)
+    curves = {key: {p.step: p.value for p in client.get_metric_history(single.info.run_id, key)} for key in ("loss", "val_loss")}
+    page = fresh_page(shared, width=3200)  # the grid draws only the columns in view: wide enough for the metrics
+    try:
+        page.goto(f"{url}/#/experiments/{experiment_id}/models?workflowType=machine_learning")
+        page.get_by_text(mine[0].name).first.wait_for()
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(SHOTS / "6b-models-tab.png"))
+        for where in ("models tab", "run page"):
+            if where == "run page":
+                page.goto(f"{url}/#/experiments/{experiment_id}/runs/{single.info.run_id}")
+                page.get_by_text(mine[0].name).first.wait_for()
+            for model in mine:
+                epoch, row = steps[model.model_id], row_of(page, model.name)
+                assert model.name.startswith(f"{model.tags['checkpoint']}-epoch-{epoch}") and "tutorial-tiny" in row
+                for key, values in curves.items():  # its epoch's value, no other epoch's
+                    assert repr(values[epoch]) in row, (where, model.name, key, row)
+                    assert not [s for s, value in values.items() if value != values[epoch] and repr(value) in row], row
+        last = next(model for model in mine if model.tags["checkpoint"] == "last")
+        page.goto(f"{url}/#/experiments/{experiment_id}/models/{last.model_id}")
+        page.get_by_text(last.model_id).first.wait_for()
+        page.get_by_text(repr(curves["loss"][EPOCHS])).first.wait_for()  # its metrics: the last epoch's loss, once
+        body = page.inner_text("body")
+        assert last.name in body and body.count(repr(curves["loss"][EPOCHS])) == 1 and repr(curves["loss"][1]) not in body
+        page.screenshot(path=str(SHOTS / "6c-last-model.png"), full_page=True)
+    finally:
+        page.close()
 
 
 def test_comparing_the_sweep_children_shows_val_loss_curves_side_by_side(browser_page):

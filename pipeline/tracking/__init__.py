@@ -36,6 +36,7 @@ from pipeline.signals import SIGNALS
 from pipeline.tracking.datasets import ReviewsDataset, registering
 from pipeline.tracking import checkpoints
 from pipeline.tracking.epochs import CURVES, Epochs
+from pipeline.tracking.projects import project_run
 from pipeline.tracking.server import check_reachable, ui_links
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def recorded(method):
 
 
 class TrackedRun:
-    """Context manager around one MLflow run (under `mlflow run`, the run it created; in a sweep, a child
+    """Context manager around one MLflow run (under `mlflow run`, its run or one it points to; in a sweep, a child
     of the sweep's parent). Each write to the store is held (SIGNALS.held): whole, or not at all."""
 
     first_in_process = True  # the first run of a process started with the process
@@ -131,8 +132,8 @@ class TrackedRun:
                 if os.environ.get(PARENT_RUN):
                     run = client.create_run(os.environ[EXPERIMENT], start_time=int(start * 1000), run_name=name,
                                             tags={"mlflow.parentRunId": os.environ[PARENT_RUN]})
-                elif os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run, started when it started us
-                    run = client.get_run(os.environ["MLFLOW_RUN_ID"])
+                elif os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run, or a new one it points to
+                    run = project_run(client, os.environ["MLFLOW_RUN_ID"], self.cfg.tracking.experiment_name, name, start)
                 else:
                     experiment = mlflow.set_experiment(self.cfg.tracking.experiment_name)
                     run = client.create_run(experiment.experiment_id, start_time=int(start * 1000), run_name=name)
@@ -261,7 +262,7 @@ class TrackedRun:
         return checkpoints.log_models(self, model, encoded, cfg, kept)
 
     @recorded
-    def log_model(self, model, encoded, cfg: config.PipelineConfig, step=0, tags=None):
+    def log_model(self, model, encoded, cfg: config.PipelineConfig, step=0, tags=None, name="model"):
         """The raw-text pyfunc at `step` (its epoch): pipeline/textmodel.py as model code, the Keras classifier and
         the vocabulary (and n-grams) it encodes text with. MLflow checks that the input example serves before keeping
         it. Input type Any, not string: MLflow's server casts a string column's null or 123 to text (docs/serving.md)."""
@@ -275,7 +276,7 @@ class TrackedRun:
             mlflow.log_metric("model.size_mb", sum(f.stat().st_size for f in (classifier, vocabulary_file)) / 1e6, step=step)
             requirements = {name: version for name, version in versions().items() if name != "hydra-core"}
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(Path(textmodel.__file__)),  # models from code: nothing pickled
+                name=name, python_model=str(Path(textmodel.__file__)),  # models from code: nothing pickled
                 artifacts={"classifier": str(classifier), "vocabulary": str(vocabulary_file)},
                 signature=mlflow.models.ModelSignature(Schema([ColSpec(AnyType())]), Schema([ColSpec("double")])),
                 input_example=INPUT_EXAMPLE,

@@ -21,6 +21,7 @@ from pipeline import config, resume
 from pipeline.config import EXPERIMENT, PARENT_RUN
 from pipeline.signals import SIGNALS
 from pipeline.tracking import CURVES, git_tags, holder, use
+from pipeline.tracking.projects import project_run
 
 log = logging.getLogger(__name__)
 SETTINGS = "sweep/settings.json"  # on the parent: every setting the sweep was asked, flattened, as strings
@@ -55,12 +56,13 @@ def open_sweep_parent(cfg: config.PipelineConfig, axes: dict[str, str], sweep_di
                                 settings)
         order = _axis_order(client, run, list(axes))
         holder.take(run.info.run_id)
-    elif adopted:
-        run = client.get_run(adopted)
     else:
-        experiment = mlflow.set_experiment(cfg.tracking.experiment_name)
         name = cfg.tracking.run_name or "sweep " + ",".join(key.rsplit(".", 1)[-1] for key in axes)
-        run = client.create_run(experiment.experiment_id, run_name=name, start_time=int(pipeline.STARTED * 1000))
+        if adopted:  # (or a new parent it points to, when it was made in the Default experiment: projects.py)
+            run = project_run(client, adopted, cfg.tracking.experiment_name, name, pipeline.STARTED)
+        else:
+            experiment = mlflow.set_experiment(cfg.tracking.experiment_name)
+            run = client.create_run(experiment.experiment_id, run_name=name, start_time=int(pipeline.STARTED * 1000))
     run_id = run.info.run_id
     try:
         if cfg.sweep.resume:

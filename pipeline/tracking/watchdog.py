@@ -16,10 +16,11 @@ import sys
 
 def rescue(uri: str, run_id: str, lines: list[bytes]) -> None:
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
+    from mlflow.entities import LoggedModelStatus, Metric
 
     client = MlflowClient(uri)
-    if client.get_run(run_id).info.status != "RUNNING":
+    run = client.get_run(run_id)
+    if run.info.status != "RUNNING":
         return
     told = []
     for line in lines:
@@ -35,7 +36,15 @@ def rescue(uri: str, run_id: str, lines: list[bytes]) -> None:
                     for message in epochs if key in message["values"] and message["step"] not in stored]
     for start in range(0, len(missing), 1000):  # (a batch takes at most 1000 metrics)
         client.log_batch(run_id, metrics=missing[start:start + 1000])
-    client.set_tag(run_id, "error", "the training process ended before it ended the run")
+    why = "the training process ended before it ended the run"
+    unfinished = [model for model in client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run_id}'")
+                  if model.status == LoggedModelStatus.PENDING]
+    for model in unfinished:  # (the Models tab would show it pending for ever)
+        client.set_logged_model_tags(model.model_id, {"error": "the training process ended while this model was logged"})
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+    if unfinished:
+        why += f", while it logged the model {', '.join(model.name for model in unfinished)} (marked FAILED)"
+    client.set_tag(run_id, "error", why)
     client.set_terminated(run_id, "KILLED", end_time=max((message["time"] for message in told), default=None))
 
 
