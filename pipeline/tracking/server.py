@@ -47,8 +47,8 @@ def check_store(uri: str) -> None:
             if file.read(16) != b"SQLite format 3\x00":
                 raise ValueError(f"tracking.uri={shown}: {path} is not an SQLite database (its first bytes say otherwise); "
                                  f"name a new or existing .db file, e.g. tracking.uri=sqlite:///{path.with_suffix('.db')}")
-    folder = path if path.exists() else path.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
+    folder = path.parent  # (SQLite writes its journal beside the database)
+    if not folder.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise PermissionError(f"cannot write {folder}, where tracking.uri={shown} keeps its runs: run from a folder "
                               "you can write, or set tracking.uri=sqlite:////<a folder you can write>/mlflow.db")
     if not path.exists():  # a new store's experiment keeps its artifacts in ./mlruns, where the command runs
