@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def check(cfg: PipelineConfig) -> None:
     """What can be found wrong before any work, TensorFlow or run: the data's path (unless it is to be
-    downloaded) and the tracking server. An error here records nothing."""
+    downloaded), the cache's folder (writable) and the tracking store. An error here records nothing."""
     from pipeline.tracking import server  # (see train: this module is imported without MLflow)
 
     source = ingest.SOURCES[cfg.ingest.source]
