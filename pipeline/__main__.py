@@ -8,6 +8,7 @@ takes the overrides as one string, which is how `mlflow run` passes them (see ML
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -69,6 +70,10 @@ FAILED: list[BaseException] = []  # the single run's user error, if any
 
 def report(error: BaseException) -> None:
     message = str(error)
+    if isinstance(error, OSError) and error.filename and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        # (Hydra making its output folder: the one writer whose path the settings' own checks do not name)
+        message = (f"cannot write {os.path.abspath(error.filename)} ({error.strerror}): run from a folder you can "
+                   "write, or set hydra.run.dir (hydra.sweep.dir in a sweep) to one")
     if isinstance(error, CompactHydraException) and isinstance(error.__cause__, OmegaConfBaseException):
         message += f"\n{error.__cause__}"  # (what Hydra itself prints for a config error)
     if getattr(CONSOLE, "verbose", "verbose=true" in sys.argv):

@@ -3,36 +3,82 @@
 `python -m pipeline.score MODEL_URI INPUT [-o OUTPUT]` reads a table with a text column (.csv, .tsv,
 .jsonl, .parquet) or a .txt file with one review per line, scores every review with a logged or
 registered raw-text model and writes a CSV with the text, the probability of a positive review and the
-label at the threshold.
+label at the threshold. The file is checked before the model loads: a missing column, an empty cell or a
+column of numbers is one line naming the file, the row and the fix (--verbose adds the traceback); Ctrl-C
+ends it with one line, exit status 130, and no half-written output.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # (pandas is imported by the functions, inside main's handling of Ctrl-C)
+    import pandas as pd
 
-from pipeline.ingest import read_frame
+USER_ERRORS = (ValueError, OSError)  # a file, a column, a row or the model's URI (MlflowException: below)
 
 
-def read_reviews(path: Path, text_column: str) -> pd.DataFrame:
+def read_reviews(path: Path, column: str) -> pd.DataFrame:
+    """The file's rows; refused, naming the file and the fix, unless every row of `column` holds a review."""
+    import pandas as pd
+
+    from pipeline.tables import not_text, read_frame, row_names, text_column
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; give a .csv, .tsv, .jsonl or .parquet table with a "
+                                f"column {column!r}, or a .txt file with a review per line")
     if path.suffix == ".txt":
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return pd.DataFrame({text_column: lines})
-    frame = read_frame(path)
-    if text_column not in frame.columns:
-        raise ValueError(f"{path}: no column {text_column!r} (found {list(frame.columns)}); pass --text-column")
+        frame = pd.DataFrame({column: lines})
+    else:
+        frame = read_frame(path)
+    texts = text_column(frame, column, path, "name the column of reviews with --text-column")
+    bad = [(name, why) for name, text in zip(row_names(frame), texts) if (why := not_text(text))]
+    if bad:
+        (where, why), more = bad[0], f" ({len(bad)} such rows in all)" if len(bad) > 1 else ""
+        row = where if where.startswith("line") else f"row {where} (counting from 1 after the header)"
+        raise ValueError(f"{path}: {row} has {why} in column {column!r}{more}; write a review there, "
+                         "or remove the row")
+    if frame.empty:
+        raise ValueError(f"{path} holds no reviews")
     return frame
 
 
 def score(model, frame: pd.DataFrame, text_column: str, threshold: float) -> pd.DataFrame:
     """The input rows with `probability` (of a positive review) and `label` (positive/negative) added."""
     out = frame.copy()
-    out["probability"] = model.predict(frame[[text_column]].astype(str))
+    out["probability"] = model.predict(frame[[text_column]])
     out["label"] = (out["probability"] > threshold).map({True: "positive", False: "negative"})
     return out
+
+
+def write(scored: pd.DataFrame, output: Path | None) -> None:
+    """To standard output, or to `output` whole: written beside it, then put in its place."""
+    if output is None:
+        scored.to_csv(sys.stdout, index=False)
+        return
+    partial = output.with_name(f".{output.name}.partial")
+    try:
+        scored.to_csv(partial, index=False)
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    frame = read_reviews(args.input, args.text_column)  # (before MLflow and TensorFlow load)
+    from pipeline.console import CONSOLE
+
+    CONSOLE.install(args.verbose)  # TensorFlow's start-up lines to a log, not the terminal (unless --verbose)
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(args.model_uri)
+    write(score(model, frame, args.text_column, args.threshold), args.output)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,12 +88,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-o", "--output", type=Path, help="where to write the CSV (default: standard output)")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' output and an error's traceback")
     args = parser.parse_args(argv)
-    import mlflow
-
-    frame = read_reviews(args.input, args.text_column)
-    scored = score(mlflow.pyfunc.load_model(args.model_uri), frame, args.text_column, args.threshold)
-    scored.to_csv(args.output if args.output else sys.stdout, index=False)
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        print(f"SIGINT: stopped; {'nothing written' if args.output is None else f'{args.output} not written'}",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
+    except Exception as error:
+        from_mlflow = type(error).__module__.startswith("mlflow")  # e.g. a model URI that names no model
+        if not isinstance(error, USER_ERRORS) and not from_mlflow:
+            raise
+        if args.verbose:
+            traceback.print_exception(error)
+        else:
+            print(f"{type(error).__name__}: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config
-from pipeline.trial import PRUNER_ATTR, PRUNERS, make_pruner, require_optuna
+from pipeline.trial import PRUNED_ATTR, PRUNER_ATTR, PRUNERS, make_pruner, require_optuna
 
 log = logging.getLogger(__name__)
 

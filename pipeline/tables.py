@@ -61,11 +61,12 @@ def _json_lines(path: Path, bad: list | None) -> pd.DataFrame:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.strip())
                 if not isinstance(record, dict):
                     raise ValueError(f"a JSON {type(record).__name__}")
             except ValueError as error:
-                why = f"not a JSON object ({error})"
+                what = f"{error.msg} at column {error.colno}" if isinstance(error, json.JSONDecodeError) else error
+                why = f"not a JSON object ({what})"
                 if bad is None:
                     raise ValueError(f"{path} line {number}: {why}; each line must be one object, e.g. "
                                      '{"text": "...", "label": 1}: fix or remove the line') from None

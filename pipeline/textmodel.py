@@ -241,11 +241,11 @@ def _raw_text_model_class():
             self.classifier = keras.saving.load_model(context.artifacts["classifier"], compile=False,
                                                       safe_mode=True)
 
-        # The logged signature (one unnamed column) makes MLflow hand predict a DataFrame, from a Python
-        # list, a DataFrame or any JSON body. Its type is Any, not string: for a string column MLflow's
-        # server casts a JSON body's values with numpy (null -> "None", 123 -> "123") before predict sees
-        # them; with Any they arrive as sent and as_texts refuses them. A list[str] hint instead would make
-        # the server accept only {"inputs": ...} bodies; pd.DataFrame is a hint MLflow does not infer from.
+        # The logged signature (one unnamed column) makes MLflow hand predict a DataFrame of one column (see
+        # read_reviews_by_name), from a Python list, a DataFrame or any JSON body. Its type is Any, not string:
+        # for a string column MLflow's server casts a JSON body's values with numpy (null -> "None", 123 -> "123")
+        # before predict sees them; with Any they arrive as sent and as_texts refuses them. A list[str] hint
+        # would make the server accept only {"inputs": ...} bodies; pd.DataFrame is a hint MLflow does not infer from.
         def predict(self, context, model_input: "pd.DataFrame", params=None) -> np.ndarray:
             from mlflow.exceptions import MlflowException
 
@@ -274,15 +274,10 @@ def __getattr__(name: str):
 
 
 def read_reviews_by_name() -> None:
-    """Have MLflow hand this model a table's column `text`, not its first column.
-
-    MLflow checks an input against the logged signature before the model sees it, and for a signature of one
-    unnamed column (which a list of strings or a one-column table needs) it keeps a table's first column and
-    drops the others (mlflow/models/utils.py, _enforce_unnamed_col_schema): {"extra": "zzz", "text": "..."}
-    would be scored as "zzz". A signature naming `text` would refuse a list of strings instead, and no signature
-    lets MLflow's server turn ["A film.", 123] into two strings. So PyFuncModel.predict, which the server calls
-    too, first picks the column by name (review_column) for the models of this file, and for no other model.
-    Installed once per process, when MLflow loads this file as a model's code."""
+    """Have MLflow hand this model a table's column `text`, not its first column: its check of the logged
+    signature (one unnamed column) keeps a table's first column only (_enforce_unnamed_col_schema), so
+    PyFuncModel.predict, which the server calls too, picks the column by name first, for this file's models
+    and no other (docs/serving.md says why the signature stays). Installed when MLflow loads this file."""
     import functools
 
     from mlflow.exceptions import MlflowException

@@ -14,8 +14,10 @@ the random generators it seeds and MLflow's tracking URI and experiment are put 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline import build, config, evaluate, fit, ingest, seeds, speed, split, trial
@@ -29,13 +31,24 @@ log = logging.getLogger(__name__)
 
 def check(cfg: PipelineConfig) -> None:
     """What can be found wrong before any work, TensorFlow or run: the data's path (unless it is to be
-    downloaded) and the tracking server. An error here records nothing."""
+    downloaded), the cache's folder (writable) and the tracking store. An error here records nothing."""
     from pipeline.tracking import server  # (see train: this module is imported without MLflow)
 
     source = ingest.SOURCES[cfg.ingest.source]
     if source.local and not (source.downloads and cfg.ingest.download):
         ingest.locate(cfg.ingest)  # FileNotFoundError naming ingest.path
+    if cfg.stage_cache or cfg.fit.compile_cache:
+        writable(cfg.cache_dir, "cache_dir", "or stage_cache=false fit.compile_cache=false")
     server.check_reachable(config.tracking_uri(cfg.tracking))
+
+
+def writable(folder: str, setting: str, otherwise: str) -> None:
+    """A PermissionError naming the folder and the fix, unless `folder` (or the folder it will be made in) is writable."""
+    path = Path(folder).expanduser().absolute()
+    there = next(p for p in (path, *path.parents) if p.exists())
+    if not there.is_dir() or not os.access(there, os.W_OK):
+        raise PermissionError(f"cannot write {there}, where {setting}={folder} keeps its files: run from a folder you "
+                              f"can write, or set {setting}=<a folder you can write> ({otherwise})")
 
 
 def start_tensorflow(cfg: PipelineConfig) -> None:

@@ -261,7 +261,11 @@ def test_logged_model_is_served_over_rest(tiny_archive, tmp_path):
     with model_server(model_uri, tmp_path, cfg.tracking.uri) as url:
         answers = [post(url, {"inputs": texts}),
                    post(url, {"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}}),
-                   post(url, {"dataframe_records": [{"text": t} for t in texts]})]
+                   post(url, {"dataframe_records": [{"text": t} for t in texts]}),
+                   # the column `text` by name, whatever comes before or after it (docs/serving.md)
+                   post(url, {"dataframe_records": [{"extra": "zzz", "text": t} for t in texts]}),
+                   post(url, {"dataframe_split": {"columns": ["id", "text", "stars"], "data": [[1, t, 5] for t in texts]}}),
+                   post(url, {"instances": [{"id": 1, "text": t} for t in texts]})]
         # what is not a review is refused 400, naming the first bad input's position and type (docs/serving.md)
         refused = {body: _refusal(url, json.loads(body)) for body in NOT_TEXT}
         assert post(url, {"inputs": texts}) == pytest.approx(answers[0])  # and the server still answers
@@ -282,7 +286,9 @@ NOT_TEXT = {'{"inputs": [null]}': "input 0 (counting from 0) is null, not a revi
             '{"inputs": ["A film.", ""]}': "input 1 (counting from 0) is an empty string, not a review",
             '{"instances": ["A film.", null]}': "input 1 (counting from 0) is null",
             '{"dataframe_split": {"columns": ["text"], "data": [["A film."], [null]]}}': "input 1 (counting from 0) is null",
-            '{"dataframe_records": [{"text": 4.5}]}': "input 0 (counting from 0) is float 4.5, not a review"}
+            '{"dataframe_records": [{"text": 4.5}]}': "input 0 (counting from 0) is float 4.5, not a review",
+            '{"dataframe_records": [{"id": 1, "review": "A film."}]}': "no column `text` among the 2 columns sent ('id', "
+                                                                      "'review'): name the review's column `text`"}
 
 
 def _refusal(url: str, body: dict) -> tuple[int, str]:
@@ -294,3 +300,45 @@ def _refusal(url: str, body: dict) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read()).get("message", "")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("reviews.csv", "id,text\n1,A moving film.\n2,\n3,Dull.\n4,\n",
+     "ValueError: reviews.csv: row 2 (counting from 1 after the header) has empty text in column 'text' (2 such rows "
+     "in all); write a review there, or remove the row"),
+    ("reviews.csv", "id,review\n1,A moving film.\n",
+     "ValueError: reviews.csv: no column 'text' (its columns: ['id', 'review']); name the column of reviews with --text-column"),
+    ("reviews.jsonl", '{"text": "A moving film."}\n{"text": 5}\n', "ValueError: reviews.jsonl: line 2 has int 5, not text in column 'text'"),
+    ("reviews.jsonl", '{"text": "A moving film."}\n{"text": "Dull."\n', "ValueError: reviews.jsonl line 2: not a JSON object"),
+    ("reviews.csv", "", "ValueError: reviews.csv is empty"),
+    ("missing.csv", None, "FileNotFoundError: missing.csv: no such file")],
+    ids=["empty-cell", "missing-column", "a-number", "broken-json-line", "empty-file", "no-file"])
+def test_batch_scoring_names_what_is_wrong_with_the_file_in_one_line(tmp_path, name, content, message):
+    """Found before the model (or MLflow, or TensorFlow) loads: the file, its row or line, its column and the fix."""
+    if content is not None:
+        (tmp_path / name).write_text(content)
+    done = subprocess.run([sys.executable, "-m", "pipeline.score", "models:/imdb-sentiment@champion", name],
+                          cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == "" and done.stderr.strip().startswith(message), output(done)
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_batch_scoring_stopped_by_ctrl_c_says_so_in_one_line_and_writes_nothing(tmp_path):
+    """Ctrl-C while the model loads (here: from a tracking server that never answers): one line, exit 130, no output."""
+    import socket
+
+    (tmp_path / "reviews.txt").write_text("A moving film.\nDull.\n")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        scoring = subprocess.Popen([sys.executable, "-m", "pipeline.score", "models:/imdb-sentiment@champion", "reviews.txt",
+                                    "-o", "scored.csv"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=environment(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{silent.getsockname()[1]}"))
+        silent.settimeout(120)
+        asked, _ = silent.accept()  # the command is loading the model
+        scoring.send_signal(signal.SIGINT)
+        printed, said = scoring.communicate(timeout=60)
+        asked.close()
+    assert scoring.returncode == 130 and printed == "", said
+    assert said.strip() == "SIGINT: stopped; scored.csv not written"
+    assert [p.name for p in tmp_path.iterdir()] == ["reviews.txt"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,14 +36,61 @@ def pipeline_command(tmp_path: Path, *overrides: str, env: dict | None = None, t
 @pytest.mark.parametrize("mistake, message", [
     ("build.hidden_units=0", "ValueError: build.hidden_units=0 is not allowed"),
     ("fit.epoch=3", "Could not override 'fit.epoch'"),
-    ("ingest.path=missing.tar.gz", "FileNotFoundError: ingest.path='missing.tar.gz' does not exist")],
-    ids=["invalid-value", "unknown-key", "missing-path"])
+    ("ingest.path=missing.tar.gz", "FileNotFoundError: ingest.path='missing.tar.gz' does not exist"),
+    ("tracking.uri=sqlite:///notes.txt", "ValueError: tracking.uri=sqlite:///notes.txt: {tmp}/notes.txt is not an SQLite database"),
+    ("tracking.uri=sqlite:///runs", "ValueError: tracking.uri=sqlite:///runs: {tmp}/runs is a folder, not a database file; "
+                                    "name a file in it, e.g. tracking.uri=sqlite:///{tmp}/runs/mlflow.db"),
+    ("tracking.uri=runs", "ValueError: tracking.uri=runs: a folder of files is not a store MLflow 3 opens"),
+    ("tracking.uri=mlflow://localhost:5000", "ValueError: tracking.uri=mlflow://localhost:5000: MLflow knows no 'mlflow' store; "
+                                             "use sqlite:///mlflow.db")],
+    ids=["invalid-value", "unknown-key", "missing-path", "store-a-text-file", "store-a-folder", "store-of-files",
+         "store-unknown-scheme"])
 def test_a_users_mistake_is_refused_in_one_message_before_data_or_tracking(tiny_archive, tmp_path, mistake, message):
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    (tmp_path / "runs").mkdir()
     done = pipeline_command(tmp_path, *tiny_overrides(tiny_archive, tmp_path), mistake)
     printed = done.stdout + done.stderr
-    assert done.returncode == 1 and printed.count(message) == 1, output(done)
+    assert done.returncode == 1 and printed.count(message.format(tmp=tmp_path)) == 1, output(done)
     assert "Traceback" not in printed and "Error executing job" not in printed
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "cache").exists()
+    assert (tmp_path / "notes.txt").read_text() == "my notes\n" and not any((tmp_path / "runs").iterdir())
+
+
+def read_only(folder: Path) -> list[str]:
+    """The command prefix under which `folder` cannot be written (root writes anyway, unless it gives that up)."""
+    folder.chmod(0o555)
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("as root, a read-only folder needs setpriv to be read-only")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.mark.slow
+def test_a_read_only_working_folder_is_named_at_once_with_the_fix(tiny_archive, tmp_path):
+    """Run from a folder that cannot be written, each thing the run would write there is named in one line, in
+    seconds: Hydra's output folder, then (hydra.run.dir moved) the stage cache, then the tracking store. No data
+    is read and nothing but Hydra's output folder is written."""
+    here, elsewhere = tmp_path / "read-only", tmp_path / "writable"
+    here.mkdir(), elsewhere.mkdir()
+    prefix = read_only(here)
+    data = [o for o in tiny_overrides(tiny_archive, tmp_path) if o.startswith(("ingest.", "split.", "build.", "fit."))]
+    moved = [f"hydra.run.dir={elsewhere / 'out'}", f"cache_dir={elsewhere / 'cache'}"]
+    expected = [f"PermissionError: cannot write {here}/outputs (Permission denied): run from a folder you can write, "
+                "or set hydra.run.dir",
+                f"PermissionError: cannot write {here}, where cache_dir=.cache/pipeline keeps its files",
+                f"PermissionError: cannot write {here}, where tracking.uri=sqlite:///{here}/mlflow.db keeps its runs"]
+    try:
+        for given, message in enumerate(expected):
+            started = time.monotonic()
+            done = subprocess.run([*prefix, sys.executable, "-m", "pipeline", *data, *moved[:given]], cwd=here,
+                                  env=environment(), capture_output=True, text=True, timeout=300)
+            printed = (done.stdout + done.stderr).strip()
+            assert done.returncode == 1 and printed.startswith(message) and "\n" not in printed, output(done)
+            assert time.monotonic() - started < 60
+        assert not any(here.iterdir()) and [f.name for f in elsewhere.iterdir()] == ["out"]  # (Hydra's, as always)
+    finally:
+        here.chmod(0o755)
 
 
 @pytest.mark.slow

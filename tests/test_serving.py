@@ -62,6 +62,23 @@ def test_the_loaded_model_refuses_what_is_not_a_review(served, given, refusal):
     assert model.predict(["A film.", {"text": "Awful."}["text"]]).shape == (2,)  # text is still scored
 
 
+def test_the_loaded_model_reads_the_review_by_name(served):
+    """A table's column `text` is the review, whatever other columns come before or after it (MLflow alone hands
+    the model a table's first column); a single column is the reviews whatever its name; a table of several
+    columns without `text` is refused, naming the columns it has."""
+    model, alone = served, served.predict(REVIEWS)
+    ids, decoy = list(range(len(REVIEWS))), ["zzz"] * len(REVIEWS)
+    for table in (pd.DataFrame({"extra": decoy, "text": REVIEWS}), pd.DataFrame({"id": ids, "text": REVIEWS, "note": decoy}),
+                  [{"id": i, "text": text} for i, text in zip(ids, REVIEWS)], pd.DataFrame({"review": REVIEWS})):
+        assert model.predict(table) == pytest.approx(alone)
+    assert model.predict({"stars": 5, "text": REVIEWS[0]}) == pytest.approx(alone[:1])
+    for table in (pd.DataFrame({"id": ids, "review": REVIEWS}), [{"review": REVIEWS[0], "stars": 5}]):
+        columns = ", ".join(map(repr, table.columns if isinstance(table, pd.DataFrame) else table[0]))
+        with pytest.raises(mlflow.exceptions.MlflowException, match=re.escape(f"no column `text` among the 2 columns "
+                                                                              f"sent ({columns}): name the review's column `text`")):
+            model.predict(table)
+
+
 def team_sweep(overrides: list[str], folder, server: str, epochs: str, **env: str) -> subprocess.Popen:
     """The README's team recipe: a sweep of 4 jobs, 2 writing at once, each registering its model. What it
     prints goes to `sweep.out` in `folder` (a pipe nobody reads while it runs could fill and stop it)."""
@@ -156,10 +173,12 @@ def test_a_team_server_on_sqlite_restarted_mid_sweep_keeps_every_child_and_serve
         # served from the registry by alias, answering real requests
         with model_server("models:/imdb-tiny@champion", tmp_path, server) as url:
             served = post(url, {"inputs": REVIEWS})
+            by_name = post(url, {"dataframe_records": [{"id": 7, "text": text, "note": "zzz"} for text in REVIEWS]})
         assert len(served) == 3 and served[0] > served[1]
+        assert by_name == pytest.approx(served)  # the column `text`, not the first one
 
-        # batch scoring from the command line, a CSV and a text file of reviews
-        pd.DataFrame({"id": [1, 2, 3], "text": REVIEWS}).to_csv(tmp_path / "reviews.csv", index=False)
+        # batch scoring from the command line, a CSV (a column before and one after the text) and a text file
+        pd.DataFrame({"id": [1, 2, 3], "text": REVIEWS, "note": ["zzz"] * 3}).to_csv(tmp_path / "reviews.csv", index=False)
         (tmp_path / "reviews.txt").write_text("\n".join(REVIEWS) + "\n")
         for source in ("reviews.csv", "reviews.txt"):
             done = subprocess.run([sys.executable, "-m", "pipeline.score", "models:/imdb-tiny@champion", source,

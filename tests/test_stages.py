@@ -178,15 +178,54 @@ def test_table_source_with_and_without_split_column(tmp_path):
     assert (reviews.frame["rating"] == -1).all()
 
 
-@pytest.mark.parametrize("frame, message", [
-    (pd.DataFrame({"text": ["a", "b"]}), r"missing column\(s\) \['label'\]"),
-    (pd.DataFrame({"text": ["a", "b"], "label": [0, 2]}), "must hold 0 or 1 only"),
-    (pd.DataFrame({"text": ["a", ""], "label": [0, 1]}), r"1 rows with an empty text or no label.*: 2 \(empty text\)"),
+@pytest.mark.parametrize("name, content, message", [
+    ("t.csv", pd.DataFrame({"text": ["a", "b"]}), r"missing column\(s\) \['label'\]"),
+    ("t.csv", pd.DataFrame({"text": ["a", "b"], "label": [0, 2]}), "must hold 0 or 1 only"),
+    ("t.csv", pd.DataFrame({"text": ["a", ""], "label": [0, 1]}), r"1 rows with an empty text or no label.*: 2 \(empty text\)"),
+    ("t.csv", "", r"t\.csv is empty: a table needs its columns named"),
+    ("t.tsv", "\n\n", r"t\.tsv is empty"),
+    ("t.csv", 'text,label\n"a, b",0\na, b,1\n', r"t\.csv: not a readable table \(.*line 3.*\); a field that holds the delimiter"),
+    ("t.parquet", pd.DataFrame({"text": [1, 2], "label": [0, 1]}), r"t\.parquet: column 'text' holds numbers \(int64\), not "
+                                                                 r"text; set ingest.text_column"),
+    ("t.jsonl", '{"text": "a", "label": 0}\n{"text": 7, "label": 1}\n', r"t\.jsonl: 1 lines .*: line 2 \(int 7, not text\)"),
+    ("t.jsonl", '{"text": "a", "label": 0}\n\n{"text": "b", "label": 1\n', r"t\.jsonl: 1 lines that are not JSON objects.*: "
+                                                                         r"line 3 \(not a JSON object .*skip_bad_rows=true"),
 ])
-def test_table_source_rejects_bad_tables(tmp_path, frame, message):
-    frame.to_csv(tmp_path / "t.csv", index=False)
-    with pytest.raises(ValueError, match=message):
-        ingest.ingest(IngestConfig(source="table", path=str(tmp_path / "t.csv")))
+def test_table_source_rejects_bad_tables(tmp_path, name, content, message):
+    """Each mistake in one line naming the file (its line or row, its column) and the fix."""
+    path = tmp_path / name
+    if isinstance(content, str):
+        path.write_text(content)
+    else:
+        content.to_parquet(path) if name.endswith(".parquet") else content.to_csv(path, index=False)
+    with pytest.raises(ValueError, match=message) as error:
+        ingest.ingest(IngestConfig(source="table", path=str(path)))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("delimiter", ["\t", ";"])
+def test_a_table_named_csv_is_read_with_the_delimiter_its_header_uses(tmp_path, delimiter):
+    """A tab- (or semicolon-) separated file named .csv just works, reviews holding commas and all."""
+    frame = labelled_reviews(12).assign(review=lambda f: f["review"] + ", truly")
+    frame.to_csv(tmp_path / "reviews.csv", sep=delimiter, index=False)
+    reviews = ingest.ingest(IngestConfig(source="table", path=str(tmp_path / "reviews.csv"), text_column="review",
+                                         label_column="sentiment", positive_label="positive"))
+    assert sorted(reviews.frame["text"]) == sorted(frame["review"])
+
+
+def test_a_broken_json_line_is_named_or_left_out_and_counted(tmp_path):
+    frame = labelled_reviews(20)
+    lines = frame.to_json(orient="records", lines=True).splitlines()
+    lines[6] = lines[6][:-5]  # cut short: line 7
+    (tmp_path / "reviews.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = IngestConfig(source="table", path=str(tmp_path / "reviews.jsonl"), text_column="review",
+                       label_column="sentiment", positive_label="positive")
+    with pytest.raises(ValueError, match=r"reviews\.jsonl: 1 lines that are not JSON objects.*: line 7 \(not a JSON object"):
+        ingest.ingest(cfg)
+    cfg.skip_bad_rows = True
+    reviews = ingest.ingest(cfg)
+    assert [where for where, _ in reviews.skipped] == ["line 7"]
+    assert sorted(reviews.frame["text"]) == sorted(frame["review"].drop(index=6))
 
 
 def labelled_reviews(rows: int = 40) -> pd.DataFrame:

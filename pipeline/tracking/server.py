@@ -10,15 +10,59 @@ the start, and changing the variable would change it for the whole process.
 from __future__ import annotations
 
 import os
+import re
 import shlex
+from pathlib import Path
 
 from pipeline import config
 from pipeline.config import redact
 
 
+# What MLflow 3.17's client opens (mlflow/tracking/_tracking_service/utils.py): servers, and SQLAlchemy's databases
+# (a dialect may name its driver: postgresql+psycopg2). `file:` and plain folders: refused unless MLFLOW_ALLOW_FILE_STORE.
+SERVERS, DATABASES, HOSTED = ("http", "https"), ("sqlite", "postgresql", "mysql", "mssql"), ("databricks", "databricks-uc", "uc")
+FIX = "use sqlite:///mlflow.db (a file here), sqlite:////<folder>/mlflow.db, http(s)://<server> or postgresql://..."
+
+
+def check_store(uri: str) -> None:
+    """A tracking URI that is not a store MLflow opens, or an SQLite database file that is not one or cannot be
+    written, is refused in one line naming tracking.uri and the fix (not MLflow's traceback, minutes later)."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) else ""
+    shown = redact("uri", uri)
+    if scheme in ("", "file") and not os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
+        raise ValueError(f"tracking.uri={shown}: a folder of files is not a store MLflow 3 opens (unless MLFLOW_ALLOW_FILE_STORE=true); {FIX}")
+    if scheme not in SERVERS + DATABASES + HOSTED + ("", "file"):
+        raise ValueError(f"tracking.uri={shown}: MLflow knows no {scheme!r} store; {FIX}")
+    if scheme != "sqlite":
+        return
+    database = uri.split("?", 1)[0].removeprefix("sqlite:").removeprefix("//")
+    if database in ("", "/", "/:memory:"):
+        raise ValueError(f"tracking.uri={shown}: an in-memory database keeps nothing; {FIX}")
+    path = Path(database[1:] if database.startswith("/") else database).expanduser().absolute()
+    if path.is_dir():
+        raise ValueError(f"tracking.uri={shown}: {path} is a folder, not a database file; name a file in it, "
+                         f"e.g. tracking.uri=sqlite:///{path / 'mlflow.db'}")
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as file:
+            if file.read(16) != b"SQLite format 3\x00":
+                raise ValueError(f"tracking.uri={shown}: {path} is not an SQLite database (its first bytes say otherwise); "
+                                 f"name a new or existing .db file, e.g. tracking.uri=sqlite:///{path.with_suffix('.db')}")
+    folder = path.parent  # (SQLite writes its journal beside the database)
+    if not folder.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"cannot write {folder}, where tracking.uri={shown} keeps its runs: run from a folder "
+                              "you can write, or set tracking.uri=sqlite:////<a folder you can write>/mlflow.db")
+    if not path.exists():  # a new store's experiment keeps its artifacts in ./mlruns, where the command runs
+        here = Path.cwd()
+        if not os.access(here / "mlruns" if (here / "mlruns").is_dir() else here, os.W_OK):
+            raise PermissionError(f"cannot write {here}: a new tracking store keeps its runs' artifacts in ./mlruns "
+                                  "there; run from a folder you can write")
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> str:
-    """Fail in seconds, before any work, when a tracking server does not answer (not after 40 epochs), or
-    refuses us (a server behind MLflow's basic-auth, without the credentials MLflow's client sends)."""
+    """Fail in seconds, before any work, when the store is not one MLflow opens or cannot be written (check_store),
+    or a tracking server does not answer (not after 40 epochs), or refuses us (a server behind MLflow's
+    basic-auth, without the credentials MLflow's client sends)."""
+    check_store(uri)
     if not uri.startswith(("http://", "https://")):
         return uri
     import base64
