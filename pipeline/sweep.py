@@ -270,7 +270,6 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from pipeline import tracking
-    from pipeline.tracking import sweeps
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=main.__doc__)
     parser.add_argument("parent_run_id", help="the sweep's parent run (its id in the MLflow UI)")
