@@ -180,7 +180,7 @@ class TrackedRun:
                 written = self.journal.finish(self.cfg.tracking.wait_for_server if status != "KILLED" else 0)
         finally:
             if self.journal is not None:
-                self.journal.closing.set()
+                self.journal.stop()
             if self.watchdog is not None:
                 self.watchdog.communicate(b"ended\n")  # the run has ended (or its end is kept): the watchdog leaves
             for key in [key for key in os.environ if key.startswith(MLFLOW_ENVIRONMENT)]:

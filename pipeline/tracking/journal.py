@@ -197,13 +197,17 @@ class Journal:
             shutil.rmtree(self.folder, ignore_errors=True)
             return True
 
-    def finish(self, wait: float) -> bool:
-        """At the run's end: True once everything is written, asking a lost server for up to `wait` seconds
-        (a Ctrl-C stops waiting). False: the record stays kept in `folder`."""
+    def stop(self) -> None:
+        """No more asking the server: the prober thread ends (a run's threads do not outlive it)."""
         self.closing.set()
         if self.prober is not None:
             self.prober.join()
             self.prober = None
+
+    def finish(self, wait: float) -> bool:
+        """At the run's end: True once everything is written, asking a lost server for up to `wait` seconds
+        (a Ctrl-C stops waiting). False: the record stays kept in `folder`."""
+        self.stop()
         deadline = time.monotonic() + wait
         try:
             while not self.flush():

@@ -1,0 +1,157 @@
+"""A tracking server lost mid-run loses nothing: the run goes on, its record is kept on disk, and it is written
+when the server answers again, or by the one command the run prints last (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import tiny_overrides
+from tests.helpers import check_complete_run, environment, free_port
+from tests.servers import server_command, wait_until_up
+
+LOST = "does not answer"
+
+
+class Server:
+    """`mlflow server` on loopback, stopped and started again on the same port and store."""
+
+    def __init__(self, folder):
+        self.folder, self.port = folder, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self) -> "Server":
+        self.process = subprocess.Popen(server_command(self.folder, self.port), cwd=self.folder, env=environment(),
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        return self
+
+    def wait(self) -> None:
+        wait_until_up(f"{self.uri}/health", self.process)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_run(folder, server: Server, overrides: list[str]) -> subprocess.Popen:
+    with open(folder / "run.out", "w") as printed:
+        return subprocess.Popen([sys.executable, "-m", "pipeline", *overrides, f"tracking.uri={server.uri}",
+                                 f"hydra.run.dir={folder / 'out'}"], cwd=folder, env=environment(),
+                                stdout=printed, stderr=subprocess.STDOUT)
+
+
+def the_run(server: Server):
+    """The one run on the server, or None before it exists."""
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("imdb-sentiment")
+    found = client.search_runs([experiment.experiment_id]) if experiment else []
+    return found[0] if found else None
+
+
+def epochs_printed(text: str, epochs: int) -> int:
+    return len(re.findall(rf"^Epoch \d+/{epochs}$", text, flags=re.MULTILINE))
+
+
+@pytest.mark.slow
+def test_a_lost_tracking_server_loses_nothing(tiny_archive, tmp_path):
+    """Two runs at once, each on its own `mlflow server`. (a) The server stopped while the run writes its epochs
+    and started again: the run ends FINISHED with every epoch, its test metrics and model, each point once, and
+    the terminal said so in one line each way. (b) The server stopped as soon as the run exists (before
+    TensorFlow has started) and not started again: training goes on, the process exits non-zero within seconds
+    of its end, its last line the command that writes the kept record; once the server is back, that command
+    leaves the run FINISHED with every epoch the terminal printed, its params, test metrics, figures, dataset,
+    the registered model (loadable) and its true end time; run again, it writes nothing twice."""
+    back, gone = tmp_path / "back", tmp_path / "gone"
+    for folder in (back, gone):
+        folder.mkdir()
+    servers = {folder: Server(folder).start() for folder in (back, gone)}
+    runs = {}
+    try:
+        for server in servers.values():
+            server.wait()
+        common = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith(("tracking.uri", "fit.epochs"))]
+        epochs = {back: 1000, gone: 30}  # (a): enough epochs to be training when its server goes
+        runs[back] = start_run(back, servers[back], common + [f"fit.epochs={epochs[back]}",
+                                                               "tracking.wait_for_server=180"])
+        runs[gone] = start_run(gone, servers[gone], common + [f"fit.epochs={epochs[gone]}", "tracking.wait_for_server=1",
+                                                               "evaluate.registered_model_name=imdb-lost"])
+        lost, ended, exited = {}, None, {}
+        deadline = time.monotonic() + 600
+        while len(exited) < 2 and time.monotonic() < deadline:
+            if back not in lost and (run := the_run(servers[back])) is not None and \
+                    MlflowClient(servers[back].uri).get_metric_history(run.info.run_id, "val_loss"):
+                servers[back].stop()  # mid-fit, then started again at once
+                lost[back] = run.info.run_id
+                servers[back].start()
+            if gone not in lost and (run := the_run(servers[gone])) is not None:
+                servers[gone].stop()  # as the run opens: and not back before the run ends
+                lost[gone] = run.info.run_id
+            if ended is None and "ended FINISHED" in (gone / "run.out").read_text():
+                ended = time.monotonic()
+            for folder, process in runs.items():
+                if folder not in exited and process.poll() is not None:
+                    exited[folder] = time.monotonic()
+            time.sleep(0.2)
+        assert len(exited) == 2, "a run did not end in 10 minutes"
+        said = {folder: (folder / "run.out").read_text() for folder in (back, gone)}
+        assert len(lost) == 2, said
+
+        # (a) back before the run ended: everything written, FINISHED; the terminal said so, once each way
+        assert runs[back].returncode == 0, said[back][-3000:]
+        assert said[back].count(LOST) == 1 and said[back].count("answers again:") == 1, said[back][-3000:]
+        servers[back].wait()
+        mlflow.set_tracking_uri(servers[back].uri)  # (check_complete_run reads the model's info through it)
+        check_complete_run(servers[back].uri, lost[back], epochs[back])
+        assert not (back / "mlflow-pending" / lost[back]).exists()  # nothing left kept
+
+        # (b) not back: exit 1 within seconds of the run's end, the command last
+        last = said[gone].strip().splitlines()[-1]
+        assert runs[gone].returncode == 1 and said[gone].count(LOST) == 1, said[gone][-3000:]
+        assert exited[gone] - ended < 60  # (wait_for_server=1: the rest is the process ending, on a busy machine)
+        command = shlex.split(last)
+        assert command[:3] == ["python", "-m", "pipeline.replay"], last
+        assert epochs_printed(said[gone], epochs[gone]) == epochs[gone]
+
+        servers[gone].start().wait()
+        client = MlflowClient(servers[gone].uri)
+        assert client.get_run(lost[gone]).info.status == "RUNNING"  # (what the server held when it went)
+        before = int(time.time() * 1000)
+        replayed = subprocess.run([sys.executable, *command[1:]], cwd=gone, env=environment(), capture_output=True,
+                                  text=True, timeout=600)
+        assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+        mlflow.set_tracking_uri(servers[gone].uri)
+        check_complete_run(servers[gone].uri, lost[gone], epochs[gone])
+        run = client.get_run(lost[gone])
+        curve = client.get_metric_history(lost[gone], "val_loss")
+        assert max(p.timestamp for p in curve) <= run.info.end_time < before  # the end it had, not the replay's
+        versions = client.search_model_versions("name = 'imdb-lost'")
+        assert [v.run_id for v in versions] == [lost[gone]]
+        models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{lost[gone]}'")
+        assert [str(m.status) for m in models] == ["READY"] * len(models) and len({m.name for m in models}) == len(models)
+
+        again = subprocess.run([sys.executable, *command[1:]], cwd=gone, env=environment(), capture_output=True,
+                               text=True, timeout=600)
+        assert again.returncode == 0 and "nothing to write" in again.stdout, again.stdout + again.stderr
+        assert len(client.get_metric_history(lost[gone], "val_loss")) == epochs[gone]
+        assert len(client.search_model_versions("name = 'imdb-lost'")) == 1
+        assert len(client.search_logged_models([run.info.experiment_id],
+                                               filter_string=f"source_run_id = '{lost[gone]}'")) == len(models)
+    finally:
+        for process in runs.values():
+            if process.poll() is None:
+                process.kill()
+        for server in servers.values():
+            server.stop()
