@@ -8,6 +8,8 @@ import shlex
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import mlflow
 import pytest
@@ -15,7 +17,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import tiny_overrides
 from tests.helpers import check_complete_run, environment, free_port
-from tests.servers import server_command, wait_until_up
+from tests.servers import server_command
 
 LOST = "does not answer"
 
@@ -29,12 +31,25 @@ class Server:
         self.process = None
 
     def start(self) -> "Server":
-        self.process = subprocess.Popen(server_command(self.folder, self.port), cwd=self.folder, env=environment(),
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        with open(self.folder / "server.log", "a") as log:  # (a pipe nobody reads could fill and stop it)
+            # one worker: uvicorn's supervisor of several restarts a worker slow to answer its health check,
+            # which on a busy machine can keep a server from ever answering
+            command = server_command(self.folder, self.port)
+            command[command.index("--workers") + 1] = "1"
+            self.process = subprocess.Popen(command, cwd=self.folder, env=environment(), stdout=log,
+                                            stderr=subprocess.STDOUT)
         return self
 
     def wait(self) -> None:
-        wait_until_up(f"{self.uri}/health", self.process)
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=5).close()
+                return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                assert self.process.poll() is None, (self.folder / "server.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the server did not answer in 300 s"
+                time.sleep(1)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
