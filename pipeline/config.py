@@ -175,7 +175,7 @@ class TrackingConfig:
     uri: Optional[str] = None  # null: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working directory
     experiment_name: str = "imdb-sentiment"
     run_name: Optional[str] = None  # null: MLflow picks a name
-    wait_for_server: float = 30.0  # seconds a run's end waits for a lost tracking server before keeping its record
+    wait_for_server: float = 45.0  # seconds a run's end waits for a lost tracking server before keeping its record
 
     def validate(self) -> None:
         _require(self.wait_for_server >= 0, "tracking.wait_for_server", self.wait_for_server, "use 0 seconds or more")
