@@ -357,7 +357,7 @@ def replay(folder: Path) -> str:
     done = int((folder / WRITTEN).read_text() or 0) if (folder / WRITTEN).exists() else 0
     if done >= len(kept):
         return f"run {run['run_id']}: its kept record was written already; nothing to write"
-    uri = check_reachable(run["uri"])
+    uri = check_reachable(run["uri"], timeout=30)  # (a server just started again may be slow to answer)
     import mlflow
 
     mlflow.set_tracking_uri(uri)  # (the artifact store's address is the tracking server's)
