@@ -4,7 +4,7 @@ A run whose tracking server stopped answering and did not answer again before th
 would have written in `mlflow-pending/<run id>/` and prints this command as its last line. Run it once the
 server is back: it writes, in order, what the server lacks (params, every epoch's points with their own
 times, tags, artifacts, figures, models and their registration) and ends the run with its true status and
-end time. Running it again writes nothing twice (pipeline/tracking/journal.py).
+end time. Running it again writes nothing twice (pipeline/tracking/operations.py).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import logging
 
-    from pipeline.tracking import journal
+    from pipeline.tracking import operations
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # (its progress lines; what was written is said below)
     try:
-        print(journal.replay(args.folder))
+        print(operations.replay(args.folder))
     except (FileNotFoundError, ConnectionError, PermissionError) as error:
         print(f"{type(error).__name__}: {error}", file=sys.stderr)
         return 1
