@@ -3,6 +3,7 @@ when the server answers again, or by the one command the run prints last (docs/r
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -10,13 +11,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import tiny_overrides
-from tests.helpers import check_complete_run, environment, free_port
+from tests.helpers import check_complete_run, created_store, environment, free_port
 from tests.servers import server_command
 
 LOST = "does not answer"
@@ -170,3 +172,36 @@ def test_a_lost_tracking_server_loses_nothing(tiny_archive, tmp_path):
                 process.kill()
         for server in servers.values():
             server.stop()
+
+
+def test_a_kept_record_is_written_in_order_once_with_its_own_times(tmp_path):
+    """The journal's side alone, on a local store: writes kept after a lost connection stay out of the store
+    until replayed; the replay writes them with the times they had (the end's too), skips a point that
+    reached the store before the connection died, and a second replay writes nothing."""
+    from pipeline.tracking import operations
+    from pipeline.tracking.journal import Journal
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = created_store(uri)
+    run_id = client.create_run(client.create_experiment("kept")).info.run_id
+    journal = Journal(uri, run_id, root=tmp_path / "mlflow-pending")
+    journal.lose(ConnectionError("[Errno 111] Connection refused"))
+    journal.stop()  # (no asking the store again: this test replays it itself)
+    journal.params({"fit.epochs": 2})
+    for step in (1, 2):
+        journal.metrics({"val_loss": 1.0 / step}, step=step)
+        time.sleep(0.01)
+    journal.text("a note", "notes/note.txt")
+    journal.end("KILLED")
+    assert client.get_run(run_id).info.status == "RUNNING" and not client.get_metric_history(run_id, "val_loss")
+    client.log_batch(run_id, metrics=journal.history["val_loss"][:1])  # it reached the store as the server went
+    ended = json.loads((journal.folder / "operations.jsonl").read_text().splitlines()[-1])["end_time"]
+
+    assert "5 kept writes written" in operations.replay(journal.folder)
+    run = client.get_run(run_id)
+    assert (run.info.status, run.info.end_time, run.data.params) == ("KILLED", ended, {"fit.epochs": "2"})
+    curve = client.get_metric_history(run_id, "val_loss")
+    assert [(p.step, p.timestamp) for p in curve] == [(p.step, p.timestamp) for p in journal.history["val_loss"]]
+    assert Path(client.download_artifacts(run_id, "notes/note.txt", str(tmp_path))).read_text() == "a note"
+    assert "nothing to write" in operations.replay(journal.folder)
+    assert len(client.get_metric_history(run_id, "val_loss")) == 2
