@@ -109,7 +109,7 @@ def ready(settings: config.PipelineConfig) -> config.PipelineConfig:
 @hydra.main(version_base="1.3", config_path=str(config.CONF), config_name="config")  # (a wheel: inside the package)
 @reported
 def main(cfg: DictConfig) -> float | None:
-    from pipeline import tracking  # noqa: F401  (MLflow and its log handler, before the console calms it)
+    from pipeline import tracking  # (MLflow and its log handler, before the console calms it)
     from pipeline.train import train
 
     if not os.environ.get(config.PARENT_RUN):  # a single run
@@ -132,6 +132,9 @@ def main(cfg: DictConfig) -> float | None:
         return previous["val_accuracy"]
     try:
         metrics, _ = train(settings)
+    except tracking.RecordKept as kept:  # finished, but its record waits on disk for the server (its command)
+        log.error("sweep job %s (%s): %s", job.num, settings.tracking.run_name, kept)
+        return float("nan")
     except Exception:  # one failed job must not stop the sweep: its child run is FAILED with the error
         log.exception("sweep job %s (%s) failed", job.num, settings.tracking.run_name)
         return float("nan")

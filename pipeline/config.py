@@ -176,6 +176,10 @@ class TrackingConfig:
     uri: Optional[str] = None  # null: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working directory
     experiment_name: str = "imdb-sentiment"
     run_name: Optional[str] = None  # null: MLflow picks a name
+    wait_for_server: float = 45.0  # seconds a run's end waits for a lost tracking server before keeping its record
+
+    def validate(self) -> None:
+        _require(self.wait_for_server >= 0, "tracking.wait_for_server", self.wait_for_server, "use 0 seconds or more")
 
 
 @dataclass
@@ -212,7 +216,8 @@ class PipelineConfig:
     freeze_gc: bool = True  # once TensorFlow is loaded, leave its objects out of garbage collection
 
     def validate(self) -> None:
-        for part in (self.ingest, self.split, self.build, self.fit, self.fit.early_stopping, self.evaluate, self.sweep):
+        for part in (self.ingest, self.split, self.build, self.fit, self.fit.early_stopping, self.evaluate, self.tracking,
+                     self.sweep):
             part.validate()
         stages = list(self.stages)
         _require(len(stages) > 0 and stages == list(STAGES[: len(stages)]), "stages", stages,

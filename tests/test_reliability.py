@@ -228,13 +228,13 @@ def test_train_in_a_program_changes_nothing_global_and_a_keyboard_interrupt_ends
 def test_a_signal_while_a_finished_run_is_recorded_still_stops_the_program(tiny_config, monkeypatch):
     from pipeline import tracking
 
-    record_end = mlflow.end_run
+    record_end = mlflow.MlflowClient.set_terminated
 
     def end_run_interrupted(*args, **kwargs):
         signal.raise_signal(signal.SIGINT)  # Ctrl-C while the run's end is being written
         return record_end(*args, **kwargs)
 
-    monkeypatch.setattr(mlflow, "end_run", end_run_interrupted)
+    monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", end_run_interrupted)
     with pytest.raises(KeyboardInterrupt), SIGNALS.installed():  # as python -m pipeline sets the process up
         with tracking.TrackedRun(tiny_config):
             pass

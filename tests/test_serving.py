@@ -154,8 +154,8 @@ def test_a_team_server_on_sqlite_restarted_mid_sweep_keeps_every_child_and_serve
     """The README's team recipe: `mlflow server` keeping runs in SQLite and serving artifacts itself; a sweep
     of 4 jobs, 2 writing at once, registering models. The server is stopped while a job is writing its epochs
     and started again 5 s later on the same store: every child ends FINISHED with all its epochs, none stays
-    RUNNING, and the sweep succeeds (MLflow's client retries refused requests with backoff, about two minutes
-    by default). Then the champion is served over REST and scores batches from the command line.
+    RUNNING, and the sweep succeeds (a job's writes are kept while the server is away and written when it
+    answers: pipeline/tracking/journal.py). Then the champion is served over REST and scores batches from the command line.
     (PostgreSQL and a server behind basic-auth: the test below.)"""
     port = free_port()
     server = f"http://127.0.0.1:{port}"

@@ -8,6 +8,8 @@ raw-text model. It ends FINISHED, FAILED with the error, or KILLED on Ctrl-C, SI
 holding every epoch finished before; a watchdog process (watchdog.py), told each epoch as it ends
 (epochs.py), ends it KILLED with them if the process is killed outright. Nothing here changes the process
 (signals, environment, threads): that is the command line's. The sweep's parent run and its analysis are sweeps.py's.
+Every write goes through the run's journal (journal.py): if the tracking server stops answering, the run goes on,
+its writes are kept on disk and written when the server answers again, or by the command the run's end prints.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import functools
 import hashlib
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -33,10 +36,11 @@ from pipeline import config, textmodel
 from pipeline.config import EXPERIMENT, PARENT_RUN
 from pipeline.console import CONSOLE
 from pipeline.signals import SIGNALS
-from pipeline.tracking.datasets import ReviewsDataset, registering
 from pipeline.tracking import checkpoints
 from pipeline.tracking.epochs import CURVES, Epochs
 from pipeline.tracking.projects import project_run
+from pipeline.tracking import journal
+from pipeline.tracking.journal import QUICK, Journal
 from pipeline.tracking.server import check_reachable, ui_links
 
 log = logging.getLogger(__name__)
@@ -85,6 +89,11 @@ def git_tags() -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(bool(changes))}
 
 
+class RecordKept(ConnectionError):
+    """The run has ended, but its tracking server did not answer again: its record is kept on disk. The
+    message's last line is the command that writes it."""
+
+
 def recorded(method):
     """A TrackedRun method that writes to the store: whole or not at all (SIGNALS.held); then the watchdog
     hears that the process was alive."""
@@ -106,7 +115,7 @@ class TrackedRun:
     first_in_process = True  # the first run of a process started with the process
 
     def __init__(self, cfg: config.PipelineConfig, seconds: dict[str, float] | None = None):
-        self.cfg, self.run_id, self.experiment_id = cfg, None, None
+        self.cfg, self.run_id, self.experiment_id, self.run_name = cfg, None, None, None
         self.seconds = seconds if seconds is not None else {}  # each stage's, filled as the run goes; tags at its end
         self.headline: dict[str, float] = {}  # what the closing log line reports
         self.watchdog: subprocess.Popen | None = None
@@ -114,6 +123,7 @@ class TrackedRun:
         self.environment: dict[str, str] = {}  # MLflow's environment variables as the run found them
         # the caller's tracking URI (None: not set) and active experiment, put back at the end (no public getter)
         self.found = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None, fluent._active_experiment_id
+        self.journal: Journal | None = None  # every write of the run, to the store or kept on disk (journal.py)
 
     def __enter__(self) -> "TrackedRun":
         # the first run of `python -m pipeline` starts with the process (a sweep's jobs later); in a notebook,
@@ -125,7 +135,10 @@ class TrackedRun:
         self.environment = {key: value for key, value in os.environ.items() if key.startswith(MLFLOW_ENVIRONMENT)}
         # (a progress bar per artifact clutters the terminal, and tqdm's monitor thread would outlive the run)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        for key, value in QUICK.items():  # a lost server noticed in seconds, not minutes (put back at the end)
+            os.environ.setdefault(key, value)
         try:
+            uri = config.tracking_uri(self.cfg.tracking)
             with SIGNALS.held():  # a Ctrl-C now waits until the run exists, then ends it KILLED
                 uri = use(config.tracking_uri(self.cfg.tracking))
                 client, name = mlflow.MlflowClient(), self.cfg.tracking.run_name
@@ -137,16 +150,20 @@ class TrackedRun:
                 else:
                     experiment = mlflow.set_experiment(self.cfg.tracking.experiment_name)
                     run = client.create_run(experiment.experiment_id, start_time=int(start * 1000), run_name=name)
-                self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
+                self.run_id, self.experiment_id, self.run_name = run.info.run_id, run.info.experiment_id, run.info.run_name
+                self.journal = Journal(uri, self.run_id)
                 mlflow.start_run(run_id=self.run_id)
                 self.watchdog = subprocess.Popen(  # ends the run KILLED if this process is killed outright
-                    [sys.executable, str(Path(__file__).with_name("watchdog.py")), uri, self.run_id], stdin=subprocess.PIPE,
-                    start_new_session=True)
-                self.epochs = Epochs(uri, self.run_id, self.watchdog.stdin)
+                    [sys.executable, str(Path(__file__).with_name("watchdog.py")), uri, self.run_id,
+                     str(self.journal.folder)], stdin=subprocess.PIPE, start_new_session=True)
+                self.epochs = Epochs(self.journal, self.watchdog.stdin)
                 self._record_setup()
                 self.epochs.beat()
         except BaseException as error:
             self.__exit__(type(error), error, None)
+            if journal.lost(error):  # the server went away as the run was being opened: one line, not MLflow's
+                raise ConnectionError(f"the tracking server {config.redact('uri', uri)} stopped answering as the run "
+                                      f"was opened ({journal.reason(error)}); start it, and run again") from None
             raise
         log.info("MLflow run %s (%s) in experiment %s at %s", self.run_id, run.info.run_name,
                  run.info.experiment_id, config.redact("uri", uri))
@@ -156,70 +173,89 @@ class TrackedRun:
         status = "FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
         if status == "KILLED":
             SIGNALS.ended()
-        with SIGNALS.held():
-            if self.epochs is not None:
-                self.epochs.close()  # every epoch recorded so far is in the store before the end
-            if self.run_id is not None:
-                if status != "FINISHED":  # the log keeps the traceback the terminal is spared
-                    CONSOLE.keep("".join(traceback.format_exception(error)))
-                try:
-                    mlflow.set_tags({f"seconds.{stage}": f"{value:.2f}" for stage, value in self.seconds.items()})
-                    if (full := CONSOLE.since(self.log_from)) is not None:
-                        mlflow.log_text(full, "logs/run.log")
-                except Exception as failure:  # the seconds and log are a record of the run; its end matters more
-                    log.warning("could not keep the run's seconds and log (%s)", failure)
-                if status == "FAILED":
-                    mlflow.set_tag("error", f"{kind.__name__}: {error}"[:5000])
-                mlflow.end_run(status=status)
-                if status == "KILLED":  # the one line an interrupt prints
-                    kept = self.epochs.recorded if self.epochs else 0
-                    log.info("MLflow run %s ended KILLED (%s), %d epoch%s kept", self.run_id, error or kind.__name__,
-                             kept, "s" * (kept != 1))
-                    if error is not None:
-                        error.reported = True  # (python -m pipeline then exits without another word)
-                else:
-                    headline = "".join(f", {name} {self.headline[name]:.4g}" for name in HEADLINE if name in self.headline)
-                    log.info("MLflow run %s ended %s%s%s", self.run_id, status, headline,
-                             ui_links(mlflow.get_tracking_uri(), self.experiment_id, self.run_id))
+        written = True
+        try:
+            with SIGNALS.held():
+                if self.epochs is not None:
+                    self.epochs.close()  # every epoch recorded so far is written (or kept) before the end
+                if self.run_id is not None:
+                    self._end(status, kind, error)
+            if self.journal is not None and not self.journal.live:  # a lost server: wait for it a little (not on Ctrl-C)
+                written = self.journal.finish(self.cfg.tracking.wait_for_server if status != "KILLED" else 0)
+        finally:
+            if self.journal is not None:
+                self.journal.stop()
             if self.watchdog is not None:
-                self.watchdog.communicate(b"ended\n")  # the run has ended as it should: the watchdog leaves
+                self.watchdog.communicate(b"ended\n")  # the run has ended (or its end is kept): the watchdog leaves
             mlflow.set_tracking_uri(self.found[0])
             fluent._active_experiment_id = self.found[1]
             for key in [key for key in os.environ if key.startswith(MLFLOW_ENVIRONMENT)]:
                 os.environ.pop(key)  # (set_tracking_uri and set_experiment export theirs for subprocesses)
             os.environ.update(self.environment)
+        if not written:
+            message = (f"the tracking server {config.redact('uri', self.journal.uri)} did not answer again: run "
+                       f"{self.run_id}'s record ({status}) is kept in {self.journal.folder}. Once the server is back, "
+                       f"write it with:\npython -m pipeline.replay "
+                       f"{shlex.quote(str(self.journal.folder))}")
+            if status == "FINISHED":
+                raise RecordKept(message)
+            log.warning("%s", message)  # the last line, after the interrupt's or the error's
         return False  # a failing or interrupted run: its own exception propagates
 
+    def _end(self, status: str, kind, error) -> None:
+        """The run's last writes (seconds, log, error) and its end, then the line that says how it ended."""
+        if status != "FINISHED":  # the log keeps the traceback the terminal is spared
+            CONSOLE.keep("".join(traceback.format_exception(error)))
+        try:
+            self.journal.tags({f"seconds.{stage}": f"{value:.2f}" for stage, value in self.seconds.items()})
+            if (full := CONSOLE.since(self.log_from)) is not None:
+                self.journal.text(full, "logs/run.log")
+        except Exception as failure:  # the seconds and log are a record of the run; its end matters more
+            log.warning("could not keep the run's seconds and log (%s)", failure)
+        if status == "FAILED":
+            self.journal.tags({"error": f"{kind.__name__}: {error}"[:5000]})
+        self.journal.end(status)
+        forget_active_run()
+        if status == "KILLED":  # the one line an interrupt prints
+            kept = self.epochs.recorded if self.epochs else 0
+            log.info("MLflow run %s ended KILLED (%s), %d epoch%s kept", self.run_id, error or kind.__name__,
+                     kept, "s" * (kept != 1))
+            if error is not None:
+                error.reported = True  # (python -m pipeline then exits without another word)
+        else:
+            headline = "".join(f", {name} {self.headline[name]:.4g}" for name in HEADLINE if name in self.headline)
+            log.info("MLflow run %s ended %s%s%s", self.run_id, status, headline,
+                     ui_links(mlflow.get_tracking_uri(), self.experiment_id, self.run_id))
+
     def _record_setup(self) -> None:
-        mlflow.log_params(config.flatten(self.cfg))
+        self.journal.params(config.flatten(self.cfg))
         found = versions()
         tags = {f"version.{name.removesuffix('-cpu')}": version for name, version in found.items()}
-        mlflow.set_tags({"pipeline.stages": ",".join(self.cfg.stages), **git_tags(), **tags})
-        mlflow.log_text(config.recorded_yaml(self.cfg), "config/config.yaml")
+        self.journal.tags({"pipeline.stages": ",".join(self.cfg.stages), **git_tags(), **tags})
+        self.journal.text(config.recorded_yaml(self.cfg), "config/config.yaml")
 
     @recorded
     def data(self, prepared) -> None:
         """What the data stages produced (train.Data): the dataset input, split sizes, labels, cache hits."""
         meta = prepared.reviews
-        registering(lambda: mlflow.log_input(ReviewsDataset(meta["source"], meta["digest"], meta["counts"]),
-                                              context="training"))
-        mlflow.set_tags({"data.digest": meta["digest"], **{f"cache.{k}": v for k, v in prepared.cache.items()}})
+        self.journal.dataset(meta["source"], meta["digest"], meta["counts"], context="training")
+        self.journal.tags({"data.digest": meta["digest"], **{f"cache.{k}": v for k, v in prepared.cache.items()}})
         if prepared.sizes:
-            mlflow.log_params({f"data.{name}_rows": count for name, count in prepared.sizes.items()})
-        mlflow.log_params({f"data.label_{name}": value for name, value in meta["labels"].items()})
+            self.journal.params({f"data.{name}_rows": count for name, count in prepared.sizes.items()})
+        self.journal.params({f"data.label_{name}": value for name, value in meta["labels"].items()})
         if self.cfg.ingest.skip_bad_rows:  # nothing left out silently: how many, and which
-            mlflow.log_metric("data.skipped_rows", len(meta["skipped"]))
+            self.journal.metrics({"data.skipped_rows": len(meta["skipped"])})
             if meta["skipped"]:
                 import pandas as pd
 
                 skipped = pd.DataFrame(meta["skipped"], columns=["row", "reason"]).to_csv(index=False)
-                mlflow.log_text(skipped, "data/skipped_rows.csv")
+                self.journal.text(skipped, "data/skipped_rows.csv")
 
     @recorded
     def model_summary(self, text: str, parameters: int, device: dict[str, str]) -> None:
-        mlflow.set_tags(device)  # where it trains: device, device.name
-        mlflow.log_text(text, "model_summary.txt")
-        mlflow.log_metric("model.parameters", parameters)
+        self.journal.tags(device)  # where it trains: device, device.name
+        self.journal.text(text, "model_summary.txt")
+        self.journal.metrics({"model.parameters": parameters})
 
     def epoch_logger(self):
         """A Keras callback that records each epoch's curves and seconds as it ends, stamped with that
@@ -242,49 +278,83 @@ class TrackedRun:
 
     @recorded
     def fitted(self, fitted) -> None:
-        mlflow.log_text(fitted.history.to_csv(index=False), "history.csv")
+        self.journal.text(fitted.history.to_csv(index=False), "history.csv")
         summary = fitted.summary()
-        mlflow.log_metrics(summary)
+        self.journal.metrics(summary)
         self.headline.update(summary)
 
     @recorded
     def evaluation(self, kept) -> None:
         """The served checkpoint's test metrics and figures, and best.* and last.* (evaluate.Checkpoints)."""
         result = kept.evaluation
-        checkpoints.record(kept)
-        mlflow.log_metrics(result.metrics)
+        checkpoints.record(self.journal, kept)
+        self.journal.metrics(result.metrics)
         self.headline.update(result.metrics)
         for name, figure in result.figures.items():
-            mlflow.log_figure(figure, f"figures/{name}")
+            self.journal.figure(figure, f"figures/{name}")
 
     def log_models(self, model, encoded, cfg: config.PipelineConfig, kept) -> str:
         """Every checkpoint of `kept` as a LoggedModel, the served one first (checkpoints.py); its URI."""
         return checkpoints.log_models(self, model, encoded, cfg, kept)
 
     @recorded
-    def log_model(self, model, encoded, cfg: config.PipelineConfig, step=0, tags=None, name="model"):
+    def log_model(self, model, encoded, cfg: config.PipelineConfig, step=0, tags=None, name="model") -> str | None:
         """The raw-text pyfunc at `step` (its epoch): pipeline/textmodel.py as model code, the Keras classifier and
         the vocabulary (and n-grams) it encodes text with. MLflow checks that the input example serves before keeping
-        it. Input type Any, not string: MLflow's server casts a string column's null or 123 to text (docs/serving.md)."""
+        it. Input type Any, not string: MLflow's server casts a string column's null or 123 to text (docs/serving.md).
+        Its URI; None while the server is lost (then it is saved here and kept: journal.py)."""
+        with tempfile.TemporaryDirectory() as folder:
+            arguments = self._model_files(model, encoded, cfg, folder, step)
+            if self.journal.live:
+                try:
+                    info = mlflow.pyfunc.log_model(name=name, registered_model_name=cfg.evaluate.registered_model_name,
+                                                   step=step, tags=tags, **arguments)
+                    self.journal.models[name] = info.model_id
+                    return info.model_uri
+                except Exception as error:
+                    if not journal.lost(error):
+                        raise
+                    self.journal.lose(error)
+            mlflow.pyfunc.save_model(f"{folder}/model", **arguments)
+            self.journal.model(f"{folder}/model", name, step, tags or {}, cfg.evaluate.registered_model_name,
+                               link_step=True)
+        return None
+
+    def save_model(self, model, encoded, cfg: config.PipelineConfig, path: str) -> None:
+        """The same model, saved at `path` (not logged)."""
+        with tempfile.TemporaryDirectory() as folder:
+            mlflow.pyfunc.save_model(path, **self._model_files(model, encoded, cfg, folder))
+
+    def _model_files(self, model, encoded, cfg: config.PipelineConfig, folder: str, step: int | None = None) -> dict:
+        """The classifier and vocabulary saved in `folder`; the arguments that make them the raw-text pyfunc."""
         from mlflow.types.schema import AnyType, ColSpec, Schema
 
-        with tempfile.TemporaryDirectory() as folder:
-            classifier, vocabulary_file = Path(folder) / textmodel.CLASSIFIER_FILE, Path(folder) / textmodel.VOCABULARY_FILE
-            model.save(classifier)
-            textmodel.save_vocabulary(vocabulary_file, encoded.vocabulary, cfg.build.sequence_length,
-                                      cfg.build.truncate, encoded.ngrams, encoded.codes)
-            mlflow.log_metric("model.size_mb", sum(f.stat().st_size for f in (classifier, vocabulary_file)) / 1e6, step=step)
-            requirements = {name: version for name, version in versions().items() if name != "hydra-core"}
-            info = mlflow.pyfunc.log_model(
-                name=name, python_model=str(Path(textmodel.__file__)),  # models from code: nothing pickled
-                artifacts={"classifier": str(classifier), "vocabulary": str(vocabulary_file)},
-                signature=mlflow.models.ModelSignature(Schema([ColSpec(AnyType())]), Schema([ColSpec("double")])),
-                input_example=INPUT_EXAMPLE,
-                pip_requirements=[f"{name}=={version}" for name, version in requirements.items()],
-                registered_model_name=cfg.evaluate.registered_model_name, step=step, tags=tags)
-        return info
+        classifier, vocabulary_file = Path(folder) / textmodel.CLASSIFIER_FILE, Path(folder) / textmodel.VOCABULARY_FILE
+        model.save(classifier)
+        textmodel.save_vocabulary(vocabulary_file, encoded.vocabulary, cfg.build.sequence_length,
+                                  cfg.build.truncate, encoded.ngrams, encoded.codes)
+        if step is not None:
+            self.journal.metrics({"model.size_mb": sum(f.stat().st_size for f in (classifier, vocabulary_file)) / 1e6},
+                                 step=step)
+        requirements = {name: version for name, version in versions().items() if name != "hydra-core"}
+        return dict(python_model=str(Path(textmodel.__file__)),  # models from code: nothing pickled
+                    artifacts={"classifier": str(classifier), "vocabulary": str(vocabulary_file)},
+                    signature=mlflow.models.ModelSignature(Schema([ColSpec(AnyType())]), Schema([ColSpec("double")])),
+                    input_example=INPUT_EXAMPLE,
+                    pip_requirements=[f"{name}=={version}" for name, version in requirements.items()])
 
     @recorded
     def complete(self) -> None:
         """Mark the run as having done every stage it was asked for (what a resumed sweep looks for)."""
-        mlflow.set_tag("pipeline.complete", "true")
+        self.journal.tags({"pipeline.complete": "true"})
+
+
+def forget_active_run() -> None:
+    """Leave MLflow's fluent active run without writing to the store: the run's end was written (or kept) by
+    its journal. (mlflow.end_run would write the end again, and fail while the server is lost.)"""
+    from mlflow.tracking import fluent
+
+    stack = fluent._active_run_stack.get()  # (MLflow 3.17: a thread-local list of the started runs)
+    if stack:
+        stack.pop()
+    os.environ.pop("MLFLOW_RUN_ID", None)

@@ -1,8 +1,9 @@
 """Each epoch as it ends, to the store and to the run's watchdog: a SIGKILL loses none the terminal printed.
 
 `record` writes the epoch's values as one JSON line to the watchdog's pipe (microseconds, before Keras
-prints the epoch), then queues them for a thread of the run's own that writes them to the store, so that
-training never waits for the store; the run's end joins that thread (`close`). `beat` tells the watchdog
+prints the epoch), then queues them for a thread of the run's own that writes them through the run's journal
+(journal.py: to the store, or kept on disk while the server is lost), so that training never waits for the
+store; the run's end joins that thread (`close`). `beat` tells the watchdog
 that the process is alive. If the process dies, the watchdog writes the epochs the store lacks and ends
 the run at the last moment it was known alive (watchdog.py).
 """
@@ -15,7 +16,6 @@ import queue
 import threading
 import time
 
-from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 log = logging.getLogger(__name__)
@@ -32,13 +32,12 @@ class Epochs:
 
     INTERVAL = 1.0  # seconds of epochs written in one request (one a few milliseconds long would cost more)
 
-    def __init__(self, uri: str, run_id: str, pipe):
-        self.client, self.run_id, self.pipe = MlflowClient(uri), run_id, pipe
+    def __init__(self, journal, pipe):
+        self.journal, self.pipe = journal, pipe
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.writer: threading.Thread | None = None
         self.closing = threading.Event()
-        self.recorded = 0  # epochs handed over: in the store once `close` has returned
-        self.unwritten: list[Metric] = []  # refused by the store: tried again at the end
+        self.recorded = 0  # epochs handed over: in the store (or kept) once `close` has returned
 
     def tell(self, message: dict) -> None:
         """One line to the watchdog. A watchdog that is gone is not the run's failure: training goes on."""
@@ -71,23 +70,16 @@ class Epochs:
                 metrics += self.queue.get()
             if metrics:
                 try:
-                    self.client.log_batch(self.run_id, metrics=metrics)
-                except Exception as error:  # (MLflow's client has retried already)
-                    log.warning("%d epoch values not written yet (%s); trying again at the run's end", len(metrics), error)
-                    self.unwritten.extend(metrics)
+                    self.journal.points(metrics)  # (a lost server: kept on disk, written when it answers)
+                except Exception as error:  # refused by the store: the run's other writes tell more
+                    log.warning("%d epoch values could not be written (%s)", len(metrics), error)
             if closing:
                 return
 
     def close(self) -> None:
-        """Every epoch recorded so far is in the store (or a warning says which could not be)."""
+        """Every epoch recorded so far is written or kept (or a warning said which could not be)."""
         if self.writer is not None:
             self.closing.set()
             self.writer.join()
             self.writer = None
             self.closing.clear()
-        if self.unwritten:
-            try:
-                self.client.log_batch(self.run_id, metrics=self.unwritten)
-                self.unwritten = []
-            except Exception as error:
-                log.warning("%d epoch values could not be written (%s)", len(self.unwritten), error)
