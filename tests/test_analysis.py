@@ -186,7 +186,7 @@ def test_analyze_sweep_reads_the_axes_and_pruned_trials_back_from_the_store(tmp_
     the analysis written to the parent has a column per searched key, the pruned trial and the time it saved."""
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     from pipeline import sweep
 

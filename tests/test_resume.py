@@ -21,7 +21,7 @@ from pipeline import config, resume, sweep
 from pipeline.config import flatten
 from pipeline.tracking import holder, sweeps
 from tests.conftest import compose_config, tiny_overrides
-from tests.helpers import created_store, environment, output
+from tests.helpers import created_store, environment
 from tests.test_sweeps import sweep_runs
 
 
