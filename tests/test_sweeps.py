@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import PROJECT, tiny_overrides
-from tests.helpers import environment, output
+from tests.helpers import created_store, environment, output
 
 pytestmark = pytest.mark.slow
 
@@ -201,6 +204,49 @@ def test_optuna_search_prunes_trials_and_resumes_its_study(tiny_archive, tmp_pat
     best = max(max(p.value for p in client.get_metric_history(c.info.run_id, "val_accuracy"))
                for n, c in trials.items() if n not in pruned)
     assert study.best_value == pytest.approx(best)  # the objective is the job's best validation accuracy
+
+
+def test_an_optuna_search_interrupted_mid_trial_resumes_with_the_printed_command_and_exits_0(tiny_archive, tmp_path):
+    """Ctrl-C while a trial trains, then the line the search printed: its trials finish under the same parent,
+    the interrupted one is said as interrupted (not failed), and the command exits 0."""
+    pytest.importorskip("optuna")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [sys.executable, "-m", "pipeline", "-m", "experiment=optuna_search", *tiny_overrides(tiny_archive, tmp_path),
+            "fit.epochs=300", "hydra.sweeper.n_trials=2", "hydra.sweeper.pruner=none",
+            f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    client = created_store(uri)  # (made before the search starts: two processes must not create one store at once)
+    process = subprocess.Popen(args, cwd=tmp_path, env=environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:  # until the first trial has trained a few of its 300 epochs
+            time.sleep(0.3)
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            experiment = client.get_experiment_by_name("imdb-sentiment")
+            running = experiment and client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING' "
+                                                        "and tags.`search.trial` = '0'")
+            if running and len(client.get_metric_history(running[0].info.run_id, "val_loss")) >= 3:
+                break
+        process.send_signal(signal.SIGINT)
+        printed, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, printed[-3000:]
+    said = [line for line in printed.splitlines() if "resume it with: " in line]
+    assert len(said) == 1, printed[-3000:]
+    resumed = subprocess.run(shlex.split(said[0].split("resume it with: ", 1)[1]), cwd=tmp_path, env=environment(),
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, output(resumed)
+    assert "1 interrupted earlier and not run again" in resumed.stdout + resumed.stderr, output(resumed)
+    parent, children = sweep_runs(uri)
+    assert parent.info.status == "FINISHED"
+    statuses = sorted(c.info.status for c in children)
+    assert statuses == ["FINISHED", "FINISHED", "KILLED"], statuses  # the trials asked, and the one interrupted
+    report = MlflowClient(uri).download_artifacts(parent.info.run_id, "analysis/report.md", str(tmp_path))
+    text = Path(report).read_text()
+    assert "## Interrupted jobs" in text and "## Failed jobs" not in text
+    assert parent.data.metrics.get("jobs_failed", 0) == 0
 
 
 def test_ray_launcher_runs_the_sweep_on_a_local_ray_instance(tiny_archive, tmp_path):
