@@ -12,6 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from pipeline import config
+from tests.helpers import store_in
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONF = config.CONF  # the conf/ the pipeline composes (the checkout's, or an installed wheel's)
@@ -75,7 +76,7 @@ def tiny_overrides(archive: Path, workdir: Path) -> list[str]:
         "fit.epochs=3",
         "fit.batch_size=8",
         "fit.jit_compile=false",
-        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+        f"tracking.uri={store_in(workdir)}",
         f"cache_dir={workdir / 'cache'}",
     ]
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -30,9 +34,31 @@ def created_store(uri: str) -> MlflowClient:
     migrations in two processes at once, and MLflow does not guard against that: the slower one can read a
     half-migrated schema and fail.
     """
+    if uri.startswith("sqlite:///"):
+        store_in(Path(uri.removeprefix("sqlite:///")).parent, Path(uri).name)
     client = MlflowClient(uri)
     client.search_experiments()
     return client
+
+
+_MIGRATED: list[Path] = []  # the session's one store made by MLflow itself, copied by store_in
+
+
+def store_in(folder: Path, name: str = "mlflow.db") -> str:
+    """The URI of an SQLite store `folder/name`, as MLflow creates it on first use: a copy of one store MLflow
+    made for this session (its schema migrations cost about 2 s, which every test would otherwise repeat).
+    A store already there is left as it is. The tests of a store made from nothing (the README's commands,
+    tests/test_entrypoints.py) name a path of their own instead."""
+    path = Path(folder) / name
+    if not path.exists() and path.parent.is_dir():
+        if not _MIGRATED:
+            made = Path(tempfile.mkdtemp(prefix="migrated-store-"))
+            atexit.register(shutil.rmtree, made, True)
+            with contextlib.chdir(made):  # (its Default experiment's artifacts would go to ./mlruns, here)
+                MlflowClient(f"sqlite:///{made / 'mlflow.db'}").search_experiments()
+            _MIGRATED.append(made / "mlflow.db")
+        shutil.copyfile(_MIGRATED[0], path)
+    return f"sqlite:///{path}"
 
 
 def assert_every_epoch_recorded(client: MlflowClient, run_id: str, epochs: int) -> None:

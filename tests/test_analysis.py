@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from pipeline import analysis
+from tests.helpers import store_in
 
 
 def curve(epochs: int, lowest: int, accuracy: float, seconds: float = 0.5) -> pd.DataFrame:
@@ -190,7 +191,7 @@ def test_analyze_sweep_reads_the_axes_and_pruned_trials_back_from_the_store(tmp_
 
     from pipeline import sweep
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_in(tmp_path)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment = client.create_experiment("search")
