@@ -65,8 +65,9 @@ def tiny_archive(tmp_path_factory) -> Path:
     return write_archive(tmp_path_factory.mktemp("data") / "aclImdb_tiny.tar.gz")
 
 
-def tiny_overrides(archive: Path, workdir: Path) -> list[str]:
-    """Hydra overrides that shrink the real config to seconds on a tiny archive, tracked under workdir."""
+def tiny_overrides(archive: Path, workdir: Path, made_store: bool = True) -> list[str]:
+    """Hydra overrides that shrink the real config to seconds on a tiny archive, tracked under workdir: in a copy
+    of a store MLflow has made (store_in), or, made_store=False, in one the run makes itself (none is there yet)."""
     return [
         f"ingest.path={archive}",
         "ingest.download=false",
@@ -76,7 +77,7 @@ def tiny_overrides(archive: Path, workdir: Path) -> list[str]:
         "fit.epochs=3",
         "fit.batch_size=8",
         "fit.jit_compile=false",
-        f"tracking.uri={store_in(workdir)}",
+        "tracking.uri=" + (store_in(workdir) if made_store else f"sqlite:///{workdir / 'mlflow.db'}"),
         f"cache_dir={workdir / 'cache'}",
     ]
 

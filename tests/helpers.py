@@ -7,11 +7,14 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 from mlflow import MlflowClient
@@ -127,3 +130,21 @@ def post(url: str, body: dict) -> list[float]:
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())["predictions"]
+
+
+def interrupt_when(process, ready: Callable[[], bool], every: float = 0.5, timeout: float = 300) -> tuple[str, str]:
+    """Ctrl-C (SIGINT) to a running `process` as soon as ready() holds (at the latest after `timeout` seconds),
+    as a user at its terminal would; then what it printed, (stdout, stderr). Killed if it has not ended 120 s
+    later."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not ready():
+            time.sleep(every)
+            if process.poll() is not None:
+                printed = process.communicate()
+                raise AssertionError(f"ended before it was interrupted:\n{(printed[0] or '')[-3000:]}{(printed[1] or '')[-3000:]}")
+        process.send_signal(signal.SIGINT)
+        return process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -70,7 +70,7 @@ def test_the_readmes_own_reviews_command_on_a_table_of_3000_reviews(tmp_path):
     pd.DataFrame({"review": [review(rng, i % 2 == 0) for i in range(3000)],
                   "sentiment": ["positive" if i % 2 == 0 else "negative" for i in range(3000)]}).to_csv(
         tmp_path / "IMDB_Dataset.csv", index=False)
-    tiny = [o for o in tiny_overrides(tmp_path, tmp_path) if not o.startswith(("ingest.", "split.", "tracking.uri"))]
+    tiny = [o for o in tiny_overrides(tmp_path, tmp_path, made_store=False) if not o.startswith(("ingest.", "split.", "tracking.uri"))]
     done = subprocess.run([sys.executable, *command[1:], *tiny, f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path,
                           env=environment(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, output(done)
@@ -90,7 +90,7 @@ LIBRARY_LINES = re.compile(r"^[IWEF]\d{4} |absl::InitializeLog|cpu_feature_guard
 
 
 def test_the_terminal_shows_stages_epochs_and_result_and_the_run_keeps_the_full_log(tiny_archive, tmp_path):
-    overrides = tiny_overrides(tiny_archive, tmp_path) + ["fit.jit_compile=true", f"hydra.run.dir={tmp_path / 'out'}"]
+    overrides = tiny_overrides(tiny_archive, tmp_path, made_store=False) + ["fit.jit_compile=true", f"hydra.run.dir={tmp_path / 'out'}"]
     done = subprocess.run([sys.executable, "-m", "pipeline", *overrides], cwd=tmp_path, env=environment(),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, output(done)
@@ -134,7 +134,7 @@ def test_mlflow_run_local_env(tiny_archive, tmp_path):
     from pipeline.tracking.projects import project_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
+    overrides = [o for o in tiny_overrides(tiny_archive, tmp_path, made_store=False) if not o.startswith("tracking.uri")]
     overrides += ["fit.epochs=2", f"hydra.run.dir={tmp_path / 'out'}"]
     done = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(PROJECT), "--env-manager", "local",

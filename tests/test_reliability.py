@@ -48,7 +48,7 @@ def pipeline_command(tmp_path: Path, *overrides: str, env: dict | None = None, t
 def test_a_users_mistake_is_refused_in_one_message_before_data_or_tracking(tiny_archive, tmp_path, mistake, message):
     (tmp_path / "notes.txt").write_text("my notes\n")
     (tmp_path / "runs").mkdir()
-    done = pipeline_command(tmp_path, *tiny_overrides(tiny_archive, tmp_path), mistake)
+    done = pipeline_command(tmp_path, *tiny_overrides(tiny_archive, tmp_path, made_store=False), mistake)
     printed = done.stdout + done.stderr
     assert done.returncode == 1 and printed.count(message.format(tmp=tmp_path)) == 1, output(done)
     assert "Traceback" not in printed and "Error executing job" not in printed
@@ -95,7 +95,7 @@ def test_a_read_only_working_folder_is_named_at_once_with_the_fix(tiny_archive, 
 
 @pytest.mark.slow
 def test_unreachable_tracking_server_fails_fast(tiny_archive, tmp_path):
-    overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
+    overrides = [o for o in tiny_overrides(tiny_archive, tmp_path, made_store=False) if not o.startswith("tracking.uri")]
     start = time.monotonic()
     done = pipeline_command(tmp_path, *overrides, f"tracking.uri=http://127.0.0.1:{free_port()}")
     assert done.returncode == 1
@@ -244,7 +244,7 @@ def test_a_signal_while_a_finished_run_is_recorded_still_stops_the_program(tiny_
 @pytest.mark.slow
 def test_runs_started_together_into_a_new_store_both_finish(tiny_archive, tmp_path):
     # Each creates the store on first use; MLflow's migration of a new SQLite file is not safe twice at once.
-    overrides = tiny_overrides(tiny_archive, tmp_path) + ["evaluate.log_model=false"]
+    overrides = tiny_overrides(tiny_archive, tmp_path, made_store=False) + ["evaluate.log_model=false"]
     together = [subprocess.Popen([sys.executable, "-m", "pipeline", *overrides, f"build.hidden_units={units}",
                                   f"hydra.run.dir={tmp_path / str(units)}"], cwd=tmp_path, env=environment(),
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -332,7 +332,7 @@ def test_a_resume_asking_other_settings_is_refused_and_jobs_run_with_other_setti
 @pytest.mark.slow
 def test_parallel_jobs_writing_to_the_embedded_store_lose_nothing(tiny_archive, tmp_path):
     done = multirun(tmp_path, tiny_archive, "build.hidden_units=4,8,12", "hydra/launcher=joblib",
-                    "hydra.launcher.n_jobs=3", "sweep.threads=1")
+                    "hydra.launcher.n_jobs=3", "sweep.threads=1", new_store=True)
     assert done.returncode == 0, output(done)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent, children = sweep_runs(uri)

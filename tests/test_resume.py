@@ -21,7 +21,7 @@ from pipeline import config, resume, sweep
 from pipeline.config import flatten
 from pipeline.tracking import holder, sweeps
 from tests.conftest import compose_config, tiny_overrides
-from tests.helpers import created_store, environment
+from tests.helpers import created_store, environment, interrupt_when
 from tests.test_sweeps import sweep_runs
 
 
@@ -238,20 +238,14 @@ def test_an_interrupted_sweep_resumed_in_another_order_runs_each_missing_job_onc
     client = created_store(uri)
     process = subprocess.Popen(args, cwd=tmp_path, env=environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
+
+    def two_finished() -> bool:
+        experiment = client.get_experiment_by_name("imdb-sentiment")
+        return bool(experiment) and len(client.search_runs([experiment.experiment_id],
+                                                           "attributes.status = 'FINISHED'")) >= 2
+
+    _, printed = interrupt_when(process, two_finished)
     deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-            assert process.poll() is None, process.stderr.read()[-3000:]
-            experiment = client.get_experiment_by_name("imdb-sentiment")
-            if experiment and len(client.search_runs([experiment.experiment_id],
-                                                     "attributes.status = 'FINISHED'")) >= 2:
-                break
-        process.send_signal(signal.SIGINT)
-        _, printed = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
     parent, children = sweep_runs(uri)
     assert parent.info.status == "KILLED", printed[-3000:]
     assert all(c.info.status in ("FINISHED", "KILLED") for c in children)  # none left RUNNING

@@ -160,7 +160,7 @@ def test_a_team_server_on_sqlite_restarted_mid_sweep_keeps_every_child_and_serve
     port = free_port()
     server = f"http://127.0.0.1:{port}"
     args = server_command(tmp_path, port)
-    overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
+    overrides = [o for o in tiny_overrides(tiny_archive, tmp_path, made_store=False) if not o.startswith("tracking.uri")]
     with running(args, tmp_path, f"{server}/health"):
         # 40 and 60 epochs: a job is still writing its epochs when the server goes down
         sweep = team_sweep(overrides, tmp_path, server, "40,60")
@@ -197,7 +197,7 @@ def test_a_team_server_on_postgresql_behind_basic_auth_records_a_signed_sweep_an
     """The same recipe with the runs in PostgreSQL, behind MLflow's basic-auth: a sweep given credentials is
     recorded whole (the jobs get them from the driver); a run without credentials, or with wrong ones, fails in
     seconds naming what to set, and leaves nothing on the server."""
-    overrides = [o for o in tiny_overrides(tiny_archive, tmp_path) if not o.startswith("tracking.uri")]
+    overrides = [o for o in tiny_overrides(tiny_archive, tmp_path, made_store=False) if not o.startswith("tracking.uri")]
     admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "a-long-test-password-1"}
     with postgresql() as database, tracking_server(
             tmp_path, database, "basic-auth", MLFLOW_AUTH_ADMIN_PASSWORD=admin["MLFLOW_TRACKING_PASSWORD"],

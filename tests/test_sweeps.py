@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import shlex
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -14,13 +12,15 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import PROJECT, tiny_overrides
-from tests.helpers import created_store, environment, output
+from tests.helpers import created_store, environment, interrupt_when, output
 
 pytestmark = pytest.mark.slow
 
 
-def multirun(tmp_path: Path, archive: Path, *overrides: str, tracked: bool = True) -> subprocess.CompletedProcess:
-    base = tiny_overrides(archive, tmp_path)
+def multirun(tmp_path: Path, archive: Path, *overrides: str, tracked: bool = True,
+             new_store: bool = False) -> subprocess.CompletedProcess:
+    """The tiny sweep over fit.epochs=2,3 and `overrides`; new_store: into a store it makes itself."""
+    base = tiny_overrides(archive, tmp_path, made_store=tracked and not new_store)
     if not tracked:
         base = [o for o in base if not o.startswith("tracking.uri")]
     return subprocess.run([sys.executable, "-m", "pipeline", "-m", *base, *overrides, "fit.epochs=2,3",
@@ -217,21 +217,14 @@ def test_an_optuna_search_interrupted_mid_trial_resumes_with_the_printed_command
     client = created_store(uri)  # (made before the search starts: two processes must not create one store at once)
     process = subprocess.Popen(args, cwd=tmp_path, env=environment(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline:  # until the first trial has trained a few of its 300 epochs
-            time.sleep(0.3)
-            assert process.poll() is None, process.stdout.read()[-3000:]
-            experiment = client.get_experiment_by_name("imdb-sentiment")
-            running = experiment and client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING' "
-                                                        "and tags.`search.trial` = '0'")
-            if running and len(client.get_metric_history(running[0].info.run_id, "val_loss")) >= 3:
-                break
-        process.send_signal(signal.SIGINT)
-        printed, _ = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
+
+    def trained_a_few_epochs() -> bool:  # the first trial has trained a few of its 300 epochs
+        experiment = client.get_experiment_by_name("imdb-sentiment")
+        running = experiment and client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING' "
+                                                    "and tags.`search.trial` = '0'")
+        return bool(running) and len(client.get_metric_history(running[0].info.run_id, "val_loss")) >= 3
+
+    printed, _ = interrupt_when(process, trained_a_few_epochs, every=0.3)
     assert process.returncode == 130, printed[-3000:]
     said = [line for line in printed.splitlines() if "resume it with: " in line]
     assert len(said) == 1, printed[-3000:]
