@@ -114,25 +114,30 @@ def train(cfg: PipelineConfig, budgets: Sequence[PipelineConfig] = ()) -> tuple[
             objects.update(encoded=encoded, model=model)
         if "fit" in cfg.stages:
             pruning = trial.report_to_study(cfg.sweep)  # in an Optuna search: report each epoch, be pruned
-            shorter = run.budgets(model, functools.partial(record, model=model, encoded=encoded)) if budgets else {}
+            # what follows the fit; a shared training's shorter budgets get it as training reaches them (budgets.py),
+            # scoring each epoch's weights on the test split once
+            then = functools.partial(record, model=model, encoded=encoded, scored={})
+            shorter = run.budgets(model, then) if budgets else {}
             fitted = step("fit", fit.fit, model, encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger(), *pruning],
                           **shorter)
-            done, products = record(run, step, cfg, fitted, model, encoded)
+            done, products = then(run, step, cfg, fitted)
             metrics.update(done)
             objects.update(products)
         run.complete()
     return metrics, objects
 
 
-def record(run, step: Steps, cfg: PipelineConfig, fitted, model, encoded) -> tuple[dict[str, float], dict[str, Any]]:
+def record(run, step: Steps, cfg: PipelineConfig, fitted, model, encoded,
+           scored: dict) -> tuple[dict[str, float], dict[str, Any]]:
     """What follows the fit, into `run`: the curves' summary, then the best and the last epoch scored on the test
-    split and the served model logged. (metrics, objects). A shorter budget of a shared training gets the same."""
+    split (`scored`: the test probabilities of the epochs scored so far) and the served model logged. (metrics,
+    objects). A shorter budget of a shared training gets the same."""
     run.fitted(fitted)
     history = fitted.history
     metrics = dict(val_loss=float(history["val_loss"].min()), val_accuracy=float(history["val_accuracy"].max()))
     objects: dict[str, Any] = {"fitted": fitted}
     if "evaluate" in cfg.stages:
-        kept = step("evaluate", evaluate.checkpoints, model, encoded, fitted, cfg.evaluate)  # best and last epoch
+        kept = step("evaluate", evaluate.checkpoints, model, encoded, fitted, cfg.evaluate, scored)  # best and last
         run.evaluation(kept)
         objects.update(evaluation=kept.evaluation, checkpoints=kept)
         metrics.update(kept.evaluation.metrics)

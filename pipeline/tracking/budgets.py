@@ -16,6 +16,7 @@ A failure ends the open run FAILED and records each later budget as FAILED with 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 
 from pipeline.config import PipelineConfig
@@ -32,12 +33,14 @@ class SharedRuns:
 
     def __init__(self, cfg: PipelineConfig, budgets: list[PipelineConfig], step):
         self.queue = [*budgets, cfg]  # each budget's settings, shortest first; cfg (the longest) last
+        self.budgets_written = ",".join(str(c.fit.epochs) for c in self.queue)
         self.step = step  # train()'s Steps: the longest budget's seconds; each shorter one gets a fresh one
         self.run: TrackedRun | None = None
         self.first: TrackedRun | None = None  # the run the training started in
         self.points: list[tuple[int, dict, int]] = []  # every epoch so far: (epoch, values, when it ended, ms)
         self.setup: list[tuple[str, tuple]] = []  # what each run records before its epochs (data, model summary)
         self.fit_started, self.paused = 0.0, 0.0  # perf_counter at the fit's start; seconds spent on budgets' records
+        self.folder = tempfile.TemporaryDirectory(prefix="pipeline-budgets-")  # the first served model's files
 
     def __getattr__(self, name):
         return getattr(self.run, name)
@@ -54,12 +57,13 @@ class SharedRuns:
             if run is not None:
                 run.__exit__(kind, error, tb)
         finally:
+            self.folder.cleanup()
             if kind is not None and not issubclass(kind, KeyboardInterrupt):
                 self._failed(error, self.queue[1:] if run is not None else self.queue)
         return False
 
     def _open(self) -> None:
-        cfg, budgets = self.queue[0], ",".join(str(c.fit.epochs) for c in self.queue)
+        cfg, budgets = self.queue[0], self.budgets_written
         run = TrackedRun(cfg, self.step.seconds if len(self.queue) == 1 else {})
         run.start = self.first.start if self.first else time.time()  # every budget's run starts with the training
         run.__enter__()
@@ -101,6 +105,13 @@ class SharedRuns:
         self.setup.append(("model_summary", args))
         self.run.model_summary(*args)
 
+    def log_models(self, model, encoded, cfg: PipelineConfig, kept) -> str:
+        """The budget's checkpoints as LoggedModels; after the first budget, its served model is laid out as the
+        first's (MLflow's serving check ran on that one: the same code, vocabulary, signature and example)."""
+        from pipeline.tracking import checkpoints
+
+        return checkpoints.log_models(self.run, model, encoded, cfg, kept, layout=f"{self.folder.name}/served")
+
     def epoch_logger(self):
         """TrackedRun's epoch callback, writing through this object (`epochs`): to the open run, and remembered."""
         return TrackedRun.epoch_logger(self)
@@ -123,7 +134,7 @@ class SharedRuns:
             began, weights = time.perf_counter(), model.get_weights()
             cfg, run, step = self.queue[0], self.run, type(self.step)(self.step.cfg, self.step.store)
             seconds = dict(self.step.seconds)  # the data stages and build, shared
-            record(run, step, cfg, fitted)
+            record(self, step, cfg, fitted)  # (into the open run: this budget's)
             run.complete()
             run.seconds.update(seconds, fit=began - self.fit_started - self.paused, **step.seconds)
             self.run = None
