@@ -82,9 +82,13 @@ def test_grid_sweep_gives_one_parent_a_child_per_job_and_the_analysis(tiny_archi
     report = Path(MlflowClient(uri).download_artifacts(parent.info.run_id, "analysis/report.md", str(tmp_path))).read_text()
     assert "Validation loss is lowest at epoch" in report and "Early stopping" in report
     assert parent.data.tags["sweep.best_run"] in {c.info.run_id for c in children}
-    # the data was prepared once: every job after the first reused it
-    hits = sorted(c.data.tags["cache.vectorize"] for c in children)
-    assert hits.count("miss") == 1
+    # each setting trained once for both budgets (sweep.share_budgets), and the data prepared once: every training after
+    # the first reused it (the early-stopping reference job trains alone)
+    trainings = {units: {by_name[f"hidden_units={units},epochs={e}"].data.tags["pipeline.training"] for e in (2, 3)}
+                 for units in (4, 8)}
+    assert all(len(ids) == 1 for ids in trainings.values()) and trainings[4] != trainings[8]
+    assert {c.data.tags.get("pipeline.training") for c in children if c.data.tags["cache.vectorize"] == "miss"} in (
+        trainings[4], trainings[8])
     # every job's terminal is as calm as the first (Hydra sets up logging anew for each), each keeps its log
     assert done.stdout.count("ended FINISHED") == 5 and "[pipeline" not in done.stdout
     for child in children:
