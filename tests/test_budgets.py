@@ -96,3 +96,16 @@ def test_each_budget_recorded_from_a_shared_training_equals_a_training_of_that_b
                {k: v for k, v in alone.data.params.items() if k not in same}
         assert models == sorted(m.name.split(" of ")[0] for m in alone_client.search_logged_models(
             [alone.info.experiment_id], f"source_run_id = '{alone.info.run_id}'"))
+
+
+def test_the_report_says_how_many_trainings_the_budgets_were_recorded_from():
+    import pandas as pd
+
+    from pipeline.analysis_text import shared_trainings
+
+    table = pd.DataFrame({"job": list("abcde"), "run_id": list("abcde"), "training": ["a", "a", "a", None, None],
+                          "epochs_trained": [10, 20, 30, 10, 20], "epoch_seconds": [0.1] * 5})
+    numbers, lines = shared_trainings(table)  # three budgets of one training; two jobs that trained alone
+    assert numbers == {"trainings": 3.0, "epochs_not_repeated": 30.0}
+    assert "5 budgets recorded from 3 trainings; 30 of 90 epochs not repeated** (about 3 s of training" in lines[-1]
+    assert shared_trainings(table.assign(training=None)) == ({}, [])  # nothing shared: nothing said

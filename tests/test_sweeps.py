@@ -81,6 +81,7 @@ def test_grid_sweep_gives_one_parent_a_child_per_job_and_the_analysis(tiny_archi
             "analysis/test_accuracy_by_fit.epochs.png"} <= artifacts
     report = Path(MlflowClient(uri).download_artifacts(parent.info.run_id, "analysis/report.md", str(tmp_path))).read_text()
     assert "Validation loss is lowest at epoch" in report and "Early stopping" in report
+    assert "4 budgets recorded from 2 trainings; 4 of 10 epochs not repeated" in report  # (the reference: not a budget)
     assert parent.data.tags["sweep.best_run"] in {c.info.run_id for c in children}
     # each setting trained once for both budgets (sweep.share_budgets), and the data prepared once: every training after
     # the first reused it (the early-stopping reference job trains alone)
