@@ -120,15 +120,23 @@ class BudgetSweeper(BasicSweeper):
         # and the name then means a class this one does not derive from
         self.overrides, self.batch_index, self.max_batch_size, self.params = None, 0, max_batch_size, params or {}
         self.hydra_context = self.config = self.launcher = None
+        self.composed: set[tuple] = set()  # the jobs plan() composed: Hydra's check of a batch need not compose them again
 
     def get_job_batch(self):
         batch = super().get_job_batch()
         loader = self.hydra_context.config_loader
 
         def compose(overrides: list[str]) -> PipelineConfig:
-            return config.load(loader.load_sweep_config(master_config=self.config, sweep_overrides=overrides))
+            settings = config.load(loader.load_sweep_config(master_config=self.config, sweep_overrides=overrides))
+            self.composed.add(tuple(overrides))
+            return settings
 
         return plan(batch, compose)
+
+    def validate_batch_is_legal(self, batch) -> None:
+        told = f"+hydra.job.env_set.{BUDGETS}="
+        super().validate_batch_is_legal([job for job in batch if tuple(
+            line for line in job if not line.startswith(told)) not in self.composed])
 
 
 def asked() -> list[str]:

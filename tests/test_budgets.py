@@ -19,10 +19,10 @@ from tests.helpers import CURVES
 GRID = [[f"build.hidden_units={units}", f"fit.epochs={epochs}"] for units in (4, 8) for epochs in (3, 1, 2)]
 
 
-def planned(tiny_archive, tmp_path, *settings: str) -> list[list[str]]:
+def planned(tiny_archive, tmp_path, *settings: str, grid=GRID) -> list[list[str]]:
     config.register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # (once: each compose then takes ms)
-        return budgets.plan(GRID, lambda job: config.load(compose(
+        return budgets.plan(grid, lambda job: config.load(compose(
             config_name="config", overrides=[*tiny_overrides(tiny_archive, tmp_path), *settings, *job])))
 
 
@@ -37,12 +37,12 @@ def test_jobs_that_differ_only_in_their_budget_share_one_training_unless_somethi
     for settings, why in ((["sweep.share_budgets=false"], "sweep.share_budgets=false"),
                           (["fit=early_stopping"], "fit.early_stopping.enabled=true (early stopping reads the budget"),
                           (["fit.checkpoint_every=${fit.epochs}"], "fit.checkpoint_every differs between the budgets "
-                                                                     "(1 at 1, 2 at 2, 3 at 3): it reads fit.epochs"),
+                                                                     "(1 at 1, 2 at 2): it reads fit.epochs"),
                           (["build.embedding_dim=0"], "its settings do not compose (build.embedding_dim=0 is not allowed")):
         caplog.clear()
-        alone = planned(tiny_archive, tmp_path, *settings)
-        assert sorted(map(tuple, alone)) == sorted(map(tuple, GRID)), settings  # every job, as it was
-        assert f"build.hidden_units=4 trains fit.epochs=1,2,3 separately: {why}" in caplog.text, caplog.text
+        alone = planned(tiny_archive, tmp_path, *settings, grid=GRID[1:3])
+        assert alone == [GRID[1], GRID[2]], settings  # every job, as it was
+        assert f"build.hidden_units=4 trains fit.epochs=1,2 separately: {why}" in caplog.text, caplog.text
     assert budgets.with_budget(["build.hidden_units=4", "fit.epochs=3"], "1") == ["build.hidden_units=4", "fit.epochs=1"]
 
 

@@ -267,6 +267,7 @@ def test_ray_launcher_runs_the_sweep_on_a_local_ray_instance(tiny_archive, tmp_p
     assert sorted(c.info.run_name for c in children) == [
         "hidden_units=4,epochs=2", "hidden_units=4,epochs=3", "hidden_units=8,epochs=2", "hidden_units=8,epochs=3"]
     assert all(c.info.status == "FINISHED" for c in children)
+    assert len({c.data.tags["pipeline.training"] for c in children}) == 2  # a training per setting, on Ray's workers
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert len(analysis_table(uri, parent.info.run_id, tmp_path)) == 4
     # every job ran in a Ray worker process, not in the process that started the sweep
