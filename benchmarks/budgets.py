@@ -48,7 +48,11 @@ def compare(archive: str, repeats: int = 1) -> None:
                 work = Path(folder)
                 out = measured(pipeline_command(archive, work, "experiment=overfit_sweep", switch, multirun=True), work)
                 results[name].append({"wall": out["wall"], "peak_mb": out["peak_mb"], **sweep_record(work)})
-            print(f"{name}: {results[name][-1]['wall']:.1f} s", file=sys.stderr, flush=True)
+            done = results[name][-1]
+            print(f"{name}: {done['wall']:.1f} s, {done['jobs']} jobs from {done['trainings']} trainings of "
+                  f"{done['epochs']} epochs ({done['training_s']:.1f} s), "
+                  f"{(done['wall'] - done['training_s']) / done['jobs']:.2f} s per job outside training",
+                  file=sys.stderr, flush=True)
     print(f"{'overfit_sweep, cold cache':40}{'median':>8}  (min-max) over {repeats} repeat(s)")
     for name, runs in results.items():
         first = runs[0]
