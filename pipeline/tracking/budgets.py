@@ -139,8 +139,8 @@ class SharedRuns:
             run.seconds.update(seconds, fit=began - self.fit_started - self.paused, **step.seconds)
             self.run = None
             with SIGNALS.held():  # ended, and the next budget's run opened, or neither
+                self.queue.pop(0)  # (from here on a failure is the later budgets')
                 run.__exit__(None, None, None)
-                self.queue.pop(0)
                 model.set_weights(weights)
                 self._open()
             self.paused += time.perf_counter() - began
