@@ -73,6 +73,10 @@ def plan(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], PipelineC
             groups[others] = {}
             order.append(others)
         groups[others].setdefault(budget, (written, job))
+    values: dict[str, set] = {}  # each override's values over the jobs: a group is named by those that vary
+    for job in jobs:
+        for line in job:
+            values.setdefault(line.split("=", 1)[0], set()).add(line)
     launched: list[list[str]] = []
     for entry in order:
         if isinstance(entry, list):
@@ -83,13 +87,14 @@ def plan(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], PipelineC
         if len(group) < 2:
             launched += each
             continue
-        named, budgets = ",".join(entry) or "the sweep", [written for _, (written, _) in group]
+        named = "".join(f"{line} " for line in entry if len(values[line.split("=", 1)[0]]) > 1)  # ("": one setting)
+        budgets = [written for _, (written, _) in group]
         reason = _why_not_group(group, compose)
         if reason:
-            log.info("sweep: %s trains fit.epochs=%s separately: %s", named, ",".join(budgets), reason)
+            log.info("sweep: %strains fit.epochs=%s separately: %s", named, ",".join(budgets), reason)
             launched += each
             continue
-        log.info("sweep: %s trains once, to %s epochs, for fit.epochs=%s, each recorded as its own run (%d epochs "
+        log.info("sweep: %strains once, to %s epochs, for fit.epochs=%s, each recorded as its own run (%d epochs "
                  "not repeated; sweep.share_budgets=false: each alone)", named, group[-1][0], ",".join(budgets),
                  sum(budget for budget, _ in group[:-1]))
         launched.append([*each[-1], f"+hydra.job.env_set.{BUDGETS}='{','.join(budgets)}'"])

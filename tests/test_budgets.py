@@ -42,7 +42,7 @@ def test_jobs_that_differ_only_in_their_budget_share_one_training_unless_somethi
         caplog.clear()
         alone = planned(tiny_archive, tmp_path, *settings, grid=GRID[1:3])
         assert alone == [GRID[1], GRID[2]], settings  # every job, as it was
-        assert f"build.hidden_units=4 trains fit.epochs=1,2 separately: {why}" in caplog.text, caplog.text
+        assert f"sweep: trains fit.epochs=1,2 separately: {why}" in caplog.text, caplog.text  # (one setting: no name)
     assert budgets.with_budget(["build.hidden_units=4", "fit.epochs=3"], "1") == ["build.hidden_units=4", "fit.epochs=1"]
 
 
