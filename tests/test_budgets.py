@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from pipeline import budgets, config
 from pipeline.config import CONF
-from tests.conftest import compose_config, tiny_overrides
+from tests.conftest import tiny_overrides
 from tests.helpers import CURVES
 
 GRID = [[f"build.hidden_units={units}", f"fit.epochs={epochs}"] for units in (4, 8) for epochs in (3, 1, 2)]
