@@ -273,9 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="reference/cold/warm rounds (default 3)")
     parser.add_argument("--sweep", nargs="?", const="basic,joblib", default=None, metavar="LAUNCHERS",
                         help="also time the 16-job sweep against its jobs run alone (launchers: basic,joblib)")
-    parser.add_argument("--budgets", nargs="?", type=int, const=1, default=0, metavar="REPEATS",
-                        help="also time experiment=overfit_sweep, cold, with its budgets sharing a training and each "
-                        "alone (REPEATS pairs, default 1), and the seconds per job outside training")
+    parser.add_argument("--budgets", nargs="?", type=int, const=1, default=0, metavar="REPEATS", help="also time "
+                        "overfit_sweep's budgets sharing a training and alone (benchmarks/budgets.py; REPEATS pairs)")
     parser.add_argument("--ablate", action="store_true",
                         help="also run with each speed mechanism off: one row per mechanism, its saving")
     parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
@@ -293,9 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.sweep:
         compare_sweep(archive, args.sweep.split(","), args.ablate)
     if args.budgets:
-        from budgets import compare  # benchmarks/budgets.py, beside this file
-
-        compare(archive, args.budgets)
+        __import__("budgets").compare(archive, args.budgets)  # benchmarks/budgets.py, beside this file
 
 
 if __name__ == "__main__":
