@@ -51,7 +51,7 @@ try:
     from omegaconf import DictConfig
     from omegaconf.errors import OmegaConfBaseException
 
-    from pipeline import config, search, sweep
+    from pipeline import budgets, config, search, sweep
     from pipeline.console import CONSOLE
 except KeyboardInterrupt as interrupt:  # a Ctrl-C while the libraries load
     stopped(interrupt)
@@ -116,6 +116,8 @@ def main(cfg: DictConfig) -> float | None:
         metrics, _ = train(ready(config.load(cfg)))
         return metrics.get("val_accuracy")
     job, overrides = HydraConfig.get().job, list(HydraConfig.get().overrides.task)
+    if budgets.asked():  # this job trains once for several fit.epochs budgets, each its own run (pipeline/budgets.py)
+        return budgets.shared_job(cfg, overrides, job.num, ready)
     try:
         settings = ready(sweep.child_settings(config.load(cfg), overrides, job.num))
     except (ValueError, FileNotFoundError) as error:  # invalid settings, or data this worker cannot read:

@@ -16,7 +16,7 @@ import pandas as pd
 from pipeline.analysis_axes import BEST, BUDGET, LAST, SEED, Sweep, best_setting, by_axis, continuous, contrast, \
     model_key, over_seeds, rank_correlation, rise, seed_spread, served_model, show, sides, tested
 from pipeline.analysis_families import comparison
-from pipeline.analysis_text import caveat, markdown, spread_of
+from pipeline.analysis_text import caveat, markdown, shared_trainings, spread_of
 
 LISTED = 12  # per-setting lists longer than this are left to the tables
 
@@ -31,10 +31,12 @@ def report(sweep: Sweep, failed: pd.DataFrame, ranking: pd.DataFrame | None, bes
     found, findings = comparison(sweep, ranking, champion) if sweep.family else overfitting(sweep)
     headline.update(numbers, **found)
     lines = [title(sweep), "", intro(sweep, failed, ranking), "", *findings, *([] if sweep.family else champion)]
-    for numbers, text in (reference(sweep, best, early_stopping), axes_section(sweep), seeds_section(sweep), pruning(sweep)):
+    for numbers, text in (reference(sweep, best, early_stopping), axes_section(sweep), seeds_section(sweep), pruning(sweep),
+                          shared_trainings(sweep.table)):
         headline.update(numbers)
         lines += text
-    lines += ["", "## Jobs", "", markdown(sweep.table.drop(columns=["run_id"]), tuple(sweep.axes)), failed_section(failed)]
+    jobs = sweep.table.drop(columns=["run_id", "training"], errors="ignore")  # (jobs.csv keeps both)
+    lines += ["", "## Jobs", "", markdown(jobs, tuple(sweep.axes)), failed_section(failed)]
     return headline, "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,5 @@
 """The words the sweep report's sections share: a difference's caveats, a spread (or that one run has none), a
-Markdown table. Pure: no MLflow, no plotting.
+Markdown table; and what the jobs' shared trainings saved. Pure: no MLflow, no plotting.
 """
 
 from __future__ import annotations
@@ -37,3 +37,22 @@ def markdown(frame: pd.DataFrame, exact: tuple[str, ...] = ()) -> str:
     rule = "|" + "---|" * len(columns)
     body = ["| " + " | ".join(cell(v, c) for v, c in zip(row, columns)) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([head, rule, *body])
+
+
+def shared_trainings(table: pd.DataFrame) -> tuple[dict, list[str]]:
+    """What sharing a training between a setting's fit.epochs budgets saved (pipeline/budgets.py): how many jobs were
+    recorded from how many trainings, and the epochs not trained again, each at its job's median epoch time."""
+    if "training" not in table or table["training"].isna().all():
+        return {}, []
+    own = table["training"].fillna(table["run_id"])  # a job that trained alone is a training of its own
+    longest = table.groupby(own)["epochs_trained"].transform("max")
+    repeated = table["epochs_trained"].where(table["epochs_trained"] < longest, 0)  # a shorter budget's epochs
+    asked, saved = int(table["epochs_trained"].sum()), int(repeated.sum())
+    seconds = float((repeated * table["epoch_seconds"]).sum())
+    return ({"trainings": float(own.nunique()), "epochs_not_repeated": float(saved)},
+            ["", "## Shared trainings", "",
+             f"- **{len(table)} budgets recorded from {own.nunique()} trainings; {saved} of {asked} epochs not "
+             f"repeated** (about {seconds:.0f} s of training, each epoch at its job's median epoch time): the jobs of a "
+             "setting that differ only in `fit.epochs` trained once, to the longest budget, and each budget is its own "
+             "run with the numbers a training of that budget alone gives (its tag `pipeline.training` names the run "
+             "the training started in; `sweep.share_budgets=false` trains each alone)."])

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:  # a stage imports this module: it loads neither OmegaConf nor Hydra (load() imports them)
     from omegaconf import DictConfig
 
-STAGES = ("ingest", "split", "build", "fit", "evaluate")
-TRUNCATIONS = ("pre", "post")
+STAGES, TRUNCATIONS = ("ingest", "split", "build", "fit", "evaluate"), ("pre", "post")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "nadam")
 FAMILIES = ("tutorial", "fasttext", "cnn", "nbsvm")  # conf/build/<family>.yaml each
 BAG_FAMILIES = ("fasttext", "nbsvm")  # trained on each review's distinct n-grams, not its token sequence
@@ -188,6 +187,7 @@ class SweepConfig:
     threads: Optional[int] = None  # TensorFlow threads per job; null: TensorFlow's choice (all cores)
     resume: Optional[str] = None  # a sweep's parent run id: continue it, skipping jobs that already finished
     champion_alias: Optional[str] = "champion"  # with evaluate.registered_model_name: alias of the best job's version
+    share_budgets: bool = True  # jobs differing only in fit.epochs: one training, each budget its own run (budgets.py)
     trial: Optional[int] = None  # set by the Optuna sweeper (pipeline/search.py): the job is this trial of `study`,
     study: Optional[str] = None  # kept in `storage`, to which it reports each epoch, so that a pruner can stop it
     storage: Optional[str] = None

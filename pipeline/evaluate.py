@@ -126,9 +126,12 @@ class Checkpoints:
                 f"{self.served.metrics['test_loss']:.4f}")
 
 
-def checkpoints(model, data, fitted, cfg: EvaluateConfig) -> Checkpoints:
+def checkpoints(model, data, fitted, cfg: EvaluateConfig, scored: Optional[dict] = None) -> Checkpoints:
     """Evaluate the best and the last epoch's weights on the test split (the one not served first, its
-    metrics only), keep every N-th epoch's as they are, and leave `model` holding the served weights."""
+    metrics only), keep every N-th epoch's as they are, and leave `model` holding the served weights.
+    `scored`: test probabilities by epoch, of this training's weights (filled here): an epoch scored before is
+    not scored again (a shared training's budgets, pipeline/budgets.py)."""
+    scored = {} if scored is None else scored
     final = model.get_weights()
     best, last = fitted.kept_best, fitted.final_epoch
     every = [Checkpoint("epoch", epoch, weights) for epoch, weights in sorted(fitted.kept.items())
@@ -140,12 +143,19 @@ def checkpoints(model, data, fitted, cfg: EvaluateConfig) -> Checkpoints:
         pair = {"best": Checkpoint("best", best, fitted.kept[best]), "last": Checkpoint("last", last, final)}
         served, other = pair.pop(cfg.serve), pair.popitem()[1]
         other.measured = time.time()
-        model.set_weights(other.weights)
-        other.metrics = measure(predict(model, data.x_test, cfg.batch_size), data.y_test, cfg)
-        model.set_weights(served.weights)
-    evaluation = evaluate(model, data, fitted.history, cfg)
+        other.metrics = measure(_scored(model, data, other, cfg, scored), data.y_test, cfg)
+    evaluation = score(_scored(model, data, served, cfg, scored), data.y_test, fitted.history, cfg)
+    model.set_weights(served.weights)
     served.metrics = evaluation.metrics
     return Checkpoints(served, other, every, evaluation)
+
+
+def _scored(model, data, checkpoint: Checkpoint, cfg: EvaluateConfig, scored: dict) -> np.ndarray:
+    """The checkpoint's test probabilities: as scored before, or now (the model then holds its weights)."""
+    if checkpoint.epoch not in scored:
+        model.set_weights(checkpoint.weights)
+        scored[checkpoint.epoch] = predict(model, data.x_test, cfg.batch_size)
+    return scored[checkpoint.epoch]
 
 
 def threshold_curves(truth: np.ndarray, probabilities: np.ndarray, predicted: np.ndarray) -> dict[str, object]:

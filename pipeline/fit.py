@@ -16,7 +16,7 @@ import platform
 import shutil
 import subprocess
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import pandas as pd
 
@@ -45,14 +45,17 @@ class Fitted:
         return summary
 
 
-def fit(model, data, cfg: FitConfig, seed: int, callbacks: Sequence = ()) -> Fitted:
-    """Train `model` in place on the training arrays, validating on the held-out arrays each epoch."""
+def fit(model, data, cfg: FitConfig, seed: int, callbacks: Sequence = (), budgets: Sequence[int] = (),
+        reached: Optional[Callable[[Fitted], None]] = None) -> Fitted:
+    """Train `model` in place on the training arrays, validating on the held-out arrays each epoch. At the end of
+    each epoch in `budgets` (shorter than cfg.epochs), `reached` gets the Fitted a fit of that many epochs gives
+    (the model holds that epoch's weights; it must hold them again when `reached` returns)."""
     import keras
 
     keras.utils.set_random_seed(seed)
     stopper = None
     keeper = _keeper(cfg.early_stopping.monitor, cfg.checkpoint_every)
-    every = [*callbacks, keeper]
+    every = [*callbacks, keeper] + ([_budgets(keeper, budgets, reached)] if budgets else [])
     if cfg.early_stopping.enabled:
         stopper = keras.callbacks.EarlyStopping(
             monitor=cfg.early_stopping.monitor, patience=cfg.early_stopping.patience,
@@ -78,6 +81,27 @@ def fit(model, data, cfg: FitConfig, seed: int, callbacks: Sequence = ()) -> Fit
     restored = stopper is not None and cfg.early_stopping.restore_best_weights  # Keras restores at train end
     return Fitted(history=table, stopped_epoch=stopped, best_epoch=best, final_epoch=best if restored else len(table),
                   kept=keeper.kept, kept_best=keeper.best_epoch)
+
+
+def _budgets(keeper, budgets: Sequence[int], reached: Callable[[Fitted], None]):
+    """A Keras callback, after the keeper: at the end of each epoch in `budgets`, the Fitted of a fit that ends
+    there (no early stopping: sharing a training falls back to separate ones with it, pipeline/budgets.py)."""
+    import keras
+
+    class Budgets(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.rows: list[dict] = []  # each epoch's logs, as model.fit's History (and EpochLoop's rows) keep them
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.rows.append({key: float(value) for key, value in (logs or {}).items()})
+            if epoch + 1 in budgets:
+                table = pd.DataFrame(self.rows)
+                table.insert(0, "epoch", range(1, len(table) + 1))
+                reached(Fitted(history=table, stopped_epoch=None, best_epoch=None, final_epoch=epoch + 1,
+                               kept=dict(keeper.kept), kept_best=keeper.best_epoch))
+
+    return Budgets()
 
 
 def _keeper(monitor: str, every: int):

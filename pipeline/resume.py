@@ -15,9 +15,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 # Keys that differ between attempts of one sweep without changing what a job computes: the resume
-# itself, the run's name, how the store is spelled (the parent was found in it), how long a run's end waits
-# for a lost server, and the console's detail.
-PER_ATTEMPT = ("sweep.resume", "tracking.run_name", "tracking.uri", "tracking.wait_for_server", "verbose")
+# itself, whether budgets share a training (their numbers are the same), the run's name, how the store is spelled
+# (the parent was found in it), how long a run's end waits for a lost server, and the console's detail.
+PER_ATTEMPT = ("sweep.resume", "sweep.share_budgets", "tracking.run_name", "tracking.uri", "tracking.wait_for_server",
+               "verbose")
 RESUME = "sweep.resume"
 
 

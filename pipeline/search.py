@@ -30,14 +30,15 @@ log = logging.getLogger(__name__)
 
 
 def register() -> None:
-    """Make the sweeper known to Hydra where its scan of the hydra_plugins folders misses it: under
-    `pip install -e .` the namespace holds an import hook, not a folder (public API: Plugins.register).
+    """Make the sweepers (this one, and pipeline.budgets') known to Hydra where its scan of the hydra_plugins folders
+    misses them: under `pip install -e .` the namespace holds an import hook, not a folder (public API: Plugins.register).
     Without the project installed (pyproject.toml maps pipeline/hydra_plugin there) there is nothing to register."""
     try:
-        from hydra_plugins.pipeline_search import OptunaSweeper as Registered
+        from hydra_plugins.pipeline_search import BudgetSweeper, OptunaSweeper
     except ImportError:
         return
-    Plugins.instance().register(Registered)
+    Plugins.instance().register(OptunaSweeper)
+    Plugins.instance().register(BudgetSweeper)
 
 
 def check(sweeper: DictConfig) -> None:

@@ -34,6 +34,8 @@ AXES = "PIPELINE_SWEEP_AXES"
 RESUMING = "PIPELINE_SWEEP_RESUMING"
 # Where the driver ran (relative paths mean this directory), its host, and the data path it could read
 DIRECTORY, DRIVER_HOST, DRIVER_DATA = "PIPELINE_SWEEP_DIRECTORY", "PIPELINE_SWEEP_HOST", "PIPELINE_SWEEP_DATA"
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+BUDGET_SWEEPER = "hydra_plugins.pipeline_search.BudgetSweeper"  # pipeline.budgets.BudgetSweeper, as Hydra knows it
 READS_VARIABLE = re.compile(r"oc\.env:\s*['\"]?([A-Za-z_][A-Za-z0-9_]*)")  # ${oc.env:NAME,default} in a config
 
 
@@ -172,6 +174,9 @@ class SweepCallback(Callback):
                      DIRECTORY: directory, DRIVER_HOST: socket.gethostname(),
                      DRIVER_DATA: data if data and os.access(data, os.R_OK) else ""}
         os.environ.update(forwarded)  # jobs in this process, and joblib or local Ray workers, inherit these
+        if self.settings.sweep.share_budgets and hydra_cfg.sweeper.get("_target_") == BASIC_SWEEPER and sharing():
+            with open_dict(hydra_cfg.sweeper):  # (built from this config after the multirun starts: pipeline/budgets.py)
+                hydra_cfg.sweeper._target_ = BUDGET_SWEEPER  # one training for the jobs that differ only in fit.epochs
         self.on_ray = "ray" in str(hydra_cfg.launcher.get("_target_", ""))
         if self.on_ray:
             _forward_to_ray(hydra_cfg.launcher, forwarded)
@@ -229,6 +234,13 @@ class SweepCallback(Callback):
             when = "during its analysis (every job had ended)" if self.analysing else "before its jobs did"
             print(f"sweep {parent} ended KILLED {when}; {'finish' if self.analysing else 'resume'} it with: "
                   f"{resume_command(sys.orig_argv, parent)}", file=sys.stderr, flush=True)
+
+
+def sharing() -> bool:
+    """Whether Hydra knows pipeline.budgets.BudgetSweeper (installed with the project as hydra_plugins.pipeline_search)."""
+    from hydra.core.plugins import Plugins
+
+    return BUDGET_SWEEPER in Plugins.instance().class_name_to_class
 
 
 def _forward_to_ray(launcher: DictConfig, variables: dict[str, str]) -> None:

@@ -13,12 +13,13 @@ the random generators it seeds and MLflow's tracking URI and experiment are put 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pipeline import build, config, evaluate, fit, ingest, seeds, speed, split, trial
 from pipeline.build import Encoded
@@ -87,14 +88,17 @@ def prepare(cfg: PipelineConfig, step: Steps) -> Data:
     return Data(reviews.meta(), parts and parts.sizes(), encoded, dict(step.cache))
 
 
-def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Run the pipeline once, tracked. Returns (metrics, objects)."""
+def train(cfg: PipelineConfig, budgets: Sequence[PipelineConfig] = ()) -> tuple[dict[str, float], dict[str, Any]]:
+    """Run the pipeline once, tracked. Returns (metrics, objects). `budgets`: in a sweep, the settings of shorter
+    fit.epochs budgets of this job, each recorded as its own run when training reaches it (tracking/budgets.py)."""
     from pipeline import tracking  # MLflow, imported here: the data worker imports this module for prepare() alone
+    from pipeline.tracking.budgets import SharedRuns
 
     check(cfg)
     step = Steps(cfg, speed.stage_cache(cfg))  # each stage's call below: timed, its line told, through the stage cache
     metrics: dict[str, float] = {}
-    with seeds.kept(), speed.ahead(cfg, prepare, step) as prepared, tracking.TrackedRun(cfg, step.seconds) as run, \
+    runs = SharedRuns(cfg, list(budgets), step) if budgets else tracking.TrackedRun(cfg, step.seconds)
+    with seeds.kept(), speed.ahead(cfg, prepare, step) as prepared, runs as run, \
             speed.xla_cache(cfg):  # (the caller's random generators put back at the end: seeds.py)
         if "build" in cfg.stages:
             step("start_tensorflow", start_tensorflow, cfg)
@@ -110,17 +114,33 @@ def train(cfg: PipelineConfig) -> tuple[dict[str, float], dict[str, Any]]:
             objects.update(encoded=encoded, model=model)
         if "fit" in cfg.stages:
             pruning = trial.report_to_study(cfg.sweep)  # in an Optuna search: report each epoch, be pruned
-            fitted = step("fit", fit.fit, model, encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger(), *pruning])
-            run.fitted(fitted)
-            objects["fitted"] = fitted
-            metrics.update(val_loss=float(fitted.history["val_loss"].min()),
-                           val_accuracy=float(fitted.history["val_accuracy"].max()))
-        if "evaluate" in cfg.stages:
-            kept = step("evaluate", evaluate.checkpoints, model, encoded, fitted, cfg.evaluate)  # best and last epoch
-            run.evaluation(kept)
-            objects.update(evaluation=kept.evaluation, checkpoints=kept)
-            metrics.update(kept.evaluation.metrics)
-            if cfg.evaluate.log_model:  # the served checkpoint as a raw-text model (`model` ends holding it)
-                step("log_model", run.log_models, model, encoded, cfg, kept)
+            # what follows the fit; a shared training's shorter budgets get it as training reaches them (budgets.py),
+            # scoring each epoch's weights on the test split once
+            then = functools.partial(record, model=model, encoded=encoded, scored={})
+            shorter = run.budgets(model, then) if budgets else {}
+            fitted = step("fit", fit.fit, model, encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger(), *pruning],
+                          **shorter)
+            done, products = then(run, step, cfg, fitted)
+            metrics.update(done)
+            objects.update(products)
         run.complete()
+    return metrics, objects
+
+
+def record(run, step: Steps, cfg: PipelineConfig, fitted, model, encoded,
+           scored: dict) -> tuple[dict[str, float], dict[str, Any]]:
+    """What follows the fit, into `run`: the curves' summary, then the best and the last epoch scored on the test
+    split (`scored`: the test probabilities of the epochs scored so far) and the served model logged. (metrics,
+    objects). A shorter budget of a shared training gets the same."""
+    run.fitted(fitted)
+    history = fitted.history
+    metrics = dict(val_loss=float(history["val_loss"].min()), val_accuracy=float(history["val_accuracy"].max()))
+    objects: dict[str, Any] = {"fitted": fitted}
+    if "evaluate" in cfg.stages:
+        kept = step("evaluate", evaluate.checkpoints, model, encoded, fitted, cfg.evaluate, scored)  # best and last
+        run.evaluation(kept)
+        objects.update(evaluation=kept.evaluation, checkpoints=kept)
+        metrics.update(kept.evaluation.metrics)
+        if cfg.evaluate.log_model:  # the served checkpoint as a raw-text model (`model` ends holding it)
+            step("log_model", run.log_models, model, encoded, cfg, kept)
     return metrics, objects

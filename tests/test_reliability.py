@@ -337,6 +337,7 @@ def test_parallel_jobs_writing_to_the_embedded_store_lose_nothing(tiny_archive, 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent, children = sweep_runs(uri)
     assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children)
+    assert len({c.data.tags["pipeline.training"] for c in children}) == 3  # a training per setting, on joblib's workers
     client = MlflowClient(uri)
     mlflow.set_tracking_uri(uri)
     for child in children:

@@ -82,9 +82,10 @@ def test_grid_sweep_gives_one_parent_a_child_per_job_and_the_analysis(tiny_archi
     report = Path(MlflowClient(uri).download_artifacts(parent.info.run_id, "analysis/report.md", str(tmp_path))).read_text()
     assert "Validation loss is lowest at epoch" in report and "Early stopping" in report
     assert parent.data.tags["sweep.best_run"] in {c.info.run_id for c in children}
-    # the data was prepared once: every job after the first reused it
-    hits = sorted(c.data.tags["cache.vectorize"] for c in children)
-    assert hits.count("miss") == 1
+    # a training per setting for both budgets (sweep.share_budgets); the data prepared once, by the first training
+    shared = [{c.data.tags["pipeline.training"] for c in children if f"_units={u}," in c.info.run_name} for u in (4, 8)]
+    missed = {c.data.tags.get("pipeline.training") for c in children if c.data.tags["cache.vectorize"] == "miss"}
+    assert len(shared[0] | shared[1]) == 2 and missed in shared and "4 budgets recorded from 2 trainings" in report
     # every job's terminal is as calm as the first (Hydra sets up logging anew for each), each keeps its log
     assert done.stdout.count("ended FINISHED") == 5 and "[pipeline" not in done.stdout
     for child in children:
@@ -254,7 +255,7 @@ def test_ray_launcher_runs_the_sweep_on_a_local_ray_instance(tiny_archive, tmp_p
     parent, children = sweep_runs(uri)
     assert sorted(c.info.run_name for c in children) == [
         "hidden_units=4,epochs=2", "hidden_units=4,epochs=3", "hidden_units=8,epochs=2", "hidden_units=8,epochs=3"]
-    assert all(c.info.status == "FINISHED" for c in children)
+    assert all(c.info.status == "FINISHED" for c in children) and len({c.data.tags["pipeline.training"] for c in children}) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert len(analysis_table(uri, parent.info.run_id, tmp_path)) == 4
     # every job ran in a Ray worker process, not in the process that started the sweep

@@ -112,7 +112,7 @@ class TrackedRun:
     """Context manager around one MLflow run (under `mlflow run`, its run or one it points to; in a sweep, a child
     of the sweep's parent). Each write to the store is held (SIGNALS.held): whole, or not at all."""
 
-    first_in_process = True  # the first run of a process started with the process
+    first_in_process, start = True, None  # the first run of a process started with it; `start`: given (budgets.py)
 
     def __init__(self, cfg: config.PipelineConfig, seconds: dict[str, float] | None = None):
         self.cfg, self.run_id, self.experiment_id, self.run_name = cfg, None, None, None
@@ -129,7 +129,7 @@ class TrackedRun:
         # the first run of `python -m pipeline` starts with the process (a sweep's jobs later); in a notebook,
         # a run starts when it is opened
         first = pipeline.COMMAND_LINE and TrackedRun.first_in_process and not os.environ.get(PARENT_RUN)
-        start = pipeline.STARTED if first else time.time()
+        start = self.start or (pipeline.STARTED if first else time.time())
         self.log_from = 0 if first else CONSOLE.offset()  # the first run's log is the process's from its start
         TrackedRun.first_in_process = False
         self.environment = {key: value for key, value in os.environ.items() if key.startswith(MLFLOW_ENVIRONMENT)}

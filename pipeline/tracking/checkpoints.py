@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import shutil
 import tempfile
 
@@ -34,10 +35,13 @@ def record(journal, kept) -> None:
     journal.metrics(kept.summary())
 
 
-def log_models(run, model, encoded, cfg, kept) -> str:
+def log_models(run, model, encoded, cfg, kept, layout: str | None = None) -> str:
     """Log every checkpoint of `kept` (pipeline.evaluate.Checkpoints) as a LoggedModel of `run`, the served one
     first, through run.log_model (registered, MLflow's serving check of the input example); `model` ends
-    holding the served weights. Returns the served model's URI (None while the tracking server is lost)."""
+    holding the served weights. Returns the served model's URI (None while the tracking server is lost).
+    `layout`: a folder kept by a shared training (tracking/budgets.py) for its budgets' models: empty, the served
+    model's files are put there; filled, the served model is logged alike them (the same code, vocabulary,
+    signature, example and environment, whose serving MLflow checked for the first budget) with its own weights."""
     if run.epochs is not None:
         run.epochs.close()  # every epoch's points are written (or kept), to be linked
     journal = run.journal
@@ -47,26 +51,41 @@ def log_models(run, model, encoded, cfg, kept) -> str:
     history = {key: journal.history.get(key, []) for key in LINKED} if keeps_once else {}
     served = kept.served
     model.set_weights(served.weights)
-    model_uri = run.log_model(model, encoded, cfg, step=served.epoch, tags={"checkpoint": served.role},
-                              name=(served_name := model_name(run.run_name, served, served=True)))
-    # The run's own test points (run.evaluation logged them): the same points again, linked, are not new ones
-    tested = [max((p for p in journal.history[key] if p.step == 0), key=lambda p: p.timestamp)
-              for key in served.metrics] if keeps_once else []
-    _link(journal, served_name, tested)  # (log_model linked the points at its step)
-    journal.model_uri(served_name)  # the `model_uri` tag: what pipeline.score, a sweep's champion and users follow
+    served_name = model_name(run.run_name, served, served=True)
     others = kept.every + ([kept.other] if kept.other else [])
-    if others:
-        with tempfile.TemporaryDirectory() as folder:
-            layout = _layout(run, model, encoded, cfg, model_uri, f"{folder}/served")
-            for checkpoint in others:
-                model.set_weights(checkpoint.weights)
-                name = _log_alike(journal, model, layout, f"{folder}/{checkpoint.epoch}", checkpoint,
-                                  model_name(run.run_name, checkpoint))
-                # The test metrics as they were measured, before the served one's (which stay the run's latest)
-                tested = [Metric(key, value, int(checkpoint.measured * 1000), 0) for key, value in checkpoint.metrics.items()]
-                _link(journal, name, _at(history, checkpoint.epoch) + tested)
-        model.set_weights(served.weights)
+    with tempfile.TemporaryDirectory() as folder:
+        if layout and os.path.isfile(f"{layout}/{MLMODEL}"):
+            _log_alike(journal, model, layout, f"{folder}/served", served, served_name,
+                       registered=cfg.evaluate.registered_model_name, link_step=True)
+            journal.metrics({"model.size_mb": _megabytes(f"{folder}/served")}, step=served.epoch)
+            model_uri = f"models:/{journal.models[served_name]}" if served_name in journal.models else None
+        else:
+            model_uri = run.log_model(model, encoded, cfg, step=served.epoch, tags={"checkpoint": served.role},
+                                      name=served_name)
+            if layout or others:
+                layout = _layout(run, model, encoded, cfg, model_uri, layout or f"{folder}/layout")
+        # The run's own test points (run.evaluation logged them): the same points again, linked, are not new ones
+        tested = [max((p for p in journal.history[key] if p.step == 0), key=lambda p: p.timestamp)
+                  for key in served.metrics] if keeps_once else []
+        _link(journal, served_name, tested)  # (log_model linked the points at its step)
+        journal.model_uri(served_name)  # the `model_uri` tag: what pipeline.score, a sweep's champion and users follow
+        for checkpoint in others:
+            model.set_weights(checkpoint.weights)
+            name = _log_alike(journal, model, layout, f"{folder}/{checkpoint.epoch}", checkpoint,
+                              model_name(run.run_name, checkpoint))
+            # The test metrics as they were measured, before the served one's (which stay the run's latest)
+            tested = [Metric(key, value, int(checkpoint.measured * 1000), 0) for key, value in checkpoint.metrics.items()]
+            _link(journal, name, _at(history, checkpoint.epoch) + tested)
+    model.set_weights(served.weights)
     return model_uri
+
+
+def _megabytes(folder: str) -> float:
+    """The size of a model's classifier and vocabulary (the run's `model.size_mb`, as log_model records it)."""
+    from pipeline import textmodel
+
+    return sum(os.path.getsize(f"{folder}/artifacts/{name}") for name in (textmodel.CLASSIFIER_FILE,
+                                                                          textmodel.VOCABULARY_FILE)) / 1e6
 
 
 def _layout(run, model, encoded, cfg, model_uri: str | None, path: str) -> str:
@@ -83,7 +102,8 @@ def _layout(run, model, encoded, cfg, model_uri: str | None, path: str) -> str:
 
 
 @SIGNALS.held()
-def _log_alike(journal, model, layout: str, folder: str, checkpoint, name: str) -> str:
+def _log_alike(journal, model, layout: str, folder: str, checkpoint, name: str, registered: str | None = None,
+               link_step: bool = False) -> str:
     """A checkpoint as a LoggedModel laid out as the served one (`layout`, as log_model wrote it: the same
     model code, vocabulary, signature, input example and environment) with this checkpoint's classifier,
     its MLmodel naming the new model. MLflow's serving check ran on the served one; the files it checks
@@ -97,7 +117,7 @@ def _log_alike(journal, model, layout: str, folder: str, checkpoint, name: str) 
     model.save(classifier)
     described.utc_time_created = str(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None))
     described.save(f"{folder}/{MLMODEL}")
-    journal.model(folder, name, checkpoint.epoch, {"checkpoint": checkpoint.role})
+    journal.model(folder, name, checkpoint.epoch, {"checkpoint": checkpoint.role}, registered, link_step)
     return name
 
 

@@ -53,14 +53,16 @@ class Epochs:
     def beat(self) -> None:
         self.tell({"time": now_ms()})
 
-    def record(self, step: int, values: dict[str, float]) -> None:
-        stamp = now_ms()
+    def record(self, step: int, values: dict[str, float], stamp: int | None = None) -> int:
+        """The epoch `step`'s values, stamped now (or at `stamp`, when it ended: a shared training's, budgets.py)."""
+        stamp = stamp or now_ms()
         self.tell({"time": stamp, "step": step, "values": values})
         self.queue.put([Metric(key, value, stamp, step) for key, value in values.items()])
         self.recorded += 1
         if self.writer is None:
             self.writer = threading.Thread(target=self._write, name="epoch-writer", daemon=True)
             self.writer.start()
+        return stamp
 
     def _write(self) -> None:
         while True:

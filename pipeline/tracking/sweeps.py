@@ -206,7 +206,8 @@ def read_jobs(parent_run_id: str, budget: str):
         histories[run_id] = history
         settings = {key: _setting(key, params, name) for key in axes}
         settings[budget] = int(params[budget])
-        extra = {"served": params.get("evaluate.serve")}  # which checkpoint its test_accuracy measures
+        extra = {"served": params.get("evaluate.serve"),  # which checkpoint its test_accuracy measures
+                 "training": tags.get("pipeline.training")}  # the run its training started in, if it shared one
         if {"build", "build.family"} & set(axes):  # a family's own epoch budget: is it compared below it?
             own = config.family_epochs(settings.get("build") or params.get("build.family"))  # (conf/build/<option>)
             extra |= {"family": params.get("build.family"), "family_epochs": own}

@@ -1,0 +1,190 @@
+"""A sweep over fit.epochs trains each other setting once: which jobs share a training, and the job that runs it.
+
+With the same seed and data, a job's first N epochs do not depend on its budget (nothing in the fit reads
+fit.epochs but the loop's count), so the jobs of a grid that differ only in fit.epochs hold one training: the
+longest. BudgetSweeper (Hydra's basic sweeper, which pipeline.sweep swaps it for when sweep.share_budgets is on)
+launches one job per such group, its longest budget's, telling it the group's budgets (the variable BUDGETS, set
+through hydra.job.env_set); `shared_job` trains once and records every budget as its own child run, as a job of that
+budget alone would have recorded it (pipeline/tracking/budgets.py). The unit of work a launcher (in-process, joblib,
+Ray) runs is then the shared training. A group trains separately, with a line that says why, when something reads
+the budget: early stopping, an Optuna trial, a setting that differs between its budgets (an interpolation of
+fit.epochs), or when its settings do not compose (each job then fails on its own, as before).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from typing import Callable, Optional, Sequence
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from pipeline import config, sweep
+from pipeline.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+BUDGETS = "PIPELINE_SWEEP_BUDGETS"  # in a shared job: the group's fit.epochs values as written, comma-separated
+KEY = "fit.epochs"
+SAME = ("fit.epochs", "tracking.run_name")  # what may differ between the jobs of one training
+
+
+def why_not(settings: PipelineConfig) -> Optional[str]:
+    """Why jobs with these settings (but for fit.epochs) cannot share one training; None: they can."""
+    if not settings.sweep.share_budgets:
+        return "sweep.share_budgets=false"
+    if settings.fit.early_stopping.enabled:
+        return "fit.early_stopping.enabled=true (early stopping reads the budget: a fit may stop before it)"
+    if settings.sweep.trial is not None:
+        return "an Optuna trial (its pruner judges each epoch)"
+    if "fit" not in settings.stages:
+        return f"stages={list(settings.stages)} trains nothing"
+    return None
+
+
+def budget_of(overrides: Sequence[str]) -> Optional[str]:
+    """The value of fit.epochs among a job's overrides, as written (None: the job does not set it)."""
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        if override.key_or_group == KEY and not override.is_sweep_override():
+            return override.input_line.split("=", 1)[1]
+    return None
+
+
+def with_budget(overrides: Sequence[str], budget: str) -> list[str]:
+    """A job's overrides with fit.epochs set to `budget` (the override as it was written, its value replaced)."""
+    return [f"{line.split('=', 1)[0]}={budget}" if budget_of([line]) is not None else line for line in overrides]
+
+
+def plan(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], PipelineConfig]) -> list[list[str]]:
+    """The jobs to launch: each group of jobs that differ only in fit.epochs (and may share) as its longest
+    budget's job with BUDGETS set; every other job as it is. `compose(overrides)`: that job's settings (raises if
+    they do not compose or are invalid). Logs one line for each group: shared, or why not."""
+    order: list = []  # a job (a list) or a group (its overrides but fit.epochs, a tuple), in the sweep's order
+    groups: dict[tuple, dict[int, tuple[str, list[str]]]] = {}
+    for job in map(list, jobs):
+        written = budget_of(job)
+        budget = int(written) if written is not None and written.strip().isdigit() else None
+        if budget is None:
+            order.append(job)
+            continue
+        others = tuple(line for line in job if budget_of([line]) is None)
+        if others not in groups:
+            groups[others] = {}
+            order.append(others)
+        groups[others].setdefault(budget, (written, job))
+    values: dict[str, set] = {}  # each override's values over the jobs: a group is named by those that vary
+    for job in jobs:
+        for line in job:
+            values.setdefault(line.split("=", 1)[0], set()).add(line)
+    launched: list[list[str]] = []
+    for entry in order:
+        if isinstance(entry, list):
+            launched.append(entry)
+            continue
+        group = sorted(groups[entry].items())  # [(budget, (as written, job))], shortest first
+        each = [job for _, (_, job) in group]
+        if len(group) < 2:
+            launched += each
+            continue
+        named = "".join(f"{line} " for line in entry if len(values[line.split("=", 1)[0]]) > 1)  # ("": one setting)
+        budgets = [written for _, (written, _) in group]
+        reason = _why_not_group(group, compose)
+        if reason:
+            log.info("sweep: %strains fit.epochs=%s separately: %s", named, ",".join(budgets), reason)
+            launched += each
+            continue
+        log.info("sweep: %strains once, to %s epochs, for fit.epochs=%s, each recorded as its own run (%d epochs "
+                 "not repeated; sweep.share_budgets=false: each alone)", named, group[-1][0], ",".join(budgets),
+                 sum(budget for budget, _ in group[:-1]))
+        launched.append([*each[-1], f"+hydra.job.env_set.{BUDGETS}='{','.join(budgets)}'"])
+    return launched
+
+
+def _why_not_group(group, compose) -> Optional[str]:
+    try:
+        settings = [compose(list(job)) for _, (_, job) in group]
+    except Exception as error:  # each job then fails (or is refused) on its own, as without sharing
+        return f"its settings do not compose ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    reason = why_not(settings[-1])
+    if reason:
+        return reason
+    flat = [config.flatten(s) for s in settings]
+    for key in flat[-1]:
+        if key not in SAME and any(str(f.get(key)) != str(flat[-1][key]) for f in flat):
+            values = ", ".join(f"{f.get(key)} at {budget}" for (budget, _), f in zip(group, flat))
+            return f"{key} differs between the budgets ({values}): it reads fit.epochs"
+    return None
+
+
+class BudgetSweeper(BasicSweeper):
+    """Hydra's basic sweeper, launching one job per training (plan)."""
+
+    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[dict] = None) -> None:
+        # BasicSweeper.__init__ without its super(BasicSweeper, self): Hydra's plugin scan executes that module again,
+        # and the name then means a class this one does not derive from
+        self.overrides, self.batch_index, self.max_batch_size, self.params = None, 0, max_batch_size, params or {}
+        self.hydra_context = self.config = self.launcher = None
+        self.composed: set[tuple] = set()  # the jobs plan() composed: Hydra's check of a batch need not compose them again
+
+    def get_job_batch(self):
+        batch = super().get_job_batch()
+        loader = self.hydra_context.config_loader
+
+        def compose(overrides: list[str]) -> PipelineConfig:
+            settings = config.load(loader.load_sweep_config(master_config=self.config, sweep_overrides=overrides))
+            self.composed.add(tuple(overrides))
+            return settings
+
+        return plan(batch, compose)
+
+    def validate_batch_is_legal(self, batch) -> None:
+        told = f"+hydra.job.env_set.{BUDGETS}="
+        super().validate_batch_is_legal([job for job in batch if tuple(
+            line for line in job if not line.startswith(told)) not in self.composed])
+
+
+def asked() -> list[str]:
+    """The budgets this job records from one training (as written), shortest first; [] when it is a job of its own."""
+    return [value for value in os.environ.get(BUDGETS, "").split(",") if value]
+
+
+def shared_job(cfg, overrides: list[str], number: int, ready: Callable[[PipelineConfig], PipelineConfig]) -> float:
+    """A sweep job that trains once to its longest budget and records each budget of asked() as its own child run
+    (the ones a resume finds finished are not recorded again). Its return: the longest budget's best validation
+    accuracy, NaN when it failed (each budget's run says why)."""
+    from pipeline import tracking
+    from pipeline.train import train
+    from pipeline.tracking import sweeps
+
+    named = {budget: with_budget(overrides, budget) for budget in asked()}
+    try:
+        loaded = config.load(cfg)
+        every = [sweep.child_settings(replace(loaded, fit=replace(loaded.fit, epochs=int(budget))), job, number)
+                 for budget, job in named.items()]
+        ready(every[-1])
+    except (ValueError, FileNotFoundError) as error:  # a FAILED child for each budget, saying why, at once
+        for job in named.values():
+            name = sweep.child_name(job, number)
+            log.error("sweep job %s (%s): %s", number, name, error)
+            sweeps.record_failed_job(name, error)
+        return float("nan")
+    missing, previous = [], None
+    for settings in every:
+        previous = sweep.finished_job(settings)
+        if previous is None:
+            missing.append(settings)
+        else:
+            log.info("sweep job %s (%s) already finished as run %s; not run again", number,
+                     settings.tracking.run_name, previous["run_id"])
+    if not missing:
+        return previous["val_accuracy"]
+    try:
+        metrics, _ = train(missing[-1], budgets=missing[:-1])
+    except tracking.RecordKept as kept:
+        log.error("sweep job %s (%s): %s", number, missing[-1].tracking.run_name, kept)
+        return float("nan")
+    except Exception:  # the budgets' runs are FAILED with the error; the sweep goes on
+        log.exception("sweep job %s (%s) failed", number, missing[-1].tracking.run_name)
+        return float("nan")
+    return metrics.get("val_accuracy", float("nan")) if missing[-1] is every[-1] else previous["val_accuracy"]

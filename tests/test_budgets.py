@@ -1,0 +1,111 @@
+"""A sweep's fit.epochs budgets recorded from one training (pipeline/budgets.py, pipeline/tracking/budgets.py):
+which jobs share, and a budget's record equal to a training of that budget alone. (Sweeps run with sharing on by
+default: tests/test_sweeps.py, test_resume.py and test_reliability.py run it on every launcher.)"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+
+from pipeline import budgets, config
+from pipeline.config import CONF
+from tests.conftest import tiny_overrides
+from tests.helpers import CURVES
+
+GRID = [[f"build.hidden_units={units}", f"fit.epochs={epochs}"] for units in (4, 8) for epochs in (3, 1, 2)]
+
+
+def planned(tiny_archive, tmp_path, *settings: str, grid=GRID) -> list[list[str]]:
+    config.register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # (once: each compose then takes ms)
+        return budgets.plan(grid, lambda job: config.load(compose(
+            config_name="config", overrides=[*tiny_overrides(tiny_archive, tmp_path), *settings, *job])))
+
+
+def test_jobs_that_differ_only_in_their_budget_share_one_training_unless_something_reads_the_budget(
+        tiny_archive, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.budgets")
+    shared = planned(tiny_archive, tmp_path)
+    assert shared == [[f"build.hidden_units={units}", "fit.epochs=3", f"+hydra.job.env_set.{budgets.BUDGETS}='1,2,3'"]
+                      for units in (4, 8)]  # each setting once, at its longest budget, told all three
+    assert "build.hidden_units=8 trains once, to 3 epochs, for fit.epochs=1,2,3" in caplog.text
+    assert "(3 epochs not repeated" in caplog.text
+    for settings, why in ((["sweep.share_budgets=false"], "sweep.share_budgets=false"),
+                          (["fit=early_stopping"], "fit.early_stopping.enabled=true (early stopping reads the budget"),
+                          (["fit.checkpoint_every=${fit.epochs}"], "fit.checkpoint_every differs between the budgets "
+                                                                     "(1 at 1, 2 at 2): it reads fit.epochs"),
+                          (["build.embedding_dim=0"], "its settings do not compose (build.embedding_dim=0 is not allowed")):
+        caplog.clear()
+        alone = planned(tiny_archive, tmp_path, *settings, grid=GRID[1:3])
+        assert alone == [GRID[1], GRID[2]], settings  # every job, as it was
+        assert f"sweep: trains fit.epochs=1,2 separately: {why}" in caplog.text, caplog.text  # (one setting: no name)
+    assert budgets.with_budget(["build.hidden_units=4", "fit.epochs=3"], "1") == ["build.hidden_units=4", "fit.epochs=1"]
+
+
+@pytest.mark.slow
+def test_each_budget_recorded_from_a_shared_training_equals_a_training_of_that_budget_alone(tiny_run, tmp_path):
+    """Same seed: the budgets 1, 2 and 3 of one training against a training of 1 epoch alone and the suite's tiny
+    run (3 epochs alone), read back from the store to its last digit."""
+    from pipeline.train import train
+
+    alone_cfg = tiny_run[0]
+    cfg = replace(alone_cfg, tracking=replace(alone_cfg.tracking, uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+
+    def at(epochs: int, name: str):
+        return replace(cfg, fit=replace(cfg.fit, epochs=epochs), tracking=replace(cfg.tracking, run_name=name))
+
+    train(at(3, "shared,epochs=3"), budgets=[at(1, "shared,epochs=1"), at(2, "shared,epochs=2")])
+    train(at(1, "alone,epochs=1"))
+    runs = {}
+    for uri in (cfg.tracking.uri, alone_cfg.tracking.uri):
+        client = MlflowClient(uri)
+        for run in client.search_runs([client.get_experiment_by_name("imdb-sentiment").experiment_id]):
+            runs[run.info.run_name if uri == cfg.tracking.uri else "alone,epochs=3"] = (client, run)
+    first = runs["shared,epochs=1"][1]
+    for epochs in (1, 2, 3):
+        client, run = runs[f"shared,epochs={epochs}"]
+        assert run.info.status == "FINISHED" and run.data.params["fit.epochs"] == str(epochs)
+        assert run.data.tags["pipeline.training"] == first.info.run_id  # the run the training started in
+        assert run.data.tags["pipeline.training.budgets"] == "1,2,3"
+        assert f"started in run {first.info.run_id}" in run.data.tags["mlflow.note.content"]
+        assert run.info.start_time == first.info.start_time  # each budget's run starts with the training
+        assert sorted(p.step for p in client.get_metric_history(run.info.run_id, "epoch_seconds")) == list(
+            range(1, epochs + 1))
+        models = sorted(m.name.split(" of ")[0] for m in client.search_logged_models(
+            [run.info.experiment_id], f"source_run_id = '{run.info.run_id}'"))
+        assert any(name.split("last-epoch-")[-1].split("-")[0] == str(epochs) for name in models), models
+        if epochs == 2:
+            continue
+        alone_client, alone = runs[f"alone,epochs={epochs}"]
+        assert "pipeline.training" not in alone.data.tags
+        for curve in CURVES:  # every epoch's values, the same numbers
+            assert [(p.step, p.value) for p in sorted(client.get_metric_history(run.info.run_id, curve),
+                                                      key=lambda p: p.step)] == \
+                   [(p.step, p.value) for p in sorted(alone_client.get_metric_history(alone.info.run_id, curve),
+                                                      key=lambda p: p.step)], (epochs, curve)
+        # (model.size_mb aside: the saved model's layer names count the models built in the process so far)
+        scored = {key: value for key, value in alone.data.metrics.items()
+                  if key.startswith(("test_", "best", "last.", "model.")) and key != "model.size_mb"}
+        assert len(scored) > 10 and {key: run.data.metrics[key] for key in scored} == scored
+        same = ("tracking.run_name", "tracking.uri", "cache_dir")
+        assert {k: v for k, v in run.data.params.items() if k not in same} == \
+               {k: v for k, v in alone.data.params.items() if k not in same}
+        assert models == sorted(m.name.split(" of ")[0] for m in alone_client.search_logged_models(
+            [alone.info.experiment_id], f"source_run_id = '{alone.info.run_id}'"))
+
+
+def test_the_report_says_how_many_trainings_the_budgets_were_recorded_from():
+    import pandas as pd
+
+    from pipeline.analysis_text import shared_trainings
+
+    table = pd.DataFrame({"job": list("abcde"), "run_id": list("abcde"), "training": ["a", "a", "a", None, None],
+                          "epochs_trained": [10, 20, 30, 10, 20], "epoch_seconds": [0.1] * 5})
+    numbers, lines = shared_trainings(table)  # three budgets of one training; two jobs that trained alone
+    assert numbers == {"trainings": 3.0, "epochs_not_repeated": 30.0}
+    assert "5 budgets recorded from 3 trainings; 30 of 90 epochs not repeated** (about 3 s of training" in lines[-1]
+    assert shared_trainings(table.assign(training=None)) == ({}, [])  # nothing shared: nothing said
