@@ -109,11 +109,11 @@ class Progress:
         self.what, self.total, self.unit, self.after, self.every = what, total, unit, after, every
         self.start = self.last = time.monotonic()
         self.stream = next((s for s in (sys.stderr, sys.stdout) if getattr(s, "isatty", lambda: False)()), None)
-        self.drawn = False
+        self.drawn, self.done = False, 0
 
     def update(self, done: int, share: float | None = None) -> None:
         """`done` rows so far; `share`, the part of the work done, where `total` is not known."""
-        now = time.monotonic()
+        now, self.done = time.monotonic(), done
         if now - self.start < self.after or now - self.last < (0.25 if self.stream else self.every):
             return
         self.last, took = now, now - self.start
