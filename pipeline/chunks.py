@@ -67,11 +67,10 @@ def with_texts(splits, table: TableTexts):
     """`splits` with each review's text (column `text`) read from `table`'s file: what the bag families, which
     count n-grams over the training texts at once, need in memory."""
     parts = {name: getattr(splits, name) for name in ("train", "validation", "test")}
-    size = max(int(part["row"].to_numpy().max(initial=-1)) for part in parts.values()) + 1
-    texts = np.empty(size, dtype=object)
-    for start, chunk in table.chunks(tables.CHUNK_ROWS):
-        texts[start:start + len(chunk)] = chunk[:max(size - start, 0)]
-    return replace(splits, **{name: part.assign(text=texts[part["row"].to_numpy()]) for name, part in parts.items()})
+    texts = table.at(np.concatenate([part["row"].to_numpy() for part in parts.values()])).to_numpy()
+    ends = np.cumsum([len(part) for part in parts.values()])
+    return replace(splits, **{name: part.assign(text=texts[end - len(part):end])
+                              for end, (name, part) in zip(ends, parts.items())})
 
 
 def _chunks(table: TableTexts, part: np.ndarray, place: np.ndarray, train_only: bool = False) -> Iterator:

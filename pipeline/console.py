@@ -97,16 +97,17 @@ def stage(name: str, seconds: float | None, detail: str = "") -> None:
     log.info("%s", f"{name:<16} {took:>8}  {detail}".rstrip())
 
 
+PROGRESS = (2.0, 10.0)  # Progress: seconds before its first line; seconds between lines where it cannot redraw
+
+
 class Progress:
     """A long stage's progress: "<what>: 420,000 of 1,000,000 reviews, 41,000 a second, 14 s left". Nothing for
-    the first `after` seconds (a short stage shows only its line); then, on a terminal, one line redrawn in place
-    at most 4 times a second and erased at the end, and elsewhere (a log, a notebook) a line at most every
-    `every` seconds. On standard error or output, whichever is a terminal, else standard output (in the worker
+    the first 2 seconds (a short stage shows only its line); then, on a terminal, one line redrawn in place at
+    most 4 times a second and erased at the end, and elsewhere (a log, a notebook) a line at most every 10 seconds. On standard error or output, whichever is a terminal, else standard output (in the worker
     that prepares the data, standard error is the run's log)."""
 
-    def __init__(self, what: str, total: int | None = None, unit: str = "reviews", after: float = 2.0,
-                 every: float = 10.0):
-        self.what, self.total, self.unit, self.after, self.every = what, total, unit, after, every
+    def __init__(self, what: str, total: int | None = None, unit: str = "reviews"):
+        self.what, self.total, self.unit, self.after, self.every = what, total, unit, *PROGRESS
         self.start = self.last = time.monotonic()
         self.stream = next((s for s in (sys.stderr, sys.stdout) if getattr(s, "isatty", lambda: False)()), None)
         self.drawn, self.done = False, 0

@@ -47,6 +47,10 @@ class Reviews:
     def counts(self) -> dict[str, int]:
         return {split: int((self.frame["split"] == split).sum()) for split in SPLITS}
 
+    def texts(self) -> pd.Series:
+        """Each review's text, in the frame's order: its column, or read from the table's file."""
+        return self.frame["text"] if self.table is None else self.table.at(self.frame["row"].to_numpy())
+
     def meta(self) -> dict:
         """Everything but the table, as JSON (kept beside the table in the stage cache)."""
         return {"source": self.source, "digest": self.digest, "counts": self.counts(), "skipped": self.skipped,

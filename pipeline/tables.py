@@ -101,6 +101,16 @@ class TableTexts:
     path: str
     column: str
 
+    def at(self, rows) -> pd.Series:
+        """The texts of the rows numbered `rows` (a sequence of numbers), in that order."""
+        import numpy as np
+
+        numbers = np.asarray(rows, dtype=np.int64)
+        texts = np.empty(int(numbers.max(initial=-1)) + 1, dtype=object)
+        for start, chunk in self.chunks(CHUNK_ROWS):
+            texts[start:start + len(chunk)] = chunk[:max(len(texts) - start, 0)]
+        return pd.Series(texts[numbers], dtype=object, name="text")
+
     def chunks(self, rows: int | None = None) -> Iterator[tuple[int, list]]:
         """(number of the chunk's first row, its texts), chunk by chunk."""
         start = 0
