@@ -103,12 +103,14 @@ PROGRESS = (2.0, 10.0)  # Progress: seconds before its first line; seconds betwe
 class Progress:
     """A long stage's progress: "<what>: 420,000 of 1,000,000 reviews, 41,000 a second, 14 s left". Nothing for
     the first 2 seconds (a short stage shows only its line); then, on a terminal, one line redrawn in place at
-    most 4 times a second and erased at the end, and elsewhere (a log, a notebook) a line at most every 10 seconds. On standard error or output, whichever is a terminal, else standard output (in the worker
+    most 4 times a second and erased at the end, and elsewhere (a log, a notebook) a line at most every 10
+    seconds. On standard error or output, whichever is a terminal, else on standard output (in the worker
     that prepares the data, standard error is the run's log)."""
 
     def __init__(self, what: str, total: int | None = None, unit: str = "reviews"):
         self.what, self.total, self.unit, self.after, self.every = what, total, unit, *PROGRESS
-        self.start = self.last = time.monotonic()
+        self.start = time.monotonic()
+        self.last = self.start - self.every  # (the first line as soon as `after` has passed)
         self.stream = next((s for s in (sys.stderr, sys.stdout) if getattr(s, "isatty", lambda: False)()), None)
         self.drawn, self.done = False, 0
 
