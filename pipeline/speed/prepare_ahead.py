@@ -20,6 +20,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.chunks import end
+
 log = logging.getLogger(__name__)
 SPILL = 256 << 20  # bytes of arrays above which they come back through files (the archive's are 77 MB)
 
@@ -111,8 +113,7 @@ def started(cfg, prepare, step):
 
     def stop():
         if worker.pid is not None:  # (started)
-            worker.terminate()
-            worker.join()
+            end(worker, grace=10.0)  # (SIGTERM: it ends its own workers and removes its files first)
 
     try:
         worker.start()
