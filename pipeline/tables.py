@@ -19,7 +19,7 @@ import pandas as pd
 
 PARQUET, JSON_LINES, DELIMITED = (".parquet", ".pq"), (".jsonl", ".ndjson"), (".csv", ".tsv")
 SUFFIXES = DELIMITED + JSON_LINES + PARQUET
-CHUNK_ROWS = 20_000  # rows read at once from a big table: about 26 MB of IMDB-sized reviews
+CHUNK_ROWS = 10_000  # rows read at once from a big table: about 13 MB of IMDB-sized reviews
 DELIMITERS = (",", "\t", ";")  # a header's most frequent one is the file's; a header of one column keeps the suffix's
 
 
