@@ -24,7 +24,7 @@ import pandas as pd
 from pipeline.console import Progress
 from pipeline.download import download, downloaded, progress, record, sha256_file
 from pipeline.tables import SUFFIXES as TABLES
-from pipeline.tables import TableTexts, labels_of, not_text, read_chunks, text_column
+from pipeline.tables import TableTexts, hashed, labels_of, not_texts, read_chunks, text_column
 
 if TYPE_CHECKING:  # (config asks SOURCES below when it validates ingest.source: no import back at run time)
     from pipeline.config import IngestConfig
@@ -189,11 +189,11 @@ def read_table(cfg: IngestConfig, seed: int) -> Reviews:
                                  "(set ingest.text_column / ingest.label_column)")
             by_column, lines = bool(cfg.split_column and cfg.split_column in frame.columns), frame.index.name == "line"
         values = text_column(frame, cfg.text_column, path, "set ingest.text_column to the column of reviews")
-        reasons = _not_texts(values)
+        reasons = not_texts(values)
         why.update((count + row, reason) for row, reason in reasons.items())
         unusable = np.zeros(len(values), dtype=bool)
         unusable[list(reasons)] = True
-        found["lengths"].append(_hashed(texts, values[~unusable]))  # (the content digest: the texts in the file's order)
+        found["lengths"].append(hashed(texts, values[~unusable]))  # (the content digest: the texts in the file's order)
         found["unusable"].append(unusable)
         found["labels"].append(frame[cfg.label_column])
         found["split"].append(frame[cfg.split_column] if by_column else None)
@@ -230,33 +230,6 @@ def read_table(cfg: IngestConfig, seed: int) -> Reviews:
                               frame["rating"].to_numpy(), lengths[frame["row"].to_numpy()]])
     digest = hashlib.sha256(rows.tobytes() + texts.digest()).hexdigest()
     return Reviews(frame, digest, str(path), bad, mapping, TableTexts(str(path), cfg.text_column))
-
-
-def _hashed(digest, texts: pd.Series) -> np.ndarray:
-    """Feed the UTF-8 of `texts` (strings), one after another, to `digest`; return their lengths in bytes. A
-    column of Arrow strings is hashed where it lies, with no copy."""
-    if isinstance(texts.array, pd.arrays.ArrowStringArray):
-        import pyarrow as pa
-
-        column = pa.array(texts.array)
-        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        width = np.int64 if pa.types.is_large_string(column.type) else np.int32
-        ends = np.frombuffer(column.buffers()[1], dtype=width)[column.offset:column.offset + len(column) + 1]
-        if len(column):
-            digest.update(memoryview(column.buffers()[2])[ends[0]:ends[-1]])
-        return np.diff(ends).astype(np.int64)
-    encoded = [text.encode("utf-8") for text in texts.tolist()]
-    digest.update(b"".join(encoded))
-    return np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-
-
-def _not_texts(values: pd.Series) -> dict[int, str]:
-    """{position: why} of the cells of `values` that are no review (tables.not_text), found column-wise in a
-    column of strings."""
-    if pd.api.types.is_string_dtype(values) and not pd.api.types.is_object_dtype(values):
-        empty = values.isna().to_numpy() | values.str.strip().eq("").to_numpy()
-        return {int(row): "empty text" for row in np.flatnonzero(empty)}
-    return {row: reason for row, value in enumerate(values.tolist()) if (reason := not_text(value))}
 
 
 def read_keras(cfg: IngestConfig) -> Reviews:

@@ -15,6 +15,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pandas as pd
 
 PARQUET, JSON_LINES, DELIMITED = (".parquet", ".pq"), (".jsonl", ".ndjson"), (".csv", ".tsv")
@@ -103,8 +104,6 @@ class TableTexts:
 
     def at(self, rows) -> pd.Series:
         """The texts of the rows numbered `rows` (a sequence of numbers), in that order."""
-        import numpy as np
-
         numbers = np.asarray(rows, dtype=np.int64)
         texts = np.empty(int(numbers.max(initial=-1)) + 1, dtype=object)
         for start, chunk in self.chunks(CHUNK_ROWS):
@@ -196,6 +195,33 @@ def not_text(value) -> str | None:
     if value is None or value is pd.NA or (isinstance(value, float) and value != value):
         return "empty text"
     return f"{type(value).__name__} {value!r:.30}, not text"
+
+
+def hashed(digest, texts: pd.Series) -> np.ndarray:
+    """Feed the UTF-8 of `texts` (strings), one after another, to `digest`; return their lengths in bytes. A
+    column of Arrow strings is hashed where it lies, with no copy."""
+    if isinstance(texts.array, pd.arrays.ArrowStringArray):
+        import pyarrow as pa
+
+        column = pa.array(texts.array)
+        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        width = np.int64 if pa.types.is_large_string(column.type) else np.int32
+        ends = np.frombuffer(column.buffers()[1], dtype=width)[column.offset:column.offset + len(column) + 1]
+        if len(column):
+            digest.update(memoryview(column.buffers()[2])[ends[0]:ends[-1]])
+        return np.diff(ends).astype(np.int64)
+    encoded = [text.encode("utf-8") for text in texts.tolist()]
+    digest.update(b"".join(encoded))
+    return np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+
+
+def not_texts(values: pd.Series) -> dict[int, str]:
+    """{position: why} of the cells of `values` that are no review (tables.not_text), found column-wise in a
+    column of strings."""
+    if pd.api.types.is_string_dtype(values) and not pd.api.types.is_object_dtype(values):
+        empty = values.isna().to_numpy() | values.str.strip().eq("").to_numpy()
+        return {int(row): "empty text" for row in np.flatnonzero(empty)}
+    return {row: reason for row, value in enumerate(values.tolist()) if (reason := not_text(value))}
 
 
 def text_column(frame: pd.DataFrame, column: str, path: Path, fix: str) -> pd.Series:

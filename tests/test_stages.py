@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import multiprocessing
 import random
 import re
 import sys
 import tarfile
+import threading
 import zipfile
 
 import numpy as np
@@ -340,9 +342,11 @@ def vectorized_in_chunks(table, command, reviews, monkeypatch, capsys):
     parts = split.split(reviews.frame, cfg.split, cfg.seed)
     whole = build.vectorize(chunks.with_texts(parts, reviews.table), cfg.build)  # the texts in memory
     assert sorted(whole.x_train.shape) == [256, 300]
+    threads = threading.active_count()
     for each, workers in ((reviews, 2), (as_parquet, 0)):
         vocabulary, arrays = chunks.vectorize_table(split.split(each.frame, cfg.split, cfg.seed), each.table,
                                                     cfg.build, workers=workers)
+        assert multiprocessing.active_children() == [] and threading.active_count() == threads  # (the pool ended)
         assert vocabulary == whole.vocabulary
         for got, expected in zip(arrays, (whole.x_train, whole.x_validation, whole.x_test)):
             assert got.dtype == np.uint16 and np.array_equal(got, expected)
