@@ -24,7 +24,7 @@ import pandas as pd
 from pipeline.console import Progress
 from pipeline.download import download, downloaded, progress, record, sha256_file
 from pipeline.tables import SUFFIXES as TABLES
-from pipeline.tables import TableTexts, hashed, labels_of, not_texts, read_chunks, text_column
+from pipeline.tables import Hashing, TableTexts, hashed, labels_of, not_texts, read_chunks, text_column
 
 if TYPE_CHECKING:  # (config asks SOURCES below when it validates ingest.source: no import back at run time)
     from pipeline.config import IngestConfig
@@ -178,9 +178,13 @@ def locate(cfg: IngestConfig) -> Path:
 def read_table(cfg: IngestConfig, seed: int) -> Reviews:
     """Reviews from a table (a text column, a label column and an optional split column), read chunk by chunk:
     the texts stay in the file (Reviews.table), each row keeping its number there (column `row`)."""
-    path, broken, texts = locate(cfg), [], hashlib.sha256()
+    with Hashing() as texts:  # (the content digest's texts, in the file's order, hashed while the next chunk is read)
+        return _read_table(cfg, seed, locate(cfg), texts)
+
+
+def _read_table(cfg: IngestConfig, seed: int, path: Path, texts: Hashing) -> Reviews:
     found: dict[str, list] = {"labels": [], "split": [], "lines": [], "unusable": [], "lengths": []}
-    why, count, shown = {}, 0, Progress(f"reading {path.name}")
+    broken, why, count, shown = [], {}, 0, Progress(f"reading {path.name}")
     for number, (frame, share) in enumerate(read_chunks(path, broken)):
         if number == 0:
             missing = [c for c in (cfg.text_column, cfg.label_column) if c not in frame.columns]
@@ -193,7 +197,7 @@ def read_table(cfg: IngestConfig, seed: int) -> Reviews:
         why.update((count + row, reason) for row, reason in reasons.items())
         unusable = np.zeros(len(values), dtype=bool)
         unusable[list(reasons)] = True
-        found["lengths"].append(hashed(texts, values[~unusable]))  # (the content digest: the texts in the file's order)
+        found["lengths"].append(hashed(texts, values[~unusable]))
         found["unusable"].append(unusable)
         found["labels"].append(frame[cfg.label_column])
         found["split"].append(frame[cfg.split_column] if by_column else None)

@@ -9,6 +9,7 @@ with the delimiter its header uses (a tab-separated file named .csv just works).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from itertools import islice
@@ -195,6 +196,32 @@ def not_text(value) -> str | None:
     if value is None or value is pd.NA or (isinstance(value, float) and value != value):
         return "empty text"
     return f"{type(value).__name__} {value!r:.30}, not text"
+
+
+class Hashing:
+    """A sha256 fed in a thread of its own, while the caller reads on (hashlib lets go of the interpreter for
+    long inputs); at most one input waits. A context: the thread ends with it."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.sha256, self.thread, self.pending = hashlib.sha256(), ThreadPoolExecutor(1, "hashing"), None
+
+    def update(self, data) -> None:
+        self.digest()
+        self.pending = self.thread.submit(self.sha256.update, data)
+
+    def digest(self) -> bytes:
+        if self.pending is not None:
+            self.pending, pending = None, self.pending
+            pending.result()
+        return self.sha256.digest()
+
+    def __enter__(self) -> "Hashing":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.thread.shutdown(wait=True)
 
 
 def hashed(digest, texts: pd.Series) -> np.ndarray:
