@@ -4,11 +4,10 @@ In: the split stage's Splits of a table whose texts stay in its file (each frame
 review there, `row`; ingest's Reviews.table says which file and column), and a BuildConfig. Out: the vocabulary
 and the train, validation and test id matrices, exactly as build.vectorize makes them from texts in memory
 (tests/test_stages.py checks), ids kept compact (uint16 while the vocabulary fits). Two passes over the file:
-the first counts the tokens of the training reviews (textmodel.adapt's counting) and keeps their ids in numbers
-of each chunk's own, renumbered once the vocabulary is known; the second encodes the other reviews. Each hands
-chunks of tables.CHUNK_ROWS texts to one worker process a core, at most WINDOW chunks a worker in flight, so
-that memory holds the ids and a few chunks, never the whole text. The workers end with the stage, whether it
-ends, fails or is interrupted.
+the first counts the tokens of the training reviews (textmodel.adapt's counting), the second encodes every
+review; each hands chunks of tables.CHUNK_ROWS texts to one worker process a core, at most WINDOW chunks a
+worker in flight, so that memory holds the ids and a few chunks, never the whole text. The workers end with
+the stage, whether it ends, fails or is interrupted.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import sys
 import time
 from collections import Counter, deque
 from dataclasses import replace
-from itertools import chain
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -30,7 +28,6 @@ from pipeline.tables import TableTexts
 
 POOL_ROWS = 100_000  # fewer reviews than this are done in this process: a pool's start costs about a second
 WINDOW = 2  # chunks in flight a worker: one at work, one waiting
-OWN_IDS = 1 << 16  # a chunk's own numbering of its training tokens is uint16; past that, encoded in the second pass
 
 
 def compact(ids: int):
@@ -48,36 +45,23 @@ def vectorize_table(splits, table: TableTexts, cfg, workers: int | None = None) 
         part[numbers], place[numbers] = code, np.arange(len(numbers))
     if workers is None:
         workers = cores() if sum(map(len, rows)) >= POOL_ROWS and cores() > 1 and spawnable() else 0
-    length, dtype = cfg.sequence_length, compact(cfg.vocabulary_size)
-    ids = [np.zeros((len(numbers), length), dtype=dtype) for numbers in rows]
     with Workers(workers) as pool:
-        # 1. count the training reviews' tokens, and keep their ids in numbers of each chunk's own
-        counts, shown, own = Counter(), Progress("vectorize: counting the training reviews' words", len(rows[0])), []
-        for (_, places), (counted, words, local) in pool.map(_count, _chunks(table, part, place, part == 0),
-                                                             (length, cfg.truncate)):
+        counts, shown = Counter(), Progress("vectorize: counting the training reviews' words", len(rows[0]))
+        for chosen, counted in pool.map(_count, _chunks(table, part, place, train_only=True), ()):
             counts.update(counted)
-            if local is not None:
-                ids[0][places] = local
-                own.append((places, words))
-            shown.update(shown.done + len(places))
+            shown.update(shown.done + len(chosen[0]))
         shown.close()
         vocabulary = textmodel.ranked(counts, cfg.vocabulary_size)
         del counts
-        index, again = textmodel.token_index(vocabulary), part > 0  # (and any training rows not numbered above)
-        again[rows[0]] = True
-        for places, words in own:  # each chunk's numbers to the vocabulary's ids
-            again[rows[0][places]] = False
-            lookup = np.array([0, *(index.get(word, 1) for word in words.split(b"\n") if word)], dtype=dtype)
-            ids[0][places] = lookup[ids[0][places]]
-        # 2. encode the validation and test reviews with the vocabulary
-        shown = Progress("vectorize: encoding the reviews", int(again.sum()))
-        settings = (vocabulary, length, cfg.truncate, dtype)
-        for (codes, places), encoded in pool.map(_encode, _chunks(table, part, place, again), settings):
+        ids = [np.zeros((len(numbers), cfg.sequence_length), dtype=compact(len(vocabulary))) for numbers in rows]
+        shown = Progress("vectorize: encoding the reviews", sum(map(len, rows)))
+        settings = (vocabulary, cfg.sequence_length, cfg.truncate, compact(len(vocabulary)))
+        for (codes, places), encoded in pool.map(_encode, _chunks(table, part, place), settings):
             for code, x in enumerate(ids):
                 x[places[codes == code]] = encoded[codes == code]
             shown.update(shown.done + len(codes))
         shown.close()
-    return vocabulary, [x.astype(compact(len(vocabulary)), copy=False) for x in ids]
+    return vocabulary, ids
 
 
 def with_texts(splits, table: TableTexts):
@@ -90,35 +74,23 @@ def with_texts(splits, table: TableTexts):
                               for end, (name, part) in zip(ends, parts.items())})
 
 
-def _chunks(table: TableTexts, part: np.ndarray, place: np.ndarray, wanted: np.ndarray) -> Iterator:
-    """((codes, places), texts) of each chunk of the file: the texts of its reviews that `wanted` (a flag for
-    each row of the file) chooses, which array each goes into (0 train, 1 validation, 2 test) and at which row."""
+def _chunks(table: TableTexts, part: np.ndarray, place: np.ndarray, train_only: bool = False) -> Iterator:
+    """((codes, places), texts) of each chunk of the file: the texts of its reviews that go into the arrays (the
+    training part's only, with `train_only`), which array each goes into (0 train, 1 validation, 2 test) and
+    at which row."""
     for start, texts in table.chunks(tables.CHUNK_ROWS):
         numbers = np.arange(start, min(start + len(texts), len(part)))
-        chosen = np.flatnonzero(wanted[numbers])
+        codes = part[numbers]
+        chosen = np.flatnonzero(codes == 0 if train_only else codes >= 0)
         if len(chosen):
-            yield (part[numbers[chosen]], place[numbers[chosen]]), [texts[i] for i in chosen]
+            yield (codes[chosen], place[numbers[chosen]]), [texts[i] for i in chosen]
 
 
-def _count(texts: list[str], length: int, truncate: str) -> tuple[Counter, bytes, np.ndarray | None]:
-    """The counts of the tokens of `texts`, and their kept tokens as ids of the chunk's own: the chunk's distinct
-    kept tokens, in order (joined by newlines), and each text's ids 1..n in them, 0-padded as textmodel.encode
-    pads (None where the chunk has more than 65,535 distinct kept tokens: then they are encoded again later)."""
-    counts, kept = Counter(), []
+def _count(texts: list[str]) -> Counter:
+    counts: Counter = Counter()
     for text in texts:
-        words = textmodel.tokens(text)
-        counts.update(words)
-        kept.append(words[-length:] if truncate == "pre" else words[:length])  # (textmodel.tokens's `keep`)
-    own = dict.fromkeys(chain.from_iterable(kept))
-    if len(own) >= OWN_IDS:
-        return counts, b"", None
-    for number, word in enumerate(own, 1):
-        own[word] = number
-    lengths = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
-    local = np.zeros((len(kept), length), dtype=np.uint16)
-    local[np.arange(length)[None, :] < lengths[:, None]] = np.fromiter(
-        map(own.__getitem__, chain.from_iterable(kept)), dtype=np.uint16, count=int(lengths.sum()))
-    return counts, b"\n".join(own), local
+        counts.update(textmodel.tokens(text))
+    return counts
 
 
 _INDEX: list = [None, None]  # a worker's last vocabulary and its token index: built once, not once a chunk

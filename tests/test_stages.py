@@ -329,13 +329,11 @@ def test_split_that_leaves_no_training_data_is_an_error(tiny_archive):
 
 def vectorized_in_chunks(table, command, reviews, monkeypatch, capsys):
     """A table's texts stay in its file and are vectorized as read, chunk by chunk (here 64 rows), on a pool
-    of 2 worker processes or in this one (where a chunk's own numbering of its words overflows, too): the same
-    vocabulary and ids, in uint16, as from the whole table in memory, for the CSV and the same table as
-    Parquet; with the progress line of a long stage."""
+    of 2 worker processes or in this one: the same vocabulary and ids, in uint16, as from the whole table in
+    memory, for the CSV and the same table as Parquet; with the progress lines of a long stage."""
     from pipeline import chunks, console, tables
 
     monkeypatch.setattr(tables, "CHUNK_ROWS", 64)
-    monkeypatch.setattr(chunks, "OWN_IDS", 28)  # in this process: some chunks' training reviews encoded again
     monkeypatch.setattr(console, "PROGRESS", (0.0, 0.0))  # every update a line, as a long stage shows them
     cfg = compose_config(command)
     pd.read_csv(table).to_parquet(table.with_suffix(".parquet"))
@@ -356,7 +354,7 @@ def vectorized_in_chunks(table, command, reviews, monkeypatch, capsys):
     assert re.search(r"reading IMDB_Dataset\.parquet: 192 reviews, [\d,]+ a second, \d+ s left", shown)
     assert re.search(r"vectorize: counting the training reviews' words: [\d,]+ of 300 reviews, [\d,]+ a second, "
                      r"\d+ s left", shown)
-    assert re.search(r"vectorize: encoding the reviews: [\d,]+ of [\d,]+ reviews, [\d,]+ a second, \d+ s left", shown)
+    assert re.search(r"vectorize: encoding the reviews: [\d,]+ of 1,000 reviews, [\d,]+ a second, \d+ s left", shown)
 
 
 def _fixes(message: str) -> list[list[str]]:
