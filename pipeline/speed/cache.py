@@ -27,8 +27,8 @@ from pipeline import build, chunks, ingest, split, tables, textmodel
 from pipeline.build import Encoded
 from pipeline.config import BAG_FAMILIES, PipelineConfig
 from pipeline.ingest import Reviews, sha256_file
-from pipeline.tables import TableTexts
 from pipeline.speed import CACHED_STAGES
+from pipeline.tables import TableTexts
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
