@@ -333,6 +333,7 @@ def vectorized_in_chunks(table, command, reviews, monkeypatch, capsys):
     memory, for the CSV and the same table as Parquet; with the progress lines of a long stage."""
     from pipeline import chunks, console, tables
 
+    assert "reading" not in capsys.readouterr().out  # the ingest above was short: no progress line
     monkeypatch.setattr(tables, "CHUNK_ROWS", 64)
     monkeypatch.setattr(console, "PROGRESS", (0.0, 0.0))  # every update a line, as a long stage shows them
     cfg = compose_config(command)
