@@ -22,6 +22,7 @@ from bench import last_run, measured, pipeline_command  # benchmarks/bench.py, b
 
 SIZES = (50_000, 200_000, 1_000_000)
 FORMATS = ("csv", "parquet")
+STAGES = ("ingest", "split", "vectorize", "cache_write", "start_tensorflow", "build", "fit", "evaluate", "log_model")
 
 
 def make_table(archive: str, rows: int, path: Path) -> Path:
@@ -66,7 +67,9 @@ def main(argv: list[str] | None = None) -> None:
                     make_table(archive, rows, table)
                 with tempfile.TemporaryDirectory(prefix="imdb-tables-run-") as run:
                     out = run_table(table, Path(run))
-                stages = "  ".join(f"{name} {seconds:.1f}" for name, seconds in out["seconds"].items())
+                ordered = sorted(out["seconds"].items(), key=lambda item: (item[0] not in STAGES,
+                                                                           STAGES.index(item[0]) if item[0] in STAGES else 0))
+                stages = "  ".join(f"{name} {seconds:.1f}" for name, seconds in ordered)
                 print(f"{table.name:28}{out['wall']:8.1f}{out['peak_mb']:9.0f}  {stages}", flush=True)
 
 

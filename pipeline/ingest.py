@@ -209,7 +209,8 @@ def _read_table(cfg: IngestConfig, seed: int, path: Path, texts: Hashing) -> Rev
                                 f"{path}: column {cfg.label_column!r}")
     unusable = np.concatenate(found["unusable"]) | labels.isna().to_numpy()
     numbers = np.concatenate(found["lines"]) if lines else None
-    bad = [[f"line {numbers[row]}" if lines else str(row + 1), why.get(row, "no label")] for row in np.flatnonzero(unusable)]
+    bad = [[f"line {numbers[row]}" if lines else str(row + 1), why.get(row, "no label")]
+           for row in np.flatnonzero(unusable)]
     bad = sorted(broken + bad, key=lambda row: int(row[0].split()[-1]))  # (in the file's order)
     _bad(str(path), bad, cfg.skip_bad_rows, "lines that are not JSON objects, or have an empty text or no label"
          if lines else "rows with an empty text or no label, counting from 1 after the header")

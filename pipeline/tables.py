@@ -82,7 +82,8 @@ def read_chunks(path: Path, bad: list | None = None, columns: list[str] | None =
 def _unknown(path: Path) -> ValueError:
     archive = f"; the aclImdb archive or folder is read with ingest=archive ingest.path={path}" \
         if path.is_dir() or path.name.lower().endswith((".tar.gz", ".tgz", ".tar")) else ""
-    return ValueError(f"{path}: unknown table format {path.suffix.lower()!r}; use .csv, .tsv, .jsonl or .parquet{archive}")
+    return ValueError(f"{path}: unknown table format {path.suffix.lower()!r}; use .csv, .tsv, .jsonl or "
+                      f".parquet{archive}")
 
 
 def _unreadable(path: Path, error: Exception) -> ValueError:
