@@ -44,7 +44,7 @@ def work(send, prepare, cfg, step) -> None:
     signal.signal(signal.SIGTERM, _stop)
     try:
         data = prepare(cfg, step)
-        result = (True, (spill(data), step))
+        result = (True, (spill(data, cfg.cache_dir), step))
     except Exception as error:  # (handed to the run, which raises it)
         result = (False, error)
     try:
@@ -53,8 +53,10 @@ def work(send, prepare, cfg, step) -> None:
         send.send((False, RuntimeError(f"{type(result[1]).__name__}: {result[1]} ({error})")))
 
 
-def spill(data):
-    """`data` with the encoded arrays in files when they are big: Encoded's arrays become their paths."""
+def spill(data, near: str):
+    """`data` with the encoded arrays in files when they are big: Encoded's arrays become their paths. The files
+    go in a folder of their own in `near` (cache_dir: on disk, where the system's temporary folder may be
+    memory), or in the system's temporary folder where `near` cannot be written."""
     from pipeline.build import Encoded
 
     encoded = data.encoded
@@ -62,7 +64,11 @@ def spill(data):
         return data
     import numpy as np
 
-    folder = Path(tempfile.mkdtemp(prefix="pipeline-data-"))
+    try:
+        Path(near).mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=".handover-", dir=near))
+    except OSError:
+        folder = Path(tempfile.mkdtemp(prefix="pipeline-data-"))
     try:
         for name in Encoded.ARRAYS:
             np.save(folder / f"{name}.npy", getattr(encoded, name), allow_pickle=False)
