@@ -14,8 +14,9 @@ import numpy as np
 
 import pandas as pd
 
-from pipeline import textmodel
+from pipeline import chunks, textmodel
 from pipeline.config import BAG_FAMILIES, BuildConfig
+from pipeline.tables import TableTexts
 
 VECTORIZE_FIELDS = ("vocabulary_size", "sequence_length", "truncate", "ngrams", "min_count")  # what the arrays depend on
 
@@ -40,11 +41,19 @@ class Encoded:
         return len(self.codes) + 1 if self.ngrams else len(self.vocabulary)
 
 
-def vectorize(splits, cfg: BuildConfig) -> Encoded:
+def vectorize(splits, cfg: BuildConfig, table: TableTexts | None = None) -> Encoded:
     """Adapt the vocabulary (and the bag families' n-grams) on the training part only, then encode every
-    split with it. `splits`: the split stage's Splits (train, validation and test tables)."""
-    train = [textmodel.standardize(text) for text in splits.train["text"]]  # once, for counting and encoding
+    split with it. `splits`: the split stage's Splits (train, validation and test tables); `table`: where
+    their texts are when the tables hold their row numbers in a file instead (ingest=table, pipeline/chunks.py).
+    The ids are compact: uint16 while the vocabulary fits."""
     ngrams = cfg.ngrams if cfg.family in BAG_FAMILIES else 0
+    labels = [part["label"].to_numpy(dtype=np.float32) for part in (splits.train, splits.validation, splits.test)]
+    if table is not None and not ngrams:  # read and encoded chunk by chunk, on every core
+        vocabulary, (x_train, x_validation, x_test) = chunks.vectorize_table(splits, table, cfg)
+        return Encoded(vocabulary, x_train, labels[0], x_validation, labels[1], x_test, labels[2])
+    if table is not None:  # the bag families count n-grams over the training texts, in memory
+        splits = chunks.with_texts(splits, table)
+    train = [textmodel.standardize(text) for text in splits.train["text"]]  # once, for counting and encoding
     if ngrams:
         vocabulary, codes = textmodel.adapt_ngrams(train, ngrams, cfg.min_count, cfg.vocabulary_size - 1, True)
         index, lookup = textmodel.token_index(vocabulary), pd.Index(codes)
@@ -59,11 +68,11 @@ def vectorize(splits, cfg: BuildConfig) -> Encoded:
         def encode(texts, standardized=False):
             return textmodel.encode(index, texts, cfg.sequence_length, cfg.truncate, standardized)
 
-    x_train, y_train = encode(train, True), splits.train["label"].to_numpy(dtype=np.float32)
+    dtype = chunks.compact(len(codes) + 1 if ngrams else len(vocabulary))
+    x_train = encode(train, True).astype(dtype)
     del train
-    labels = [(encode(part["text"].tolist()), part["label"].to_numpy(dtype=np.float32))
-              for part in (splits.validation, splits.test)]
-    return Encoded(vocabulary, x_train, y_train, *labels[0], *labels[1], codes, ngrams)
+    x_validation, x_test = (encode(part["text"].tolist()).astype(dtype) for part in (splits.validation, splits.test))
+    return Encoded(vocabulary, x_train, labels[0], x_validation, labels[1], x_test, labels[2], codes, ngrams)
 
 
 def build_model(cfg: BuildConfig, vocabulary_size: int, sequence_length: int | None = None, seed: int = 42,

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 
 log = logging.getLogger("pipeline")
 FULL = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
@@ -94,6 +95,45 @@ def stage(name: str, seconds: float | None, detail: str = "") -> None:
     """One stage's line: its name, seconds and what it made."""
     took = f"{seconds:6.1f} s" if seconds is not None else ""
     log.info("%s", f"{name:<16} {took:>8}  {detail}".rstrip())
+
+
+PROGRESS = (2.0, 10.0)  # Progress: seconds before its first line; seconds between lines where it cannot redraw
+
+
+class Progress:
+    """A long stage's progress: "<what>: 420,000 of 1,000,000 reviews, 41,000 a second, 14 s left". Nothing for
+    the first 2 seconds (a short stage shows only its line); then, on a terminal, one line redrawn in place at
+    most 4 times a second and erased at the end, and elsewhere (a log, a notebook) a line at most every 10
+    seconds. On standard error or output, whichever is a terminal, else on standard output (in the worker
+    that prepares the data, standard error is the run's log)."""
+
+    def __init__(self, what: str, total: int | None = None, unit: str = "reviews"):
+        self.what, self.total, self.unit, self.after, self.every = what, total, unit, *PROGRESS
+        self.start = time.monotonic()
+        self.last = self.start - self.every  # (the first line as soon as `after` has passed)
+        self.stream = next((s for s in (sys.stderr, sys.stdout) if getattr(s, "isatty", lambda: False)()), None)
+        self.drawn, self.done = False, 0
+
+    def update(self, done: int, share: float | None = None) -> None:
+        """`done` rows so far; `share`, the part of the work done, where `total` is not known."""
+        now, self.done = time.monotonic(), done
+        if now - self.start < self.after or now - self.last < (0.25 if self.stream else self.every):
+            return
+        self.last, took = now, now - self.start
+        share = done / self.total if self.total else share
+        of = f" of {self.total:,}" if self.total else ""
+        left = f", {took * (1 - share) / share:.0f} s left" if share else ""
+        line = f"{self.what}: {done:,}{of} {self.unit}, {done / took:,.0f} a second{left}"
+        if self.stream:
+            print(f"\r\x1b[K{line}", end="", file=self.stream, flush=True)
+            self.drawn = True
+        else:
+            print(line, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.drawn:  # the stage's own line follows
+            print("\r\x1b[K", end="", file=self.stream, flush=True)
+            self.drawn = False
 
 
 CONSOLE = Console()

@@ -3,7 +3,8 @@
 In: an IngestConfig naming the Large Movie Review Dataset (a local .tar.gz or extracted folder in its
 canonical layout, downloaded only when missing), `keras.datasets.imdb`, or a user's CSV/Parquet file.
 Out: Reviews, a table with columns text, label (0/1), rating (1-10, or -1 where unknown) and split
-(train/test), in a canonical order, with a sha256 content digest of exactly those rows.
+(train/test), in a canonical order, with a sha256 content digest of exactly those rows. A user's table is read
+in chunks and its texts stay in its file: its Reviews have the row numbers there (column `row`) for `text`.
 SOURCES, at the end, is the one table of the sources (ingest.source): what the rest of the pipeline asks of one.
 """
 
@@ -20,9 +21,10 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import pandas as pd
 
+from pipeline.console import Progress
 from pipeline.download import download, downloaded, progress, record, sha256_file
 from pipeline.tables import SUFFIXES as TABLES
-from pipeline.tables import not_text, read_frame, row_names, text_column
+from pipeline.tables import Hashing, TableTexts, hashed, labels_of, not_texts, read_chunks, text_column
 
 if TYPE_CHECKING:  # (config asks SOURCES below when it validates ingest.source: no import back at run time)
     from pipeline.config import IngestConfig
@@ -40,9 +42,14 @@ class Reviews:
     source: str  # where the rows came from (a path, a URL or keras.datasets.imdb)
     skipped: list = field(default_factory=list)  # [where, why] of each row or file left out (skip_bad_rows)
     labels: dict = field(default_factory=dict)  # {"positive": value, "negative": value} when positive_label mapped them
+    table: TableTexts | None = None  # a table's texts, in its file: the frame has their row numbers (`row`), not them
 
     def counts(self) -> dict[str, int]:
         return {split: int((self.frame["split"] == split).sum()) for split in SPLITS}
+
+    def texts(self) -> pd.Series:
+        """Each review's text, in the frame's order: its column, or read from the table's file."""
+        return self.frame["text"] if self.table is None else self.table.at(self.frame["row"].to_numpy())
 
     def meta(self) -> dict:
         """Everything but the table, as JSON (kept beside the table in the stage cache)."""
@@ -64,6 +71,11 @@ def _finish(rows: list[tuple], source: str, skipped: list, labels: dict | None =
     frame = pd.DataFrame(rows, columns=["split", "label", "id", "rating", "text"], dtype=object)
     frame = frame.astype({"label": "int8", "id": "int64", "rating": "int8"})
     frame = frame.sort_values(["split", "label", "id"], kind="stable", ignore_index=True)[COLUMNS]
+    return Reviews(_complete(frame, source, layout), content_digest(frame), source, skipped, labels or {})
+
+
+def _complete(frame: pd.DataFrame, source: str, layout: bool = False) -> pd.DataFrame:
+    """`frame`, unless a split lacks positive or negative reviews."""
     missing = [(split, label) for split in SPLITS for label in (1, 0)
                if not ((frame["split"] == split) & (frame["label"] == label)).any()]
     if missing and layout:  # an archive or folder: the folder that should hold them
@@ -73,7 +85,7 @@ def _finish(rows: list[tuple], source: str, skipped: list, labels: dict | None =
     if missing:
         raise ValueError(f"{source}: the {missing[0][0]} split needs positive and negative reviews; it has no "
                          f"{'positive' if missing[0][1] else 'negative'} rows")
-    return Reviews(frame, content_digest(frame), source, skipped, labels or {})
+    return frame
 
 
 def _bad(source: str, skipped: list, skip: bool, what: str) -> list:
@@ -163,54 +175,66 @@ def locate(cfg: IngestConfig) -> Path:
     return download(cfg.url, path, cfg.sha256)
 
 
-def labels_of(column: pd.Series, positive: str | None, where: str) -> tuple[pd.Series, dict]:
-    """0/1 labels (NaN where missing) and the mapping used: 0/1 as written, or `positive` -> 1 and the
-    column's other value -> 0."""
-    if positive is None:
-        labels = pd.to_numeric(column, errors="coerce")
-        wrong = column.notna() & ~labels.isin([0, 1])
-        if wrong.any():
-            raise ValueError(f"{where} must hold 0 or 1 only; found {column[wrong].unique()[:5].tolist()}. If it "
-                             "holds two other values, name the positive one: ingest.positive_label=<value>")
-        return labels, {}
-    written = column.map(lambda value: value if pd.isna(value) else str(value).strip())
-    values = sorted(written.dropna().unique().tolist())
-    if len(values) > 2 or positive not in values:
-        raise ValueError(f"{where} holds {len(values)} distinct values {values[:10]}; ingest.positive_label="
-                         f"{positive!r} needs two, one of them {positive!r}")
-    negative = next((value for value in values if value != positive), None)
-    return written.eq(positive).astype(float).where(written.notna()), {"positive": positive, "negative": negative}
-
-
 def read_table(cfg: IngestConfig, seed: int) -> Reviews:
-    """Reviews from a table: a text column, a label column and an optional split column."""
-    path, broken = locate(cfg), []
-    frame = read_frame(path, broken)  # (a JSON line that does not parse: a bad row, named below)
-    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {list(frame.columns)} "
-                         "(set ingest.text_column / ingest.label_column)")
-    texts = text_column(frame, cfg.text_column, path, "set ingest.text_column to the column of reviews")
-    labels, mapping = labels_of(frame[cfg.label_column], cfg.positive_label, f"{path}: column {cfg.label_column!r}")
-    why = [not_text(text) for text in texts]
-    unusable = np.array([bool(w) for w in why], dtype=bool) | labels.isna().to_numpy()
-    names = row_names(frame)
-    bad = [[names[number], why[number] or "no label"] for number in np.flatnonzero(unusable)]
+    """Reviews from a table (a text column, a label column and an optional split column), read chunk by chunk:
+    the texts stay in the file (Reviews.table), each row keeping its number there (column `row`)."""
+    with Hashing() as texts:  # (the content digest's texts, in the file's order, hashed while the next chunk is read)
+        return _read_table(cfg, seed, locate(cfg), texts)
+
+
+def _read_table(cfg: IngestConfig, seed: int, path: Path, texts: Hashing) -> Reviews:
+    found: dict[str, list] = {"labels": [], "split": [], "lines": [], "unusable": [], "lengths": []}
+    broken, why, count, shown = [], {}, 0, Progress(f"reading {path.name}")
+    for number, (frame, share) in enumerate(read_chunks(path, broken)):
+        if number == 0:
+            missing = [c for c in (cfg.text_column, cfg.label_column) if c not in frame.columns]
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {missing}; found {list(frame.columns)} "
+                                 "(set ingest.text_column / ingest.label_column)")
+            by_column, lines = bool(cfg.split_column and cfg.split_column in frame.columns), frame.index.name == "line"
+        values = text_column(frame, cfg.text_column, path, "set ingest.text_column to the column of reviews")
+        reasons = not_texts(values)
+        why.update((count + row, reason) for row, reason in reasons.items())
+        unusable = np.zeros(len(values), dtype=bool)
+        unusable[list(reasons)] = True
+        found["lengths"].append(hashed(texts, values[~unusable]))
+        found["unusable"].append(unusable)
+        found["labels"].append(frame[cfg.label_column])
+        found["split"].append(frame[cfg.split_column] if by_column else None)
+        found["lines"].append(frame.index.to_numpy() if lines else None)
+        count += len(values)
+        shown.update(count, share)
+    shown.close()
+    labels, mapping = labels_of(pd.concat(found["labels"], ignore_index=True), cfg.positive_label,
+                                f"{path}: column {cfg.label_column!r}")
+    unusable = np.concatenate(found["unusable"]) | labels.isna().to_numpy()
+    numbers = np.concatenate(found["lines"]) if lines else None
+    bad = [[f"line {numbers[row]}" if lines else str(row + 1), why.get(row, "no label")]
+           for row in np.flatnonzero(unusable)]
     bad = sorted(broken + bad, key=lambda row: int(row[0].split()[-1]))  # (in the file's order)
     _bad(str(path), bad, cfg.skip_bad_rows, "lines that are not JSON objects, or have an empty text or no label"
-         if frame.index.name == "line" else "rows with an empty text or no label, counting from 1 after the header")
-    if cfg.split_column and cfg.split_column in frame.columns:
-        split = frame[cfg.split_column].astype(str).str.lower()
+         if lines else "rows with an empty text or no label, counting from 1 after the header")
+    if by_column:
+        split = pd.concat(found["split"], ignore_index=True).astype(str).str.lower()
         if not split.isin(SPLITS).all():
             raise ValueError(f"{path}: column {cfg.split_column!r} must hold train or test; "
                              f"found {sorted(set(split) - set(SPLITS))[:5]}")
+        split = split.to_numpy(dtype=object)
     else:
-        order = np.random.default_rng(seed).permutation(len(frame))
-        split = pd.Series("train", index=frame.index)
-        split.iloc[order[: int(round(cfg.test_fraction * len(frame)))]] = "test"
-    rows = [(s, int(lab), i, -1, t) for i, (s, lab, t, bad_row) in enumerate(zip(split, labels, texts, unusable))
-            if not bad_row]
-    return _finish(rows, str(path), bad, mapping)
+        order = np.random.default_rng(seed).permutation(count)
+        split = np.full(count, "train", dtype=object)
+        split[order[: int(round(cfg.test_fraction * count))]] = "test"
+    good = np.flatnonzero(~unusable)
+    lengths = np.zeros(count, dtype=np.int64)
+    lengths[np.flatnonzero(~np.concatenate(found["unusable"]))] = np.concatenate(found["lengths"])
+    frame = pd.DataFrame({"row": good, "label": labels.to_numpy()[good].astype("int8"), "rating": np.int8(-1),
+                          "split": split[good]})
+    frame = _complete(frame.sort_values(["split", "label", "row"], kind="stable", ignore_index=True), str(path))
+    # the digest: each row's split, label, rating and text length in the canonical order, then the texts
+    rows = np.rec.fromarrays([frame["split"].to_numpy().astype("S5"), frame["label"].to_numpy(),
+                              frame["rating"].to_numpy(), lengths[frame["row"].to_numpy()]])
+    digest = hashlib.sha256(rows.tobytes() + texts.digest()).hexdigest()
+    return Reviews(frame, digest, str(path), bad, mapping, TableTexts(str(path), cfg.text_column))
 
 
 def read_keras(cfg: IngestConfig) -> Reviews:

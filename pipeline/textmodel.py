@@ -64,8 +64,13 @@ def adapt(texts: Iterable[str | bytes], vocabulary_size: int, standardized: bool
     counts: Counter = Counter()
     for text in texts:
         counts.update(tokens(text, standardized=standardized))
-    ranked = heapq.nlargest(max(vocabulary_size - 2, 0), counts.items(), key=lambda item: (item[1], item[0]))
-    return [PAD, UNKNOWN] + [token.decode("utf-8") for token, _ in ranked]
+    return ranked(counts, vocabulary_size)
+
+
+def ranked(counts: Counter, vocabulary_size: int) -> list[str]:
+    """adapt's vocabulary from the counts of the tokens (bytes) of the training texts."""
+    top = heapq.nlargest(max(vocabulary_size - 2, 0), counts.items(), key=lambda item: (item[1], item[0]))
+    return [PAD, UNKNOWN] + [token.decode("utf-8") for token, _ in top]
 
 
 def token_index(vocabulary: Sequence[str]) -> dict[bytes, int]:

@@ -84,7 +84,7 @@ def prepare(cfg: PipelineConfig, step: Steps) -> Data:
     """ingest -> split -> vectorize, as far as cfg.stages goes."""
     reviews = step("ingest", ingest.ingest, cfg.ingest, cfg.seed)
     parts = step("split", split.split, reviews.frame, cfg.split, cfg.seed) if "split" in cfg.stages else None
-    encoded = step("vectorize", build.vectorize, parts, cfg.build) if "build" in cfg.stages else None
+    encoded = step("vectorize", build.vectorize, parts, cfg.build, reviews.table) if "build" in cfg.stages else None
     return Data(reviews.meta(), parts and parts.sizes(), encoded, dict(step.cache))
 
 

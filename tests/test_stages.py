@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import multiprocessing
 import random
 import re
 import sys
 import tarfile
+import threading
 import zipfile
 
 import numpy as np
@@ -210,7 +212,7 @@ def test_a_table_named_csv_is_read_with_the_delimiter_its_header_uses(tmp_path, 
     frame.to_csv(tmp_path / "reviews.csv", sep=delimiter, index=False)
     reviews = ingest.ingest(IngestConfig(source="table", path=str(tmp_path / "reviews.csv"), text_column="review",
                                          label_column="sentiment", positive_label="positive"))
-    assert sorted(reviews.frame["text"]) == sorted(frame["review"])
+    assert sorted(reviews.texts()) == sorted(frame["review"])
 
 
 def test_a_broken_json_line_is_named_or_left_out_and_counted(tmp_path):
@@ -225,7 +227,7 @@ def test_a_broken_json_line_is_named_or_left_out_and_counted(tmp_path):
     cfg.skip_bad_rows = True
     reviews = ingest.ingest(cfg)
     assert [where for where, _ in reviews.skipped] == ["line 7"]
-    assert sorted(reviews.frame["text"]) == sorted(frame["review"].drop(index=6))
+    assert sorted(reviews.texts()) == sorted(frame["review"].drop(index=6))
 
 
 def labelled_reviews(rows: int = 40) -> pd.DataFrame:
@@ -246,7 +248,7 @@ def test_a_review_sentiment_table_in_any_format_maps_its_labels(tmp_path, suffix
     cfg.positive_label = "positive"
     reviews = ingest.ingest(cfg)
     assert reviews.labels == {"positive": "positive", "negative": "negative"}
-    by_text = dict(zip(reviews.frame["text"], reviews.frame["label"]))
+    by_text = dict(zip(reviews.texts(), reviews.frame["label"]))
     assert all(by_text[text] == int(label == "positive") for text, label in zip(frame["review"], frame["sentiment"]))
     assert sum(reviews.counts().values()) == len(frame)
 
@@ -276,7 +278,7 @@ def test_empty_rows_are_named_or_left_out_and_listed(tmp_path):
     reviews = ingest.ingest(cfg)
     assert [int(row) for row, _ in reviews.skipped] == [row + 1 for row in empty]
     assert sum(reviews.counts().values()) == len(frame) - len(empty)
-    assert not reviews.frame["text"].str.strip().eq("").any()
+    assert not reviews.texts().str.strip().eq("").any()
 
 
 def test_an_archive_with_an_empty_review_file_can_leave_it_out(tmp_path):
@@ -325,6 +327,37 @@ def test_split_that_leaves_no_training_data_is_an_error(tiny_archive):
         split.split(reviews.frame, SplitConfig(validation_size=24), seed=1)
 
 
+def vectorized_in_chunks(table, command, reviews, monkeypatch, capsys):
+    """A table's texts stay in its file and are vectorized as read, chunk by chunk (here 64 rows), on a pool
+    of 2 worker processes or in this one: the same vocabulary and ids, in uint16, as from the whole table in
+    memory, for the CSV and the same table as Parquet; with the progress lines of a long stage."""
+    from pipeline import chunks, console, tables
+
+    assert "reading" not in capsys.readouterr().out  # the ingest above was short: no progress line
+    monkeypatch.setattr(tables, "CHUNK_ROWS", 64)
+    monkeypatch.setattr(console, "PROGRESS", (0.0, 0.0))  # every update a line, as a long stage shows them
+    cfg = compose_config(command)
+    pd.read_csv(table).to_parquet(table.with_suffix(".parquet"))
+    as_parquet = ingest.ingest(compose_config(command + [f"ingest.path={table.with_suffix('.parquet')}"]).ingest)
+    assert "text" not in reviews.frame.columns and as_parquet.digest == reviews.digest
+    parts = split.split(reviews.frame, cfg.split, cfg.seed)
+    whole = build.vectorize(chunks.with_texts(parts, reviews.table), cfg.build)  # the texts in memory
+    assert sorted(whole.x_train.shape) == [256, 300]
+    threads = threading.active_count()
+    for each, workers in ((reviews, 2), (as_parquet, 0)):
+        vocabulary, arrays = chunks.vectorize_table(split.split(each.frame, cfg.split, cfg.seed), each.table,
+                                                    cfg.build, workers=workers)
+        assert multiprocessing.active_children() == [] and threading.active_count() == threads  # (the pool ended)
+        assert vocabulary == whole.vocabulary
+        for got, expected in zip(arrays, (whole.x_train, whole.x_validation, whole.x_test)):
+            assert got.dtype == np.uint16 and np.array_equal(got, expected)
+    shown = capsys.readouterr().out
+    assert re.search(r"reading IMDB_Dataset\.parquet: 192 reviews, [\d,]+ a second, \d+ s left", shown)
+    assert re.search(r"vectorize: counting the training reviews' words: [\d,]+ of 300 reviews, [\d,]+ a second, "
+                     r"\d+ s left", shown)
+    assert re.search(r"vectorize: encoding the reviews: [\d,]+ of 1,000 reviews, [\d,]+ a second, \d+ s left", shown)
+
+
 def _fixes(message: str) -> list[list[str]]:
     """The overrides a message offers, one list per alternative (after "e.g." or "add", split at "or")."""
     offered = re.split(r"e\.g\.|add", message, maxsplit=1)[1]
@@ -335,7 +368,8 @@ def _fixes(message: str) -> list[list[str]]:
                                    ["split=tutorial", "split.validation_fraction=0.4"],
                                    ["split.validation_fraction=0.0001"], ["split.validation_fraction=1.5"],
                                    ["split=tutorial", "split.validation_size=null"]])
-def test_a_table_splits_by_default_and_every_fix_a_split_error_offers_works_as_written(tmp_path, tried):
+def test_a_table_splits_by_default_and_every_fix_a_split_error_offers_works_as_written(tmp_path, tried, monkeypatch,
+                                                                                      capsys):
     """The README's command on a table of 1,000 reviews holds out 40% of its 500 training reviews; a
     setting that cannot work names a fix, and each fix offered, added to the command, works."""
     rng = random.Random(0)
@@ -352,6 +386,7 @@ def test_a_table_splits_by_default_and_every_fix_a_split_error_offers_works_as_w
 
     if not tried:
         assert sizes(command) == {"train": 300, "validation": 200, "test": 500}
+        vectorized_in_chunks(tmp_path / "IMDB_Dataset.csv", command, reviews, monkeypatch, capsys)
         return
     def follow(overrides, steps=3):  # each fix offered, added to the command, works or offers fixes that do
         try:
@@ -407,7 +442,7 @@ def test_vocabulary_is_adapted_on_training_reviews_only(tiny_archive):
     encoded = build.vectorize(parts, BuildConfig(vocabulary_size=500, sequence_length=16))
     assert "zzzonlyintest" not in encoded.vocabulary and "yyyonlyinvalidation" not in encoded.vocabulary
     assert (encoded.x_test[:, :5] == 1).all()  # out of vocabulary
-    assert encoded.x_train.shape == (16, 16) and encoded.x_train.dtype == np.int32
+    assert encoded.x_train.shape == (16, 16) and encoded.x_train.dtype == np.uint16  # compact: the vocabulary fits
     assert encoded.y_train.tolist() == parts.train["label"].tolist()
 
 

@@ -23,11 +23,12 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from pipeline import build, ingest, split, textmodel
+from pipeline import build, chunks, ingest, split, tables, textmodel
 from pipeline.build import Encoded
 from pipeline.config import BAG_FAMILIES, PipelineConfig
 from pipeline.ingest import Reviews, sha256_file
 from pipeline.speed import CACHED_STAGES
+from pipeline.tables import TableTexts
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -76,13 +77,13 @@ class StageCache:
                     ingest.locate(cfg.ingest)  # download first if needed, so that the key sees the real file
                 settings = {k: v for k, v in asdict(cfg.ingest).items() if k not in INGEST_KEY_SKIPS}
                 settings.update(input=ingest.input_digest(cfg.ingest), seed=cfg.seed if source.seeded else None)
-                self.keys[stage] = make_key("ingest", settings, [ingest])
+                self.keys[stage] = make_key("ingest", settings, [ingest, tables])
             else:
                 self.keys[stage] = make_key("vectorize", {
                     "ingest": self.key("ingest"), "split": asdict(cfg.split),
                     "seed": cfg.seed if cfg.split.seed is None else None,
                     "build": {name: getattr(cfg.build, name) for name in build.VECTORIZE_FIELDS},
-                    "bags": cfg.build.family in BAG_FAMILIES}, [ingest, split, build, textmodel])
+                    "bags": cfg.build.family in BAG_FAMILIES}, [ingest, tables, split, build, chunks, textmodel])
         return self.keys[stage]
 
     def entry(self, stage: str, key: str) -> Path:
@@ -91,7 +92,12 @@ class StageCache:
     def load(self, stage: str):
         """The product of `stage` kept under its key, or None."""
         kept = self.read(stage, self.key(stage))
-        return None if kept is None else unpack(stage, *kept)
+        if kept is None:
+            return None
+        product = unpack(stage, *kept)
+        if stage == "ingest" and "text" not in product.frame.columns:  # a table's texts: in this run's copy of it
+            product.table = TableTexts(str(Path(self.cfg.ingest.path).expanduser()), self.cfg.ingest.text_column)
+        return product
 
     def save(self, stage: str, product) -> None:
         self.write(stage, self.key(stage), *pack(product))

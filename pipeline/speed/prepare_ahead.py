@@ -2,19 +2,28 @@
 
 The worker is a fresh interpreter (spawned: safe whatever threads run here) that calls the story's own
 `prepare(cfg, step)` with a quiet copy of the run's Steps; the run takes its product and its Steps' seconds,
-cache hits and lines when it needs the data. The worker is stopped as soon as its result is in, or when the
-run ends first; Ctrl-C is the run's (the worker ignores it).
+cache hits and lines when it needs the data. Arrays of more than SPILL bytes come back through files, not the
+pipe (a pickle would hold a second and third copy of a big table's ids in memory at once). The worker is not a
+daemon, so that a big table's vectorizing may start workers of its own (pipeline/chunks.py); it is stopped as
+soon as its result is in, or when the run ends first (SIGTERM: it ends its own workers on the way out);
+Ctrl-C is the run's (the worker ignores it).
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import shutil
 import signal
 import sys
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.chunks import end
 
 log = logging.getLogger(__name__)
+SPILL = 256 << 20  # bytes of arrays above which they come back through files (the archive's are 77 MB)
 
 
 def can_start(cfg) -> bool:
@@ -25,28 +34,98 @@ def can_start(cfg) -> bool:
             and getattr(main, "__spec__", None) is not None and multiprocessing.parent_process() is None)
 
 
-def work(prepare, cfg, step):
-    """In the worker: the data, and the Steps that made it (its seconds, hits and lines)."""
-    return prepare(cfg, step), step
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)  # (unwinds: a pool of the worker's own ends with it)
+
+
+def work(send, prepare, cfg, step) -> None:
+    """In the worker: (True, (data, the Steps that made it)) or (False, the error), sent to the run."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        data = prepare(cfg, step)
+        result = (True, (spill(data, cfg.cache_dir), step))
+    except Exception as error:  # (handed to the run, which raises it)
+        result = (False, error)
+    try:
+        send.send(result)
+    except Exception as error:  # an error that does not pickle: its text
+        send.send((False, RuntimeError(f"{type(result[1]).__name__}: {result[1]} ({error})")))
+
+
+def spill(data, near: str):
+    """`data` with the encoded arrays in files when they are big: Encoded's arrays become their paths. The files
+    go in a folder of their own in `near` (cache_dir: on disk, where the system's temporary folder may be
+    memory), or in the system's temporary folder where `near` cannot be written."""
+    from pipeline.build import Encoded
+
+    encoded = data.encoded
+    if encoded is None or sum(getattr(encoded, name).nbytes for name in Encoded.ARRAYS) < SPILL:
+        return data
+    import numpy as np
+
+    try:
+        Path(near).mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=".handover-", dir=near))
+    except OSError:
+        folder = Path(tempfile.mkdtemp(prefix="pipeline-data-"))
+    try:
+        for name in Encoded.ARRAYS:
+            np.save(folder / f"{name}.npy", getattr(encoded, name), allow_pickle=False)
+            setattr(encoded, name, str(folder / f"{name}.npy"))
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return data
+
+
+def unspill(data):
+    """The arrays spill() put in files, read back (and the files removed)."""
+    from pipeline.build import Encoded
+
+    encoded = data.encoded
+    paths = [getattr(encoded, name) for name in Encoded.ARRAYS] if encoded is not None else []
+    if not paths or not isinstance(paths[0], str):
+        return data
+    import numpy as np
+
+    try:
+        for name, path in zip(Encoded.ARRAYS, paths):
+            setattr(encoded, name, np.load(path, allow_pickle=False))
+    finally:
+        shutil.rmtree(Path(paths[0]).parent, ignore_errors=True)
+    return data
 
 
 @contextmanager
 def started(cfg, prepare, step):
-    pool = multiprocessing.get_context("spawn").Pool(1, initializer=signal.signal,
-                                                       initargs=(signal.SIGINT, signal.SIG_IGN))
-    quiet = step.quiet()
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    worker = context.Process(target=work, args=(send, prepare, cfg, step.quiet()), name="prepare-ahead")
 
     def prepared():
         try:
-            data, done = pending.get()
+            ok, result = receive.recv()
+        except EOFError:
+            raise RuntimeError(f"the worker that prepares the data ended with exit code {worker.exitcode} "
+                               "before handing it over (prepare_ahead=false does the work in this process)") from None
         finally:
-            pool.terminate()
+            stop()
+        if not ok:
+            raise result
+        data, done = result
         step.taken(done)
-        return data
+        return unspill(data)
+
+    def stop():
+        if worker.pid is not None:  # (started)
+            end(worker, grace=10.0)  # (SIGTERM: it ends its own workers and removes its files first)
 
     try:
-        pending = pool.apply_async(work, (prepare, cfg, quiet))
+        worker.start()
+        send.close()  # (the worker's copy alone: its end, or its death, ends the run's wait)
         log.info("ingest, split, vectorize: in a worker process while TensorFlow loads")
         yield prepared
     finally:
-        pool.terminate()
+        stop()
+        receive.close()
