@@ -6,8 +6,8 @@ same archive, untracked; (2) the pipeline from a cold start (empty stage cache, 
 first, peak memory (the whole process tree, sampled), test accuracy, medians with min-max over the
 repeats, and the pipeline/reference ratios. `--ablate` runs the pipeline again with each speed
 mechanism switched off, one row per mechanism with what it saves; `--sweep` times the 16-job
-overfitting sweep against the same jobs run alone; `--budgets` the sweep with its budgets sharing a training and
-each trained alone (benchmarks/budgets.py). A command that prints numbers, not a test.
+overfitting sweep against the same jobs run alone (its budgets sharing a training against each trained alone:
+benchmarks/budgets.py). A command that prints numbers, not a test.
 """
 
 from __future__ import annotations
@@ -273,12 +273,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="reference/cold/warm rounds (default 3)")
     parser.add_argument("--sweep", nargs="?", const="basic,joblib", default=None, metavar="LAUNCHERS",
                         help="also time the 16-job sweep against its jobs run alone (launchers: basic,joblib)")
-    parser.add_argument("--budgets", nargs="?", type=int, const=1, default=0, metavar="REPEATS", help="also time "
-                        "overfit_sweep's budgets sharing a training and alone (benchmarks/budgets.py; REPEATS pairs)")
     parser.add_argument("--ablate", action="store_true",
                         help="also run with each speed mechanism off: one row per mechanism, its saving")
     parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
-    parser.add_argument("--skip-runs", action="store_true", help="only the --sweep and --budgets parts")
+    parser.add_argument("--skip-runs", action="store_true", help="only the --sweep part")
     parser.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.archive:
@@ -291,8 +289,6 @@ def main(argv: list[str] | None = None) -> None:
         compare_runs(archive, args.repeats, args.ablate)
     if args.sweep:
         compare_sweep(archive, args.sweep.split(","), args.ablate)
-    if args.budgets:
-        __import__("budgets").compare(archive, args.budgets)  # benchmarks/budgets.py, beside this file
 
 
 if __name__ == "__main__":

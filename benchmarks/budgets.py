@@ -1,4 +1,4 @@
-"""`python benchmarks/bench.py --budgets` (or `python benchmarks/budgets.py ARCHIVE`): the overfitting sweep,
+"""`python benchmarks/budgets.py ARCHIVE [--repeats N]`: the overfitting sweep,
 `python -m pipeline -m experiment=overfit_sweep` (16 jobs and the early-stopping reference), cold cache, with its
 fit.epochs budgets sharing one training per setting (sweep.share_budgets=true, the default) and with each trained
 alone, alternating, each in a new folder (empty stage cache, new store). Prints the wall seconds of both, the

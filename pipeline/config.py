@@ -51,13 +51,7 @@ class IngestConfig:
     test_fraction: float = 0.5  # ...this seeded share of rows becomes the test split (IMDB is 50/50)
     skip_bad_rows: bool = False  # true: leave out empty rows or unreadable files (counted and listed in the run)
 
-    def validate(self) -> None:
-        from pipeline.ingest import SOURCES  # the sources' one table, in their stage
-
-        _require(self.source in SOURCES, "ingest.source", self.source, f"one of {', '.join(SOURCES)}")
-        if SOURCES[self.source].path:
-            _require(bool(self.path), "ingest.path", self.path,
-                     "set the archive or table location (or the IMDB_ARCHIVE environment variable)")
+    def validate(self) -> None:  # (ingest.source and ingest.path: ingest.check, beside the table of sources)
         _positive("ingest.num_words", self.num_words)
         _require(0.0 < self.test_fraction < 1.0, "ingest.test_fraction", self.test_fraction,
                  "use a fraction strictly between 0 and 1")

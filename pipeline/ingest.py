@@ -16,18 +16,17 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
+from pipeline.config import IngestConfig
 from pipeline.console import Progress
 from pipeline.download import download, downloaded, progress, record, sha256_file
 from pipeline.tables import SUFFIXES as TABLES
 from pipeline.tables import Hashing, TableTexts, hashed, labels_of, not_texts, read_chunks, text_column
 
-if TYPE_CHECKING:  # (config asks SOURCES below when it validates ingest.source: no import back at run time)
-    from pipeline.config import IngestConfig
 
 # aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt, anywhere below the archive's or folder's root
 MEMBER = re.compile(r"(?:^|/)aclImdb/(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")
@@ -275,6 +274,16 @@ def file_digest(cfg: IngestConfig) -> str:
         stat = file.stat()
         digest.update(f"{file.relative_to(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def check(cfg: IngestConfig) -> None:
+    """ingest.source names a source of SOURCES, and ingest.path is set where that source reads one (ValueError
+    naming the setting; asked before any work by a run, train.check, and by a sweep for each job, pipeline.sweep)."""
+    if cfg.source not in SOURCES:
+        raise ValueError(f"ingest.source={cfg.source!r} is not allowed: one of {', '.join(SOURCES)}")
+    if SOURCES[cfg.source].path and not cfg.path:
+        raise ValueError(f"ingest.path={cfg.path!r} is not allowed: set the archive or table location (or the "
+                         "IMDB_ARCHIVE environment variable)")
 
 
 def input_digest(cfg: IngestConfig) -> str:

@@ -95,6 +95,9 @@ def child_settings(settings: PipelineConfig, task_overrides: list[str], job_numb
     name = settings.tracking.run_name or child_name(task_overrides, job_number)
     settings = absolute(replace(settings, tracking=replace(settings.tracking, run_name=name)),
                         os.environ.get(DIRECTORY) or os.getcwd())
+    from pipeline import ingest  # (numpy and pandas: only once a job runs)
+
+    ingest.check(settings.ingest)  # (ValueError: a FAILED child that says why)
     readable_here(settings)
     return settings
 
@@ -153,6 +156,7 @@ class SweepCallback(Callback):
         self.analysing = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from pipeline import ingest
         from pipeline.tracking import sweeps
 
         hydra_cfg = config.hydra
@@ -160,6 +164,7 @@ class SweepCallback(Callback):
         atexit.register(self._abandoned)  # (once the parent is open, the process's end ends it)
         try:
             self.settings = absolute(load(config), directory)
+            ingest.check(self.settings.ingest)  # (a source and its path)
             search.check(hydra_cfg.sweeper)  # an Optuna search without Optuna (or bad settings): stop before the parent
             axes = sweep_axes(hydra_cfg)
             self.parent, experiment_id, order = sweeps.open_sweep_parent(self.settings, axes, str(hydra_cfg.sweep.dir))

@@ -35,6 +35,7 @@ def check(cfg: PipelineConfig) -> None:
     downloaded), the cache's folder (writable) and the tracking store. An error here records nothing."""
     from pipeline.tracking import server  # (see train: this module is imported without MLflow)
 
+    ingest.check(cfg.ingest)  # ValueError: a source not of ingest.SOURCES, or no ingest.path where it needs one
     source = ingest.SOURCES[cfg.ingest.source]
     if source.local and not (source.downloads and cfg.ingest.download):
         ingest.locate(cfg.ingest)  # FileNotFoundError naming ingest.path

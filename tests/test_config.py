@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hydra.errors import ConfigCompositionException
 
@@ -69,12 +71,27 @@ def test_overrides_reach_the_typed_config():
     ("build.optimizer=lbfgs", "build.optimizer='lbfgs'"),
     ("split.validation_fraction=0.3", "set exactly one"),
     ("stages=[fit,evaluate]", "a prefix of"),
-    ("ingest.source=web", "ingest.source='web'"),
     ("evaluate.registered_model_name=team/imdb", "evaluate.registered_model_name='team/imdb'"),
 ])
 def test_invalid_settings_name_the_setting_and_value(override, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
         compose_config(override.split())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["ingest.source=web"], "ingest.source='web' is not allowed: one of archive, keras, table"),
+    (["ingest=table", "ingest.path=null"], "ingest.path=None is not allowed: set the archive or table location"),
+    (["ingest.path=''"], "ingest.path='' is not allowed"),
+])
+def test_a_source_is_one_of_the_ingest_stages_and_its_path_is_set_where_it_reads_one(overrides, message):
+    """Asked by a run before any work (train.check) and by a sweep before it starts and for each job."""
+    from pipeline import sweep, train
+
+    settings = compose_config(overrides)  # (the sources' table is the ingest stage's: config.py does not ask it)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train.check(settings)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sweep.child_settings(settings, overrides, 0)
 
 
 @pytest.mark.parametrize("override", ["fit.epoch=3", "build.hidden_units=many", "fit.epochs=2.5"])
