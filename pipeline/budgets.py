@@ -13,13 +13,17 @@ fit.epochs), or when its settings do not compose (each job then fails on its own
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config, sweep
 from pipeline.config import PipelineConfig
@@ -117,31 +121,50 @@ def _why_not_group(group, compose) -> Optional[str]:
     return None
 
 
-class BudgetSweeper(BasicSweeper):
-    """Hydra's basic sweeper, launching one job per training (plan)."""
+class BudgetSweeper(Sweeper):
+    """Hydra's basic sweeper on its public plugin interface: the grid of every combination of the swept values, in
+    the order the basic sweeper makes it (`hydra.sweeper.params` first, then the command line), `max_batch_size`
+    jobs a batch; but each group of jobs that differ only in fit.epochs launched as one job (plan)."""
 
     def __init__(self, max_batch_size: Optional[int] = None, params: Optional[dict] = None) -> None:
-        # BasicSweeper.__init__ without its super(BasicSweeper, self): Hydra's plugin scan executes that module again,
-        # and the name then means a class this one does not derive from
-        self.overrides, self.batch_index, self.max_batch_size, self.params = None, 0, max_batch_size, params or {}
-        self.hydra_context = self.config = self.launcher = None
-        self.composed: set[tuple] = set()  # the jobs plan() composed: Hydra's check of a batch need not compose them again
+        super().__init__()
+        self.max_batch_size, self.params = max_batch_size, params or {}
 
-    def get_job_batch(self):
-        batch = super().get_job_batch()
-        loader = self.hydra_context.config_loader
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
+                                                                task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> list:
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        choices: dict[str, list[str]] = {}  # (a key given twice: the later value, in the first one's place)
+        for override in parser.parse_overrides([f"{key}={value}" for key, value in self.params.items()] + arguments):
+            key = override.get_key_element()
+            if override.is_sweep_override() and not override.is_discrete_sweep():
+                raise ValueError(f"{key}: a sweep over a range of reals needs a search (hydra/sweeper=optuna)")
+            choices[key] = ([f"{key}={value}" for value in override.sweep_string_iterator()]
+                            if override.is_sweep_override() else [f"{key}={override.get_value_element_as_str()}"])
+        composed: set[tuple] = set()  # the jobs plan() composed: they need not be composed again to check them
 
         def compose(overrides: list[str]) -> PipelineConfig:
-            settings = config.load(loader.load_sweep_config(master_config=self.config, sweep_overrides=overrides))
-            self.composed.add(tuple(overrides))
+            settings = config.load(self.hydra_context.config_loader.load_sweep_config(self.config, overrides))
+            composed.add(tuple(overrides))
             return settings
 
-        return plan(batch, compose)
-
-    def validate_batch_is_legal(self, batch) -> None:
+        jobs = plan([list(job) for job in itertools.product(*choices.values())], compose)
         told = f"+hydra.job.env_set.{BUDGETS}="
-        super().validate_batch_is_legal([job for job in batch if tuple(
-            line for line in job if not line.startswith(told)) not in self.composed])
+        self.validate_batch_is_legal([job for job in jobs if tuple(
+            line for line in job if not line.startswith(told)) not in composed])  # (each job composes, before any runs)
+        folder = Path(self.config.hydra.sweep.dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, folder / "multirun.yaml")  # (as Hydra's sweepers keep the sweep's config)
+        size, returns = max(self.max_batch_size or 0, 0) or max(len(jobs), 1), []  # (None or -1: all at once)
+        for first in range(0, len(jobs), size):
+            results = self.launcher.launch(jobs[first:first + size], initial_job_idx=first)
+            for result in results:
+                _ = result.return_value  # (raises a job's error, as Hydra's basic sweeper does)
+            returns.append(results)
+        return returns
 
 
 def asked() -> list[str]:

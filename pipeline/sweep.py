@@ -34,7 +34,7 @@ AXES = "PIPELINE_SWEEP_AXES"
 RESUMING = "PIPELINE_SWEEP_RESUMING"
 # Where the driver ran (relative paths mean this directory), its host, and the data path it could read
 DIRECTORY, DRIVER_HOST, DRIVER_DATA = "PIPELINE_SWEEP_DIRECTORY", "PIPELINE_SWEEP_HOST", "PIPELINE_SWEEP_DATA"
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"  # hydra/sweeper=basic, as its config names it
 BUDGET_SWEEPER = "hydra_plugins.pipeline_search.BudgetSweeper"  # pipeline.budgets.BudgetSweeper, as Hydra knows it
 READS_VARIABLE = re.compile(r"oc\.env:\s*['\"]?([A-Za-z_][A-Za-z0-9_]*)")  # ${oc.env:NAME,default} in a config
 
