@@ -97,7 +97,7 @@ def test_an_interrupt_in_the_first_seconds_stops_at_once_with_one_line(tiny_arch
 def test_the_logged_model_passes_mlflows_serving_check(tiny_run, tmp_path):
     """mlflow.models.predict (the check that replaced validate_serving_input in MLflow 3.13) reads the
     request as the scoring server does; env_manager="local": this environment is the model's."""
-    from pipeline.tracking import INPUT_EXAMPLE
+    from pipeline.tracking.models import INPUT_EXAMPLE
 
     tiny_config, _, _ = tiny_run
     model_uri = runs(tiny_config.tracking.uri)["tags.model_uri"][0]

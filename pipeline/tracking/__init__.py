@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 import traceback
-from importlib import metadata
 from pathlib import Path
 
 import mlflow
@@ -32,22 +31,19 @@ from filelock import FileLock
 from mlflow.tracking import fluent
 
 import pipeline
-from pipeline import config, textmodel
+from pipeline import config
 from pipeline.config import EXPERIMENT, PARENT_RUN
 from pipeline.console import CONSOLE
 from pipeline.signals import SIGNALS
-from pipeline.tracking import checkpoints
+from pipeline.tracking import checkpoints, models
 from pipeline.tracking.epochs import CURVES, Epochs
 from pipeline.tracking.projects import project_run
 from pipeline.tracking import journal
 from pipeline.tracking.journal import QUICK, Journal
+from pipeline.tracking.models import versions
 from pipeline.tracking.server import check_reachable, ui_links
 
 log = logging.getLogger(__name__)
-PACKAGES = ("tensorflow", "keras", "mlflow", "hydra-core", "numpy", "pandas")
-# Made-up reviews, so that no part of the data set is copied into the model's metadata.
-INPUT_EXAMPLE = ["A moving story with wonderful acting; I would watch it again.",
-                 "Dull, far too long, and the plot makes no sense at all.<br /><br />Skip it."]
 MLFLOW_ENVIRONMENT = ("MLFLOW_", "_MLFLOW_")  # MLflow's fluent API sets and clears some of these as it goes
 HEADLINE = ("test_accuracy", "test_loss", "best_val_loss", "best_val_loss_epoch", "epochs_trained")
 
@@ -64,18 +60,6 @@ def use(uri: str | None) -> str:
         with FileLock(Path(tempfile.gettempdir()) / f"pipeline-store-{name}.lock"):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates the store, or finds it current
     return uri
-
-
-def versions() -> dict[str, str]:
-    """Installed versions of what the run depends on (TensorFlow under whichever name it was installed)."""
-    installed = {name: version for name in PACKAGES + ("tensorflow-cpu",) if (version := _version(name))}
-    if "tensorflow-cpu" in installed:
-        installed.pop("tensorflow", None)
-    return installed
-
-
-def _version(distribution: str) -> str | None:
-    return next((d.version for d in metadata.distributions(name=distribution)), None)
 
 
 def git_tags() -> dict[str, str]:
@@ -299,49 +283,12 @@ class TrackedRun:
 
     @recorded
     def log_model(self, model, encoded, cfg: config.PipelineConfig, step=0, tags=None, name="model") -> str | None:
-        """The raw-text pyfunc at `step` (its epoch): pipeline/textmodel.py as model code, the Keras classifier and
-        the vocabulary (and n-grams) it encodes text with. MLflow checks that the input example serves before keeping
-        it. Input type Any, not string: MLflow's server casts a string column's null or 123 to text (docs/serving.md).
-        Its URI; None while the server is lost (then it is saved here and kept: journal.py)."""
-        with tempfile.TemporaryDirectory() as folder:
-            arguments = self._model_files(model, encoded, cfg, folder, step)
-            if self.journal.live:
-                try:
-                    info = mlflow.pyfunc.log_model(name=name, registered_model_name=cfg.evaluate.registered_model_name,
-                                                   step=step, tags=tags, **arguments)
-                    self.journal.models[name] = info.model_id
-                    return info.model_uri
-                except Exception as error:
-                    if not journal.lost(error):
-                        raise
-                    self.journal.lose(error)
-            mlflow.pyfunc.save_model(f"{folder}/model", **arguments)
-            self.journal.model(f"{folder}/model", name, step, tags or {}, cfg.evaluate.registered_model_name,
-                               link_step=True)
-        return None
+        """The raw-text pyfunc at `step` (its epoch), logged (models.py); its URI, or None while the server is lost."""
+        return models.log(self.journal, model, encoded, cfg, step, tags, name)
 
     def save_model(self, model, encoded, cfg: config.PipelineConfig, path: str) -> None:
         """The same model, saved at `path` (not logged)."""
-        with tempfile.TemporaryDirectory() as folder:
-            mlflow.pyfunc.save_model(path, **self._model_files(model, encoded, cfg, folder))
-
-    def _model_files(self, model, encoded, cfg: config.PipelineConfig, folder: str, step: int | None = None) -> dict:
-        """The classifier and vocabulary saved in `folder`; the arguments that make them the raw-text pyfunc."""
-        from mlflow.types.schema import AnyType, ColSpec, Schema
-
-        classifier, vocabulary_file = Path(folder) / textmodel.CLASSIFIER_FILE, Path(folder) / textmodel.VOCABULARY_FILE
-        model.save(classifier)
-        textmodel.save_vocabulary(vocabulary_file, encoded.vocabulary, cfg.build.sequence_length,
-                                  cfg.build.truncate, encoded.ngrams, encoded.codes)
-        if step is not None:
-            self.journal.metrics({"model.size_mb": sum(f.stat().st_size for f in (classifier, vocabulary_file)) / 1e6},
-                                 step=step)
-        requirements = {name: version for name, version in versions().items() if name != "hydra-core"}
-        return dict(python_model=str(Path(textmodel.__file__)),  # models from code: nothing pickled
-                    artifacts={"classifier": str(classifier), "vocabulary": str(vocabulary_file)},
-                    signature=mlflow.models.ModelSignature(Schema([ColSpec(AnyType())]), Schema([ColSpec("double")])),
-                    input_example=INPUT_EXAMPLE,
-                    pip_requirements=[f"{name}=={version}" for name, version in requirements.items()])
+        models.save(model, encoded, cfg, path)
 
     @recorded
     def complete(self) -> None:
