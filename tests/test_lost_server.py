@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import tiny_overrides
-from tests.helpers import check_complete_run, created_store, environment, free_port
+from tests.helpers import check_complete_run, created_store, environment, free_port, runs
 from tests.servers import server_command
 
 LOST = "does not answer"
@@ -205,3 +205,34 @@ def test_a_kept_record_is_written_in_order_once_with_its_own_times(tmp_path):
     assert Path(client.download_artifacts(run_id, "notes/note.txt", str(tmp_path))).read_text() == "a note"
     assert "nothing to write" in operations.replay(journal.folder)
     assert len(client.get_metric_history(run_id, "val_loss")) == 2
+
+
+def test_a_served_model_whose_download_the_lost_server_cut_short_is_saved_whole_in_its_place(tiny_run, tmp_path,
+                                                                                              monkeypatch):
+    """A shared training keeps its first budget's served model as the layout of the later ones' (downloaded once
+    logged). The server lost half-way through that download: what it left is replaced by the model saved here,
+    whole, which MLflow loads and which predicts as the trained model does; the journal hears the server is lost."""
+    from pipeline.tracking import checkpoints, models
+
+    cfg, _, objects = tiny_run
+    place = tmp_path / "served"
+
+    def cut_short(artifact_uri, dst_path):
+        (Path(dst_path) / "artifacts").mkdir(parents=True)
+        (Path(dst_path) / "artifacts" / "classifier.keras").write_bytes(b"half a file")
+        raise ConnectionError("[Errno 111] Connection refused")
+
+    class Run:  # the part of a TrackedRun _layout uses
+        lost: list = []
+        journal = type("Journal", (), {"lose": lambda self, error: Run.lost.append(error)})()
+
+        def save_model(self, model, encoded, cfg, path):
+            models.save(model, encoded, cfg, path)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", cut_short)
+    path = checkpoints._layout(Run(), objects["model"], objects["encoded"], cfg, "models:/m-lost", str(place))
+    assert path == str(place) and len(Run.lost) == 1
+    loaded = mlflow.pyfunc.load_model(path)
+    texts = ["A wonderful, moving film.", "Awful and boring."]
+    assert loaded.predict(texts) == pytest.approx(mlflow.pyfunc.load_model(
+        runs(cfg.tracking.uri)["tags.model_uri"][0]).predict(texts), abs=1e-6)

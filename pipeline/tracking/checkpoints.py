@@ -89,7 +89,8 @@ def _megabytes(folder: str) -> float:
 
 
 def _layout(run, model, encoded, cfg, model_uri: str | None, path: str) -> str:
-    """The served model's files at `path`: as logged (downloaded), or saved here while the server is lost."""
+    """The served model's files at `path`: as logged (downloaded), or saved here while the server is lost (what a
+    download the lost server cut short left at `path` is removed first: the save needs an empty place)."""
     if model_uri is not None:
         try:
             return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=path)
@@ -97,6 +98,7 @@ def _layout(run, model, encoded, cfg, model_uri: str | None, path: str) -> str:
             if not journals.lost(error):
                 raise
             run.journal.lose(error)
+            shutil.rmtree(path, ignore_errors=True)
     run.save_model(model, encoded, cfg, path)
     return path
 
