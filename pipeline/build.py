@@ -38,7 +38,12 @@ class Encoded:
     @property
     def input_size(self) -> int:
         """How many distinct ids the model's first layer takes (0 is padding)."""
-        return len(self.codes) + 1 if self.ngrams else len(self.vocabulary)
+        return ids(self.vocabulary, self.codes, self.ngrams)
+
+
+def ids(vocabulary: list[str], codes: np.ndarray, ngrams: int) -> int:
+    """How many distinct ids encoding with this vocabulary (or these n-gram codes) gives, padding included."""
+    return len(codes) + 1 if ngrams else len(vocabulary)
 
 
 def vectorize(splits, cfg: BuildConfig, table: TableTexts | None = None) -> Encoded:
@@ -68,7 +73,7 @@ def vectorize(splits, cfg: BuildConfig, table: TableTexts | None = None) -> Enco
         def encode(texts, standardized=False):
             return textmodel.encode(index, texts, cfg.sequence_length, cfg.truncate, standardized)
 
-    dtype = chunks.compact(len(codes) + 1 if ngrams else len(vocabulary))
+    dtype = chunks.compact(ids(vocabulary, codes, ngrams))
     x_train = encode(train, True).astype(dtype)
     del train
     x_validation, x_test = (encode(part["text"].tolist()).astype(dtype) for part in (splits.validation, splits.test))

@@ -47,7 +47,7 @@ def vectorize_table(splits, table: TableTexts, cfg, workers: int | None = None) 
         workers = cores() if sum(map(len, rows)) >= POOL_ROWS and cores() > 1 and spawnable() else 0
     with Workers(workers) as pool:
         counts, shown = Counter(), Progress("vectorize: counting the training reviews' words", len(rows[0]))
-        for chosen, counted in pool.map(_count, _chunks(table, part, place, train_only=True), ()):
+        for chosen, counted in pool.map(textmodel.count, _chunks(table, part, place, train_only=True), ()):
             counts.update(counted)
             shown.update(shown.done + len(chosen[0]))
         shown.close()
@@ -84,13 +84,6 @@ def _chunks(table: TableTexts, part: np.ndarray, place: np.ndarray, train_only: 
         chosen = np.flatnonzero(codes == 0 if train_only else codes >= 0)
         if len(chosen):
             yield (codes[chosen], place[numbers[chosen]]), [texts[i] for i in chosen]
-
-
-def _count(texts: list[str]) -> Counter:
-    counts: Counter = Counter()
-    for text in texts:
-        counts.update(textmodel.tokens(text))
-    return counts
 
 
 _INDEX: list = [None, None]  # a worker's last vocabulary and its token index: built once, not once a chunk

@@ -61,10 +61,15 @@ def adapt(texts: Iterable[str | bytes], vocabulary_size: int, standardized: bool
     """The vocabulary: padding, out-of-vocabulary, then the most frequent tokens of `texts`,
     `vocabulary_size` entries in all. Ties go to the later token in byte order, as TextVectorization
     breaks them, so that both number the tokens alike."""
+    return ranked(count(texts, standardized), vocabulary_size)
+
+
+def count(texts: Iterable[str | bytes], standardized: bool = False) -> Counter:
+    """How often each token (bytes) occurs in `texts`: what adapt ranks (summed over chunks for a big table)."""
     counts: Counter = Counter()
     for text in texts:
         counts.update(tokens(text, standardized=standardized))
-    return ranked(counts, vocabulary_size)
+    return counts
 
 
 def ranked(counts: Counter, vocabulary_size: int) -> list[str]:
