@@ -51,7 +51,7 @@ try:
     from omegaconf import DictConfig
     from omegaconf.errors import OmegaConfBaseException
 
-    from pipeline import budgets, config, search, sweep
+    from pipeline import budgets, config, search
     from pipeline.console import CONSOLE
 except KeyboardInterrupt as interrupt:  # a Ctrl-C while the libraries load
     stopped(interrupt)
@@ -109,38 +109,14 @@ def ready(settings: config.PipelineConfig) -> config.PipelineConfig:
 @hydra.main(version_base="1.3", config_path=str(config.CONF), config_name="config")  # (a wheel: inside the package)
 @reported
 def main(cfg: DictConfig) -> float | None:
-    from pipeline import tracking  # (MLflow and its log handler, before the console calms it)
+    from pipeline import tracking  # noqa: F401 (MLflow and its log handler, before the console calms it)
     from pipeline.train import train
 
     if not os.environ.get(config.PARENT_RUN):  # a single run
         metrics, _ = train(ready(config.load(cfg)))
         return metrics.get("val_accuracy")
     job, overrides = HydraConfig.get().job, list(HydraConfig.get().overrides.task)
-    if budgets.asked():  # this job trains once for several fit.epochs budgets, each its own run (pipeline/budgets.py)
-        return budgets.shared_job(cfg, overrides, job.num, ready)
-    try:
-        settings = ready(sweep.child_settings(config.load(cfg), overrides, job.num))
-    except (ValueError, FileNotFoundError) as error:  # invalid settings, or data this worker cannot read:
-        from pipeline.tracking import sweeps  # a FAILED child that says why, at once
-
-        name = sweep.child_name(overrides, job.num)
-        log.error("sweep job %s (%s): %s", job.num, name, error)
-        sweeps.record_failed_job(name, error)
-        return float("nan")
-    previous = sweep.finished_job(settings)
-    if previous is not None:  # resuming a sweep: this job already finished under the parent
-        log.info("sweep job %s (%s) already finished as run %s; not run again", job.num,
-                 settings.tracking.run_name, previous["run_id"])
-        return previous["val_accuracy"]
-    try:
-        metrics, _ = train(settings)
-    except tracking.RecordKept as kept:  # finished, but its record waits on disk for the server (its command)
-        log.error("sweep job %s (%s): %s", job.num, settings.tracking.run_name, kept)
-        return float("nan")
-    except Exception:  # one failed job must not stop the sweep: its child run is FAILED with the error
-        log.exception("sweep job %s (%s) failed", job.num, settings.tracking.run_name)
-        return float("nan")
-    return metrics.get("val_accuracy", float("nan"))
+    return budgets.sweep_job(cfg, overrides, job.num, ready)  # (one training for several fit.epochs: budgets.py)
 
 
 def expand_overrides(argv: list[str]) -> list[str]:

@@ -4,7 +4,7 @@ With the same seed and data, a job's first N epochs do not depend on its budget 
 fit.epochs but the loop's count), so the jobs of a grid that differ only in fit.epochs hold one training: the
 longest. BudgetSweeper (Hydra's basic sweeper, which pipeline.sweep swaps it for when sweep.share_budgets is on)
 launches one job per such group, its longest budget's, telling it the group's budgets (the variable BUDGETS, set
-through hydra.job.env_set); `shared_job` trains once and records every budget as its own child run, as a job of that
+through hydra.job.env_set); `sweep_job` trains once and records every budget as its own child run, as a job of that
 budget alone would have recorded it (pipeline/tracking/budgets.py). The unit of work a launcher (in-process, joblib,
 Ray) runs is then the shared training. A group trains separately, with a line that says why, when something reads
 the budget: early stopping, an Optuna trial, a setting that differs between its budgets (an interpolation of
@@ -172,21 +172,23 @@ def asked() -> list[str]:
     return [value for value in os.environ.get(BUDGETS, "").split(",") if value]
 
 
-def shared_job(cfg, overrides: list[str], number: int, ready: Callable[[PipelineConfig], PipelineConfig]) -> float:
-    """A sweep job that trains once to its longest budget and records each budget of asked() as its own child run
-    (the ones a resume finds finished are not recorded again). Its return: the longest budget's best validation
-    accuracy, NaN when it failed (each budget's run says why)."""
+def sweep_job(cfg, overrides: list[str], number: int, ready: Callable[[PipelineConfig], PipelineConfig]) -> float:
+    """A sweep job: one run of its settings or, when asked() names budgets, one training to its longest budget that
+    records each budget as its own child run. A job (a budget) a resume finds finished is not run again; settings
+    that do not load, or data this worker cannot read, make a FAILED child for each, saying why, at once; a failed
+    training fails its runs and the sweep goes on. Its return: the longest budget's best validation accuracy (NaN
+    when it failed)."""
     from pipeline import tracking
     from pipeline.train import train
     from pipeline.tracking import sweeps
 
-    named = {budget: with_budget(overrides, budget) for budget in asked()}
+    named = {budget: with_budget(overrides, budget) for budget in asked()} or {None: list(overrides)}
     try:
         loaded = config.load(cfg)
-        every = [sweep.child_settings(replace(loaded, fit=replace(loaded.fit, epochs=int(budget))), job, number)
-                 for budget, job in named.items()]
+        every = [sweep.child_settings(loaded if budget is None else replace(loaded, fit=replace(loaded.fit, epochs=int(
+            budget))), job, number) for budget, job in named.items()]
         ready(every[-1])
-    except (ValueError, FileNotFoundError) as error:  # a FAILED child for each budget, saying why, at once
+    except (ValueError, FileNotFoundError) as error:
         for job in named.values():
             name = sweep.child_name(job, number)
             log.error("sweep job %s (%s): %s", number, name, error)
@@ -197,17 +199,17 @@ def shared_job(cfg, overrides: list[str], number: int, ready: Callable[[Pipeline
         previous = sweep.finished_job(settings)
         if previous is None:
             missing.append(settings)
-        else:
+        else:  # resuming a sweep: this job already finished under the parent
             log.info("sweep job %s (%s) already finished as run %s; not run again", number,
                      settings.tracking.run_name, previous["run_id"])
     if not missing:
         return previous["val_accuracy"]
     try:
         metrics, _ = train(missing[-1], budgets=missing[:-1])
-    except tracking.RecordKept as kept:
+    except tracking.RecordKept as kept:  # finished, but its record waits on disk for the server (its command)
         log.error("sweep job %s (%s): %s", number, missing[-1].tracking.run_name, kept)
         return float("nan")
-    except Exception:  # the budgets' runs are FAILED with the error; the sweep goes on
+    except Exception:  # one failed job must not stop the sweep: its runs are FAILED with the error
         log.exception("sweep job %s (%s) failed", number, missing[-1].tracking.run_name)
         return float("nan")
     return metrics.get("val_accuracy", float("nan")) if missing[-1] is every[-1] else previous["val_accuracy"]
