@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from tests.conftest import tiny_overrides
 from tests.helpers import environment, output
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray at a time on this machine
 RAY_PORT, SERVER_PORT = 6390, 5090  # inside the namespace, where nothing else listens
 CLUSTER_HOST = "pipeline-test-cluster"  # the host name the cluster's processes see (a UTS namespace of their own)
 

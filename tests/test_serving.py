@@ -86,7 +86,8 @@ def team_sweep(overrides: list[str], folder, server: str, epochs: str, **env: st
         return subprocess.Popen(
             [sys.executable, "-m", "pipeline", "-m", *overrides, "build.hidden_units=4,8", f"fit.epochs={epochs}",
              "build.learning_rate=0.02", "evaluate.registered_model_name=imdb-tiny", "hydra/launcher=joblib",
-             "hydra.launcher.n_jobs=2", "sweep.threads=1", f"hydra.sweep.dir={folder / 'multirun'}"],
+             "hydra.launcher.n_jobs=2", "sweep.threads=1", f"hydra.sweep.dir={folder / 'multirun'}",
+             "tracking.wait_for_server=180"],  # a server restarted on a loaded machine may take a while to answer
             cwd=folder, env=environment(MLFLOW_TRACKING_URI=server, **env), stdout=printed, stderr=subprocess.STDOUT)
 
 

@@ -243,6 +243,7 @@ def test_an_optuna_search_interrupted_mid_trial_resumes_with_the_printed_command
     assert parent.data.metrics.get("jobs_failed", 0) == 0
 
 
+@pytest.mark.xdist_group("ray")  # with test_cluster.py: it counts the machine's Ray processes
 def test_ray_launcher_runs_the_sweep_on_a_local_ray_instance(tiny_archive, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_ray_launcher")
     before = ray_processes()
