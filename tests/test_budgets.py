@@ -22,7 +22,8 @@ GRID = [[f"build.hidden_units={units}", f"fit.epochs={epochs}"] for units in (4,
 def planned(tiny_archive, tmp_path, *settings: str, grid=GRID) -> list[list[str]]:
     config.register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # (once: each compose then takes ms)
-        return budgets.plan(grid, lambda job: config.load(compose(
+        # (as BudgetSweeper composes: a group's first job by Hydra, the others from it with fit.epochs set)
+        return budgets.plan(grid, budgets.composer(lambda job: compose(
             config_name="config", overrides=[*tiny_overrides(tiny_archive, tmp_path), *settings, *job])))
 
 
