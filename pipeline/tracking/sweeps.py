@@ -128,6 +128,16 @@ def finished_child(parent_run_id: str, axes: list[str], run_name: str, asked: di
     return None
 
 
+def recorded_child(parent_run_id: str, settings, since: float) -> bool:
+    """Whether a child of the parent started since `since` (time.time()) was recorded, with `settings`' run name, from
+    a shared training (tracking/budgets.py) and has ended FINISHED or FAILED: a job not to run again."""
+    from pipeline.tracking.budgets import TRAINING
+
+    client, name = mlflow.MlflowClient(), settings.tracking.run_name
+    return any(run.info.run_name == name and TRAINING in run.data.tags and run.info.status in ("FINISHED", "FAILED")
+               for run in _children(client, parent_run_id, f" and attributes.start_time >= {int(since * 1000)}"))
+
+
 def end_running_children(parent_run_id: str, why: str) -> None:
     """The parent's children still RUNNING end KILLED, with an `error` tag that says why."""
     client = mlflow.MlflowClient()
