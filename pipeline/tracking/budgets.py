@@ -29,9 +29,10 @@ import time
 from pipeline.config import PipelineConfig
 from pipeline.signals import SIGNALS
 from pipeline.tracking import TrackedRun
+from pipeline.tracking.sweeps import TRAINING
 
 log = logging.getLogger(__name__)
-TRAINING, BUDGETS = "pipeline.training", "pipeline.training.budgets"  # the tags each budget's run gets
+BUDGETS = "pipeline.training.budgets"  # the tags each budget's run gets: this, and TRAINING
 NOTE = "mlflow.note.content"  # the run's description in MLflow's UI
 
 
