@@ -87,6 +87,9 @@ def test_each_budget_recorded_from_a_shared_training_equals_a_training_of_that_b
             [run.info.experiment_id], f"source_run_id = '{run.info.run_id}'"))
         assert any(name.split("last-epoch-")[-1].split("-")[0] == str(trained) for name in models) or \
             epochs == "reference", models
+        # every run its five figures (budgets serving one epoch log its threshold figures drawn once)
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} == {f"figures/{name}.png" for name in (
+            "loss", "accuracy", "roc_curve", "precision_recall_curve", "confusion_matrix")}
         if epochs == 2:
             continue
         alone_client, alone = runs[f"alone,epochs={epochs}"]
