@@ -194,7 +194,7 @@ class BudgetSweeper(Sweeper):
             return settings
 
         jobs = plan([list(job) for job in itertools.product(*choices.values())], compose, self._reference())
-        told = f"+hydra.job.env_set.{BUDGETS}="
+        told = tuple(f"+hydra.job.env_set.{name}=" for name in (BUDGETS, REFERENCE))  # (what plan() tells a job)
         self.validate_batch_is_legal([job for job in jobs if tuple(
             line for line in job if not line.startswith(told)) not in composed])  # (each job composes, before any runs)
         folder = Path(self.config.hydra.sweep.dir)

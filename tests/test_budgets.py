@@ -19,12 +19,16 @@ from tests.helpers import CURVES
 GRID = [[f"build.hidden_units={units}", f"fit.epochs={epochs}"] for units in (4, 8) for epochs in (3, 1, 2)]
 
 
-def planned(tiny_archive, tmp_path, *settings: str, grid=GRID) -> list[list[str]]:
+def planned(tiny_archive, tmp_path, *settings: str, grid=GRID, reference: list[str] | None = None) -> list[list[str]]:
+    """The plan of `grid`; `reference`: the overrides of the sweep's own settings, whose early-stopping job it asks."""
     config.register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # (once: each compose then takes ms)
+        def load(job):
+            return compose(config_name="config", overrides=[*tiny_overrides(tiny_archive, tmp_path), *settings, *job])
+
         # (as BudgetSweeper composes: a group's first job by Hydra, the others from it with fit.epochs set)
-        return budgets.plan(grid, budgets.composer(lambda job: compose(
-            config_name="config", overrides=[*tiny_overrides(tiny_archive, tmp_path), *settings, *job])))
+        return budgets.plan(grid, budgets.composer(load),
+                            reference and budgets.reference_of(config.load(load(reference))))
 
 
 def test_jobs_that_differ_only_in_their_budget_share_one_training_unless_something_reads_the_budget(
@@ -35,6 +39,12 @@ def test_jobs_that_differ_only_in_their_budget_share_one_training_unless_somethi
                       for units in (4, 8)]  # each setting once, at its longest budget, told all three
     assert "build.hidden_units=8 trains once, to 3 epochs, for fit.epochs=1,2,3" in caplog.text
     assert "(3 epochs not repeated" in caplog.text
+    told = f"+hydra.job.env_set.{budgets.REFERENCE}=3"  # the reference's settings are hidden_units=8's: recorded there
+    assert [told in job for job in planned(tiny_archive, tmp_path, reference=GRID[3])] == [False, True]
+    assert "build.hidden_units=8 also records the early-stopping reference job" in caplog.text
+    for beyond in (["build.hidden_units=8", "fit.epochs=4"], ["build.hidden_units=2", "fit.epochs=3"]):
+        assert not any(told.split("=")[0] in line for job in planned(tiny_archive, tmp_path, reference=beyond)
+                       for line in job), beyond  # (longer than any training, or no setting's own: trained alone)
     for settings, why in ((["sweep.share_budgets=false"], "sweep.share_budgets=false"),
                           (["fit=early_stopping"], "fit.early_stopping.enabled=true (early stopping reads the budget"),
                           (["fit.checkpoint_every=${fit.epochs}"], "fit.checkpoint_every differs between the budgets "
