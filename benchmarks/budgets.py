@@ -1,4 +1,4 @@
-"""`python benchmarks/budgets.py ARCHIVE [--repeats N]`: the overfitting sweep,
+"""`python benchmarks/budgets.py ARCHIVE [--repeats N] [--only shared|alone]`: the overfitting sweep,
 `python -m pipeline -m experiment=overfit_sweep` (16 jobs and the early-stopping reference), cold cache, with its
 fit.epochs budgets sharing one training per setting (sweep.share_budgets=true, the default) and with each trained
 alone, alternating, each in a new folder (empty stage cache, new store). Prints the wall seconds of both, the
@@ -40,10 +40,12 @@ def sweep_record(work: Path) -> dict:
             "record_s": statistics.median(record)}
 
 
-def compare(archive: str, repeats: int = 1) -> None:
-    results: dict[str, list[dict]] = {"shared": [], "alone": []}
+def compare(archive: str, repeats: int = 1, only: str | None = None) -> None:
+    results: dict[str, list[dict]] = {name: [] for name in ("shared", "alone") if only in (None, name)}
     for repeat in range(repeats):
         for name, switch in (("shared", "sweep.share_budgets=true"), ("alone", "sweep.share_budgets=false")):
+            if name not in results:
+                continue
             with tempfile.TemporaryDirectory(prefix=f"imdb-bench-budgets-{name}-") as folder:
                 work = Path(folder)
                 out = measured(pipeline_command(archive, work, "experiment=overfit_sweep", switch, multirun=True), work)
@@ -65,6 +67,8 @@ def compare(archive: str, repeats: int = 1) -> None:
         print(f"{'  s per job outside training':40}{spread(outside)}")
         print(f"{'  s per run, its record (evaluate+model)':40}{spread([r['record_s'] for r in runs])}")
         print(f"{'  peak MB':40}{spread([r['peak_mb'] for r in runs], 0)}")
+    if only:
+        return
     ratios = [s["wall"] / a["wall"] for s, a in zip(results["shared"], results["alone"])]
     print(f"{'ratio shared / alone':40}{spread(ratios)}")
 
@@ -76,5 +80,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python benchmarks/budgets.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("archive", nargs="?", default=os.environ.get("IMDB_ARCHIVE"))
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--only", choices=("shared", "alone"), help="one mode alone (no ratio)")
     args = parser.parse_args()
-    compare(str(Path(args.archive).resolve()), args.repeats)
+    compare(str(Path(args.archive).resolve()), args.repeats, args.only)

@@ -8,12 +8,17 @@ through hydra.job.env_set); `sweep_job` trains once and records every budget as 
 budget alone would have recorded it (pipeline/tracking/budgets.py). The unit of work a launcher (in-process, joblib,
 Ray) runs is then the shared training. A group trains separately, with a line that says why, when something reads
 the budget: early stopping, an Optuna trial, a setting that differs between its budgets (an interpolation of
-fit.epochs), or when its settings do not compose (each job then fails on its own, as before).
+fit.epochs), or when its settings do not compose (each job then fails on its own, as before). The sweep's
+early-stopping reference job (sweep.early_stopping_reference), when a shared group's settings are its own but for
+early stopping and a longest budget at least its fit.epochs, is recorded from that group's training (the variable
+REFERENCE: its fit.epochs; tracking/budgets.py), not trained again after the sweep.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
+import json
 import logging
 import os
 from dataclasses import replace
@@ -30,6 +35,7 @@ from pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 BUDGETS = "PIPELINE_SWEEP_BUDGETS"  # in a shared job: the group's fit.epochs values as written, comma-separated
+REFERENCE = "PIPELINE_SWEEP_REFERENCE"  # in a shared job: the early-stopping reference's fit.epochs, to record it too
 KEY = "fit.epochs"
 SAME = ("fit.epochs", "tracking.run_name")  # what may differ between the jobs of one training
 
@@ -60,10 +66,12 @@ def with_budget(overrides: Sequence[str], budget: str) -> list[str]:
     return [f"{line.split('=', 1)[0]}={budget}" if budget_of([line]) is not None else line for line in overrides]
 
 
-def plan(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], PipelineConfig]) -> list[list[str]]:
+def plan(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], PipelineConfig],
+         reference: Optional[PipelineConfig] = None) -> list[list[str]]:
     """The jobs to launch: each group of jobs that differ only in fit.epochs (and may share) as its longest
     budget's job with BUDGETS set; every other job as it is. `compose(overrides)`: that job's settings (raises if
-    they do not compose or are invalid). Logs one line for each group: shared, or why not."""
+    they do not compose or are invalid). `reference`: the sweep's early-stopping reference job, recorded by the first
+    shared group it is a job of (REFERENCE set). Logs one line for each group: shared, or why not."""
     order: list = []  # a job (a list) or a group (its overrides but fit.epochs, a tuple), in the sweep's order
     groups: dict[tuple, dict[int, tuple[str, list[str]]]] = {}
     for job in map(list, jobs):
@@ -93,7 +101,7 @@ def plan(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], PipelineC
             continue
         named = "".join(f"{line} " for line in entry if len(values[line.split("=", 1)[0]]) > 1)  # ("": one setting)
         budgets = [written for _, (written, _) in group]
-        reason = _why_not_group(group, compose)
+        reason, longest = _why_not_group(group, compose)
         if reason:
             log.info("sweep: %strains fit.epochs=%s separately: %s", named, ",".join(budgets), reason)
             launched += each
@@ -102,23 +110,56 @@ def plan(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], PipelineC
                  "not repeated; sweep.share_budgets=false: each alone)", named, group[-1][0], ",".join(budgets),
                  sum(budget for budget, _ in group[:-1]))
         launched.append([*each[-1], f"+hydra.job.env_set.{BUDGETS}='{','.join(budgets)}'"])
+        if reference is not None and records(longest, reference):
+            log.info("sweep: %salso records the early-stopping reference job from its training (at most %d epochs)",
+                     named, reference.fit.epochs)
+            launched[-1].append(f"+hydra.job.env_set.{REFERENCE}={reference.fit.epochs}")
+            reference = None
     return launched
 
 
-def _why_not_group(group, compose) -> Optional[str]:
+def records(longest: PipelineConfig, reference: PipelineConfig) -> bool:
+    """Whether a training of `longest` can record the early-stopping reference job too: the same settings but for
+    early stopping, fit.epochs (at most the training's) and the run's name."""
+    apart = ("fit.epochs", "fit.early_stopping.enabled", "tracking.run_name")
+    ours, its = ({k: str(v) for k, v in config.flatten(s).items() if k not in apart} for s in (longest, reference))
+    return ours == its and reference.fit.epochs <= longest.fit.epochs and reference.fit.early_stopping.enabled
+
+
+def _why_not_group(group, compose) -> tuple[Optional[str], Optional[PipelineConfig]]:
+    """Why the group's jobs cannot share one training (None: they can), and its longest budget's settings."""
     try:
         settings = [compose(list(job)) for _, (_, job) in group]
     except Exception as error:  # each job then fails (or is refused) on its own, as without sharing
-        return f"its settings do not compose ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+        return f"its settings do not compose ({str(error).splitlines()[0] if str(error) else type(error).__name__})", None
     reason = why_not(settings[-1])
     if reason:
-        return reason
+        return reason, settings[-1]
     flat = [config.flatten(s) for s in settings]
     for key in flat[-1]:
         if key not in SAME and any(str(f.get(key)) != str(flat[-1][key]) for f in flat):
             values = ", ".join(f"{f.get(key)} at {budget}" for (budget, _), f in zip(group, flat))
-            return f"{key} differs between the budgets ({values}): it reads fit.epochs"
-    return None
+            return f"{key} differs between the budgets ({values}): it reads fit.epochs", settings[-1]
+    return None, settings[-1]
+
+
+def composer(load: Callable[[list[str]], DictConfig]) -> Callable[[list[str]], PipelineConfig]:
+    """plan()'s `compose`: a job's settings from `load(overrides)` (Hydra composing it, a quarter of a second); but
+    a job that differs from one loaded before only in fit.epochs: that one's config with the value set as Hydra's
+    override sets it (OmegaConf.update), and what interpolates it resolved anew."""
+    bases: dict[tuple, DictConfig] = {}  # a job's composed config, by its overrides but fit.epochs
+
+    def compose(overrides: list[str]) -> PipelineConfig:
+        others = tuple(line for line in overrides if budget_of([line]) is None)
+        if others in bases and budget_of(overrides) is not None:
+            composed = copy.deepcopy(bases[others])
+            value = next(o for o in OverridesParser.create().parse_overrides(list(overrides)) if o.key_or_group == KEY)
+            OmegaConf.update(composed, KEY, value.value(), merge=True)
+        else:
+            composed = bases.setdefault(others, load(overrides))
+        return config.load(composed)
+
+    return compose
 
 
 class BudgetSweeper(Sweeper):
@@ -145,14 +186,15 @@ class BudgetSweeper(Sweeper):
             choices[key] = ([f"{key}={value}" for value in override.sweep_string_iterator()]
                             if override.is_sweep_override() else [f"{key}={override.get_value_element_as_str()}"])
         composed: set[tuple] = set()  # the jobs plan() composed: they need not be composed again to check them
+        load = composer(lambda overrides: self.hydra_context.config_loader.load_sweep_config(self.config, overrides))
 
         def compose(overrides: list[str]) -> PipelineConfig:
-            settings = config.load(self.hydra_context.config_loader.load_sweep_config(self.config, overrides))
+            settings = load(overrides)
             composed.add(tuple(overrides))
             return settings
 
-        jobs = plan([list(job) for job in itertools.product(*choices.values())], compose)
-        told = f"+hydra.job.env_set.{BUDGETS}="
+        jobs = plan([list(job) for job in itertools.product(*choices.values())], compose, self._reference())
+        told = tuple(f"+hydra.job.env_set.{name}=" for name in (BUDGETS, REFERENCE))  # (what plan() tells a job)
         self.validate_batch_is_legal([job for job in jobs if tuple(
             line for line in job if not line.startswith(told)) not in composed])  # (each job composes, before any runs)
         folder = Path(self.config.hydra.sweep.dir)
@@ -165,6 +207,20 @@ class BudgetSweeper(Sweeper):
                 _ = result.return_value  # (raises a job's error, as Hydra's basic sweeper does)
             returns.append(results)
         return returns
+
+    def _reference(self) -> Optional[PipelineConfig]:
+        """The sweep's early-stopping reference job's settings, when it asks for one (SweepCallback runs it)."""
+        try:
+            settings = config.load(self.config)
+        except Exception:  # (the sweep's callback has said why already)
+            return None
+        return reference_of(settings) if settings.sweep.early_stopping_reference else None
+
+
+def reference_of(settings: PipelineConfig) -> PipelineConfig:
+    """The early-stopping reference job's settings (but for its run's name): `settings` with early stopping on."""
+    return replace(settings, fit=replace(settings.fit, early_stopping=replace(settings.fit.early_stopping,
+                                                                              enabled=True)))
 
 
 def asked() -> list[str]:
@@ -204,8 +260,9 @@ def sweep_job(cfg, overrides: list[str], number: int, ready: Callable[[PipelineC
                      settings.tracking.run_name, previous["run_id"])
     if not missing:
         return previous["val_accuracy"]
+    reference = _reference(every[-1]) if missing[-1] is every[-1] else None
     try:
-        metrics, _ = train(missing[-1], budgets=missing[:-1])
+        metrics, _ = train(missing[-1], budgets=missing[:-1], reference=reference)
     except tracking.RecordKept as kept:  # finished, but its record waits on disk for the server (its command)
         log.error("sweep job %s (%s): %s", number, missing[-1].tracking.run_name, kept)
         return float("nan")
@@ -213,3 +270,15 @@ def sweep_job(cfg, overrides: list[str], number: int, ready: Callable[[PipelineC
         log.exception("sweep job %s (%s) failed", number, missing[-1].tracking.run_name)
         return float("nan")
     return metrics.get("val_accuracy", float("nan")) if missing[-1] is every[-1] else previous["val_accuracy"]
+
+
+def _reference(longest: PipelineConfig) -> Optional[PipelineConfig]:
+    """The early-stopping reference job this shared training records too (REFERENCE set; None: it does not, or a
+    resume finds it finished), with the name SweepCallback gives it."""
+    epochs = os.environ.get(REFERENCE)
+    if not epochs or int(epochs) > longest.fit.epochs:
+        return None
+    settings = reference_of(replace(longest, fit=replace(longest.fit, epochs=int(epochs))))
+    settings = replace(settings, tracking=replace(settings.tracking, run_name=sweep.reference_name(
+        settings, json.loads(os.environ.get(sweep.AXES, "[]")))))
+    return settings if sweep.finished_job(settings) is None else None

@@ -3,8 +3,8 @@
 In: the fitted model, Encoded arrays (the test split is read here for the first time), the fit's
 history and an EvaluateConfig. Out: Evaluation, with test_loss, test_accuracy, test_precision,
 test_recall, test_f1_score, test_roc_auc and the confusion counts, the test probabilities, and figures
-(matplotlib Figures, no pyplot state): the tutorial's loss and accuracy curves, the ROC and precision-recall
-curves and the confusion matrix. `checkpoints` evaluates the fit's best and last epochs alike (see Checkpoints)
+(matplotlib Figures, no pyplot state, drawn in fixed margins): the tutorial's loss and accuracy curves, the ROC
+and precision-recall curves and the confusion matrix. `checkpoints` evaluates the fit's best and last epochs alike (see Checkpoints)
 and leaves the model holding the weights evaluate.serve chose.
 """
 
@@ -27,13 +27,28 @@ class Evaluation:
     figures: dict[str, object] = field(default_factory=dict)  # file name -> matplotlib Figure
 
 
+# Each figure's margins, fixed: what layout="tight" found for these labels, without measuring them at every draw
+CURVE_MARGINS = dict(left=0.09, right=0.98, bottom=0.11, top=0.93)
+SQUARE_MARGINS = dict(left=0.13, right=0.98, bottom=0.1, top=0.98)  # ROC and precision-recall (square axes)
+MATRIX_MARGINS = dict(left=0.22, right=0.96, bottom=0.11, top=0.93)
+
+
+def figure_in(size: tuple[float, float], margins: dict):
+    """A matplotlib Figure (not pyplot: no backend chosen, no figure kept open in the caller's process) of `size`
+    inches whose axes sit in `margins` (fractions of the figure)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size)
+    figure.subplots_adjust(**margins)  # (Figure(subplotpars=...) is reset by the figure's own clear())
+    return figure
+
+
 def curves(history: pd.DataFrame) -> dict[str, object]:
     """The tutorial's figures: training vs validation loss, and training vs validation accuracy."""
-    from matplotlib.figure import Figure  # (not pyplot: no backend chosen, no figure kept open in the caller's process)
-
+    
     figures = {}
     for metric, title in (("loss", "Training and validation loss"), ("accuracy", "Training and validation accuracy")):
-        figure = Figure(figsize=(7, 4.5), layout="tight")
+        figure = figure_in((7, 4.5), CURVE_MARGINS)
         axes = figure.subplots()
         axes.plot(history["epoch"], history[metric], "o", markersize=4, label=f"Training {metric}")
         axes.plot(history["epoch"], history[f"val_{metric}"], "-", label=f"Validation {metric}")
@@ -59,11 +74,16 @@ def evaluate(model, data, history: pd.DataFrame, cfg: EvaluateConfig) -> Evaluat
     return score(predict(model, data.x_test, cfg.batch_size), data.y_test, history, cfg)
 
 
-def score(probabilities: np.ndarray, y_test: np.ndarray, history: pd.DataFrame, cfg: EvaluateConfig) -> Evaluation:
-    """The test metrics and figures from the model's test probabilities."""
-    predicted = (probabilities > cfg.threshold).astype(int)
+def score(probabilities: np.ndarray, y_test: np.ndarray, history: pd.DataFrame, cfg: EvaluateConfig,
+          drawn: Optional[dict] = None) -> Evaluation:
+    """The test metrics and figures from the model's test probabilities. `drawn`: these probabilities' threshold
+    figures, drawn before (filled here when empty): the same figures, not drawn again."""
+    drawn = {} if drawn is None else drawn
+    if not drawn:
+        predicted = (probabilities > cfg.threshold).astype(int)
+        drawn.update(threshold_curves(y_test.astype(int), probabilities, predicted))
     return Evaluation(metrics=measure(probabilities, y_test, cfg), probabilities=probabilities,
-                      figures={**curves(history), **threshold_curves(y_test.astype(int), probabilities, predicted)})
+                      figures={**curves(history), **drawn})
 
 
 def measure(probabilities: np.ndarray, y_test: np.ndarray, cfg: EvaluateConfig) -> dict[str, float]:
@@ -129,8 +149,8 @@ class Checkpoints:
 def checkpoints(model, data, fitted, cfg: EvaluateConfig, scored: Optional[dict] = None) -> Checkpoints:
     """Evaluate the best and the last epoch's weights on the test split (the one not served first, its
     metrics only), keep every N-th epoch's as they are, and leave `model` holding the served weights.
-    `scored`: test probabilities by epoch, of this training's weights (filled here): an epoch scored before is
-    not scored again (a shared training's budgets, pipeline/budgets.py)."""
+    `scored`: what this training's weights gave on the test split, by epoch (filled here): an epoch scored before is
+    not scored again, and its threshold figures not drawn again (a shared training's budgets, pipeline/budgets.py)."""
     scored = {} if scored is None else scored
     final = model.get_weights()
     best, last = fitted.kept_best, fitted.final_epoch
@@ -144,7 +164,8 @@ def checkpoints(model, data, fitted, cfg: EvaluateConfig, scored: Optional[dict]
         served, other = pair.pop(cfg.serve), pair.popitem()[1]
         other.measured = time.time()
         other.metrics = measure(_scored(model, data, other, cfg, scored), data.y_test, cfg)
-    evaluation = score(_scored(model, data, served, cfg, scored), data.y_test, fitted.history, cfg)
+    evaluation = score(_scored(model, data, served, cfg, scored), data.y_test, fitted.history, cfg,
+                       scored.setdefault(("figures", served.epoch), {}))
     model.set_weights(served.weights)
     served.metrics = evaluation.metrics
     return Checkpoints(served, other, every, evaluation)
@@ -161,15 +182,14 @@ def _scored(model, data, checkpoint: Checkpoint, cfg: EvaluateConfig, scored: di
 def threshold_curves(truth: np.ndarray, probabilities: np.ndarray, predicted: np.ndarray) -> dict[str, object]:
     """ROC and precision-recall curves of the test probabilities, and the confusion matrix at the
     threshold (scikit-learn's displays, drawn on the axes given them)."""
-    from matplotlib.figure import Figure
     from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 
     figures = {}
     for name, display in (("roc_curve.png", RocCurveDisplay), ("precision_recall_curve.png", PrecisionRecallDisplay)):
-        figure = Figure(figsize=(5.5, 5), layout="tight")
+        figure = figure_in((5.5, 5), SQUARE_MARGINS)
         display.from_predictions(truth, probabilities, ax=figure.subplots(), name="test split")
         figures[name] = figure
-    figure = Figure(figsize=(5, 4.5), layout="tight")
+    figure = figure_in((5, 4.5), MATRIX_MARGINS)
     axes = figure.subplots()
     ConfusionMatrixDisplay.from_predictions(truth, predicted, display_labels=["negative", "positive"], ax=axes,
                                             colorbar=False)

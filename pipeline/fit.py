@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import pandas as pd
 
-from pipeline.config import FitConfig
+from pipeline.config import EarlyStoppingConfig, FitConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +46,21 @@ class Fitted:
 
 
 def fit(model, data, cfg: FitConfig, seed: int, callbacks: Sequence = (), budgets: Sequence[int] = (),
-        reached: Optional[Callable[[Fitted], None]] = None) -> Fitted:
+        reached: Optional[Callable[[Fitted], None]] = None, stopping: Optional[tuple] = None) -> Fitted:
     """Train `model` in place on the training arrays, validating on the held-out arrays each epoch. At the end of
     each epoch in `budgets` (shorter than cfg.epochs), `reached` gets the Fitted a fit of that many epochs gives
-    (the model holds that epoch's weights; it must hold them again when `reached` returns)."""
+    (the model holds that epoch's weights; it must hold them again when `reached` returns). `stopping`: (an
+    EarlyStoppingConfig, a number of epochs, a function): at the epoch where Keras's early stopping with those settings
+    would end a fit of that many epochs (here it stops nothing), the function gets (that fit's Fitted, the weights
+    Keras would leave the model holding: the best, restored, or None: the current)."""
     import keras
 
     keras.utils.set_random_seed(seed)
     stopper = None
     keeper = _keeper(cfg.early_stopping.monitor, cfg.checkpoint_every)
-    every = [*callbacks, keeper] + ([_budgets(keeper, budgets, reached)] if budgets else [])
+    every = [*callbacks, keeper] + ([_budgets(keeper, budgets, reached, stopping)] if budgets or stopping else [])
     if cfg.early_stopping.enabled:
-        stopper = keras.callbacks.EarlyStopping(
-            monitor=cfg.early_stopping.monitor, patience=cfg.early_stopping.patience,
-            restore_best_weights=cfg.early_stopping.restore_best_weights, verbose=1)
+        stopper = _stopper(cfg.early_stopping, verbose=1)
         every.insert(0, stopper)
     if cfg.loop == "epoch" and keras.backend.backend() == "tensorflow":
         from pipeline.epochloop import EpochLoop  # (a speed switch: imported only when on)
@@ -83,23 +84,57 @@ def fit(model, data, cfg: FitConfig, seed: int, callbacks: Sequence = (), budget
                   kept=keeper.kept, kept_best=keeper.best_epoch)
 
 
-def _budgets(keeper, budgets: Sequence[int], reached: Callable[[Fitted], None]):
+def _stopper(cfg: EarlyStoppingConfig, verbose: int):
+    import keras
+
+    return keras.callbacks.EarlyStopping(monitor=cfg.monitor, patience=cfg.patience,
+                                         restore_best_weights=cfg.restore_best_weights, verbose=verbose)
+
+
+class _Unstopped:
+    """The model as an EarlyStopping that stops nothing sees it: the model's own, but for `stop_training`."""
+
+    def __init__(self, model):
+        self.stop_training, self.watched = False, model
+
+    def __getattr__(self, name):
+        return getattr(self.watched, name)
+
+
+def _budgets(keeper, budgets: Sequence[int], reached: Callable[[Fitted], None], stopping: Optional[tuple]):
     """A Keras callback, after the keeper: at the end of each epoch in `budgets`, the Fitted of a fit that ends
-    there (no early stopping: sharing a training falls back to separate ones with it, pipeline/budgets.py)."""
+    there (no early stopping: sharing a training falls back to separate ones with it, pipeline/budgets.py); with
+    `stopping`, Keras's own EarlyStopping watches the epochs (stopping nothing) for the fit it would have ended."""
     import keras
 
     class Budgets(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
             self.rows: list[dict] = []  # each epoch's logs, as model.fit's History (and EpochLoop's rows) keep them
+            self.stopper = None
+
+        def on_train_begin(self, logs=None):
+            if stopping:
+                self.stopper = _stopper(stopping[0], verbose=0)
+                self.stopper.set_model(_Unstopped(self.model))
+                self.stopper.on_train_begin(logs)
 
         def on_epoch_end(self, epoch, logs=None):
             self.rows.append({key: float(value) for key, value in (logs or {}).items()})
+            table = pd.DataFrame(self.rows)
+            table.insert(0, "epoch", range(1, len(table) + 1))
             if epoch + 1 in budgets:
-                table = pd.DataFrame(self.rows)
-                table.insert(0, "epoch", range(1, len(table) + 1))
                 reached(Fitted(history=table, stopped_epoch=None, best_epoch=None, final_epoch=epoch + 1,
                                kept=dict(keeper.kept), kept_best=keeper.best_epoch))
+            if self.stopper is not None:  # as fit() records an early-stopped fit (the stopper before the keeper)
+                self.stopper.on_epoch_end(epoch, logs)
+                if self.stopper.model.stop_training or epoch + 1 == stopping[1]:
+                    settings, stopper, self.stopper = stopping[0], self.stopper, None
+                    restored = settings.restore_best_weights and stopper.best_weights is not None
+                    stopping[2](Fitted(history=table, stopped_epoch=epoch + 1 if stopper.stopped_epoch else None,
+                                       best_epoch=keeper.best_epoch, kept=dict(keeper.kept), kept_best=keeper.best_epoch,
+                                       final_epoch=keeper.best_epoch if settings.restore_best_weights else epoch + 1),
+                                stopper.best_weights if restored else None)
 
     return Budgets()
 

@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import sys
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -152,15 +153,14 @@ class SweepCallback(Callback):
         self.parent: str | None = None
         self.settings: PipelineConfig | None = None
         self.axes: dict[str, str] = {}
-        self.on_ray = False
-        self.analysing = False
+        self.on_ray, self.analysing, self.began = False, False, 0.0  # began: when the sweep's jobs were started
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from pipeline import ingest
         from pipeline.tracking import sweeps
 
         hydra_cfg = config.hydra
-        directory = os.getcwd()  # (hydra.job.chdir is false: where the user ran the command)
+        directory, self.began = os.getcwd(), time.time()  # (hydra.job.chdir is false: where the user ran the command)
         atexit.register(self._abandoned)  # (once the parent is open, the process's end ends it)
         try:
             self.settings = absolute(load(config), directory)
@@ -196,8 +196,8 @@ class SweepCallback(Callback):
                 self.settings,
                 fit=replace(self.settings.fit, early_stopping=replace(self.settings.fit.early_stopping, enabled=True)),
                 tracking=replace(self.settings.tracking, run_name=reference_name(self.settings, self.axes)))
-            try:
-                if finished_job(reference) is None:
+            try:  # (unless a job's training recorded it: pipeline/budgets.py)
+                if finished_job(reference) is None and not sweeps.recorded_child(self.parent, reference, self.began):
                     CONSOLE.install(reference.verbose)  # the handlers again: Hydra has set logging up anew
                     train.train(reference)
             except Exception:  # recorded as a FAILED child; the analysis lists it

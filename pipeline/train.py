@@ -89,16 +89,19 @@ def prepare(cfg: PipelineConfig, step: Steps) -> Data:
     return Data(reviews.meta(), parts and parts.sizes(), encoded, dict(step.cache))
 
 
-def train(cfg: PipelineConfig, budgets: Sequence[PipelineConfig] = ()) -> tuple[dict[str, float], dict[str, Any]]:
+def train(cfg: PipelineConfig, budgets: Sequence[PipelineConfig] = (),
+          reference: PipelineConfig | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """Run the pipeline once, tracked. Returns (metrics, objects). `budgets`: in a sweep, the settings of shorter
-    fit.epochs budgets of this job, each recorded as its own run when training reaches it (tracking/budgets.py)."""
+    fit.epochs budgets of this job, each recorded as its own run when training reaches it (tracking/budgets.py);
+    `reference`: the sweep's early-stopping reference job (these settings with early stopping), recorded alike."""
     from pipeline import tracking  # MLflow, imported here: the data worker imports this module for prepare() alone
     from pipeline.tracking.budgets import SharedRuns
 
     check(cfg)
     step = Steps(cfg, speed.stage_cache(cfg))  # each stage's call below: timed, its line told, through the stage cache
     metrics: dict[str, float] = {}
-    runs = SharedRuns(cfg, list(budgets), step) if budgets else tracking.TrackedRun(cfg, step.seconds)
+    shared = bool(budgets) or reference is not None
+    runs = SharedRuns(cfg, list(budgets), step, reference) if shared else tracking.TrackedRun(cfg, step.seconds)
     with seeds.kept(), speed.ahead(cfg, prepare, step) as prepared, runs as run, \
             speed.xla_cache(cfg):  # (the caller's random generators put back at the end: seeds.py)
         if "build" in cfg.stages:
@@ -118,7 +121,7 @@ def train(cfg: PipelineConfig, budgets: Sequence[PipelineConfig] = ()) -> tuple[
             # what follows the fit; a shared training's shorter budgets get it as training reaches them (budgets.py),
             # scoring each epoch's weights on the test split once
             then = functools.partial(record, model=model, encoded=encoded, scored={})
-            shorter = run.budgets(model, then) if budgets else {}
+            shorter = run.budgets(model, then) if shared else {}
             fitted = step("fit", fit.fit, model, encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger(), *pruning],
                           **shorter)
             done, products = then(run, step, cfg, fitted)

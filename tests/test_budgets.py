@@ -19,11 +19,16 @@ from tests.helpers import CURVES
 GRID = [[f"build.hidden_units={units}", f"fit.epochs={epochs}"] for units in (4, 8) for epochs in (3, 1, 2)]
 
 
-def planned(tiny_archive, tmp_path, *settings: str, grid=GRID) -> list[list[str]]:
+def planned(tiny_archive, tmp_path, *settings: str, grid=GRID, reference: list[str] | None = None) -> list[list[str]]:
+    """The plan of `grid`; `reference`: the overrides of the sweep's own settings, whose early-stopping job it asks."""
     config.register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # (once: each compose then takes ms)
-        return budgets.plan(grid, lambda job: config.load(compose(
-            config_name="config", overrides=[*tiny_overrides(tiny_archive, tmp_path), *settings, *job])))
+        def load(job):
+            return compose(config_name="config", overrides=[*tiny_overrides(tiny_archive, tmp_path), *settings, *job])
+
+        # (as BudgetSweeper composes: a group's first job by Hydra, the others from it with fit.epochs set)
+        return budgets.plan(grid, budgets.composer(load),
+                            reference and budgets.reference_of(config.load(load(reference))))
 
 
 def test_jobs_that_differ_only_in_their_budget_share_one_training_unless_something_reads_the_budget(
@@ -34,6 +39,12 @@ def test_jobs_that_differ_only_in_their_budget_share_one_training_unless_somethi
                       for units in (4, 8)]  # each setting once, at its longest budget, told all three
     assert "build.hidden_units=8 trains once, to 3 epochs, for fit.epochs=1,2,3" in caplog.text
     assert "(3 epochs not repeated" in caplog.text
+    told = f"+hydra.job.env_set.{budgets.REFERENCE}=3"  # the reference's settings are hidden_units=8's: recorded there
+    assert [told in job for job in planned(tiny_archive, tmp_path, reference=GRID[3])] == [False, True]
+    assert "build.hidden_units=8 also records the early-stopping reference job" in caplog.text
+    for beyond in (["build.hidden_units=8", "fit.epochs=4"], ["build.hidden_units=2", "fit.epochs=3"]):
+        assert not any(told.split("=")[0] in line for job in planned(tiny_archive, tmp_path, reference=beyond)
+                       for line in job), beyond  # (longer than any training, or no setting's own: trained alone)
     for settings, why in ((["sweep.share_budgets=false"], "sweep.share_budgets=false"),
                           (["fit=early_stopping"], "fit.early_stopping.enabled=true (early stopping reads the budget"),
                           (["fit.checkpoint_every=${fit.epochs}"], "fit.checkpoint_every differs between the budgets "
@@ -49,7 +60,8 @@ def test_jobs_that_differ_only_in_their_budget_share_one_training_unless_somethi
 @pytest.mark.slow
 def test_each_budget_recorded_from_a_shared_training_equals_a_training_of_that_budget_alone(tiny_run, tmp_path):
     """Same seed: the budgets 1, 2 and 3 of one training against a training of 1 epoch alone and the suite's tiny
-    run (3 epochs alone), read back from the store to its last digit."""
+    run (3 epochs alone), read back from the store to its last digit; and a sweep's early-stopping reference job
+    recorded from that training against the same job trained alone."""
     from pipeline.train import train
 
     alone_cfg = tiny_run[0]
@@ -58,26 +70,36 @@ def test_each_budget_recorded_from_a_shared_training_equals_a_training_of_that_b
     def at(epochs: int, name: str):
         return replace(cfg, fit=replace(cfg.fit, epochs=epochs), tracking=replace(cfg.tracking, run_name=name))
 
-    train(at(3, "shared,epochs=3"), budgets=[at(1, "shared,epochs=1"), at(2, "shared,epochs=2")])
+    stopping = replace(cfg.fit.early_stopping, patience=1)  # (it stops this tiny training after epoch 2)
+    reference = budgets.reference_of(replace(at(3, "shared,epochs=reference"), fit=replace(at(3, "").fit, early_stopping=stopping)))
+    train(at(3, "shared,epochs=3"), budgets=[at(1, "shared,epochs=1"), at(2, "shared,epochs=2")], reference=reference)
     train(at(1, "alone,epochs=1"))
+    train(replace(reference, tracking=replace(reference.tracking, run_name="alone,epochs=reference")))
     runs = {}
     for uri in (cfg.tracking.uri, alone_cfg.tracking.uri):
         client = MlflowClient(uri)
         for run in client.search_runs([client.get_experiment_by_name("imdb-sentiment").experiment_id]):
             runs[run.info.run_name if uri == cfg.tracking.uri else "alone,epochs=3"] = (client, run)
     first = runs["shared,epochs=1"][1]
-    for epochs in (1, 2, 3):
+    stopped = runs["shared,epochs=reference"][1].data.metrics
+    assert (stopped.get("stopped_epoch"), stopped.get("best_epoch")) == (2, 1), stopped  # it stopped, the best restored
+    for epochs in (1, 2, 3, "reference"):
         client, run = runs[f"shared,epochs={epochs}"]
-        assert run.info.status == "FINISHED" and run.data.params["fit.epochs"] == str(epochs)
+        assert run.info.status == "FINISHED" and run.data.params["fit.epochs"] == str(3 if epochs == "reference" else epochs)
         assert run.data.tags["pipeline.training"] == first.info.run_id  # the run the training started in
         assert run.data.tags["pipeline.training.budgets"] == "1,2,3"
         assert f"started in run {first.info.run_id}" in run.data.tags["mlflow.note.content"]
         assert run.info.start_time == first.info.start_time  # each budget's run starts with the training
+        trained = int(run.data.metrics["epochs_trained"])
         assert sorted(p.step for p in client.get_metric_history(run.info.run_id, "epoch_seconds")) == list(
-            range(1, epochs + 1))
+            range(1, trained + 1)) and (trained == epochs or epochs == "reference")
         models = sorted(m.name.split(" of ")[0] for m in client.search_logged_models(
             [run.info.experiment_id], f"source_run_id = '{run.info.run_id}'"))
-        assert any(name.split("last-epoch-")[-1].split("-")[0] == str(epochs) for name in models), models
+        assert any(name.split("last-epoch-")[-1].split("-")[0] == str(trained) for name in models) or \
+            epochs == "reference", models
+        # every run its five figures (budgets serving one epoch log its threshold figures drawn once)
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} == {f"figures/{name}.png" for name in (
+            "loss", "accuracy", "roc_curve", "precision_recall_curve", "confusion_matrix")}
         if epochs == 2:
             continue
         alone_client, alone = runs[f"alone,epochs={epochs}"]
@@ -88,8 +110,8 @@ def test_each_budget_recorded_from_a_shared_training_equals_a_training_of_that_b
                    [(p.step, p.value) for p in sorted(alone_client.get_metric_history(alone.info.run_id, curve),
                                                       key=lambda p: p.step)], (epochs, curve)
         # (model.size_mb aside: the saved model's layer names count the models built in the process so far)
-        scored = {key: value for key, value in alone.data.metrics.items()
-                  if key.startswith(("test_", "best", "last.", "model.")) and key != "model.size_mb"}
+        scored = {key: value for key, value in alone.data.metrics.items()  # (with early stopping: stopped_epoch, ...)
+                  if key.startswith(("test_", "best", "last.", "model.", "stopped", "epochs")) and key != "model.size_mb"}
         assert len(scored) > 10 and {key: run.data.metrics[key] for key in scored} == scored
         same = ("tracking.run_name", "tracking.uri", "cache_dir")
         assert {k: v for k, v in run.data.params.items() if k not in same} == \

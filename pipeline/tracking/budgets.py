@@ -11,10 +11,17 @@ Each run says where it came from: the tag `pipeline.training` (the run the train
 budget of it), `pipeline.training.budgets`, and its description. An interrupt ends the open run KILLED with its
 epochs, as a job of that budget alone would have been; the budgets not reached are not recorded (a resume runs them).
 A failure ends the open run FAILED and records each later budget as FAILED with the same error.
+
+A sweep's early-stopping reference job (sweep.early_stopping_reference) whose settings are these but for early
+stopping and fit.epochs is recorded from the training too (`reference`): Keras's EarlyStopping watches its epochs
+(stopping nothing, fit.py) and, at the epoch where it would have ended that job's fit, the reference's run gets what
+the job alone gives (same seed: early stopping only stops): the epochs so far, the stopped and best epochs, the best
+weights restored and evaluated. Its failure is the training's.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import time
@@ -22,17 +29,19 @@ import time
 from pipeline.config import PipelineConfig
 from pipeline.signals import SIGNALS
 from pipeline.tracking import TrackedRun
+from pipeline.tracking.sweeps import TRAINING
 
 log = logging.getLogger(__name__)
-TRAINING, BUDGETS = "pipeline.training", "pipeline.training.budgets"  # the tags each budget's run gets
+BUDGETS = "pipeline.training.budgets"  # the tags each budget's run gets: this, and TRAINING
 NOTE = "mlflow.note.content"  # the run's description in MLflow's UI
 
 
 class SharedRuns:
     """The runs of one training, one open at a time (`run`); anything else asked of it goes to the open run."""
 
-    def __init__(self, cfg: PipelineConfig, budgets: list[PipelineConfig], step):
+    def __init__(self, cfg: PipelineConfig, budgets: list[PipelineConfig], step, reference=None):
         self.queue = [*budgets, cfg]  # each budget's settings, shortest first; cfg (the longest) last
+        self.reference: PipelineConfig | None = reference  # the early-stopping reference job's settings
         self.budgets_written = ",".join(str(c.fit.epochs) for c in self.queue)
         self.step = step  # train()'s Steps: the longest budget's seconds; each shorter one gets a fresh one
         self.run: TrackedRun | None = None
@@ -63,29 +72,41 @@ class SharedRuns:
         return False
 
     def _open(self) -> None:
-        cfg, budgets = self.queue[0], self.budgets_written
-        run = TrackedRun(cfg, self.step.seconds if len(self.queue) == 1 else {})
+        self.run = self._start(self.queue[0])
+
+    def _start(self, cfg: PipelineConfig, stopped: int | None = None) -> TrackedRun:
+        """A run for `cfg` (a budget; `stopped`: the early-stopping reference, its last epoch), opened with the
+        training's start, its setup and the epochs so far, and tagged with where it comes from."""
+        budgets = self.budgets_written
+        run = TrackedRun(cfg, self.step.seconds if len(self.queue) == 1 and stopped is None else {})
         run.start = self.first.start if self.first else time.time()  # every budget's run starts with the training
         run.__enter__()
-        self.run = run
         if self.first is None:
             self.first = run
         else:
             run.log_from = self.first.log_from  # its log: the training's, from its start
         first = self.first.run_id
+        shared = (f"Recorded from a training shared by the fit.epochs budgets {budgets.replace(',', ', ')} of this sweep "
+                  f"job: one training to {self.queue[-1].fit.epochs} epochs, started in run {first}"
+                  f"{' (this run)' if first == run.run_id else ''}. ")
+        if stopped is None:
+            note = (f"This run's epochs 1-{cfg.fit.epochs} are that training's, recorded as each ended, and its "
+                    "checkpoints are its weights at the best epoch within the budget and at "
+                    f"epoch {cfg.fit.epochs}: the numbers a training of {cfg.fit.epochs} epochs alone gives (same seed).")
+        else:
+            note = (f"Early stopping with this run's settings would have ended a training of {cfg.fit.epochs} epochs "
+                    f"at epoch {stopped} (it stops nothing but the training, and the same seed gives the same epochs): "
+                    f"this run's epochs 1-{stopped} are that training's, and its checkpoints the weights early stopping "
+                    "would have left: the numbers this job alone gives.")
         run.journal.tags({TRAINING: first, BUDGETS: budgets, NOTE: (
-            f"Recorded from a training shared by the fit.epochs budgets {budgets.replace(',', ', ')} of this sweep job: one "
-            f"training to {self.queue[-1].fit.epochs} epochs, started in run {first}"
-            f"{' (this run)' if first == run.run_id else ''}. This run's epochs 1-{cfg.fit.epochs} are that training's, "
-            "recorded as each ended, and its checkpoints are its weights at the best epoch within the budget and at "
-            f"epoch {cfg.fit.epochs}: the numbers a training of {cfg.fit.epochs} epochs alone gives (same seed). Its "
-            "start is the training's. sweep.share_budgets=false trains each budget alone.")})
+            f"{shared}{note} Its start is the training's. sweep.share_budgets=false trains each job alone.")})
         for method, args in self.setup:
             getattr(run, method)(*args)
         for epoch, values, stamp in self.points:
             run.epochs.record(epoch, values, stamp)
         if self.points:
             run.epochs.beat()
+        return run
 
     def _failed(self, error, budgets: list[PipelineConfig]) -> None:
         """Each budget not reached, as a FAILED run that says why (a job of that budget alone would have failed alike)."""
@@ -145,5 +166,45 @@ class SharedRuns:
                 self._open()
             self.paused += time.perf_counter() - began
 
-        return {"budgets": [cfg.fit.epochs for cfg in self.queue[:-1]], "reached": reached}
+        arguments = {"budgets": [cfg.fit.epochs for cfg in self.queue[:-1]], "reached": reached}
+        if self.reference is not None:
+            arguments["stopping"] = (self.reference.fit.early_stopping, self.reference.fit.epochs,
+                                     functools.partial(self._stopped, model, record))
+        return arguments
+
+    def _stopped(self, model, record, fitted, weights) -> None:
+        """Where early stopping would have ended the reference job's fit: its run, recorded and ended (the open
+        budget's run stays open); the model holds the training's weights again after."""
+        began, now, cfg = time.perf_counter(), model.get_weights(), self.reference
+        run, step, seconds = None, type(self.step)(self.step.cfg, self.step.store), dict(self.step.seconds)
+        kept, self.reference = self.run, None
+        active = _active_runs()  # MLflow's active run, the open budget's: the reference's while it is recorded
+        held = list(active)
+        active.clear()
+        try:
+            run = self.run = self._start(cfg, stopped=len(fitted.history))
+            if weights is not None:
+                model.set_weights(weights)  # (Keras restores the best weights at the fit's end)
+            record(self, step, cfg, fitted)  # (into self.run: the reference's)
+            run.complete()
+            run.seconds.update(seconds, fit=began - self.fit_started - self.paused, **step.seconds)
+        except BaseException as error:
+            self.run = kept
+            if run is not None:
+                run.__exit__(type(error), error, error.__traceback__)
+            raise
+        else:
+            self.run = kept
+            run.__exit__(None, None, None)
+        finally:
+            active[:] = held  # (the reference's run gone, if its end did not take it off)
+            model.set_weights(now)
+            self.paused += time.perf_counter() - began
+
+
+def _active_runs() -> list:
+    """MLflow's fluent stack of active runs (MLflow 3.17: a thread's own list; forget_active_run pops it too)."""
+    from mlflow.tracking import fluent
+
+    return fluent._active_run_stack.get()
 

@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from pipeline.config import redact
-from pipeline.tracking.operations import ABOUT, OPERATIONS, WRITTEN, apply, fail_model, write_kept
+from pipeline.tracking.operations import ABOUT, OPERATIONS, WRITTEN, apply, fail_model, png, write_kept
 from pipeline.tracking.server import check_reachable
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class Journal:
         if operation["op"] == "figure":
             files.mkdir(parents=True)
             directory, _, name = operation["path"].rpartition("/")
-            operation["figure"].savefig(files / name)
+            (files / name).write_bytes(png(operation["figure"]))
             operation = {"op": "file", "file": f"files/{number}/{name}", "path": directory or None}
         elif operation["op"] == "model":
             shutil.copytree(operation["folder"], files / "model")

@@ -9,7 +9,9 @@ registered), model_uri (the run's tag) and end (status, end time). Given what th
 
 from __future__ import annotations
 
+import io
 import json
+import tempfile
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -20,6 +22,16 @@ from pipeline.tracking.server import check_reachable
 
 OPERATIONS, WRITTEN, ABOUT, MLMODEL = "operations.jsonl", "written.txt", "run.json", "MLmodel"
 BATCH = 1000  # log_batch takes at most 1000 metrics a call
+
+
+def png(figure) -> bytes:
+    """A matplotlib Figure as PNG (what figure.savefig writes), drawn once: a figure several runs log (the budgets of
+    a shared training serving one epoch, pipeline/evaluate.py) is not drawn again."""
+    if getattr(figure, "pipeline_png", None) is None:
+        drawn = io.BytesIO()
+        figure.savefig(drawn, format="png")
+        figure.pipeline_png = drawn.getvalue()
+    return figure.pipeline_png
 
 
 def write_kept(client: MlflowClient, run_id: str, kept: list[dict], written: int, folder: Path,
@@ -55,8 +67,11 @@ def apply(client: MlflowClient, run_id: str, operation: dict, models: dict[str, 
                 stored[m.key].add((m.step, m.timestamp))
     elif kind == "text":
         client.log_text(run_id, operation["text"], operation["path"])
-    elif kind == "figure":
-        client.log_figure(run_id, operation["figure"], operation["path"])
+    elif kind == "figure":  # (as client.log_figure writes it, from the PNG drawn once)
+        directory, _, name = operation["path"].rpartition("/")
+        with tempfile.TemporaryDirectory() as files:
+            Path(files, name).write_bytes(png(operation["figure"]))
+            client.log_artifact(run_id, str(Path(files, name)), directory or None)
     elif kind == "file":
         client.log_artifact(run_id, str(folder / operation["file"]), operation["path"])
     elif kind == "dataset":

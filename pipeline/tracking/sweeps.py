@@ -24,6 +24,7 @@ from pipeline.tracking import CURVES, git_tags, holder, use
 from pipeline.tracking.projects import project_run
 
 log = logging.getLogger(__name__)
+TRAINING = "pipeline.training"  # the tag of a run recorded from a shared training: the run it started in
 SETTINGS = "sweep/settings.json"  # on the parent: every setting the sweep was asked, flattened, as strings
 
 
@@ -128,6 +129,14 @@ def finished_child(parent_run_id: str, axes: list[str], run_name: str, asked: di
     return None
 
 
+def recorded_child(parent_run_id: str, settings, since: float) -> bool:
+    """Whether a child of the parent started since `since` (time.time()) was recorded, with `settings`' run name, from
+    a shared training (tracking/budgets.py) and has ended FINISHED or FAILED: a job not to run again."""
+    client, name = mlflow.MlflowClient(), settings.tracking.run_name
+    return any(run.info.run_name == name and TRAINING in run.data.tags and run.info.status in ("FINISHED", "FAILED")
+               for run in _children(client, parent_run_id, f" and attributes.start_time >= {int(since * 1000)}"))
+
+
 def end_running_children(parent_run_id: str, why: str) -> None:
     """The parent's children still RUNNING end KILLED, with an `error` tag that says why."""
     client = mlflow.MlflowClient()
@@ -207,7 +216,7 @@ def read_jobs(parent_run_id: str, budget: str):
         settings = {key: _setting(key, params, name) for key in axes}
         settings[budget] = int(params[budget])
         extra = {"served": params.get("evaluate.serve"),  # which checkpoint its test_accuracy measures
-                 "training": tags.get("pipeline.training")}  # the run its training started in, if it shared one
+                 "training": tags.get(TRAINING)}  # the run its training started in, if it shared one
         if {"build", "build.family"} & set(axes):  # a family's own epoch budget: is it compared below it?
             own = config.family_epochs(settings.get("build") or params.get("build.family"))  # (conf/build/<option>)
             extra |= {"family": params.get("build.family"), "family_epochs": own}
