@@ -114,9 +114,14 @@ class TableTexts:
 
     def chunks(self, rows: int | None = None) -> Iterator[tuple[int, list]]:
         """(number of the chunk's first row, its texts), chunk by chunk."""
+        for start, texts in self.columns(rows):
+            yield start, texts.tolist()
+
+    def columns(self, rows: int | None = None) -> Iterator[tuple[int, pd.Series]]:
+        """(number of the chunk's first row, its texts as the column read), chunk by chunk."""
         start = 0
         for frame, _ in read_chunks(Path(self.path), [], [self.column], rows):
-            texts = frame[self.column].tolist() if self.column in frame.columns else [None] * len(frame)
+            texts = frame[self.column] if self.column in frame.columns else pd.Series([None] * len(frame), dtype=object)
             yield start, texts
             start += len(texts)
 
