@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from pipeline import tables, textmodel
+from pipeline import textmodel
 from pipeline.console import Progress
 from pipeline.tables import TableTexts
 from pipeline.workers import Workers, cores, spawnable
