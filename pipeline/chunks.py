@@ -5,15 +5,18 @@ review there, `row`; ingest's Reviews.table says which file and column), and a B
 and the train, validation and test id matrices, exactly as build.vectorize makes them from texts in memory
 (tests/test_stages.py checks), ids kept compact (uint16 while the vocabulary fits).
 
-One pass over the file: this process reads it, tables.CHUNK_ROWS rows at a time, and hands each chunk's texts
-(their UTF-8, as the file's reader holds it) to one worker process a core (pipeline/workers.py). A worker
-tokenizes each review once, with textmodel's rules, and numbers the tokens in a dictionary of its own, kept
-from chunk to chunk; it sends back the tokens new to it, the ids of each review's kept tokens (its last or
-first sequence_length) and how often each id occurs in the chunk's training reviews (all their tokens). Here
-each worker's ids become provisional ids (a dictionary lookup per token new to a worker, not per token), held
-as int32 in the reviews' rows; once the file is read, the vocabulary is ranked from the summed counts
-(textmodel.ranked) and the provisional ids are turned into its ids (1 for a token outside it) over their own
-memory, into the compact type. Memory holds the ids and a few chunks, never the whole text.
+One pass over the file: this process reads it, ROWS rows at a time, and hands each chunk's texts (their UTF-8,
+as the file's reader holds them) to one worker process a core (pipeline/workers.py; the workers end with the
+stage, whether it ends, fails or is interrupted). A worker standardizes each review with textmodel's own
+function, has Arrow split them on ASCII whitespace and number the chunk's distinct tokens (codes), and gives
+each distinct token an id of a dictionary of its own, kept from chunk to chunk: a dictionary lookup per distinct
+token, not per token. It sends back the tokens new to it, its id of each code, each review's kept tokens (its
+last or first sequence_length) as codes, 2 bytes each, and the counts of the codes in the chunk's training
+reviews (all their tokens). Here every token gets a provisional id, the counts are summed, and the codes go
+straight into the reviews' rows of the compact arrays; once the file is read, the vocabulary is ranked from the
+counts (textmodel.ranked) and each chunk's codes are turned into its ids (1 for a token outside it) in place.
+Memory holds the ids, a few chunks and the tokens, never the whole text. A chunk of more distinct tokens than
+2-byte codes hold (LOCAL) keeps its 4-byte codes aside until then.
 """
 
 from __future__ import annotations
@@ -186,10 +189,10 @@ def _tokenize(work: tuple, session: str, length: int, truncate: str) -> tuple:
     codes, bounds = coded.indices.to_numpy() + 1, words.offsets.to_numpy().astype(np.int64)
     distinct = [b""] + coded.dictionary.view(pa.large_binary()).to_pylist()
     ids = np.fromiter(map(index.get, distinct, repeat(0)), dtype=np.int32, count=len(distinct))
-    new = [token for token, known in zip(distinct, ids.tolist()) if not known and token]
-    if new:
-        index.update(zip(new, range(len(index) + 1, len(index) + 1 + len(new))))
-        ids = np.fromiter(map(index.get, distinct, repeat(0)), dtype=np.int32, count=len(distinct))
+    unknown = [code for code in np.flatnonzero(ids == 0).tolist() if distinct[code]]  # (b"": no token)
+    new = [distinct[code] for code in unknown]
+    ids[unknown] = np.arange(len(index) + 1, len(index) + 1 + len(new))
+    index.update(zip(new, range(len(index) + 1, len(index) + 1 + len(new))))
     starts, ends = _words(bounds, codes, ids)
     counted = np.bincount(codes[np.repeat(training, np.diff(bounds))], minlength=len(distinct))
     found = np.flatnonzero(counted * (ids > 0))  # (the empty token, id 0, is no token)
