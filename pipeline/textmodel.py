@@ -35,7 +35,12 @@ TEXT = "text"  # the review's column in a table sent to the served model (any ot
 
 def standardize(text: str) -> bytes:
     """Lower case, HTML line breaks to spaces, punctuation removed, as UTF-8 bytes."""
-    raw = text.encode("utf-8").lower()
+    return standardize_utf8(text.encode("utf-8"))
+
+
+def standardize_utf8(raw: bytes) -> bytes:
+    """standardize() of a text given as its UTF-8 bytes (as a table's file holds it)."""
+    raw = raw.lower()
     if b"<br" in raw:
         raw = raw.replace(b"<br />", b" ")  # nearly every break is written so; the pattern takes the rest
         if b"<br" in raw:

@@ -335,6 +335,7 @@ def vectorized_in_chunks(table, command, reviews, monkeypatch, capsys):
 
     assert "reading" not in capsys.readouterr().out  # the ingest above was short: no progress line
     monkeypatch.setattr(tables, "CHUNK_ROWS", 64)
+    monkeypatch.setattr(chunks, "ROWS", 64)
     monkeypatch.setattr(console, "PROGRESS", (0.0, 0.0))  # every update a line, as a long stage shows them
     cfg = compose_config(command)
     pd.read_csv(table).to_parquet(table.with_suffix(".parquet"))
@@ -353,9 +354,48 @@ def vectorized_in_chunks(table, command, reviews, monkeypatch, capsys):
             assert got.dtype == np.uint16 and np.array_equal(got, expected)
     shown = capsys.readouterr().out
     assert re.search(r"reading IMDB_Dataset\.parquet: 192 reviews, [\d,]+ a second, \d+ s left", shown)
-    assert re.search(r"vectorize: counting the training reviews' words: [\d,]+ of 300 reviews, [\d,]+ a second, "
+    assert re.search(r"vectorize: reading and encoding the reviews: [\d,]+ of 1,000 reviews, [\d,]+ a second, "
                      r"\d+ s left", shown)
-    assert re.search(r"vectorize: encoding the reviews: [\d,]+ of 1,000 reviews, [\d,]+ a second, \d+ s left", shown)
+
+
+ODD_REVIEWS = ["Great<BR/>film", "great<br   />FILM<br>ok<Br />", "  leading and trailing\t\n", "!!! ...", "<br />",
+               "Café naïve 日本語 x\u00a0y e\u2028f — it's 10/10", "tab\tvertical\x0bfeed\x0cend\x1cgroup", "a", "b b"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_one_pass_over_a_table_gives_the_vocabulary_and_ids_of_the_texts_in_memory(tmp_path, monkeypatch, suffix):
+    """The chunked pass's vocabulary and ids are exactly those of build.vectorize on the texts in memory (what the
+    served model's tokenizer gives), for reviews longer and shorter than sequence_length kept from either end,
+    every form of line break, non-ASCII text and whitespace, whitespace at the ends, reviews of no token, ties at
+    the vocabulary's cut, a vocabulary past 2-byte ids, chunks whose tokens need 4-byte codes; pool or none."""
+    from pipeline import chunks
+
+    rng = random.Random(5)
+    texts = [review(rng, i % 2 == 0) * rng.choice([1, 1, 4]) + " " + rng.choice(ODD_REVIEWS) for i in range(150)]
+    texts[:len(ODD_REVIEWS)] = ODD_REVIEWS  # (alone too: some with no token at all)
+    frame = pd.DataFrame({"text": texts, "label": [i % 2 for i in range(len(texts))]})
+    table = tmp_path / f"reviews{suffix}"
+    frame.to_csv(table, index=False) if suffix == ".csv" else frame.to_parquet(table, index=False)
+    monkeypatch.setattr(chunks, "ROWS", 16)
+    cfg = compose_config(["ingest=table", f"ingest.path={table}"])
+    reviews = ingest.ingest(cfg.ingest)
+    counts = sorted(textmodel.count(chunks.with_texts(split.split(reviews.frame, cfg.split, cfg.seed),
+                                                      reviews.table).train["text"]).values(), reverse=True)
+    cut = 2 + next(k for k in range(8, len(counts)) if counts[k - 1] == counts[k])  # a tie at the vocabulary's cut
+    for truncate, size, workers, local in (("pre", cut, 2, 1 << 16), ("post", cut, 0, 40), ("pre", 70000, 0, 1 << 16)):
+        monkeypatch.setattr(chunks, "LOCAL", local)  # 40: most chunks' tokens need 4-byte codes
+        cfg = compose_config(["ingest=table", f"ingest.path={table}", "build.sequence_length=40",
+                              f"build.truncate={truncate}", f"build.vocabulary_size={size}"])
+        reviews = ingest.ingest(cfg.ingest)
+        parts = split.split(reviews.frame, cfg.split, cfg.seed)
+        whole = build.vectorize(chunks.with_texts(parts, reviews.table), cfg.build)
+        vocabulary, arrays = chunks.vectorize_table(parts, reviews.table, cfg.build, workers=workers)
+        assert vocabulary == whole.vocabulary
+        for got, expected in zip(arrays, (whole.x_train, whole.x_validation, whole.x_test)):
+            assert got.dtype == expected.dtype == np.uint16 and np.array_equal(got, expected)
+        kept = np.concatenate([whole.x_train, whole.x_validation, whole.x_test])
+        assert (kept[:, -1] > 0).any() and (kept == 0).all(axis=1).any()  # some cut at 40 tokens, some of none
+        assert (kept == 1).any() and len(vocabulary) == min(size, len(counts) + 2)  # tokens outside it, or none
 
 
 def _fixes(message: str) -> list[list[str]]:

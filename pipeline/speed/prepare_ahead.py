@@ -20,7 +20,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.chunks import end
+from pipeline.workers import end
 
 log = logging.getLogger(__name__)
 SPILL = 256 << 20  # bytes of arrays above which they come back through files (the archive's are 77 MB)
