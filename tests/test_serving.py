@@ -30,6 +30,7 @@ def registered(tiny_archive, tmp_path_factory):
     return cfg
 
 
+@pytest.mark.xdist_group("registered")  # (one worker trains the module's two runs once)
 def test_evaluate_registers_the_model_under_its_name(registered):
     cfg = registered
     client = MlflowClient(cfg.tracking.uri)
@@ -46,6 +47,7 @@ def served(registered):
     return mlflow.pyfunc.load_model(runs(registered.tracking.uri)["tags.model_uri"].iloc[-1])
 
 
+@pytest.mark.xdist_group("registered")
 @pytest.mark.parametrize("given, refusal", [
     (["A film.", None], "input 1 (counting from 0) is null, not a review"),
     ([123], "input 0 (counting from 0) is int 123, not a review"),
@@ -62,6 +64,7 @@ def test_the_loaded_model_refuses_what_is_not_a_review(served, given, refusal):
     assert model.predict(["A film.", {"text": "Awful."}["text"]]).shape == (2,)  # text is still scored
 
 
+@pytest.mark.xdist_group("registered")
 def test_the_loaded_model_reads_the_review_by_name(served):
     """A table's column `text` is the review, whatever other columns come before or after it (MLflow alone hands
     the model a table's first column); a single column is the reviews whatever its name; a table of several

@@ -17,7 +17,7 @@ from tests.conftest import PROJECT, tiny_overrides
 from tests.helpers import environment
 from tests.servers import tracking_server
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser]
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.xdist_group("ui")]  # (one worker: one filled store)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = PROJECT / "screenshots"
 EPOCHS = 6
