@@ -3,13 +3,14 @@
 `step(name, stage_function, *args)` returns what stage_function(*args) returns, and keeps its seconds
 (the run's `seconds.<name>` tags) and one terminal line: the stage, its seconds, what it made (WORDS).
 With stage_cache=true, ingest's and vectorize's products are read from the stage cache when the same
-settings, inputs and code made them before (pipeline/speed/cache.py), and kept there when not; `cache`
-says which were hits. This is the one place that times a stage or writes its line.
+settings, inputs and code made them before (pipeline/speed/cache.py), and kept there when not (jobs side by
+side that miss the same entry: one makes it, the others wait for it and read it); `cache` says which were hits. This is the one place that times a stage or writes its line.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
@@ -63,20 +64,21 @@ class Steps:
     def __call__(self, name: str, function, *args, **kwargs):
         start = time.perf_counter()
         kept = self.store.key(name) is not None  # a stage the cache keeps
-        try:  # (a stage that fails or is interrupted still has its seconds, up to then)
-            product = self.store.load(name) if kept else None
-            hit = product is not None
-            if not hit:
-                product = function(*args, **kwargs)
-        finally:
-            took = time.perf_counter() - start
-            self.seconds[name] = self.seconds.get(name, 0.0) + took
-        if kept:
-            self.cache[name] = "hit" if hit else "miss" if self.store.on else "off"
-        if kept and not hit and self.store.on:
-            began = time.perf_counter()
-            self.store.save(name, product)
-            self.seconds["cache_write"] = self.seconds.get("cache_write", 0.0) + time.perf_counter() - began
+        with self.store.building(name) if kept else nullcontext():  # (jobs side by side: one makes it)
+            try:  # (a stage that fails or is interrupted still has its seconds, up to then)
+                product = self.store.load(name) if kept else None
+                hit = product is not None
+                if not hit:
+                    product = function(*args, **kwargs)
+            finally:
+                took = time.perf_counter() - start
+                self.seconds[name] = self.seconds.get(name, 0.0) + took
+            if kept:
+                self.cache[name] = "hit" if hit else "miss" if self.store.on else "off"
+            if kept and not hit and self.store.on:
+                began = time.perf_counter()
+                self.store.save(name, product)
+                self.seconds["cache_write"] = self.seconds.get("cache_write", 0.0) + time.perf_counter() - began
         words = WORDS.get(name, lambda *_: "")(product, *args)
         self.line(LABELS.get(name, name), took, words + (", from the stage cache" if hit else ""))
         return product

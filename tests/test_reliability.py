@@ -338,6 +338,9 @@ def test_parallel_jobs_writing_to_the_embedded_store_lose_nothing(tiny_archive, 
     parent, children = sweep_runs(uri)
     assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children)
     assert len({c.data.tags["pipeline.training"] for c in children}) == 3  # a training per setting, on joblib's workers
+    for stage in ("ingest", "vectorize"):  # on a cold cache: one made the data, the others read it
+        made = {c.data.tags["pipeline.training"] for c in children if c.data.tags[f"cache.{stage}"] == "miss"}
+        assert len(made) == 1, stage
     client = MlflowClient(uri)
     mlflow.set_tracking_uri(uri)
     for child in children:
@@ -385,6 +388,37 @@ def test_cache_entries_are_keyed_by_code(tmp_path):
     Path(module.__file__).write_text("def stage(): return 2\n")
     assert cache.make_key("ingest", {"a": 1}, [module]) != before
     assert cache.make_key("ingest", {"a": 2}, [module]) != cache.make_key("ingest", {"a": 1}, [module])
+
+
+def test_jobs_side_by_side_that_miss_one_cache_entry_make_it_once(tiny_archive, tmp_path):
+    """Two jobs of a parallel sweep on a cold cache (processes there; threads here, each with its own lock file
+    handle, as processes have): the first makes the data, the second waits for it and reads it."""
+    import threading
+
+    from pipeline import ingest
+    from pipeline.steps import Steps
+
+    cfg = compose_config(tiny_overrides(tiny_archive, tmp_path))
+    made, products = [], {}
+
+    def slowly(*args):
+        made.append(threading.current_thread().name)
+        time.sleep(1.0)  # the other job asks for the entry meanwhile
+        return ingest.ingest(*args)
+
+    def job(name):
+        step = Steps(cfg, cache.StageCache(cfg), tell=False)
+        products[name] = (step("ingest", slowly, cfg.ingest, cfg.seed), step.cache["ingest"])
+
+    jobs = [threading.Thread(target=job, args=(name,), name=name) for name in ("first", "second")]
+    jobs[0].start()
+    time.sleep(0.2)
+    jobs[1].start()
+    for each in jobs:
+        each.join(timeout=60)
+    assert made == ["first"] and products["first"][1] == "miss" and products["second"][1] == "hit"
+    first, second = products["first"][0], products["second"][0]
+    assert second.digest == first.digest and second.frame["text"].tolist() == first.frame["text"].tolist()
 
 
 def test_truncated_cache_entry_is_rebuilt_not_used(tmp_path):

@@ -16,12 +16,14 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 
 from pipeline import build, chunks, ingest, split, tables, textmodel
 from pipeline.build import Encoded
@@ -88,6 +90,17 @@ class StageCache:
 
     def entry(self, stage: str, key: str) -> Path:
         return self.root / stage / key
+
+    def building(self, stage: str):
+        """Held while `stage`'s entry is looked for and, if missing, made and kept: jobs side by side that miss
+        the same entry (a parallel sweep's, cold) make it once, the others wait and read it. The lock is the
+        operating system's (fcntl): a process that dies lets it go."""
+        folder = self.root / ".locks"  # (beside the stages' folders, which hold entries alone)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a cache_dir that cannot be written: nothing is kept, nothing to wait for
+            return nullcontext()
+        return FileLock(folder / f"{stage}-{self.key(stage)}.lock")
 
     def load(self, stage: str):
         """The product of `stage` kept under its key, or None."""
