@@ -421,6 +421,33 @@ def test_jobs_side_by_side_that_miss_one_cache_entry_make_it_once(tiny_archive, 
     assert second.digest == first.digest and second.frame["text"].tolist() == first.frame["text"].tolist()
 
 
+def test_big_arrays_come_back_from_the_data_worker_through_files_that_no_run_leaves_behind(tmp_path):
+    """prepare_ahead hands arrays over SPILL back through files in cache_dir: read back equal, and the files gone
+    when the run took them, when it ended before taking them, and (at the next run) when it was killed outright."""
+    import numpy as np
+
+    from pipeline.speed import NoStageCache, prepare_ahead
+    from pipeline.steps import Steps
+    from tests.handover import big_data
+
+    killed = tmp_path / f"{prepare_ahead.PREFIX}999999999-a"  # (no such process)
+    killed.mkdir()
+    (killed / "x_train.npy").write_bytes(b"left by a run killed outright")
+    cfg = compose_config([f"cache_dir={tmp_path}"])
+    expected = big_data(cfg, None).encoded
+    for taken in (True, False):
+        step = Steps(cfg, NoStageCache(), tell=False)
+        with prepare_ahead.started(cfg, big_data, step) as prepared:
+            if taken:
+                got = prepared().encoded
+                assert all(np.array_equal(getattr(got, name), getattr(expected, name)) for name in expected.ARRAYS)
+            else:  # the worker's files written, the run ending first (an error, Ctrl-C as TensorFlow loads)
+                deadline = time.monotonic() + 60
+                while not list(tmp_path.glob(f"{prepare_ahead.PREFIX}*/y_test.npy")) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+        assert not list(tmp_path.glob(f"{prepare_ahead.PREFIX}*")), taken
+
+
 def test_truncated_cache_entry_is_rebuilt_not_used(tmp_path):
     import numpy as np
 

@@ -3,7 +3,9 @@
 The worker is a fresh interpreter (spawned: safe whatever threads run here) that calls the story's own
 `prepare(cfg, step)` with a quiet copy of the run's Steps; the run takes its product and its Steps' seconds,
 cache hits and lines when it needs the data. Arrays of more than SPILL bytes come back through files, not the
-pipe (a pickle would hold a second and third copy of a big table's ids in memory at once). The worker is not a
+pipe (a pickle would hold a second and third copy of a big table's ids in memory at once), in a folder the run names
+(`.handover-<its pid>-...` in cache_dir) and removes when it ends, however it ends; one left by a run that was killed
+outright is removed by the next run that hands over there. The worker is not a
 daemon, so that a big table's vectorizing may start workers of its own (pipeline/chunks.py); it is stopped as
 soon as its result is in, or when the run ends first (SIGTERM: it ends its own workers on the way out);
 Ctrl-C is the run's (the worker ignores it).
@@ -13,16 +15,19 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import shutil
 import signal
 import sys
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.workers import end
 
 log = logging.getLogger(__name__)
+PREFIX = ".handover-"
 SPILL = 256 << 20  # bytes of arrays above which they come back through files (the archive's are 77 MB)
 
 
@@ -38,13 +43,14 @@ def _stop(signum, frame):
     raise SystemExit(128 + signum)  # (unwinds: a pool of the worker's own ends with it)
 
 
-def work(send, prepare, cfg, step) -> None:
-    """In the worker: (True, (data, the Steps that made it)) or (False, the error), sent to the run."""
+def work(send, prepare, cfg, step, folder: Path) -> None:
+    """In the worker: (True, (data, the Steps that made it)) or (False, the error), sent to the run; big arrays
+    through files in `folder`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop)
     try:
         data = prepare(cfg, step)
-        result = (True, (spill(data, cfg.cache_dir), step))
+        result = (True, (spill(data, folder), step))
     except Exception as error:  # (handed to the run, which raises it)
         result = (False, error)
     try:
@@ -53,10 +59,36 @@ def work(send, prepare, cfg, step) -> None:
         send.send((False, RuntimeError(f"{type(result[1]).__name__}: {result[1]} ({error})")))
 
 
-def spill(data, near: str):
-    """`data` with the encoded arrays in files when they are big: Encoded's arrays become their paths. The files
-    go in a folder of their own in `near` (cache_dir: on disk, where the system's temporary folder may be
-    memory), or in the system's temporary folder where `near` cannot be written."""
+def handover_folder(near: str) -> Path:
+    """Where the worker is to put big arrays: a new name in `near` (cache_dir: on disk, where the system's temporary
+    folder may be memory), or in the system's temporary folder where `near` cannot be written. Folders there that
+    runs no longer alive named are removed first (a run killed outright cannot remove its own)."""
+    try:
+        Path(near).mkdir(parents=True, exist_ok=True)
+        place = Path(near)
+        probe = tempfile.mkdtemp(prefix=PREFIX, dir=place)
+        os.rmdir(probe)
+    except OSError:
+        place = Path(tempfile.gettempdir())
+    for left in place.glob(f"{PREFIX}*"):
+        pid = left.name[len(PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    return place / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    return True
+
+
+def spill(data, folder: Path):
+    """`data` with the encoded arrays in files in `folder` when they are big: Encoded's arrays become their paths."""
     from pipeline.build import Encoded
 
     encoded = data.encoded
@@ -64,18 +96,10 @@ def spill(data, near: str):
         return data
     import numpy as np
 
-    try:
-        Path(near).mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=".handover-", dir=near))
-    except OSError:
-        folder = Path(tempfile.mkdtemp(prefix="pipeline-data-"))
-    try:
-        for name in Encoded.ARRAYS:
-            np.save(folder / f"{name}.npy", getattr(encoded, name), allow_pickle=False)
-            setattr(encoded, name, str(folder / f"{name}.npy"))
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    folder.mkdir()
+    for name in Encoded.ARRAYS:
+        np.save(folder / f"{name}.npy", getattr(encoded, name), allow_pickle=False)
+        setattr(encoded, name, str(folder / f"{name}.npy"))
     return data
 
 
@@ -89,19 +113,17 @@ def unspill(data):
         return data
     import numpy as np
 
-    try:
-        for name, path in zip(Encoded.ARRAYS, paths):
-            setattr(encoded, name, np.load(path, allow_pickle=False))
-    finally:
-        shutil.rmtree(Path(paths[0]).parent, ignore_errors=True)
-    return data
+    for name, path in zip(Encoded.ARRAYS, paths):
+        setattr(encoded, name, np.load(path, allow_pickle=False))
+    return data  # (the run removes the folder: started())
 
 
 @contextmanager
 def started(cfg, prepare, step):
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
-    worker = context.Process(target=work, args=(send, prepare, cfg, step.quiet()), name="prepare-ahead")
+    folder = handover_folder(cfg.cache_dir)
+    worker = context.Process(target=work, args=(send, prepare, cfg, step.quiet(), folder), name="prepare-ahead")
 
     def prepared():
         try:
@@ -129,3 +151,4 @@ def started(cfg, prepare, step):
     finally:
         stop()
         receive.close()
+        shutil.rmtree(folder, ignore_errors=True)  # (handed over or not: a run that ends early leaves no copy)
