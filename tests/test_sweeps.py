@@ -263,7 +263,7 @@ def test_ray_launcher_runs_the_sweep_on_a_local_ray_instance(tiny_archive, tmp_p
     assert len(analysis_table(uri, parent.info.run_id, tmp_path)) == 4
     # every job ran in a Ray worker process, not in the process that started the sweep
     assert "(_run_job pid=" in done.stdout + done.stderr
-    assert ray_processes() == before  # the Ray instance the sweep started is gone
+    assert ray_processes() <= before  # the Ray instance the sweep started is gone (others may have ended meanwhile)
 
 
 def ray_processes() -> set[str]:
