@@ -4,13 +4,14 @@
 (the run's `seconds.<name>` tags) and one terminal line: the stage, its seconds, what it made (WORDS).
 With stage_cache=true, ingest's and vectorize's products are read from the stage cache when the same
 settings, inputs and code made them before (pipeline/speed/cache.py), and kept there when not (jobs side by
-side that miss the same entry: one makes it, the others wait for it and read it); `cache` says which were hits. This is the one place that times a stage or writes its line.
+side that miss the same entry: one makes it, the others wait for it and read it); `cache` says which were
+hits. This is the one place that times a stage or writes its line.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
@@ -64,9 +65,12 @@ class Steps:
     def __call__(self, name: str, function, *args, **kwargs):
         start = time.perf_counter()
         kept = self.store.key(name) is not None  # a stage the cache keeps
-        with self.store.building(name) if kept else nullcontext():  # (jobs side by side: one makes it)
+        with ExitStack() as held:
             try:  # (a stage that fails or is interrupted still has its seconds, up to then)
                 product = self.store.load(name) if kept else None
+                if product is None and kept and self.store.on:  # a miss: jobs side by side that miss it make it once
+                    held.enter_context(self.store.building(name))
+                    product = self.store.load(name)  # (made meanwhile by the job that held the lock)
                 hit = product is not None
                 if not hit:
                     product = function(*args, **kwargs)

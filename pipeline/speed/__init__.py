@@ -34,9 +34,6 @@ class NoStageCache:
     def save(self, stage: str, product) -> None:
         pass
 
-    def building(self, stage: str):
-        return nullcontext()
-
 
 def stage_cache(cfg):
     """The run's stage cache: cache.StageCache, or NoStageCache with stage_cache=false."""

@@ -92,9 +92,9 @@ class StageCache:
         return self.root / stage / key
 
     def building(self, stage: str):
-        """Held while `stage`'s entry is looked for and, if missing, made and kept: jobs side by side that miss
-        the same entry (a parallel sweep's, cold) make it once, the others wait and read it. The lock is the
-        operating system's (fcntl): a process that dies lets it go."""
+        """Held by a run that missed `stage`'s entry while it looks again and, if still missing, makes and keeps
+        it: jobs side by side that miss the same entry (a parallel sweep's, cold) make it once, the others wait
+        and read it; a hit takes no lock. The lock is the operating system's (fcntl): a process that dies lets it go."""
         folder = self.root / ".locks"  # (beside the stages' folders, which hold entries alone)
         try:
             folder.mkdir(parents=True, exist_ok=True)
