@@ -101,7 +101,11 @@ class Signals:
     @contextmanager
     def held(self):
         """A signal that arrives inside waits until the block is done, then is raised (even when the
-        block raised: an interrupted end of a FINISHED run still stops the program)."""
+        block raised: an interrupted end of a FINISHED run still stops the program). Off the main thread it holds
+        nothing: signals reach the main thread alone, so a write on another thread is never cut by one."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
         self.holding += 1
         try:
             yield

@@ -112,8 +112,9 @@ def train(cfg: PipelineConfig, budgets: Sequence[PipelineConfig] = (),
         objects: dict[str, Any] = {"data": data}
         if "build" in cfg.stages:
             encoded = data.encoded
-            model = step("build", build.build_model, cfg.build, encoded.input_size, encoded.x_train.shape[1],
-                         cfg.seed, train=(encoded.x_train, encoded.y_train))
+            make = functools.partial(build.build_model, cfg.build, encoded.input_size, encoded.x_train.shape[1],
+                                     cfg.seed, train=(encoded.x_train, encoded.y_train))
+            model = step("build", make)
             run.model_summary(build.summary(model), model.count_params(), fit.device())
             objects.update(encoded=encoded, model=model)
         if "fit" in cfg.stages:
@@ -121,7 +122,7 @@ def train(cfg: PipelineConfig, budgets: Sequence[PipelineConfig] = (),
             # what follows the fit; a shared training's shorter budgets get it as training reaches them (budgets.py),
             # scoring each epoch's weights on the test split once
             then = functools.partial(record, model=model, encoded=encoded, scored={})
-            shorter = run.budgets(model, then) if shared else {}
+            shorter = run.budgets(model, then, make) if shared else {}  # (`make`: a model to record budgets with)
             fitted = step("fit", fit.fit, model, encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger(), *pruning],
                           **shorter)
             done, products = then(run, step, cfg, fitted)

@@ -154,37 +154,59 @@ class TrackedRun:
         return self
 
     def __exit__(self, kind, error, tb) -> bool:
+        try:
+            kept = self.end(kind, error)
+        finally:
+            self.release()
+        self.report(kind, kept)
+        return False  # a failing or interrupted run: its own exception propagates
+
+    def end(self, kind=None, error=None) -> str | None:
+        """The run's record finished and its end written: FINISHED, KILLED (a KeyboardInterrupt) or FAILED (any other
+        `kind`). None, or while the tracking server is lost past the wait, what report() says (the record is kept).
+        From any thread (a shared training's budgets, budgets.py); release() then, from the thread that opened it."""
         status = "FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
         if status == "KILLED":
             SIGNALS.ended()
-        written = True
-        try:
-            with SIGNALS.held():
-                if self.epochs is not None:
-                    self.epochs.close()  # every epoch recorded so far is written (or kept) before the end
-                if self.run_id is not None:
-                    self._end(status, kind, error)
-            if self.journal is not None and not self.journal.live:  # a lost server: wait for it a little (not on Ctrl-C)
-                written = self.journal.finish(self.cfg.tracking.wait_for_server if status != "KILLED" else 0)
-        finally:
-            if self.journal is not None:
-                self.journal.stop()
-            if self.watchdog is not None:
-                self.watchdog.communicate(b"ended\n")  # the run has ended (or its end is kept): the watchdog leaves
-            mlflow.set_tracking_uri(self.found[0])
-            fluent._active_experiment_id = self.found[1]
-            for key in [key for key in os.environ if key.startswith(MLFLOW_ENVIRONMENT)]:
-                os.environ.pop(key)  # (set_tracking_uri and set_experiment export theirs for subprocesses)
-            os.environ.update(self.environment)
-        if not written:
-            message = (f"the tracking server {config.redact('uri', self.journal.uri)} did not answer again: run "
-                       f"{self.run_id}'s record ({status}) is kept in {self.journal.folder}. Once the server is back, "
-                       f"write it with:\npython -m pipeline.replay "
-                       f"{shlex.quote(str(self.journal.folder))}")
-            if status == "FINISHED":
-                raise RecordKept(message)
-            log.warning("%s", message)  # the last line, after the interrupt's or the error's
-        return False  # a failing or interrupted run: its own exception propagates
+        with SIGNALS.held():
+            if self.epochs is not None:
+                self.epochs.close()  # every epoch recorded so far is written (or kept) before the end
+            if self.run_id is not None:
+                self._end(status, kind, error)
+        if self.journal is not None and not self.journal.live:  # a lost server: wait for it a little (not on Ctrl-C)
+            if not self.journal.finish(self.cfg.tracking.wait_for_server if status != "KILLED" else 0):
+                return (f"the tracking server {config.redact('uri', self.journal.uri)} did not answer again: run "
+                        f"{self.run_id}'s record ({status}) is kept in {self.journal.folder}. Once the server is back, "
+                        f"write it with:\npython -m pipeline.replay {shlex.quote(str(self.journal.folder))}")
+        return None
+
+    def release(self, restore: bool = True) -> None:
+        """The run's helpers gone (its journal's prober, its watchdog), and, with `restore`, what the run changed in
+        the process put back: MLflow's tracking URI, experiment and environment variables as the run found them."""
+        if self.journal is not None:
+            self.journal.stop()
+        if self.watchdog is not None:
+            self.watchdog.communicate(b"ended\n")  # the run has ended (or its end is kept): the watchdog leaves
+            self.watchdog = None
+        if restore:
+            self.restore()
+
+    def restore(self) -> None:
+        mlflow.set_tracking_uri(self.found[0])
+        fluent._active_experiment_id = self.found[1]
+        for key in [key for key in os.environ if key.startswith(MLFLOW_ENVIRONMENT)]:
+            os.environ.pop(key)  # (set_tracking_uri and set_experiment export theirs for subprocesses)
+        os.environ.update(self.environment)
+
+    @staticmethod
+    def report(kind, kept: str | None) -> None:
+        """A record kept on disk (end() said so): an error for a run that finished, else the last line after the
+        interrupt's or the error's."""
+        if kept is None:
+            return
+        if kind is None:
+            raise RecordKept(kept)
+        log.warning("%s", kept)
 
     def _end(self, status: str, kind, error) -> None:
         """The run's last writes (seconds, log, error) and its end, then the line that says how it ended."""
@@ -199,7 +221,7 @@ class TrackedRun:
         if status == "FAILED":
             self.journal.tags({"error": f"{kind.__name__}: {error}"[:5000]})
         self.journal.end(status)
-        forget_active_run()
+        forget_active_run(self.run_id)
         if status == "KILLED":  # the one line an interrupt prints
             kept = self.epochs.recorded if self.epochs else 0
             log.info("MLflow run %s ended KILLED (%s), %d epoch%s kept", self.run_id, error or kind.__name__,
@@ -296,12 +318,14 @@ class TrackedRun:
         self.journal.tags({"pipeline.complete": "true"})
 
 
-def forget_active_run() -> None:
-    """Leave MLflow's fluent active run without writing to the store: the run's end was written (or kept) by
-    its journal. (mlflow.end_run would write the end again, and fail while the server is lost.)"""
+def forget_active_run(run_id: str) -> None:
+    """Leave MLflow's fluent active run `run_id` (this thread's) without writing to the store: the run's end was
+    written (or kept) by its journal. (mlflow.end_run would write the end again, and fail while the server is lost.)"""
+    import threading
+
     from mlflow.tracking import fluent
 
     stack = fluent._active_run_stack.get()  # (MLflow 3.17: a thread-local list of the started runs)
-    if stack:
-        stack.pop()
-    os.environ.pop("MLFLOW_RUN_ID", None)
+    stack[:] = [active for active in stack if active.info.run_id != run_id]
+    if threading.current_thread() is threading.main_thread():
+        os.environ.pop("MLFLOW_RUN_ID", None)

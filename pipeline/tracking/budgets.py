@@ -7,6 +7,12 @@ the budget and that epoch's weights, the model at the budget's last epoch), its 
 (train.record), and ends FINISHED; the next budget's run opens with the same start, setup and the epochs so far
 (each at the moment it ended), and training goes on. The longest budget's run is train()'s own to finish.
 
+A reached budget is recorded by a thread of its own (`recorder`, one at a time, in order) while training goes on:
+with a copy of the model holding the budget's weights and optimizer state (what a training of that budget alone
+leaves, and saves with the model), so that training never waits for a record. The longest budget's record waits
+for the others (their failure is the training's; their models are registered first); the thread ends with the
+training, and the process's MLflow settings are put back as the first run found them.
+
 Each run says where it came from: the tag `pipeline.training` (the run the training started in, the same for every
 budget of it), `pipeline.training.budgets`, and its description. An interrupt ends the open run KILLED with its
 epochs, as a job of that budget alone would have been; the budgets not reached are not recorded (a resume runs them).
@@ -25,10 +31,11 @@ import functools
 import logging
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from pipeline.config import PipelineConfig
 from pipeline.signals import SIGNALS
-from pipeline.tracking import TrackedRun
+from pipeline.tracking import TrackedRun, forget_active_run
 from pipeline.tracking.sweeps import TRAINING
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,9 @@ class SharedRuns:
         self.setup: list[tuple[str, tuple]] = []  # what each run records before its epochs (data, model summary)
         self.fit_started, self.paused = 0.0, 0.0  # perf_counter at the fit's start; seconds spent on budgets' records
         self.folder = tempfile.TemporaryDirectory(prefix="pipeline-budgets-")  # the first served model's files
+        self.recorder: ThreadPoolExecutor | None = None  # records reached budgets, one at a time, while training goes on
+        self.pending: list[tuple[TrackedRun, Future]] = []  # each reached budget's run and its record, in order
+        self.copy = None  # the model the recorder records with (budgets())
 
     def __getattr__(self, name):
         return getattr(self.run, name)
@@ -63,9 +73,18 @@ class SharedRuns:
             self.step.seconds["fit"] -= self.paused
         run, self.run = self.run, None
         try:
-            if run is not None:
-                run.__exit__(kind, error, tb)
+            try:  # budgets reached are recorded whole before the open run ends (on an interrupt too)
+                self._collect(wait=True, strict=kind is None)
+            finally:
+                try:
+                    if run is not None:
+                        run.__exit__(kind, error, tb)
+                finally:
+                    if self.recorder is not None:  # (nothing left to record, unless a second Ctrl-C cut the wait)
+                        self.recorder.shutdown(wait=True, cancel_futures=True)
         finally:
+            if self.first is not None:
+                self.first.restore()  # (later runs opened before the first had ended: what the first found)
             self.folder.cleanup()
             if kind is not None and not issubclass(kind, KeyboardInterrupt):
                 self._failed(error, self.queue[1:] if run is not None else self.queue)
@@ -126,12 +145,19 @@ class SharedRuns:
         self.setup.append(("model_summary", args))
         self.run.model_summary(*args)
 
-    def log_models(self, model, encoded, cfg: PipelineConfig, kept) -> str:
-        """The budget's checkpoints as LoggedModels; after the first budget, its served model is laid out as the
-        first's (MLflow's serving check ran on that one: the same code, vocabulary, signature and example)."""
+    def log_models(self, model, encoded, cfg: PipelineConfig, kept, run: TrackedRun | None = None) -> str:
+        """The budget's checkpoints as LoggedModels (into `run`, else the open one); after the first budget, its
+        served model is laid out as the first's (MLflow's serving check ran on that one: the same code, vocabulary,
+        signature and example)."""
         from pipeline.tracking import checkpoints
 
-        return checkpoints.log_models(self.run, model, encoded, cfg, kept, layout=f"{self.folder.name}/served")
+        return checkpoints.log_models(run or self.run, model, encoded, cfg, kept, layout=f"{self.folder.name}/served")
+
+    def fitted(self, fitted) -> None:
+        """The longest budget's record begins: the shorter ones' are finished first (a failure of theirs is the
+        training's, and their models are registered before its own)."""
+        self._collect(wait=True)
+        self.run.fitted(fitted)
 
     def epoch_logger(self):
         """TrackedRun's epoch callback, writing through this object (`epochs`): to the open run, and remembered."""
@@ -146,24 +172,25 @@ class SharedRuns:
         self.points.append((epoch, values, stamp))
         return stamp
 
-    def budgets(self, model, record) -> dict:
+    def budgets(self, model, record, make) -> dict:
         """fit.fit's arguments for the shorter budgets: their epochs, and what to do when training reaches one
-        (`record(run, step, cfg, fitted)`: train.record, with the model and data bound)."""
+        (`record(run, step, cfg, fitted, model=...)`: train.record, with the data bound). `make()` builds a model as
+        `model` was built: the recorder's copy, whose saved files are then a model of `model`'s to the byte."""
+        self.copy = make()  # (before fit seeds the training)
+        self.copy.optimizer.build(self.copy.trainable_variables)
         self.fit_started = time.perf_counter()
 
         def reached(fitted) -> None:
-            began, weights = time.perf_counter(), model.get_weights()
-            cfg, run, step = self.queue[0], self.run, type(self.step)(self.step.cfg, self.step.store)
-            seconds = dict(self.step.seconds)  # the data stages and build, shared
-            record(self, step, cfg, fitted)  # (into the open run: this budget's)
-            run.complete()
-            run.seconds.update(seconds, fit=began - self.fit_started - self.paused, **step.seconds)
-            self.run = None
-            with SIGNALS.held():  # ended, and the next budget's run opened, or neither
+            began, state = time.perf_counter(), _state(model)
+            self._collect(wait=False)  # (a budget whose record failed: the training fails with it)
+            cfg, run = self.queue[0], self.run
+            seconds, fitting = dict(self.step.seconds), began - self.fit_started - self.paused
+            with SIGNALS.held():  # the budget's run handed to the recorder, and the next budget's opened, or neither
                 self.queue.pop(0)  # (from here on a failure is the later budgets')
-                run.__exit__(None, None, None)
-                model.set_weights(weights)
+                self.run = None
+                forget_active_run(run.run_id)  # (MLflow's active run here: the next budget's)
                 self._open()
+                self._submit(run, cfg, fitted, state, seconds, fitting, record)
             self.paused += time.perf_counter() - began
 
         arguments = {"budgets": [cfg.fit.epochs for cfg in self.queue[:-1]], "reached": reached}
@@ -173,33 +200,109 @@ class SharedRuns:
         return arguments
 
     def _stopped(self, model, record, fitted, weights) -> None:
-        """Where early stopping would have ended the reference job's fit: its run, recorded and ended (the open
-        budget's run stays open); the model holds the training's weights again after."""
-        began, now, cfg = time.perf_counter(), model.get_weights(), self.reference
-        run, step, seconds = None, type(self.step)(self.step.cfg, self.step.store), dict(self.step.seconds)
-        kept, self.reference = self.run, None
-        active = _active_runs()  # MLflow's active run, the open budget's: the reference's while it is recorded
+        """Where early stopping would have ended the reference job's fit: its run opened and handed to the recorder
+        (the open budget's run stays open); recorded with the weights Keras would have left (the best, restored)."""
+        began, state, cfg = time.perf_counter(), _state(model, weights), self.reference
+        self._collect(wait=False)
+        seconds, fitting, self.reference = dict(self.step.seconds), began - self.fit_started - self.paused, None
+        active = _active_runs()  # MLflow's active run, the open budget's: the reference's while it opens
         held = list(active)
         active.clear()
         try:
-            run = self.run = self._start(cfg, stopped=len(fitted.history))
-            if weights is not None:
-                model.set_weights(weights)  # (Keras restores the best weights at the fit's end)
-            record(self, step, cfg, fitted)  # (into self.run: the reference's)
-            run.complete()
-            run.seconds.update(seconds, fit=began - self.fit_started - self.paused, **step.seconds)
-        except BaseException as error:
-            self.run = kept
-            if run is not None:
-                run.__exit__(type(error), error, error.__traceback__)
-            raise
-        else:
-            self.run = kept
-            run.__exit__(None, None, None)
+            with SIGNALS.held():
+                run = self._start(cfg, stopped=len(fitted.history))
+                forget_active_run(run.run_id)
+                self._submit(run, cfg, fitted, state, seconds, fitting, record)
         finally:
-            active[:] = held  # (the reference's run gone, if its end did not take it off)
-            model.set_weights(now)
-            self.paused += time.perf_counter() - began
+            active[:] = held + [entry for entry in active if entry not in held]
+        self.paused += time.perf_counter() - began
+
+    def _submit(self, run: TrackedRun, cfg: PipelineConfig, fitted, state, seconds: dict, fitting: float, record) -> None:
+        if self.recorder is None:
+            self.recorder = ThreadPoolExecutor(1, thread_name_prefix="budget-records")
+        self.pending.append((run, self.recorder.submit(self._record, run, cfg, fitted, state, seconds, fitting, record)))
+
+    def _record(self, run: TrackedRun, cfg: PipelineConfig, fitted, state, seconds: dict, fitting: float, record):
+        """On the recorder: the budget's record, into its run, which ends. (what end() kept, the failure or None)"""
+        import mlflow
+
+        from pipeline.tracking import journal
+
+        step = type(self.step)(self.step.cfg, self.step.store)
+        failure = None
+        try:
+            if run.journal.live:  # (MLflow's log_model logs into this thread's active run)
+                try:
+                    mlflow.start_run(run_id=run.run_id)
+                except Exception as error:
+                    if not journal.lost(error):
+                        raise
+                    run.journal.lose(error)
+            _load(self.copy, state)
+            record(_Budget(self, run), step, cfg, fitted, model=self.copy)
+            run.complete()
+        except BaseException as error:
+            failure = error
+        finally:
+            run.seconds.update(seconds, fit=fitting, **step.seconds)
+        try:
+            kept = run.end(type(failure) if failure else None, failure)
+        finally:
+            forget_active_run(run.run_id)
+        return kept, failure
+
+    def _collect(self, wait: bool, strict: bool = True) -> None:
+        """The runs whose record is done (with `wait`: all), released here; a record's failure raised (`strict`)."""
+        failure = None
+        while self.pending and (wait or self.pending[0][1].done()):
+            run, future = self.pending[0]
+            try:
+                kept, error = future.result()
+            except BaseException as unexpected:  # (the recorder's own failure)
+                kept, error = None, unexpected
+            self.pending.pop(0)
+            run.release(restore=False)  # (the process's MLflow settings: put back once, at the training's end)
+            if kept is not None:
+                error = error or _kept(kept)
+                TrackedRun.report(type(error), kept)
+            failure = failure or error
+        if failure is not None and strict:
+            raise failure
+
+
+class _Budget:
+    """A reached budget's run as train.record sees it on the recorder: that run's, and its models laid out as the
+    training's first."""
+
+    def __init__(self, shared: SharedRuns, run: TrackedRun):
+        self.shared, self.run = shared, run
+
+    def __getattr__(self, name):
+        return getattr(self.run, name)
+
+    def log_models(self, model, encoded, cfg: PipelineConfig, kept) -> str:
+        return self.shared.log_models(model, encoded, cfg, kept, run=self.run)
+
+
+def _kept(message: str) -> Exception:
+    from pipeline.tracking import RecordKept
+
+    return RecordKept(message)
+
+
+def _state(model, weights=None) -> tuple[list, list]:
+    """The model's weights (or `weights`) and its optimizer's variables, as arrays: what a copy is loaded with."""
+    return (weights if weights is not None else model.get_weights()), [v.numpy() for v in model.optimizer.variables]
+
+
+def _load(copy, state) -> None:
+    weights, optimizer = state
+    copy.set_weights(weights)
+    if len(copy.optimizer.variables) != len(optimizer):
+        raise RuntimeError(f"the model's copy has {len(copy.optimizer.variables)} optimizer variables, the model "
+                           f"{len(optimizer)}")
+    for variable, value in zip(copy.optimizer.variables, optimizer):
+        variable.assign(value)
 
 
 def _active_runs() -> list:
