@@ -57,8 +57,11 @@ def work(send, prepare, cfg, step, folder: Path) -> None:
         data = prepare(cfg, step)
         result = (True, (spill(data, folder), step))
     except Exception as error:  # (handed to the run, which raises it)
-        step.write_kept()  # what was made before the error is kept, as without the worker
         result = (False, error)
+        try:
+            step.write_kept()  # what was made before the error is kept, as without the worker
+        except Exception as failure:  # (the run is told the stage's error, not this one)
+            log.warning("could not keep the stage cache's entries made before the error (%s)", failure)
     _send(send, result)
     if result[0]:
         try:
