@@ -151,7 +151,8 @@ class FitConfig:
 @dataclass
 class EvaluateConfig:
     threshold: float = 0.5  # probability above which a review counts as positive
-    batch_size: int = 4096  # inference only: larger batches, same numbers
+    batch_size: int = 8192  # rows scored a call: a quarter of the time of 512 a call for 500k reviews, the same
+    # bits (any multiple of 8 here); a call's embedding output is 8192 x 256 x 16 float32, 134 MB (cnn: 4096)
     log_model: bool = True  # log the raw-text model (pyfunc) to MLflow
     registered_model_name: Optional[str] = None  # also register the model under this name
     serve: str = "best"  # the checkpoint logged as `model`, registered, scored as test_*: best (by validation) or last

@@ -5,7 +5,8 @@
 With stage_cache=true, ingest's and vectorize's products are read from the stage cache when the same
 settings, inputs and code made them before (pipeline/speed/cache.py), and kept there when not (jobs side by
 side that miss the same entry: one makes it, the others wait for it and read it); `cache` says which were
-hits. This is the one place that times a stage or writes its line.
+hits. In the data worker (prepare_ahead) a missed entry is written after the data is handed over (`write_later`,
+then `write_kept`), its lock held until then. This is the one place that times a stage or writes its line.
 """
 
 from __future__ import annotations
@@ -55,12 +56,17 @@ LABELS = {"start_tensorflow": "start TensorFlow"}  # a line's stage, where it is
 
 
 class Steps:
-    def __init__(self, cfg: PipelineConfig, store, tell: bool = True):
+    def __init__(self, cfg: PipelineConfig, store, tell: bool = True, write_later: bool = False):
         self.cfg, self.store = cfg, store  # the stage cache (pipeline.speed.stage_cache), keeping ingest and vectorize
         self.tell = tell  # False in the worker that prepares the data ahead: its lines are told when taken
         self.seconds: dict[str, float] = {}
         self.cache: dict[str, str] = {}  # ingest, vectorize: hit, miss, or off
         self.lines: list[tuple[str, float, str]] = []
+        # True in the data worker: a missed entry is kept here with its lock held, and written by write_kept()
+        self.write_later, self.unwritten = write_later, []  # (stage, product, its lock's ExitStack)
+
+    def __getstate__(self) -> dict:  # (the worker hands its Steps over before writing: no products, no locks)
+        return {**self.__dict__, "unwritten": []}
 
     def __call__(self, name: str, function, *args, **kwargs):
         start = time.perf_counter()
@@ -80,12 +86,29 @@ class Steps:
             if kept:
                 self.cache[name] = "hit" if hit else "miss" if self.store.on else "off"
             if kept and not hit and self.store.on:
-                began = time.perf_counter()
-                self.store.save(name, product)
-                self.seconds["cache_write"] = self.seconds.get("cache_write", 0.0) + time.perf_counter() - began
+                if self.write_later:  # the entry's lock goes with it: jobs that miss it meanwhile wait for it
+                    self.unwritten.append((name, product, held.pop_all()))
+                else:
+                    self.keep(name, product)
         words = WORDS.get(name, lambda *_: "")(product, *args)
         self.line(LABELS.get(name, name), took, words + (", from the stage cache" if hit else ""))
         return product
+
+    def keep(self, name: str, product) -> None:
+        began = time.perf_counter()
+        self.store.save(name, product)
+        self.seconds["cache_write"] = self.seconds.get("cache_write", 0.0) + time.perf_counter() - began
+
+    def write_kept(self) -> None:
+        """Write the entries kept for later (write_later), in the order they were made, each lock let go once its
+        entry is in place (or, should a write fail or be interrupted, on the way out: never a partial entry)."""
+        unwritten, self.unwritten = self.unwritten, []
+        with ExitStack() as locks:
+            for _, _, lock in unwritten:
+                locks.push(lock)  # (each let go once: on its entry's write, or here on the way out)
+            for name, product, lock in unwritten:
+                with lock:
+                    self.keep(name, product)
 
     def line(self, name: str, seconds: float, words: str) -> None:
         self.lines.append((name, seconds, words))
@@ -93,8 +116,9 @@ class Steps:
             show(name, seconds, words)
 
     def quiet(self) -> "Steps":
-        """A fresh Steps that keeps its lines to itself (for the data worker, pipeline/speed/prepare_ahead.py)."""
-        return Steps(self.cfg, self.store, tell=False)
+        """A fresh Steps for the data worker (pipeline/speed/prepare_ahead.py): it keeps its lines to itself, and the
+        stage cache's entries it makes for after the handover."""
+        return Steps(self.cfg, self.store, tell=False, write_later=True)
 
     def taken(self, other: "Steps") -> None:
         """Adopt what the data worker's Steps did (pipeline/speed/prepare_ahead.py): its seconds, hits, and lines, told now."""

@@ -128,6 +128,7 @@ def train(cfg: PipelineConfig, budgets: Sequence[PipelineConfig] = (),
             done, products = then(run, step, cfg, fitted)
             metrics.update(done)
             objects.update(products)
+        prepared.written()  # the stage cache's new entries in place (the data worker writes them after the handover)
         run.complete()
     return metrics, objects
 

@@ -40,8 +40,9 @@ def test_python_m_pipeline(tiny_archive, tmp_path):
     # the data was prepared in a worker process while TensorFlow loaded; a second run reuses it
     assert "in a worker process while TensorFlow loads" in done.stdout  # Hydra logs to stdout
     assert frame["tags.cache.vectorize"][0] == "miss" and float(frame["tags.seconds.vectorize"][0]) >= 0
-    assert float(frame["tags.seconds.cache_write"][0]) >= 0
-    assert len(list((tmp_path / "cache" / "ingest").glob("*/manifest.json"))) == 1
+    # the worker writes the stage cache after handing the data over; the run waited for it and kept its seconds
+    assert float(frame["tags.seconds.cache_write"][0]) >= 0  # (kept to the hundredth)
+    assert [len(list((tmp_path / "cache" / stage).glob("*/manifest.json"))) for stage in ("ingest", "vectorize")] == [1, 1]
     again = subprocess.run([sys.executable, "-m", "pipeline", *overrides], cwd=tmp_path, env=environment(),
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, output(again)

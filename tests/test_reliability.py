@@ -390,16 +390,19 @@ def test_cache_entries_are_keyed_by_code(tmp_path):
     assert cache.make_key("ingest", {"a": 2}, [module]) != cache.make_key("ingest", {"a": 1}, [module])
 
 
-def test_jobs_side_by_side_that_miss_one_cache_entry_make_it_once(tiny_archive, tmp_path):
+@pytest.mark.parametrize("write_later", [False, True])
+def test_jobs_side_by_side_that_miss_one_cache_entry_make_it_once(tiny_archive, tmp_path, write_later):
     """Two jobs of a parallel sweep on a cold cache (processes there; threads here, each with its own lock file
-    handle, as processes have): the first makes the data, the second waits for it and reads it."""
+    handle, as processes have): the first makes the data, the second waits for it and reads it. `write_later`: the
+    first makes it as a data worker does (prepare_ahead), writing the entry after its stage returned: the second
+    still waits, for the entry's write."""
     import threading
 
     from pipeline import ingest
     from pipeline.steps import Steps
 
     cfg = compose_config(tiny_overrides(tiny_archive, tmp_path))
-    made, products = [], {}
+    made, products, events = [], {}, []
 
     def slowly(*args):
         made.append(threading.current_thread().name)
@@ -407,8 +410,12 @@ def test_jobs_side_by_side_that_miss_one_cache_entry_make_it_once(tiny_archive, 
         return ingest.ingest(*args)
 
     def job(name):
-        step = Steps(cfg, cache.StageCache(cfg), tell=False)
+        step = Steps(cfg, cache.StageCache(cfg), tell=False, write_later=write_later and name == "first")
         products[name] = (step("ingest", slowly, cfg.ingest, cfg.seed), step.cache["ingest"])
+        if step.unwritten:  # (the data handed over meanwhile, in a worker)
+            time.sleep(0.5)
+            step.write_kept()
+        events.append(name)
 
     jobs = [threading.Thread(target=job, args=(name,), name=name) for name in ("first", "second")]
     jobs[0].start()
@@ -417,35 +424,49 @@ def test_jobs_side_by_side_that_miss_one_cache_entry_make_it_once(tiny_archive, 
     for each in jobs:
         each.join(timeout=60)
     assert made == ["first"] and products["first"][1] == "miss" and products["second"][1] == "hit"
+    assert events == ["first", "second"]
     first, second = products["first"][0], products["second"][0]
     assert second.digest == first.digest and second.frame["text"].tolist() == first.frame["text"].tolist()
 
 
 def test_big_arrays_come_back_from_the_data_worker_through_files_that_no_run_leaves_behind(tmp_path):
     """prepare_ahead hands arrays over SPILL back through files in cache_dir: read back equal, and the files gone
-    when the run took them, when it ended before taking them, and (at the next run) when it was killed outright."""
+    when the run took them, when it ended before taking them, and (at the next run) when it was killed outright.
+    The worker writes the stage cache's entry after the handover: the run has its data first, the entry is whole
+    once the run's end waited for it, and a run that ends first leaves no entry and no lock held."""
     import numpy as np
+    from filelock import FileLock
 
-    from pipeline.speed import NoStageCache, prepare_ahead
+    from pipeline.speed import prepare_ahead
     from pipeline.steps import Steps
-    from tests.handover import big_data
+    from tests.handover import GatedCache, arrays, big_data
 
     killed = tmp_path / f"{prepare_ahead.PREFIX}999999999-a"  # (no such process)
     killed.mkdir()
     (killed / "x_train.npy").write_bytes(b"left by a run killed outright")
     cfg = compose_config([f"cache_dir={tmp_path}"])
-    expected = big_data(cfg, None).encoded
-    for taken in (True, False):
-        step = Steps(cfg, NoStageCache(), tell=False)
+    expected, store = arrays(), GatedCache(cfg)
+
+    def same(got) -> bool:
+        return all(np.array_equal(getattr(got, name), getattr(expected, name)) for name in expected.ARRAYS)
+
+    for taken in (False, True):
+        step = Steps(cfg, store, tell=False)
         with prepare_ahead.started(cfg, big_data, step) as prepared:
             if taken:
-                got = prepared().encoded
-                assert all(np.array_equal(getattr(got, name), getattr(expected, name)) for name in expected.ARRAYS)
+                assert same(prepared().encoded) and store.load("vectorize") is None  # the data before the entry
+                (tmp_path / GatedCache.TAKEN).touch()  # (the worker's write may go on)
+                prepared.written()
+                assert same(store.load("vectorize")) and step.seconds["cache_write"] > 0  # whole, its seconds kept
             else:  # the worker's files written, the run ending first (an error, Ctrl-C as TensorFlow loads)
                 deadline = time.monotonic() + 60
                 while not list(tmp_path.glob(f"{prepare_ahead.PREFIX}*/y_test.npy")) and time.monotonic() < deadline:
                     time.sleep(0.1)
         assert not list(tmp_path.glob(f"{prepare_ahead.PREFIX}*")), taken
+        if not taken:  # no entry, no unfinished copy, and the entry's lock let go with the stopped worker
+            assert store.load("vectorize") is None and not list((tmp_path / "vectorize").glob("*"))
+            with FileLock(tmp_path / ".locks" / "vectorize-handover.lock", timeout=5):
+                pass
 
 
 def test_truncated_cache_entry_is_rebuilt_not_used(tmp_path):

@@ -712,6 +712,13 @@ def test_evaluate_scores_the_test_split(encoded):
     loss_axes = result.figures["loss.png"].axes[0]
     assert [line.get_label() for line in loss_axes.lines][:2] == ["Training loss", "Validation loss"]
     assert len(loss_axes.lines[0].get_xdata()) == 15
+    # scored in big calls (evaluate.batch_size rows), the same bits as a training batch at a time, here and for a
+    # masked bag of n-grams; the rows end neither size's last call on a whole call
+    rows = EvaluateConfig().batch_size + 3 * FitConfig().batch_size + 45
+    x = np.random.default_rng(3).integers(0, 200, (rows, 32)).astype(np.uint16)
+    for scored in (model, build.build_model(BuildConfig(family="fasttext", ngrams=2, sequence_length=32), 200)):
+        big, small = (evaluate.predict(scored, x, size) for size in (EvaluateConfig().batch_size, FitConfig().batch_size))
+        assert big.shape == (rows,) and np.array_equal(big, small)
 
 
 # -- the model comparison's ranking ---------------------------------------------------------------------

@@ -53,9 +53,20 @@ def xla_cache(cfg):
     return compile_cache(cfg.cache_dir)
 
 
+class Handover:
+    """What `ahead` yields. Called: the prepared data. `written()`, at the run's end: waits until the stage cache
+    holds the entries the data's making missed (the data worker writes them after handing the data over)."""
+
+    def __init__(self, take, written=lambda: None):
+        self.take, self.written = take, written
+
+    def __call__(self):
+        return self.take()
+
+
 @contextmanager
 def ahead(cfg, prepare, step):
-    """Yields `prepared()`, which returns prepare(cfg, step): made in a worker process started now
+    """Yields a Handover whose call returns prepare(cfg, step): made in a worker process started now
     (prepare_ahead, see prepare_ahead.py), or here when it is called."""
     if cfg.prepare_ahead:
         from pipeline.speed import prepare_ahead as worker
@@ -64,4 +75,4 @@ def ahead(cfg, prepare, step):
             with worker.started(cfg, prepare, step) as prepared:
                 yield prepared
             return
-    yield lambda: prepare(cfg, step)
+    yield Handover(lambda: prepare(cfg, step))

@@ -136,7 +136,8 @@ class StageCache:
             return None
 
     def write(self, stage: str, key: str, arrays: dict[str, Any], meta: dict) -> None:
-        """Write `arrays` and `meta` into a staging folder, then move it into place."""
+        """Write `arrays` and `meta` into a staging folder, then move it into place. An array given as the path of
+        its .npy file is linked there (copied where the file system links none), not written again."""
         folder = self.entry(stage, key)
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}-"))
@@ -146,6 +147,9 @@ class StageCache:
                 if isinstance(value, pd.DataFrame):
                     file, kind = f"{name}.parquet", "frame"
                     value.to_parquet(staging / file, index=False)
+                elif isinstance(value, str):  # an array in an .npy file already (handed over, prepare_ahead.spill)
+                    file, kind = f"{name}.npy", "array"
+                    linked(Path(value), staging / file)
                 else:
                     file, kind = f"{name}.npy", "array"
                     np.save(staging / file, np.asarray(value), allow_pickle=False)
@@ -157,3 +161,11 @@ class StageCache:
                 pass
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def linked(source: Path, target: Path) -> None:
+    """`target` as a second name of `source` (the same bytes, on the same file system), else a copy of it."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

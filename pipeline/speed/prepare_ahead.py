@@ -5,10 +5,13 @@ The worker is a fresh interpreter (spawned: safe whatever threads run here) that
 cache hits and lines when it needs the data. Arrays of more than SPILL bytes come back through files, not the
 pipe (a pickle would hold a second and third copy of a big table's ids in memory at once), in a folder the run names
 (`.handover-<its pid>-...` in cache_dir) and removes when it ends, however it ends; one left by a run that was killed
-outright is removed by the next run that hands over there. The worker is not a
-daemon, so that a big table's vectorizing may start workers of its own (pipeline/chunks.py); it is stopped as
-soon as its result is in, or when the run ends first (SIGTERM: it ends its own workers on the way out);
-Ctrl-C is the run's (the worker ignores it).
+outright is removed by the next run that hands over there. The stage cache's entries the worker made are
+written after the handover, while the run builds and fits (their locks held until then: a job that misses one
+meanwhile waits for it), and the run waits for that write at its end (`written()`), so the next job or run finds
+them; an array handed over through a file becomes the entry's by a second name (a hard link), not written twice.
+The worker is not a daemon, so that a big table's vectorizing may start workers of its own (pipeline/chunks.py); it
+leaves once it has written, or is stopped when the run ends first (SIGTERM: it ends its own workers and removes
+an entry's unfinished copy on the way out); Ctrl-C is the run's (the worker ignores it).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.speed import Handover
 from pipeline.workers import end
 
 log = logging.getLogger(__name__)
@@ -44,8 +48,9 @@ def _stop(signum, frame):
 
 
 def work(send, prepare, cfg, step, folder: Path) -> None:
-    """In the worker: (True, (data, the Steps that made it)) or (False, the error), sent to the run; big arrays
-    through files in `folder`."""
+    """In the worker: (True, (data, the Steps that made it)) or (False, the error), sent to the run, big arrays
+    through files in `folder`; then the stage cache's entries it made are written (their locks held until then:
+    Steps.write_later) and (True, their seconds) or (False, the error) sent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop)
     try:
@@ -53,6 +58,20 @@ def work(send, prepare, cfg, step, folder: Path) -> None:
         result = (True, (spill(data, folder), step))
     except Exception as error:  # (handed to the run, which raises it)
         result = (False, error)
+        try:
+            step.write_kept()  # what was made before the error is kept, as without the worker
+        except Exception as failure:  # (the run is told the stage's error, not this one)
+            log.warning("could not keep the stage cache's entries made before the error (%s)", failure)
+    _send(send, result)
+    if result[0]:
+        try:
+            step.write_kept()  # while the run builds and fits (it waits for this at its end: written())
+            _send(send, (True, step.seconds.get("cache_write")))
+        except Exception as error:
+            _send(send, (False, error))
+
+
+def _send(send, result) -> None:
     try:
         send.send(result)
     except Exception as error:  # an error that does not pickle: its text
@@ -129,25 +148,41 @@ def started(cfg, prepare, step):
         try:
             ok, result = receive.recv()
         except EOFError:
+            stop()
             raise RuntimeError(f"the worker that prepares the data ended with exit code {worker.exitcode} "
                                "before handing it over (prepare_ahead=false does the work in this process)") from None
-        finally:
-            stop()
         if not ok:
+            stop()
             raise result
         data, done = result
         step.taken(done)
-        return unspill(data)
+        return unspill(data)  # (the worker writes the stage cache's new entries meanwhile)
+
+    def written():
+        """Wait for the worker to write the stage cache's entries it made (a run that ends normally: the next job or
+        run finds them), and keep that write's seconds as cache_write."""
+        try:
+            ok, result = receive.recv()
+        except EOFError:
+            ok, result = True, None
+            log.warning("the data worker ended with exit code %s before it wrote the stage cache; the next run makes "
+                        "the data again", worker.exitcode)
+        worker.join(10.0)  # (it leaves once it has sent this)
+        stop()
+        if not ok:
+            raise result
+        if result is not None:
+            step.seconds["cache_write"] = step.seconds.get("cache_write", 0.0) + result
 
     def stop():
-        if worker.pid is not None:  # (started)
+        if worker.pid is not None and worker.exitcode is None:  # (started, not ended)
             end(worker, grace=10.0)  # (SIGTERM: it ends its own workers and removes its files first)
 
     try:
         worker.start()
         send.close()  # (the worker's copy alone: its end, or its death, ends the run's wait)
         log.info("ingest, split, vectorize: in a worker process while TensorFlow loads")
-        yield prepared
+        yield Handover(prepared, written)
     finally:
         stop()
         receive.close()
