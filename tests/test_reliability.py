@@ -433,7 +433,8 @@ def test_big_arrays_come_back_from_the_data_worker_through_files_that_no_run_lea
     """prepare_ahead hands arrays over SPILL back through files in cache_dir: read back equal, and the files gone
     when the run took them, when it ended before taking them, and (at the next run) when it was killed outright.
     The worker writes the stage cache's entry after the handover: the run has its data first, the entry is whole
-    once the run's end waited for it, and a run that ends first leaves no entry and no lock held."""
+    once the run's end waited for it (or the run failed after taking its data), and a run that ends first leaves
+    no entry and no lock held."""
     import numpy as np
     from filelock import FileLock
 
@@ -450,18 +451,27 @@ def test_big_arrays_come_back_from_the_data_worker_through_files_that_no_run_lea
     def same(got) -> bool:
         return all(np.array_equal(getattr(got, name), getattr(expected, name)) for name in expected.ARRAYS)
 
-    for taken in (False, True):
+    for taken in (False, True, "then failed"):
         step = Steps(cfg, store, tell=False)
-        with prepare_ahead.started(cfg, big_data, step) as prepared:
-            if taken:
-                assert same(prepared().encoded) and store.load("vectorize") is None  # the data before the entry
-                (tmp_path / GatedCache.TAKEN).touch()  # (the worker's write may go on)
-                prepared.written()
-                assert same(store.load("vectorize")) and step.seconds["cache_write"] > 0  # whole, its seconds kept
-            else:  # the worker's files written, the run ending first (an error, Ctrl-C as TensorFlow loads)
-                deadline = time.monotonic() + 60
-                while not list(tmp_path.glob(f"{prepare_ahead.PREFIX}*/y_test.npy")) and time.monotonic() < deadline:
-                    time.sleep(0.1)
+        try:
+            with prepare_ahead.started(cfg, big_data, step) as prepared:
+                if taken:
+                    assert same(prepared().encoded) and store.load("vectorize") is None  # the data before the entry
+                    (tmp_path / GatedCache.TAKEN).touch()  # (the worker's write may go on)
+                    if taken == "then failed":  # (fit or evaluate failing: the data made is kept all the same)
+                        raise ArithmeticError("the run failed after taking its data")
+                    prepared.written()
+                    assert step.seconds["cache_write"] > 0  # its seconds kept
+                else:  # the worker's files written, the run ending first (an error, Ctrl-C as TensorFlow loads)
+                    deadline = time.monotonic() + 60
+                    while not list(tmp_path.glob(f"{prepare_ahead.PREFIX}*/y_test.npy")) and time.monotonic() < deadline:
+                        time.sleep(0.1)
+        except ArithmeticError:
+            assert taken == "then failed"
+        if taken:
+            assert same(store.load("vectorize")), taken  # whole
+            shutil.rmtree(tmp_path / "vectorize")
+            (tmp_path / GatedCache.TAKEN).unlink()
         assert not list(tmp_path.glob(f"{prepare_ahead.PREFIX}*")), taken
         if not taken:  # no entry, no unfinished copy, and the entry's lock let go with the stopped worker
             assert store.load("vectorize") is None and not list((tmp_path / "vectorize").glob("*"))

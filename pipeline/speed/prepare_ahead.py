@@ -7,8 +7,8 @@ pipe (a pickle would hold a second and third copy of a big table's ids in memory
 (`.handover-<its pid>-...` in cache_dir) and removes when it ends, however it ends; one left by a run that was killed
 outright is removed by the next run that hands over there. The stage cache's entries the worker made are
 written after the handover, while the run builds and fits (their locks held until then: a job that misses one
-meanwhile waits for it), and the run waits for that write at its end (`written()`), so the next job or run finds
-them; an array handed over through a file becomes the entry's by a second name (a hard link), not written twice.
+meanwhile waits for it), and the run waits for that write at its end (`written()`; a run that failed after the
+handover too, not one interrupted), so the next job or run finds them; an array handed over through a file becomes the entry's by a second name (a hard link), not written twice.
 The worker is not a daemon, so that a big table's vectorizing may start workers of its own (pipeline/chunks.py); it
 leaves once it has written, or is stopped when the run ends first (SIGTERM: it ends its own workers and removes
 an entry's unfinished copy on the way out); Ctrl-C is the run's (the worker ignores it).
@@ -156,6 +156,7 @@ def started(cfg, prepare, step):
             raise result
         data, done = result
         step.taken(done)
+        taken.append(True)
         return unspill(data)  # (the worker writes the stage cache's new entries meanwhile)
 
     def written():
@@ -178,11 +179,19 @@ def started(cfg, prepare, step):
         if worker.pid is not None and worker.exitcode is None:  # (started, not ended)
             end(worker, grace=10.0)  # (SIGTERM: it ends its own workers and removes its files first)
 
+    taken: list = []  # (the data handed over)
     try:
         worker.start()
         send.close()  # (the worker's copy alone: its end, or its death, ends the run's wait)
         log.info("ingest, split, vectorize: in a worker process while TensorFlow loads")
         yield Handover(prepared, written)
+    except Exception:  # a run that failed after the handover still keeps the data it made (not one that is interrupted)
+        if taken and worker.exitcode is None:
+            try:
+                written()
+            except Exception as error:
+                log.warning("could not keep the stage cache's entries (%s)", error)
+        raise
     finally:
         stop()
         receive.close()
