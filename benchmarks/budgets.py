@@ -28,9 +28,13 @@ def sweep_record(work: Path) -> dict:
     parent = client.search_runs([experiment], "tags.`sweep.parent` = 'true'", order_by=["attributes.start_time DESC"])[0]
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=1000)
     trainings: dict[str, object] = {}  # each training's longest run: the one whose seconds.fit is the training's
+
+    def length(run) -> tuple[int, float]:  # (an early-stopping reference recorded from it: as long a budget, fewer epochs)
+        return int(run.data.params["fit.epochs"]), run.data.metrics.get("epochs_trained", 0)
+
     for child in children:
         key = child.data.tags.get("pipeline.training", child.info.run_id)
-        if key not in trainings or int(child.data.params["fit.epochs"]) > int(trainings[key].data.params["fit.epochs"]):
+        if key not in trainings or length(child) > length(trainings[key]):
             trainings[key] = child
     record = [sum(float(child.data.tags.get(f"seconds.{stage}", 0)) for stage in ("evaluate", "log_model"))
               for child in children]
