@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import pipeline
 from pipeline import build, config, evaluate, fit, ingest, seeds, speed, split, trial
 from pipeline.build import Encoded
 from pipeline.config import PipelineConfig
@@ -53,17 +54,22 @@ def writable(folder: str, setting: str, otherwise: str) -> None:
                               f"can write, or set {setting}=<a folder you can write> ({otherwise})")
 
 
-def start_tensorflow(cfg: PipelineConfig) -> None:
+def start_tensorflow(cfg: PipelineConfig, aside: bool = False) -> None:
     """Import TensorFlow (through Keras) as this run needs it: the thread limits are read once, when
-    TensorFlow starts; a later job in the same process keeps them."""
+    TensorFlow starts; a later job in the same process keeps them. `aside`: budgets are recorded beside the
+    training (tracking/budgets.py); under the command line, with sweep.threads unset, TensorFlow leaves their
+    thread a core (its threads: the cores less one)."""
+    from pipeline.workers import cores
+
     fresh = "tensorflow" not in sys.modules
+    threads = cfg.sweep.threads or (max(cores() - 1, 1) if aside and pipeline.COMMAND_LINE else None)
     try:
         import tensorflow as tf
 
-        if cfg.sweep.threads:
+        if threads:
             try:  # jobs side by side share the cores instead of oversubscribing them
-                tf.config.threading.set_intra_op_parallelism_threads(cfg.sweep.threads)
-                tf.config.threading.set_inter_op_parallelism_threads(cfg.sweep.threads)
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
+                tf.config.threading.set_inter_op_parallelism_threads(threads)
             except RuntimeError:
                 log.debug("TensorFlow already started; thread limits stay as they were")
         import keras  # noqa: F401
@@ -105,7 +111,7 @@ def train(cfg: PipelineConfig, budgets: Sequence[PipelineConfig] = (),
     with seeds.kept(), speed.ahead(cfg, prepare, step) as prepared, runs as run, \
             speed.xla_cache(cfg):  # (the caller's random generators put back at the end: seeds.py)
         if "build" in cfg.stages:
-            step("start_tensorflow", start_tensorflow, cfg)
+            step("start_tensorflow", start_tensorflow, cfg, shared)
         COLLECTION.resume(freeze=False)  # (on already, unless cfg.stages ends before build)
         data = prepared()  # prepare(cfg, step), made here or by the worker that started with the run
         run.data(data)
