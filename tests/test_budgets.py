@@ -120,6 +120,39 @@ def test_each_budget_recorded_from_a_shared_training_equals_a_training_of_that_b
             [alone.info.experiment_id], f"source_run_id = '{alone.info.run_id}'"))
 
 
+@pytest.mark.slow
+def test_a_budget_whose_record_fails_fails_the_training_and_every_later_budget(tiny_run, tmp_path, monkeypatch):
+    """Budgets are recorded beside the training (tracking/budgets.py): the first budget's evaluation fails there, and,
+    whenever training hears of it, the training stops and every budget from the first on that has a run ends FAILED
+    with that error, none left RUNNING, none recorded FINISHED after it; train() raises it."""
+    from pipeline import evaluate
+    from pipeline.train import train
+
+    cfg = replace(tiny_run[0], tracking=replace(tiny_run[0].tracking, uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    checkpoints = evaluate.checkpoints
+
+    def failing(model, data, fitted, *args, **kwargs):
+        if len(fitted.history) == 1:
+            raise ArithmeticError("the first budget's evaluation failed")
+        return checkpoints(model, data, fitted, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "checkpoints", failing)
+
+    def at(epochs: int):
+        return replace(cfg, fit=replace(cfg.fit, epochs=epochs), tracking=replace(cfg.tracking, run_name=f"epochs={epochs}"))
+
+    with pytest.raises(ArithmeticError, match="first budget's evaluation failed"):
+        train(at(4), budgets=[at(1), at(2), at(3)])
+    client = MlflowClient(cfg.tracking.uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("imdb-sentiment").experiment_id])}
+    # (budget 4 never opened: in a sweep it is recorded FAILED too, as a child of the sweep's run)
+    assert sorted(runs) == ["epochs=1", "epochs=2", "epochs=3"]
+    for name, run in runs.items():
+        assert run.info.status == "FAILED", (name, run.info.status)
+        assert "ArithmeticError: the first budget's evaluation failed" in run.data.tags["error"], name
+        assert "pipeline.complete" not in run.data.tags, name
+
+
 def test_the_report_says_how_many_trainings_the_budgets_were_recorded_from():
     import pandas as pd
 

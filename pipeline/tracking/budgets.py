@@ -60,6 +60,7 @@ class SharedRuns:
         self.recorder: ThreadPoolExecutor | None = None  # records reached budgets, one at a time, while training goes on
         self.pending: list[tuple[TrackedRun, Future]] = []  # each reached budget's run and its record, in order
         self.copy = None  # the model the recorder records with (budgets())
+        self.failure: BaseException | None = None  # a budget's record that failed: every later budget fails with it
 
     def __getattr__(self, name):
         return getattr(self.run, name)
@@ -183,6 +184,8 @@ class SharedRuns:
         def reached(fitted) -> None:
             began, state = time.perf_counter(), _state(model)
             self._collect(wait=False)  # (a budget whose record failed: the training fails with it)
+            if self.failure is not None:
+                raise self.failure
             cfg, run = self.queue[0], self.run
             seconds, fitting = dict(self.step.seconds), began - self.fit_started - self.paused
             with SIGNALS.held():  # the budget's run handed to the recorder, and the next budget's opened, or neither
@@ -204,6 +207,8 @@ class SharedRuns:
         (the open budget's run stays open); recorded with the weights Keras would have left (the best, restored)."""
         began, state, cfg = time.perf_counter(), _state(model, weights), self.reference
         self._collect(wait=False)
+        if self.failure is not None:
+            raise self.failure
         seconds, fitting, self.reference = dict(self.step.seconds), began - self.fit_started - self.paused, None
         active = _active_runs()  # MLflow's active run, the open budget's: the reference's while it opens
         held = list(active)
@@ -229,8 +234,10 @@ class SharedRuns:
         from pipeline.tracking import journal
 
         step = type(self.step)(self.step.cfg, self.step.store)
-        failure = None
+        failure = self.failure  # (an earlier budget's record failed: this one fails with it, as training does)
         try:
+            if failure is not None:
+                raise failure
             if run.journal.live:  # (MLflow's log_model logs into this thread's active run)
                 try:
                     mlflow.start_run(run_id=run.run_id)
@@ -242,7 +249,7 @@ class SharedRuns:
             record(_Budget(self, run), step, cfg, fitted, model=self.copy)
             run.complete()
         except BaseException as error:
-            failure = error
+            failure = self.failure = error
         finally:
             run.seconds.update(seconds, fit=fitting, **step.seconds)
         try:
