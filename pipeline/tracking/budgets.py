@@ -7,11 +7,10 @@ the budget and that epoch's weights, the model at the budget's last epoch), its 
 (train.record), and ends FINISHED; the next budget's run opens with the same start, setup and the epochs so far
 (each at the moment it ended), and training goes on. The longest budget's run is train()'s own to finish.
 
-A reached budget is recorded by a thread of its own (`recorder`, one at a time, in order) while training goes on:
-with a copy of the model holding the budget's weights and optimizer state (what a training of that budget alone
-leaves, and saves with the model), so that training never waits for a record. The longest budget's record waits
-for the others (their failure is the training's; their models are registered first); the thread ends with the
-training, and the process's MLflow settings are put back as the first run found them.
+A reached budget is recorded beside the training while it goes on (recorder.py: one thread, budgets in order, a copy
+of the model holding the budget's weights and optimizer state). The longest budget's record waits for the others
+(their failure is the training's; their models are registered first); the thread ends with the training, and the
+process's MLflow settings are put back as the first run found them.
 
 Each run says where it came from: the tag `pipeline.training` (the run the training started in, the same for every
 budget of it), `pipeline.training.budgets`, and its description. An interrupt ends the open run KILLED with its
@@ -31,11 +30,11 @@ import functools
 import logging
 import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from pipeline.config import PipelineConfig
 from pipeline.signals import SIGNALS
 from pipeline.tracking import TrackedRun, forget_active_run
+from pipeline.tracking.recorder import Recorder, state_of
 from pipeline.tracking.sweeps import TRAINING
 
 log = logging.getLogger(__name__)
@@ -57,10 +56,7 @@ class SharedRuns:
         self.setup: list[tuple[str, tuple]] = []  # what each run records before its epochs (data, model summary)
         self.fit_started, self.paused = 0.0, 0.0  # perf_counter at the fit's start; seconds spent on budgets' records
         self.folder = tempfile.TemporaryDirectory(prefix="pipeline-budgets-")  # the first served model's files
-        self.recorder: ThreadPoolExecutor | None = None  # records reached budgets, one at a time, while training goes on
-        self.pending: list[tuple[TrackedRun, Future]] = []  # each reached budget's run and its record, in order
-        self.copy = None  # the model the recorder records with (budgets())
-        self.failure: BaseException | None = None  # a budget's record that failed: every later budget fails with it
+        self.recorder: Recorder | None = None  # records the budgets reached while training goes on (budgets())
 
     def __getattr__(self, name):
         return getattr(self.run, name)
@@ -75,14 +71,15 @@ class SharedRuns:
         run, self.run = self.run, None
         try:
             try:  # budgets reached are recorded whole before the open run ends (on an interrupt too)
-                self._collect(wait=True, strict=kind is None)
+                if self.recorder is not None:
+                    self.recorder.collect(wait=True, strict=kind is None)
             finally:
                 try:
                     if run is not None:
                         run.__exit__(kind, error, tb)
                 finally:
-                    if self.recorder is not None:  # (nothing left to record, unless a second Ctrl-C cut the wait)
-                        self.recorder.shutdown(wait=True, cancel_futures=True)
+                    if self.recorder is not None:
+                        self.recorder.close()
         finally:
             if self.first is not None:
                 self.first.restore()  # (later runs opened before the first had ended: what the first found)
@@ -157,7 +154,8 @@ class SharedRuns:
     def fitted(self, fitted) -> None:
         """The longest budget's record begins: the shorter ones' are finished first (a failure of theirs is the
         training's, and their models are registered before its own)."""
-        self._collect(wait=True)
+        if self.recorder is not None:
+            self.recorder.collect(wait=True)
         self.run.fitted(fitted)
 
     def epoch_logger(self):
@@ -177,15 +175,12 @@ class SharedRuns:
         """fit.fit's arguments for the shorter budgets: their epochs, and what to do when training reaches one
         (`record(run, step, cfg, fitted, model=...)`: train.record, with the data bound). `make()` builds a model as
         `model` was built: the recorder's copy, whose saved files are then a model of `model`'s to the byte."""
-        self.copy = make()  # (before fit seeds the training)
-        self.copy.optimizer.build(self.copy.trainable_variables)
+        self.recorder = Recorder(make())  # (made before fit seeds the training)
         self.fit_started = time.perf_counter()
 
         def reached(fitted) -> None:
-            began, state = time.perf_counter(), _state(model)
-            self._collect(wait=False)  # (a budget whose record failed: the training fails with it)
-            if self.failure is not None:
-                raise self.failure
+            began, state = time.perf_counter(), state_of(model)
+            self.recorder.collect(wait=False)  # (a budget whose record failed: the training fails with it)
             cfg, run = self.queue[0], self.run
             seconds, fitting = dict(self.step.seconds), began - self.fit_started - self.paused
             with SIGNALS.held():  # the budget's run handed to the recorder, and the next budget's opened, or neither
@@ -205,10 +200,8 @@ class SharedRuns:
     def _stopped(self, model, record, fitted, weights) -> None:
         """Where early stopping would have ended the reference job's fit: its run opened and handed to the recorder
         (the open budget's run stays open); recorded with the weights Keras would have left (the best, restored)."""
-        began, state, cfg = time.perf_counter(), _state(model, weights), self.reference
-        self._collect(wait=False)
-        if self.failure is not None:
-            raise self.failure
+        began, state, cfg = time.perf_counter(), state_of(model, weights), self.reference
+        self.recorder.collect(wait=False)
         seconds, fitting, self.reference = dict(self.step.seconds), began - self.fit_started - self.paused, None
         active = _active_runs()  # MLflow's active run, the open budget's: the reference's while it opens
         held = list(active)
@@ -223,58 +216,10 @@ class SharedRuns:
         self.paused += time.perf_counter() - began
 
     def _submit(self, run: TrackedRun, cfg: PipelineConfig, fitted, state, seconds: dict, fitting: float, record) -> None:
-        if self.recorder is None:
-            self.recorder = ThreadPoolExecutor(1, thread_name_prefix="budget-records")
-        self.pending.append((run, self.recorder.submit(self._record, run, cfg, fitted, state, seconds, fitting, record)))
-
-    def _record(self, run: TrackedRun, cfg: PipelineConfig, fitted, state, seconds: dict, fitting: float, record):
-        """On the recorder: the budget's record, into its run, which ends. (what end() kept, the failure or None)"""
-        import mlflow
-
-        from pipeline.tracking import journal
-
+        """`run` (a budget's, or the reference's) handed to the recorder: its record, with the model's copy."""
         step = type(self.step)(self.step.cfg, self.step.store)
-        failure = self.failure  # (an earlier budget's record failed: this one fails with it, as training does)
-        try:
-            if failure is not None:
-                raise failure
-            if run.journal.live:  # (MLflow's log_model logs into this thread's active run)
-                try:
-                    mlflow.start_run(run_id=run.run_id)
-                except Exception as error:
-                    if not journal.lost(error):
-                        raise
-                    run.journal.lose(error)
-            _load(self.copy, state)
-            record(_Budget(self, run), step, cfg, fitted, model=self.copy)
-            run.complete()
-        except BaseException as error:
-            failure = self.failure = error
-        finally:
-            run.seconds.update(seconds, fit=fitting, **step.seconds)
-        try:
-            kept = run.end(type(failure) if failure else None, failure)
-        finally:
-            forget_active_run(run.run_id)
-        return kept, failure
-
-    def _collect(self, wait: bool, strict: bool = True) -> None:
-        """The runs whose record is done (with `wait`: all), released here; a record's failure raised (`strict`)."""
-        failure = None
-        while self.pending and (wait or self.pending[0][1].done()):
-            run, future = self.pending[0]
-            try:
-                kept, error = future.result()
-            except BaseException as unexpected:  # (the recorder's own failure)
-                kept, error = None, unexpected
-            self.pending.pop(0)
-            run.release(restore=False)  # (the process's MLflow settings: put back once, at the training's end)
-            if kept is not None:
-                error = error or _kept(kept)
-                TrackedRun.report(type(error), kept)
-            failure = failure or error
-        if failure is not None and strict:
-            raise failure
+        self.recorder.submit(run, state, step, {**seconds, "fit": fitting},
+                             lambda copy: record(_Budget(self, run), step, cfg, fitted, model=copy))
 
 
 class _Budget:
@@ -289,27 +234,6 @@ class _Budget:
 
     def log_models(self, model, encoded, cfg: PipelineConfig, kept) -> str:
         return self.shared.log_models(model, encoded, cfg, kept, run=self.run)
-
-
-def _kept(message: str) -> Exception:
-    from pipeline.tracking import RecordKept
-
-    return RecordKept(message)
-
-
-def _state(model, weights=None) -> tuple[list, list]:
-    """The model's weights (or `weights`) and its optimizer's variables, as arrays: what a copy is loaded with."""
-    return (weights if weights is not None else model.get_weights()), [v.numpy() for v in model.optimizer.variables]
-
-
-def _load(copy, state) -> None:
-    weights, optimizer = state
-    copy.set_weights(weights)
-    if len(copy.optimizer.variables) != len(optimizer):
-        raise RuntimeError(f"the model's copy has {len(copy.optimizer.variables)} optimizer variables, the model "
-                           f"{len(optimizer)}")
-    for variable, value in zip(copy.optimizer.variables, optimizer):
-        variable.assign(value)
 
 
 def _active_runs() -> list:
