@@ -323,9 +323,12 @@ def forget_active_run(run_id: str) -> None:
     written (or kept) by its journal. (mlflow.end_run would write the end again, and fail while the server is lost.)"""
     import threading
 
-    from mlflow.tracking import fluent
-
-    stack = fluent._active_run_stack.get()  # (MLflow 3.17: a thread-local list of the started runs)
+    stack = active_runs()
     stack[:] = [active for active in stack if active.info.run_id != run_id]
     if threading.current_thread() is threading.main_thread():
         os.environ.pop("MLFLOW_RUN_ID", None)
+
+
+def active_runs() -> list:
+    """MLflow's fluent stack of this thread's active runs (MLflow 3.17: a thread-local list; no public handle)."""
+    return fluent._active_run_stack.get()

@@ -33,7 +33,7 @@ import time
 
 from pipeline.config import PipelineConfig
 from pipeline.signals import SIGNALS
-from pipeline.tracking import TrackedRun, forget_active_run
+from pipeline.tracking import TrackedRun, active_runs, forget_active_run
 from pipeline.tracking.recorder import Recorder, state_of
 from pipeline.tracking.sweeps import TRAINING
 
@@ -54,7 +54,7 @@ class SharedRuns:
         self.first: TrackedRun | None = None  # the run the training started in
         self.points: list[tuple[int, dict, int]] = []  # every epoch so far: (epoch, values, when it ended, ms)
         self.setup: list[tuple[str, tuple]] = []  # what each run records before its epochs (data, model summary)
-        self.fit_started, self.paused = 0.0, 0.0  # perf_counter at the fit's start; seconds spent on budgets' records
+        self.fit_started, self.paused = 0.0, 0.0  # perf_counter at the fit's start; seconds training waited on budgets
         self.folder = tempfile.TemporaryDirectory(prefix="pipeline-budgets-")  # the first served model's files
         self.recorder: Recorder | None = None  # records the budgets reached while training goes on (budgets())
 
@@ -182,13 +182,12 @@ class SharedRuns:
             began, state = time.perf_counter(), state_of(model)
             self.recorder.collect(wait=False)  # (a budget whose record failed: the training fails with it)
             cfg, run = self.queue[0], self.run
-            seconds, fitting = dict(self.step.seconds), began - self.fit_started - self.paused
             with SIGNALS.held():  # the budget's run handed to the recorder, and the next budget's opened, or neither
                 self.queue.pop(0)  # (from here on a failure is the later budgets')
                 self.run = None
                 forget_active_run(run.run_id)  # (MLflow's active run here: the next budget's)
                 self._open()
-                self._submit(run, cfg, fitted, state, seconds, fitting, record)
+                self._submit(run, cfg, fitted, state, began, record)
             self.paused += time.perf_counter() - began
 
         arguments = {"budgets": [cfg.fit.epochs for cfg in self.queue[:-1]], "reached": reached}
@@ -202,23 +201,25 @@ class SharedRuns:
         (the open budget's run stays open); recorded with the weights Keras would have left (the best, restored)."""
         began, state, cfg = time.perf_counter(), state_of(model, weights), self.reference
         self.recorder.collect(wait=False)
-        seconds, fitting, self.reference = dict(self.step.seconds), began - self.fit_started - self.paused, None
-        active = _active_runs()  # MLflow's active run, the open budget's: the reference's while it opens
+        self.reference = None
+        active = active_runs()  # MLflow's active run, the open budget's: the reference's while it opens
         held = list(active)
         active.clear()
         try:
             with SIGNALS.held():
                 run = self._start(cfg, stopped=len(fitted.history))
                 forget_active_run(run.run_id)
-                self._submit(run, cfg, fitted, state, seconds, fitting, record)
+                self._submit(run, cfg, fitted, state, began, record)
         finally:
-            active[:] = held + [entry for entry in active if entry not in held]
+            active[:] = held  # (the reference's run off it, however its opening went)
         self.paused += time.perf_counter() - began
 
-    def _submit(self, run: TrackedRun, cfg: PipelineConfig, fitted, state, seconds: dict, fitting: float, record) -> None:
-        """`run` (a budget's, or the reference's) handed to the recorder: its record, with the model's copy."""
+    def _submit(self, run: TrackedRun, cfg: PipelineConfig, fitted, state, began: float, record) -> None:
+        """`run` (a budget's, or the reference's, reached at `began`) handed to the recorder: its record, with the
+        model's copy; its seconds the data stages' and build's (shared) and its fit's up to then."""
         step = type(self.step)(self.step.cfg, self.step.store)
-        self.recorder.submit(run, state, step, {**seconds, "fit": fitting},
+        seconds = {**self.step.seconds, "fit": began - self.fit_started - self.paused}
+        self.recorder.submit(run, state, step, seconds,
                              lambda copy: record(_Budget(self, run), step, cfg, fitted, model=copy))
 
 
@@ -234,11 +235,3 @@ class _Budget:
 
     def log_models(self, model, encoded, cfg: PipelineConfig, kept) -> str:
         return self.shared.log_models(model, encoded, cfg, kept, run=self.run)
-
-
-def _active_runs() -> list:
-    """MLflow's fluent stack of active runs (MLflow 3.17: a thread's own list; forget_active_run pops it too)."""
-    from mlflow.tracking import fluent
-
-    return fluent._active_run_stack.get()
-

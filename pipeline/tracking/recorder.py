@@ -35,24 +35,22 @@ class Recorder:
 
         from pipeline.tracking import forget_active_run, journal
 
-        failure = self.failure
-        try:
-            if failure is not None:
-                raise failure
-            if run.journal.live:  # (MLflow's log_model logs into this thread's active run)
-                try:
-                    mlflow.start_run(run_id=run.run_id)
-                except Exception as error:
-                    if not journal.lost(error):
-                        raise
-                    run.journal.lose(error)
-            load(self.copy, state)
-            work(self.copy)
-            run.complete()
-        except BaseException as error:
-            failure = self.failure = error
-        finally:
-            run.seconds.update(seconds, **step.seconds)
+        failure = self.failure  # (an earlier record failed: this one fails with it, unrecorded)
+        if failure is None:
+            try:
+                if run.journal.live:  # (MLflow's log_model logs into this thread's active run)
+                    try:
+                        mlflow.start_run(run_id=run.run_id)
+                    except Exception as error:
+                        if not journal.lost(error):
+                            raise
+                        run.journal.lose(error)
+                load(self.copy, state)
+                work(self.copy)
+                run.complete()
+            except BaseException as error:
+                failure = self.failure = error
+        run.seconds.update(seconds, **step.seconds)
         try:
             kept = run.end(type(failure) if failure else None, failure)
         finally:
