@@ -4,8 +4,8 @@ In: the fitted model, Encoded arrays (the test split is read here for the first 
 history and an EvaluateConfig. Out: Evaluation, with test_loss, test_accuracy, test_precision,
 test_recall, test_f1_score, test_roc_auc and the confusion counts, the test probabilities, and figures
 (matplotlib Figures, no pyplot state, drawn in fixed margins): the tutorial's loss and accuracy curves, the ROC
-and precision-recall curves and the confusion matrix. `checkpoints` evaluates the fit's best and last epochs alike (see Checkpoints)
-and leaves the model holding the weights evaluate.serve chose.
+and precision-recall curves and the confusion matrix. `checkpoints` evaluates the fit's best and last epochs alike
+(see Checkpoints) and leaves the model holding the weights evaluate.serve chose.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ def figure_in(size: tuple[float, float], margins: dict):
 
 def curves(history: pd.DataFrame) -> dict[str, object]:
     """The tutorial's figures: training vs validation loss, and training vs validation accuracy."""
-    
     figures = {}
     for metric, title in (("loss", "Training and validation loss"), ("accuracy", "Training and validation accuracy")):
         figure = figure_in((7, 4.5), CURVE_MARGINS)

@@ -8,10 +8,11 @@ pipe (a pickle would hold a second and third copy of a big table's ids in memory
 outright is removed by the next run that hands over there. The stage cache's entries the worker made are
 written after the handover, while the run builds and fits (their locks held until then: a job that misses one
 meanwhile waits for it), and the run waits for that write at its end (`written()`; a run that failed after the
-handover too, not one interrupted), so the next job or run finds them; an array handed over through a file becomes the entry's by a second name (a hard link), not written twice.
-The worker is not a daemon, so that a big table's vectorizing may start workers of its own (pipeline/chunks.py); it
-leaves once it has written, or is stopped when the run ends first (SIGTERM: it ends its own workers and removes
-an entry's unfinished copy on the way out); Ctrl-C is the run's (the worker ignores it).
+handover too, not one interrupted), so the next job or run finds them; an array handed over through a file becomes
+the entry's by a second name (a hard link), not written twice. The worker is not a daemon, so that a big table's
+vectorizing may start workers of its own (pipeline/chunks.py); it leaves once it has written, or is stopped when the
+run ends first (SIGTERM: it ends its own workers and removes an entry's unfinished copy on the way out); Ctrl-C is
+the run's (the worker ignores it).
 """
 
 from __future__ import annotations
