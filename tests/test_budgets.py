@@ -118,6 +118,16 @@ def test_each_budget_recorded_from_a_shared_training_equals_a_training_of_that_b
                {k: v for k, v in alone.data.params.items() if k not in same}
         assert models == sorted(m.name.split(" of ")[0] for m in alone_client.search_logged_models(
             [alone.info.experiment_id], f"source_run_id = '{alone.info.run_id}'"))
+        # each checkpoint's own metrics (the Models tab's columns): the same keys, the same numbers but for the times
+        # and the size, a budget laid out as the first one's too (its served model's size was left unlinked)
+        linked = [{m.name.split(" of ")[0]: {p.key: p.value for p in m.metrics or []}
+                   for m in c.search_logged_models([r.info.experiment_id], f"source_run_id = '{r.info.run_id}'")}
+                  for c, r in ((client, run), (alone_client, alone))]
+        assert {name: set(values) for name, values in linked[0].items()} == \
+               {name: set(values) for name, values in linked[1].items()}, epochs
+        same_numbers = [{name: {k: v for k, v in values.items() if k not in ("model.size_mb", "epoch_seconds")}
+                         for name, values in each.items()} for each in linked]
+        assert same_numbers[0] == same_numbers[1], epochs
 
 
 @pytest.mark.slow

@@ -57,7 +57,6 @@ def log_models(run, model, encoded, cfg, kept, layout: str | None = None) -> str
         if layout and os.path.isfile(f"{layout}/{MLMODEL}"):
             _log_alike(journal, model, layout, f"{folder}/served", served, served_name,
                        registered=cfg.evaluate.registered_model_name, link_step=True)
-            journal.metrics({"model.size_mb": _megabytes(f"{folder}/served")}, step=served.epoch)
             model_uri = f"models:/{journal.models[served_name]}" if served_name in journal.models else None
         else:
             model_uri = run.log_model(model, encoded, cfg, step=served.epoch, tags={"checkpoint": served.role},
@@ -110,6 +109,7 @@ def _log_alike(journal, model, layout: str, folder: str, checkpoint, name: str, 
     model code, vocabulary, signature, input example and environment) with this checkpoint's classifier,
     its MLmodel naming the new model. MLflow's serving check ran on the served one; the files it checks
     are the same but for the weights. Cheaper than log_model: no environment inference, no second check.
+    `link_step` (a served model): its size recorded at its step (`model.size_mb`) and linked, as log_model does.
     The journal names it in its MLmodel as it logs it (journal.py). Its name."""
     from mlflow.models import Model
 
@@ -119,6 +119,8 @@ def _log_alike(journal, model, layout: str, folder: str, checkpoint, name: str, 
     model.save(classifier)
     described.utc_time_created = str(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None))
     described.save(f"{folder}/{MLMODEL}")
+    if link_step:  # the served one: its size at its step, before the model links the step's metrics (as log_model)
+        journal.metrics({"model.size_mb": _megabytes(folder)}, step=checkpoint.epoch)
     journal.model(folder, name, checkpoint.epoch, {"checkpoint": checkpoint.role}, registered, link_step)
     return name
 
