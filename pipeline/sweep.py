@@ -153,7 +153,7 @@ class SweepCallback(Callback):
         self.parent: str | None = None
         self.settings: PipelineConfig | None = None
         self.axes: dict[str, str] = {}
-        self.on_ray, self.analysing, self.began = False, False, 0.0  # began: when the sweep's jobs were started
+        self.on_ray, self.on_joblib, self.analysing, self.began = False, False, False, 0.0  # began: jobs' start
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from pipeline import ingest
@@ -182,7 +182,8 @@ class SweepCallback(Callback):
         if self.settings.sweep.share_budgets and hydra_cfg.sweeper.get("_target_") == BASIC_SWEEPER and sharing():
             with open_dict(hydra_cfg.sweeper):  # (built from this config after the multirun starts: pipeline/budgets.py)
                 hydra_cfg.sweeper._target_ = BUDGET_SWEEPER  # one training for the jobs that differ only in fit.epochs
-        self.on_ray = "ray" in str(hydra_cfg.launcher.get("_target_", ""))
+        launcher = str(hydra_cfg.launcher.get("_target_", ""))
+        self.on_ray, self.on_joblib = "ray" in launcher, "joblib" in launcher
         if self.on_ray:
             _forward_to_ray(hydra_cfg.launcher, forwarded)
         log.info("sweep over %s: parent MLflow run %s", ", ".join(f"{k}={v}" for k, v in axes.items()), self.parent)
@@ -221,7 +222,8 @@ class SweepCallback(Callback):
         """The process is ending before the sweep did (Ctrl-C, SIGTERM, a crash): end the parent KILLED, let
         go of it and say, in one line, the command that resumes it (the user's own, plus sweep.resume). On Ray,
         the driver's end stops its jobs' workers, and with them the watchdogs they started (Ray kills a
-        worker's child processes): once Ray is shut down, the children still RUNNING end KILLED here."""
+        worker's child processes): once Ray is shut down, the children still RUNNING end KILLED here. Joblib alike:
+        an interrupt of its call kills its workers' process trees (loky) before it reaches the driver."""
         SIGNALS.ended()
         if self.parent:
             from pipeline.tracking import sweeps
@@ -233,6 +235,9 @@ class SweepCallback(Callback):
                         if "ray" in sys.modules and sys.modules["ray"].is_initialized():  # (Ray's own atexit may have)
                             sys.modules["ray"].shutdown()  # the job ends: the cluster stops its workers
                         sweeps.end_running_children(parent, "its sweep's driver ended, and Ray stopped the job")
+                    elif self.on_joblib:
+                        sweeps.end_running_children(parent, "its sweep's driver ended, and joblib stopped the job's "
+                                                            "worker process")
                     sweeps.close_sweep_parent(parent, "KILLED")
             except KeyboardInterrupt:  # the process is ending already: the second signal has nothing more to stop
                 SIGNALS.ended()

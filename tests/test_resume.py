@@ -116,6 +116,33 @@ def test_an_interrupt_that_was_said_is_not_said_again(cause, capsys, monkeypatch
     assert ended.value.code == 130 and capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("launcher", ["joblib", "basic"])
+def test_an_interrupted_joblib_sweep_leaves_no_child_running(launcher, tmp_path, monkeypatch, capsys):
+    """Ctrl-C of a joblib sweep's driver: joblib (loky) kills its workers' process trees, their watchdogs with them,
+    before the interrupt reaches the driver, so no job ends its runs (a shared training's budgets: every one it had
+    opened). The driver's end ends each child still RUNNING KILLED, saying why, and the parent KILLED; a job in the
+    driver's own process (the basic launcher) ends its run itself, and the driver leaves it as it is."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = created_store(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    experiment = client.create_experiment("sweep")
+    parent = client.create_run(experiment).info.run_id
+    children = [client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id for _ in range(3)]
+    client.set_terminated(children[0], "FINISHED")  # (a budget recorded before the interrupt)
+    callback = sweep.SweepCallback()
+    callback.parent, callback.on_joblib = parent, launcher == "joblib"
+    callback._abandoned()
+    assert client.get_run(parent).info.status == "KILLED"
+    ended = [client.get_run(child) for child in children]
+    left = "KILLED" if launcher == "joblib" else "RUNNING"  # (basic: the job's own run, in this process, ends it)
+    assert [run.info.status for run in ended] == ["FINISHED", left, left]
+    assert "error" not in ended[0].data.tags
+    if launcher == "joblib":
+        assert all(run.data.tags["error"] == "its sweep's driver ended, and joblib stopped the job's worker process"
+                   for run in ended[1:])
+    assert f"sweep {parent} ended KILLED before its jobs did; resume it with: " in capsys.readouterr().err
+
+
 def test_the_settings_a_child_records_compare_equal_to_the_same_settings_asked_again(tiny_config):
     recorded = resume.as_recorded(flatten(tiny_config))  # what MLflow keeps: log_params writes str(value)
     assert resume.differences(recorded, flatten(tiny_config)) == {}
