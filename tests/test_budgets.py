@@ -163,6 +163,45 @@ def test_a_budget_whose_record_fails_fails_the_training_and_every_later_budget(t
         assert "pipeline.complete" not in run.data.tags, name
 
 
+@pytest.mark.slow
+def test_an_interrupt_while_budgets_wait_for_their_record_records_each_whole_and_leaves_none_running(
+        tiny_run, tmp_path, monkeypatch):
+    """Ctrl-C (SIGNALS installed, as by the command line) while the first budget's record is slow and the later
+    budgets wait behind it: each budget reached is recorded whole, FINISHED, and the open run ends KILLED after them.
+    (The signal, sent again every half second until a run ended on it, cut the wait: the records not begun were
+    dropped, their runs left RUNNING for ever, their watchdogs told they had ended.)"""
+    import os
+    import signal
+    import time
+
+    from pipeline import evaluate
+    from pipeline.signals import SIGNALS
+    from pipeline.train import train
+
+    cfg = replace(tiny_run[0], tracking=replace(tiny_run[0].tracking, uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    checkpoints = evaluate.checkpoints
+
+    def slow(model, data, fitted, *args, **kwargs):
+        if len(fitted.history) == 1:  # (on the recorder's thread: training goes on, and reaches budgets 2 and 3)
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.5)  # (three redeliveries' time)
+        return checkpoints(model, data, fitted, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "checkpoints", slow)
+
+    def at(epochs: int):
+        return replace(cfg, fit=replace(cfg.fit, epochs=epochs), tracking=replace(cfg.tracking, run_name=f"epochs={epochs}"))
+
+    with SIGNALS.installed(), pytest.raises(KeyboardInterrupt):
+        train(at(400), budgets=[at(1), at(2), at(3)])
+    client = MlflowClient(cfg.tracking.uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("imdb-sentiment").experiment_id])}
+    assert {name: run.info.status for name, run in runs.items()} == {
+        "epochs=1": "FINISHED", "epochs=2": "FINISHED", "epochs=3": "FINISHED", "epochs=400": "KILLED"}
+    assert max(runs[f"epochs={b}"].info.end_time for b in (1, 2, 3)) <= runs["epochs=400"].info.end_time
+
+
 def test_the_report_says_how_many_trainings_the_budgets_were_recorded_from():
     import pandas as pd
 

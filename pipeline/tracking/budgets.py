@@ -69,6 +69,8 @@ class SharedRuns:
         if "fit" in self.step.seconds:  # the longest budget's training time, without the shorter ones' records
             self.step.seconds["fit"] -= self.paused
         run, self.run = self.run, None
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            SIGNALS.ended()  # (the interrupt is here, not lost: not sent again to cut the wait for the records)
         try:
             try:  # budgets reached are recorded whole before the open run ends (on an interrupt too)
                 if self.recorder is not None:

@@ -5,7 +5,8 @@ model's to the byte), loaded for each budget with the weights and optimizer stat
 training of that budget alone leaves, and saves with the model): training never waits for a record. A budget's run
 ends on the thread (its end time is its record's); the thread that opened it releases it (`collect`). A record that
 fails fails every later one with the same error, and `collect` raises it: the training's failure. Off the main thread
-no signal cuts a write (signals.py); an interrupt of the training waits for the budgets reached (`collect(wait=True)`).
+no signal cuts a write (signals.py); an interrupt of the training waits for the budgets reached (`collect(wait=True)`);
+a second one cuts the wait, and a record not yet begun is dropped, its run ended KILLED (`close`).
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ class Recorder:
             run, future = self.pending[0]
             try:
                 kept, error = future.result()
-            except BaseException as unexpected:  # (the thread's own failure)
+            except KeyboardInterrupt:  # (the wait cut, not the record: its run stays pending, its record goes on)
+                raise
+            except BaseException as unexpected:  # (the thread's own failure, or a record close() dropped)
                 kept, error = None, unexpected
             self.pending.pop(0)
             run.release(restore=False)  # (the process's MLflow settings: put back once, at the training's end)
@@ -80,8 +83,18 @@ class Recorder:
             raise failure
 
     def close(self) -> None:
+        """The thread ended; a run still pending (a second Ctrl-C cut the wait) released, and, if its record had not
+        begun (dropped here), ended KILLED: none is left RUNNING."""
         if self.thread is not None:  # (nothing left to record, unless a second Ctrl-C cut the wait)
             self.thread.shutdown(wait=True, cancel_futures=True)
+        while self.pending:
+            run, future = self.pending.pop(0)
+            try:
+                if future.cancelled():
+                    dropped = KeyboardInterrupt("its record was dropped: the training was interrupted")
+                    run.end(KeyboardInterrupt, dropped)
+            finally:
+                run.release(restore=False)
 
 
 def state_of(model, weights=None) -> tuple[list, list]:
