@@ -188,13 +188,22 @@ def labels_of(column: pd.Series, positive: str | None, where: str) -> tuple[pd.S
             raise ValueError(f"{where} must hold 0 or 1 only; found {column[wrong].unique()[:5].tolist()}. If it "
                              "holds two other values, name the positive one: ingest.positive_label=<value>")
         return labels, {}
-    written = column.map(lambda value: value if pd.isna(value) else str(value).strip())
+    written = column.map(as_written)
     values = sorted(written.dropna().unique().tolist())
     if len(values) > 2 or positive not in values:
         raise ValueError(f"{where} holds {len(values)} distinct values {values[:10]}; ingest.positive_label="
                          f"{positive!r} needs two, one of them {positive!r}")
     negative = next((value for value in values if value != positive), None)
     return written.eq(positive).astype(float).where(written.notna()), {"positive": positive, "negative": negative}
+
+
+def as_written(value):
+    """A label cell as its file writes it: a whole number read as a float (1.0 in a column with blank cells) as 1."""
+    if pd.isna(value):
+        return value
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value).strip()
 
 
 def not_text(value) -> str | None:

@@ -263,6 +263,21 @@ def test_positive_label_refuses_a_column_of_more_than_two_values(tmp_path):
         ingest.ingest(cfg)
 
 
+def test_positive_label_names_a_number_as_the_file_writes_it_with_blank_labels_among_them(tmp_path):
+    """A column of 1/0 with blank cells reads as floats (1.0, 0.0); ingest.positive_label=1 still names its 1s."""
+    frame = labelled_reviews()
+    frame["sentiment"] = (frame["sentiment"] == "positive").astype("Int64")
+    frame.loc[[1, 4], "sentiment"] = pd.NA
+    frame.to_csv(tmp_path / "stars.csv", index=False)
+    cfg = IngestConfig(source="table", path=str(tmp_path / "stars.csv"), text_column="review", label_column="sentiment",
+                       positive_label="1", skip_bad_rows=True)
+    reviews = ingest.ingest(cfg)
+    assert reviews.labels == {"positive": "1", "negative": "0"}
+    assert [row for row, _ in reviews.skipped] == ["2", "5"]
+    by_text = dict(zip(reviews.texts(), reviews.frame["label"]))
+    assert all(by_text[text] == label for text, label in zip(frame["review"], frame["sentiment"]) if label is not pd.NA)
+
+
 def test_empty_rows_are_named_or_left_out_and_listed(tmp_path):
     frame = labelled_reviews()
     empty = [2, 5, 9, 11, 20, 33, 38]  # 0-based: rows 3, 6, 10, 12, 21, 34, 39 of the file
