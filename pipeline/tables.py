@@ -148,7 +148,7 @@ def _json_lines(path: Path, bad: list | None, rows: int | None = None) -> Iterat
             if item[1].strip():
                 yield item
 
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:  # (a byte-order mark at its start is no part of line 1)
         numbered, first = counted(enumerate(handle, 1)), True
         while (batch := list(islice(numbered, rows))) or first:
             first, records, lines = False, [], []
