@@ -28,7 +28,7 @@ def read_reviews(path: Path, column: str) -> pd.DataFrame:
     """The file's rows; refused, naming the file and the fix, unless every row of `column` holds a review."""
     import pandas as pd
 
-    from pipeline.tables import not_text, read_frame, row_names, text_column
+    from pipeline.tables import counting, not_text, read_frame, row_names, text_column
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; give a .csv, .tsv, .jsonl or .parquet table with a "
@@ -42,7 +42,7 @@ def read_reviews(path: Path, column: str) -> pd.DataFrame:
     bad = [(name, why) for name, text in zip(row_names(frame), texts) if (why := not_text(text))]
     if bad:
         (where, why), more = bad[0], f" ({len(bad)} such rows in all)" if len(bad) > 1 else ""
-        row = where if where.startswith("line") else f"row {where} (counting from 1 after the header)"
+        row = where if where.startswith("line") else f"row {where} ({counting(path)})"
         raise ValueError(f"{path}: {row} has {why} in column {column!r}{more}; write a review there, "
                          "or remove the row")
     if frame.empty:

@@ -170,6 +170,11 @@ def _json_lines(path: Path, bad: list | None, rows: int | None = None) -> Iterat
             yield pd.DataFrame.from_records(records, index=pd.Index(lines, name="line")), min(read[0] / size, 1.0)
 
 
+def counting(path: Path) -> str:
+    """How a message's row numbers count: from 1 after a delimited file's header line (a Parquet file has none)."""
+    return "counting from 1" if path.suffix.lower() in PARQUET else "counting from 1 after the header"
+
+
 def row_names(frame: pd.DataFrame) -> list[str]:
     """How a message names each row: "line <n>" in a JSON lines file, else its number counting from 1 after
     the header (or from 1 in a Parquet file)."""

@@ -189,6 +189,8 @@ def test_table_source_with_and_without_split_column(tmp_path):
     ("t.csv", 'text,label\n"a, b",0\na, b,1\n', r"t\.csv: not a readable table \(.*line 3.*\); a field that holds the delimiter"),
     ("t.parquet", pd.DataFrame({"text": [1, 2], "label": [0, 1]}), r"t\.parquet: column 'text' holds numbers \(int64\), not "
                                                                  r"text; set ingest.text_column"),
+    ("t.parquet", pd.DataFrame({"text": ["a", " "], "label": [0, 1]}), r"t\.parquet: 1 rows with an empty text or no "
+                                                                      r"label, counting from 1: 2 \(empty text\)"),  # (no header)
     ("t.jsonl", '{"text": "a", "label": 0}\n{"text": 7, "label": 1}\n', r"t\.jsonl: 1 lines .*: line 2 \(int 7, not text\)"),
     ("t.jsonl", '{"text": "a", "label": 0}\n\n{"text": "b", "label": 1\n', r"t\.jsonl: 1 lines that are not JSON objects.*: "
                                                                          r"line 3 \(not a JSON object .*skip_bad_rows=true"),
