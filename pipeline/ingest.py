@@ -25,7 +25,7 @@ from pipeline.config import IngestConfig
 from pipeline.console import Progress
 from pipeline.download import download, downloaded, progress, record, sha256_file
 from pipeline.tables import SUFFIXES as TABLES
-from pipeline.tables import Hashing, TableTexts, hashed, labels_of, not_texts, read_chunks, text_column
+from pipeline.tables import Hashing, TableTexts, counting, hashed, labels_of, not_texts, read_chunks, text_column
 
 
 # aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt, anywhere below the archive's or folder's root
@@ -212,7 +212,7 @@ def _read_table(cfg: IngestConfig, seed: int, path: Path, texts: Hashing) -> Rev
            for row in np.flatnonzero(unusable)]
     bad = sorted(broken + bad, key=lambda row: int(row[0].split()[-1]))  # (in the file's order)
     _bad(str(path), bad, cfg.skip_bad_rows, "lines that are not JSON objects, or have an empty text or no label"
-         if lines else "rows with an empty text or no label, counting from 1 after the header")
+         if lines else f"rows with an empty text or no label, {counting(path)}")
     if by_column:
         split = pd.concat(found["split"], ignore_index=True).astype(str).str.lower()
         if not split.isin(SPLITS).all():

@@ -2,9 +2,10 @@
 
 `python -m pipeline.score MODEL_URI INPUT [-o OUTPUT]` reads a table with a text column (.csv, .tsv,
 .jsonl, .parquet) or a .txt file with one review per line, scores every review with a logged or
-registered raw-text model and writes a CSV with the text, the probability of a positive review and the
-label at the threshold. The file is checked before the model loads: a missing column, an empty cell or a
-column of numbers is one line naming the file, the row and the fix (--verbose adds the traceback); Ctrl-C
+registered raw-text model and writes a CSV with the file's columns, the probability of a positive review and
+the label at the threshold (`predicted_probability`, `predicted_label` where the file has a column of that
+name, such as its true labels). The file is checked before the model loads: a missing column, an empty cell or
+a column of numbers is one line naming the file, the row and the fix (--verbose adds the traceback); Ctrl-C
 ends it with one line, exit status 130, and no half-written output.
 """
 
@@ -27,7 +28,7 @@ def read_reviews(path: Path, column: str) -> pd.DataFrame:
     """The file's rows; refused, naming the file and the fix, unless every row of `column` holds a review."""
     import pandas as pd
 
-    from pipeline.tables import not_text, read_frame, row_names, text_column
+    from pipeline.tables import counting, not_text, read_frame, row_names, text_column
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; give a .csv, .tsv, .jsonl or .parquet table with a "
@@ -41,7 +42,7 @@ def read_reviews(path: Path, column: str) -> pd.DataFrame:
     bad = [(name, why) for name, text in zip(row_names(frame), texts) if (why := not_text(text))]
     if bad:
         (where, why), more = bad[0], f" ({len(bad)} such rows in all)" if len(bad) > 1 else ""
-        row = where if where.startswith("line") else f"row {where} (counting from 1 after the header)"
+        row = where if where.startswith("line") else f"row {where} ({counting(path)})"
         raise ValueError(f"{path}: {row} has {why} in column {column!r}{more}; write a review there, "
                          "or remove the row")
     if frame.empty:
@@ -49,11 +50,17 @@ def read_reviews(path: Path, column: str) -> pd.DataFrame:
     return frame
 
 
+OUTPUTS = ("probability", "label")  # the columns scoring adds; one the input already has is kept, ours prefixed
+
+
 def score(model, frame: pd.DataFrame, text_column: str, threshold: float) -> pd.DataFrame:
-    """The input rows with `probability` (of a positive review) and `label` (positive/negative) added."""
+    """The input rows, every column kept, with `probability` (of a positive review) and `label` (positive/negative)
+    added: `predicted_probability` and `predicted_label` where the input has a column of that name (a table's true
+    labels, kept to compare with)."""
     out = frame.copy()
-    out["probability"] = model.predict(frame[[text_column]])
-    out["label"] = (out["probability"] > threshold).map({True: "positive", False: "negative"})
+    probability, label = (f"predicted_{name}" if name in frame.columns else name for name in OUTPUTS)
+    out[probability] = model.predict(frame[[text_column]])
+    out[label] = (out[probability] > threshold).map({True: "positive", False: "negative"})
     return out
 
 

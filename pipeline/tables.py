@@ -148,7 +148,7 @@ def _json_lines(path: Path, bad: list | None, rows: int | None = None) -> Iterat
             if item[1].strip():
                 yield item
 
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:  # (a byte-order mark at its start is no part of line 1)
         numbered, first = counted(enumerate(handle, 1)), True
         while (batch := list(islice(numbered, rows))) or first:
             first, records, lines = False, [], []
@@ -170,6 +170,11 @@ def _json_lines(path: Path, bad: list | None, rows: int | None = None) -> Iterat
             yield pd.DataFrame.from_records(records, index=pd.Index(lines, name="line")), min(read[0] / size, 1.0)
 
 
+def counting(path: Path) -> str:
+    """How a message's row numbers count: from 1 after a delimited file's header line (a Parquet file has none)."""
+    return "counting from 1" if path.suffix.lower() in PARQUET else "counting from 1 after the header"
+
+
 def row_names(frame: pd.DataFrame) -> list[str]:
     """How a message names each row: "line <n>" in a JSON lines file, else its number counting from 1 after
     the header (or from 1 in a Parquet file)."""
@@ -188,13 +193,22 @@ def labels_of(column: pd.Series, positive: str | None, where: str) -> tuple[pd.S
             raise ValueError(f"{where} must hold 0 or 1 only; found {column[wrong].unique()[:5].tolist()}. If it "
                              "holds two other values, name the positive one: ingest.positive_label=<value>")
         return labels, {}
-    written = column.map(lambda value: value if pd.isna(value) else str(value).strip())
+    written = column.map(as_written)
     values = sorted(written.dropna().unique().tolist())
     if len(values) > 2 or positive not in values:
         raise ValueError(f"{where} holds {len(values)} distinct values {values[:10]}; ingest.positive_label="
                          f"{positive!r} needs two, one of them {positive!r}")
     negative = next((value for value in values if value != positive), None)
     return written.eq(positive).astype(float).where(written.notna()), {"positive": positive, "negative": negative}
+
+
+def as_written(value):
+    """A label cell as its file writes it: a whole number read as a float (1.0 in a column with blank cells) as 1."""
+    if pd.isna(value):
+        return value
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value).strip()
 
 
 def not_text(value) -> str | None:

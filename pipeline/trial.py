@@ -17,7 +17,7 @@ from typing import Any, Optional
 from pipeline import config
 
 log = logging.getLogger(__name__)
-INSTALL = "pip install -e '.[search]'"
+INSTALL = "pip install 'imdb-pipeline[search]' (in the project's checkout: pip install -e '.[search]')"
 # What each epoch reports: the curve whose best value the job returns (main() maximizes val_accuracy).
 # Optuna's pruners compare reported values in the study's direction, so a maximized study must not get val_loss.
 MONITOR = "val_accuracy"

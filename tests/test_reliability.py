@@ -192,7 +192,9 @@ def test_train_in_a_program_changes_nothing_global_and_a_keyboard_interrupt_ends
     try:
         found, _ = process_state(), next_numbers()
         called = time.time()
-        train(cfg)
+        with mlflow.start_run(run_name="the notebook's own") as own:  # a run of its own, open around train()
+            train(cfg)
+            assert mlflow.active_run().info.run_id == own.info.run_id  # (still its own, still open)
         left, drawn = process_state(), next_numbers()
         keras.utils.set_random_seed(7)
         next_numbers()
@@ -220,8 +222,10 @@ def test_train_in_a_program_changes_nothing_global_and_a_keyboard_interrupt_ends
     assert MlflowClient(uri).get_run(frame.run_id[0]).info.start_time >= int(called * 1000)  # not when imported
     steps = [point.step for point in MlflowClient(uri).get_metric_history(frame.run_id[1], "val_loss")]
     assert steps == [1, 2, 3]
-    notebook_store = MlflowClient(notebook)  # nothing went to the notebook's own store
-    assert notebook_store.search_runs([e.experiment_id for e in notebook_store.search_experiments()]) == []
+    notebook_store = MlflowClient(notebook)  # nothing went to the notebook's own store but its own run
+    ran = notebook_store.search_runs([e.experiment_id for e in notebook_store.search_experiments()])
+    assert [(each.info.run_name, each.info.status) for each in ran] == [("the notebook's own", "FINISHED")]
+    assert "mlflow.parentRunId" not in MlflowClient(uri).get_run(frame.run_id[0]).data.tags  # (its parent: another store's)
 
 
 @pytest.mark.slow

@@ -65,7 +65,8 @@ def test_the_configured_search_passes_the_check():
 
 def test_without_optuna_the_message_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # as if it were not installed
-    with pytest.raises(ImportError, match=r"pip install -e '\.\[search\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'imdb-pipeline\[search\]' \(in the project's checkout: pip install "
+                                          r"-e '\.\[search\]'\)"):  # (an installed package has no '.' to install)
         search.check(sweeper())
 
 

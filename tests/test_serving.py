@@ -181,8 +181,10 @@ def test_a_team_server_on_sqlite_restarted_mid_sweep_keeps_every_child_and_serve
         assert len(served) == 3 and served[0] > served[1]
         assert by_name == pytest.approx(served)  # the column `text`, not the first one
 
-        # batch scoring from the command line, a CSV (a column before and one after the text) and a text file
-        pd.DataFrame({"id": [1, 2, 3], "text": REVIEWS, "note": ["zzz"] * 3}).to_csv(tmp_path / "reviews.csv", index=False)
+        # batch scoring from the command line, a CSV (a column before and two after the text, one of them the true
+        # labels, kept beside the predicted ones) and a text file
+        pd.DataFrame({"id": [1, 2, 3], "text": REVIEWS, "note": ["zzz"] * 3, "label": ["pos", "neg", "neg"]}).to_csv(
+            tmp_path / "reviews.csv", index=False)
         (tmp_path / "reviews.txt").write_text("\n".join(REVIEWS) + "\n")
         for source in ("reviews.csv", "reviews.txt"):
             done = subprocess.run([sys.executable, "-m", "pipeline.score", "models:/imdb-tiny@champion", source,
@@ -190,9 +192,13 @@ def test_a_team_server_on_sqlite_restarted_mid_sweep_keeps_every_child_and_serve
                                   capture_output=True, text=True, timeout=300)
             assert done.returncode == 0, output(done)
             scored = pd.read_csv(tmp_path / f"{source}.scored.csv")
+            predicted = "predicted_" if source == "reviews.csv" else ""  # (the file's own `label` is kept)
             assert scored["text"].tolist() == REVIEWS
             assert scored["probability"].tolist() == pytest.approx(served, abs=1e-6)
-            assert scored["label"].tolist() == ["positive" if p > 0.5 else "negative" for p in served]
+            assert scored[f"{predicted}label"].tolist() == ["positive" if p > 0.5 else "negative" for p in served]
+            if predicted:
+                assert scored.columns.tolist() == ["id", "text", "note", "label", "probability", "predicted_label"]
+                assert scored["label"].tolist() == ["pos", "neg", "neg"]
 
 
 @pytest.mark.slow

@@ -189,6 +189,8 @@ def test_table_source_with_and_without_split_column(tmp_path):
     ("t.csv", 'text,label\n"a, b",0\na, b,1\n', r"t\.csv: not a readable table \(.*line 3.*\); a field that holds the delimiter"),
     ("t.parquet", pd.DataFrame({"text": [1, 2], "label": [0, 1]}), r"t\.parquet: column 'text' holds numbers \(int64\), not "
                                                                  r"text; set ingest.text_column"),
+    ("t.parquet", pd.DataFrame({"text": ["a", " "], "label": [0, 1]}), r"t\.parquet: 1 rows with an empty text or no "
+                                                                      r"label, counting from 1: 2 \(empty text\)"),  # (no header)
     ("t.jsonl", '{"text": "a", "label": 0}\n{"text": 7, "label": 1}\n', r"t\.jsonl: 1 lines .*: line 2 \(int 7, not text\)"),
     ("t.jsonl", '{"text": "a", "label": 0}\n\n{"text": "b", "label": 1\n', r"t\.jsonl: 1 lines that are not JSON objects.*: "
                                                                          r"line 3 \(not a JSON object .*skip_bad_rows=true"),
@@ -219,7 +221,8 @@ def test_a_broken_json_line_is_named_or_left_out_and_counted(tmp_path):
     frame = labelled_reviews(20)
     lines = frame.to_json(orient="records", lines=True).splitlines()
     lines[6] = lines[6][:-5]  # cut short: line 7
-    (tmp_path / "reviews.jsonl").write_text("\n".join(lines) + "\n")
+    # (with a byte-order mark, as some Windows tools write UTF-8: line 1 is read, as a CSV's header is)
+    (tmp_path / "reviews.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8-sig")
     cfg = IngestConfig(source="table", path=str(tmp_path / "reviews.jsonl"), text_column="review",
                        label_column="sentiment", positive_label="positive")
     with pytest.raises(ValueError, match=r"reviews\.jsonl: 1 lines that are not JSON objects.*: line 7 \(not a JSON object"):
@@ -261,6 +264,21 @@ def test_positive_label_refuses_a_column_of_more_than_two_values(tmp_path):
                        positive_label="positive")
     with pytest.raises(ValueError, match=r"3 distinct values \['negative', 'neutral', 'positive'\]"):
         ingest.ingest(cfg)
+
+
+def test_positive_label_names_a_number_as_the_file_writes_it_with_blank_labels_among_them(tmp_path):
+    """A column of 1/0 with blank cells reads as floats (1.0, 0.0); ingest.positive_label=1 still names its 1s."""
+    frame = labelled_reviews()
+    frame["sentiment"] = (frame["sentiment"] == "positive").astype("Int64")
+    frame.loc[[1, 4], "sentiment"] = pd.NA
+    frame.to_csv(tmp_path / "stars.csv", index=False)
+    cfg = IngestConfig(source="table", path=str(tmp_path / "stars.csv"), text_column="review", label_column="sentiment",
+                       positive_label="1", skip_bad_rows=True)
+    reviews = ingest.ingest(cfg)
+    assert reviews.labels == {"positive": "1", "negative": "0"}
+    assert [row for row, _ in reviews.skipped] == ["2", "5"]
+    by_text = dict(zip(reviews.texts(), reviews.frame["label"]))
+    assert all(by_text[text] == label for text, label in zip(frame["review"], frame["sentiment"]) if label is not pd.NA)
 
 
 def test_empty_rows_are_named_or_left_out_and_listed(tmp_path):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -133,6 +135,17 @@ def test_your_own_csv_with_word_labels_and_empty_rows_is_recorded_as_read(tmp_pa
     assert run["metrics.data.skipped_rows"] == 2
     listed = mlflow.artifacts.load_text(f"runs:/{run.run_id}/data/skipped_rows.csv")
     assert listed.splitlines() == ["row,reason", "5,empty text", "18,empty text"]
+    # the same rows as Parquet (the same content digest), in the same store: each run's dataset names its own file
+    frame.to_parquet(tmp_path / "imdb.parquet")
+    train(compose_config(overrides + ["ingest=table", f"ingest.path={tmp_path / 'imdb.parquet'}", "stages=[ingest]",
+                                      "ingest.text_column=review", "ingest.label_column=sentiment",
+                                      "ingest.positive_label=positive", "ingest.skip_bad_rows=true",
+                                      "split.validation_fraction=null"]))
+    both = runs(cfg.tracking.uri)
+    assert both["tags.data.digest"].nunique() == 1
+    for run_id, path in zip(both.run_id, both["params.ingest.path"]):
+        source = json.loads(mlflow.get_run(run_id).inputs.dataset_inputs[0].dataset.source)["uri"]
+        assert Path(source) == Path(path).resolve()
 
 
 @pytest.mark.parametrize("family", ["tutorial", "fasttext", "cnn", "nbsvm"])

@@ -131,12 +131,13 @@ class TrackedRun:
                                             tags={"mlflow.parentRunId": os.environ[PARENT_RUN]})
                 elif os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run, or a new one it points to
                     run = project_run(client, os.environ["MLFLOW_RUN_ID"], self.cfg.tracking.experiment_name, name, start)
-                else:
+                else:  # (in a notebook's own active run, in this store: its child)
                     experiment = mlflow.set_experiment(self.cfg.tracking.experiment_name)
-                    run = client.create_run(experiment.experiment_id, start_time=int(start * 1000), run_name=name)
+                    run = client.create_run(experiment.experiment_id, start_time=int(start * 1000), run_name=name,
+                                            tags=caller_as_parent(client, active_runs()))
                 self.run_id, self.experiment_id, self.run_name = run.info.run_id, run.info.experiment_id, run.info.run_name
                 self.journal = Journal(uri, self.run_id)
-                mlflow.start_run(run_id=self.run_id)
+                mlflow.start_run(run_id=self.run_id, nested=True)  # (over a caller's active run, left active after)
                 self.watchdog = subprocess.Popen(  # ends the run KILLED if this process is killed outright
                     [sys.executable, str(Path(__file__).with_name("watchdog.py")), uri, self.run_id,
                      str(self.journal.folder)], stdin=subprocess.PIPE, start_new_session=True)
@@ -327,6 +328,17 @@ def forget_active_run(run_id: str) -> None:
     stack[:] = [active for active in stack if active.info.run_id != run_id]
     if threading.current_thread() is threading.main_thread():
         os.environ.pop("MLFLOW_RUN_ID", None)
+
+
+def caller_as_parent(client: mlflow.MlflowClient, stack: list) -> dict[str, str]:
+    """The tag that makes a run the child of the caller's active run (a notebook's `with mlflow.start_run():` around
+    train), when that run is in the store `client` writes to; else none."""
+    if not stack:
+        return {}
+    try:
+        return {"mlflow.parentRunId": client.get_run(stack[-1].info.run_id).info.run_id}
+    except mlflow.exceptions.MlflowException:  # (another store's run)
+        return {}
 
 
 def active_runs() -> list:

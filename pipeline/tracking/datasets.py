@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -16,7 +17,10 @@ log = logging.getLogger(__name__)
 
 
 class ReviewsDataset(MetaDataset):
-    """The reviews as MLflow shows them: where they came from, their content digest and row counts."""
+    """The reviews as MLflow shows them: where they came from, a digest of their content and source, and row counts.
+    MLflow keeps one data set per name and digest in an experiment, with the source it was first logged with: the
+    same rows read from another file (a table's CSV, then its Parquet) would name the first file. So the digest
+    covers the source too; the content's own digest is the run's tag data.digest."""
 
     def __init__(self, source: str, digest: str, counts: dict[str, int]):
         try:
@@ -28,7 +32,8 @@ class ReviewsDataset(MetaDataset):
 
             resolved = CodeDatasetSource(tags={"source": source})
         self._counts = counts
-        super().__init__(source=resolved, name="imdb-reviews", digest=digest[:20])
+        of_both = hashlib.sha256(f"{digest}\n{resolved.to_json()}".encode()).hexdigest()
+        super().__init__(source=resolved, name="imdb-reviews", digest=of_both[:20])
 
     @property
     def profile(self) -> dict[str, int]:
