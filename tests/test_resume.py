@@ -14,6 +14,7 @@ import time
 from dataclasses import replace
 
 import pandas as pd
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
@@ -125,6 +126,7 @@ def test_an_interrupted_joblib_sweep_leaves_no_child_running(launcher, tmp_path,
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = created_store(uri)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # (as the driver's: an earlier test in this process may have set another)
     experiment = client.create_experiment("sweep")
     parent = client.create_run(experiment).info.run_id
     children = [client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id for _ in range(3)]
