@@ -85,7 +85,14 @@ def run(args: argparse.Namespace) -> None:
     import mlflow
 
     model = mlflow.pyfunc.load_model(args.model_uri)
-    write(score(model, frame, args.text_column, args.threshold), args.output)
+    scored = score(model, frame, args.text_column, args.threshold)
+    write(scored, args.output)
+    if args.output is not None:  # (to standard output, the CSV alone)
+        label = scored.columns[-1]
+        positive = int((scored[label] == "positive").sum())
+        print(f"scored {len(scored):,} reviews of {args.input} with {args.model_uri}: {positive:,} positive, "
+              f"{len(scored) - positive:,} negative (column {label}); written to {args.output}", file=sys.stderr,
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

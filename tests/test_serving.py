@@ -191,6 +191,10 @@ def test_a_team_server_on_sqlite_restarted_mid_sweep_keeps_every_child_and_serve
                                    "-o", f"{source}.scored.csv"], cwd=tmp_path, env=environment(MLFLOW_TRACKING_URI=server),
                                   capture_output=True, text=True, timeout=300)
             assert done.returncode == 0, output(done)
+            positive = sum(p > 0.5 for p in served)
+            assert (f"scored 3 reviews of {source} with models:/imdb-tiny@champion: {positive} positive, {3 - positive} "
+                    "negative") in done.stderr, output(done)
+            assert done.stderr.rstrip().endswith(f"written to {source}.scored.csv"), output(done)
             scored = pd.read_csv(tmp_path / f"{source}.scored.csv")
             predicted = "predicted_" if source == "reviews.csv" else ""  # (the file's own `label` is kept)
             assert scored["text"].tolist() == REVIEWS
