@@ -53,12 +53,18 @@ def read_reviews(path: Path, column: str) -> pd.DataFrame:
 OUTPUTS = ("probability", "label")  # the columns scoring adds; one the input already has is kept, ours prefixed
 
 
+def outputs(columns) -> tuple[str, str]:
+    """The names scoring gives its probability and label columns beside the input's `columns`."""
+    probability, label = (f"predicted_{name}" if name in columns else name for name in OUTPUTS)
+    return probability, label
+
+
 def score(model, frame: pd.DataFrame, text_column: str, threshold: float) -> pd.DataFrame:
     """The input rows, every column kept, with `probability` (of a positive review) and `label` (positive/negative)
     added: `predicted_probability` and `predicted_label` where the input has a column of that name (a table's true
     labels, kept to compare with)."""
     out = frame.copy()
-    probability, label = (f"predicted_{name}" if name in frame.columns else name for name in OUTPUTS)
+    probability, label = outputs(frame.columns)
     out[probability] = model.predict(frame[[text_column]])
     out[label] = (out[probability] > threshold).map({True: "positive", False: "negative"})
     return out
@@ -88,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
     scored = score(model, frame, args.text_column, args.threshold)
     write(scored, args.output)
     if args.output is not None:  # (to standard output, the CSV alone)
-        label = scored.columns[-1]
+        label = outputs(frame.columns)[1]
         positive = int((scored[label] == "positive").sum())
         print(f"scored {len(scored):,} reviews of {args.input} with {args.model_uri}: {positive:,} positive, "
               f"{len(scored) - positive:,} negative (column {label}); written to {args.output}", file=sys.stderr,
