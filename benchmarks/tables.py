@@ -73,11 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="imdb-tables-") as folder:
         tables = Path(args.keep or folder)
         tables.mkdir(parents=True, exist_ok=True)
-        names = [tables / f"reviews_{rows}.{suffix}" for rows in (int(size) for size in args.sizes.split(","))
+        sized = [(rows, tables / f"reviews_{rows}.{suffix}") for rows in (int(size) for size in args.sizes.split(","))
                  for suffix in args.formats.split(",")]
-        for table in names:
+        for rows, table in sized:
             if not table.exists():
-                make_table(archive, int(table.stem.split("_")[1]), table)
+                make_table(archive, rows, table)
+        names = [table for _, table in sized]
         print(f"{'run':28}{'wall s':>8}{'peak MB':>9}  stage seconds", flush=True)
         for _ in range(args.repeats):
             with tempfile.TemporaryDirectory(prefix="imdb-tables-reference-") as run:
