@@ -41,19 +41,21 @@ def markdown(frame: pd.DataFrame, exact: tuple[str, ...] = ()) -> str:
 
 def shared_trainings(table: pd.DataFrame) -> tuple[dict, list[str]]:
     """What sharing a training between a setting's fit.epochs budgets saved (pipeline/budgets.py): how many jobs were
-    recorded from how many trainings, and the epochs not trained again, each at its job's median epoch time."""
+    recorded from how many trainings, and the epochs not trained again, each at the median epoch time of its
+    training's longest budget (a short budget's median is its compiling first epoch's)."""
     if "training" not in table or table["training"].isna().all():
         return {}, []
     own = table["training"].fillna(table["run_id"])  # a job that trained alone is a training of its own
     longest = table.groupby(own)["epochs_trained"].transform("max")
     repeated = table["epochs_trained"].where(table["epochs_trained"] < longest, 0)  # a shorter budget's epochs
     asked, saved = int(table["epochs_trained"].sum()), int(repeated.sum())
-    seconds = float((repeated * table["epoch_seconds"]).sum())
+    pace = table["epoch_seconds"].where(table["epochs_trained"] == longest).groupby(own).transform("max")
+    seconds = float((repeated * pace).sum())
     return ({"trainings": float(own.nunique()), "epochs_not_repeated": float(saved)},
             ["", "## Shared trainings", "",
              f"- **{len(table)} budgets recorded from {own.nunique()} training{'s' * (own.nunique() != 1)}; {saved} of "
-             f"{asked} epochs not repeated** (about {seconds:.0f} s of training, each epoch at its job's median epoch "
-             "time): the jobs of a setting that differ only in `fit.epochs` share a training, to the longest budget (a "
+             f"{asked} epochs not repeated** (about {seconds:.0f} s of training, each epoch at the median epoch "
+             "time of its training's longest budget): the jobs of a setting that differ only in `fit.epochs` share a training, to the longest budget (a "
              "resume trains again for the budgets still missing), and each budget is its own run with the numbers a "
              "training of that budget alone gives (its tag `pipeline.training` names the run the training started in; "
              "`sweep.share_budgets=false` trains each alone)."])

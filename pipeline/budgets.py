@@ -2,7 +2,7 @@
 
 With the same seed and data, a job's first N epochs do not depend on its budget (nothing in the fit reads
 fit.epochs but the loop's count), so the jobs of a grid that differ only in fit.epochs hold one training: the
-longest. BudgetSweeper (Hydra's basic sweeper, which pipeline.sweep swaps it for when sweep.share_budgets is on)
+longest. BudgetSweeper (Hydra's basic sweeper, which pipeline.sweep swaps it for; a job the grid asks twice runs once)
 launches one job per such group, its longest budget's, telling it the group's budgets (the variable BUDGETS, set
 through hydra.job.env_set); `sweep_job` trains once and records every budget as its own child run, as a job of that
 budget alone would have recorded it (pipeline/tracking/budgets.py). The unit of work a launcher (in-process, joblib,
@@ -67,14 +67,23 @@ def with_budget(overrides: Sequence[str], budget: str) -> list[str]:
 
 
 def plan(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], PipelineConfig],
-         reference: Optional[PipelineConfig] = None) -> list[list[str]]:
+         reference: Optional[PipelineConfig] = None,
+         finished: Callable[[PipelineConfig, list[str]], bool] = lambda settings, job: False) -> list[list[str]]:
     """The jobs to launch: each group of jobs that differ only in fit.epochs (and may share) as its longest
     budget's job with BUDGETS set; every other job as it is. `compose(overrides)`: that job's settings (raises if
     they do not compose or are invalid). `reference`: the sweep's early-stopping reference job, recorded by the first
-    shared group it is a job of (REFERENCE set). Logs one line for each group: shared, or why not."""
+    shared group it is a job of (REFERENCE set). `finished(settings, job)`: whether a resume finds the job finished
+    (sweep_job does not run it again). Logs one line for each group: what it trains, or why it does not share."""
+    asked: dict[tuple, int] = {}  # each job, and how many times the sweep asks it (a value given twice on an axis)
+    for job in jobs:
+        asked[tuple(job)] = asked.get(tuple(job), 0) + 1
+    for job, times in asked.items():
+        if times > 1:
+            log.info("sweep: %s is asked %d times: it runs once (the same settings and seed give the same run)",
+                     " ".join(job), times)
     order: list = []  # a job (a list) or a group (its overrides but fit.epochs, a tuple), in the sweep's order
     groups: dict[tuple, dict[int, tuple[str, list[str]]]] = {}
-    for job in map(list, jobs):
+    for job in map(list, asked):
         written = budget_of(job)
         budget = int(written) if written is not None and written.strip().isdigit() else None
         if budget is None:
@@ -86,7 +95,7 @@ def plan(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], PipelineC
             order.append(others)
         groups[others].setdefault(budget, (written, job))
     values: dict[str, set] = {}  # each override's values over the jobs: a group is named by those that vary
-    for job in jobs:
+    for job in asked:
         for line in job:
             values.setdefault(line.split("=", 1)[0], set()).add(line)
     launched: list[list[str]] = []
@@ -99,18 +108,28 @@ def plan(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], PipelineC
         if len(group) < 2:
             launched += each
             continue
+        in_order = [job for _, job in groups[entry].values()]  # (trained separately: in the sweep's order)
         named = "".join(f"{line} " for line in entry if len(values[line.split("=", 1)[0]]) > 1)  # ("": one setting)
         budgets = [written for _, (written, _) in group]
-        reason, longest = _why_not_group(group, compose)
+        reason, settings = _why_not_group(group, compose)
         if reason:
             log.info("sweep: %strains fit.epochs=%s separately: %s", named, ",".join(budgets), reason)
-            launched += each
+            launched += in_order
             continue
-        log.info("sweep: %strains once, to %s epochs, for fit.epochs=%s, each recorded as its own run (%d epochs "
-                 "not repeated; sweep.share_budgets=false: each alone)", named, group[-1][0], ",".join(budgets),
-                 sum(budget for budget, _ in group[:-1]))
+        longest = settings[-1]
+        done = [finished(setting, job) for setting, job in zip(settings, each)]  # (as sweep_job will find them)
+        missing = [budget for (budget, _), was in zip(group, done) if not was]
+        before = [written for (_, (written, _)), was in zip(group, done) if was]
+        if not missing:
+            log.info("sweep: %sfit.epochs=%s finished before: not trained again", named, ",".join(budgets))
+        else:
+            spared = sum(missing[:-1])
+            log.info("sweep: %strains once, to %s epochs, for fit.epochs=%s, each recorded as its own run (%d epoch%s "
+                     "not repeated; sweep.share_budgets=false: each alone)%s", named, missing[-1],
+                     ",".join(w for (_, (w, _)), was in zip(group, done) if not was), spared, "s" * (spared != 1),
+                     f"; fit.epochs={','.join(before)} finished before" if before else "")
         launched.append([*each[-1], f"+hydra.job.env_set.{BUDGETS}='{','.join(budgets)}'"])
-        if reference is not None and records(longest, reference):
+        if reference is not None and missing and missing[-1] == group[-1][0] and records(longest, reference):
             log.info("sweep: %salso records the early-stopping reference job from its training (at most %d epochs)",
                      named, reference.fit.epochs)
             launched[-1].append(f"+hydra.job.env_set.{REFERENCE}={reference.fit.epochs}")
@@ -126,40 +145,52 @@ def records(longest: PipelineConfig, reference: PipelineConfig) -> bool:
     return ours == its and reference.fit.epochs <= longest.fit.epochs and reference.fit.early_stopping.enabled
 
 
-def _why_not_group(group, compose) -> tuple[Optional[str], Optional[PipelineConfig]]:
-    """Why the group's jobs cannot share one training (None: they can), and its longest budget's settings."""
+def _why_not_group(group, compose) -> tuple[Optional[str], list[PipelineConfig]]:
+    """Why the group's jobs cannot share one training (None: they can), and each job's settings."""
     try:
         settings = [compose(list(job)) for _, (_, job) in group]
     except Exception as error:  # each job then fails (or is refused) on its own, as without sharing
-        return f"its settings do not compose ({str(error).splitlines()[0] if str(error) else type(error).__name__})", None
+        return f"its settings do not compose ({str(error).splitlines()[0] if str(error) else type(error).__name__})", []
     reason = why_not(settings[-1])
     if reason:
-        return reason, settings[-1]
+        return reason, settings
     flat = [config.flatten(s) for s in settings]
     for key in flat[-1]:
         if key not in SAME and any(str(f.get(key)) != str(flat[-1][key]) for f in flat):
             values = ", ".join(f"{f.get(key)} at {budget}" for (budget, _), f in zip(group, flat))
-            return f"{key} differs between the budgets ({values}): it reads fit.epochs", settings[-1]
-    return None, settings[-1]
+            return f"{key} differs between the budgets ({values}): it reads fit.epochs", settings
+    return None, settings
 
 
 def composer(load: Callable[[list[str]], DictConfig]) -> Callable[[list[str]], PipelineConfig]:
-    """plan()'s `compose`: a job's settings from `load(overrides)` (Hydra composing it, a quarter of a second); but
-    a job that differs from one loaded before only in fit.epochs: that one's config with the value set as Hydra's
-    override sets it (OmegaConf.update), and what interpolates it resolved anew."""
-    bases: dict[tuple, DictConfig] = {}  # a job's composed config, by its overrides but fit.epochs
+    """plan()'s `compose`: a job's settings from `load(overrides)` (Hydra composing it, a fifth of a second a job);
+    but a job that differs from one loaded before only in the values of plain keys (`build.hidden_units=32`, not a
+    config group, a `+` or `~`, or a dict or list): that one's config with those values set in order, as Hydra sets
+    them after composing (OmegaConf.update), and what interpolates them resolved anew."""
+    bases: dict[tuple, DictConfig] = {}  # a composed config, by its jobs' overrides but the plain values
 
     def compose(overrides: list[str]) -> PipelineConfig:
-        others = tuple(line for line in overrides if budget_of([line]) is None)
-        if others in bases and budget_of(overrides) is not None:
-            composed = copy.deepcopy(bases[others])
-            value = next(o for o in OverridesParser.create().parse_overrides(list(overrides)) if o.key_or_group == KEY)
-            OmegaConf.update(composed, KEY, value.value(), merge=True)
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        plain = [o for o in parsed if _plain(o)]
+        shape = (tuple(o.input_line for o in parsed if not _plain(o)), tuple(o.key_or_group for o in plain))
+        if shape in bases:
+            composed = copy.deepcopy(bases[shape])
+            for override in plain:
+                OmegaConf.update(composed, override.key_or_group, override.value(), merge=True)
         else:
-            composed = bases.setdefault(others, load(overrides))
+            composed = bases.setdefault(shape, load(overrides))
         return config.load(composed)
 
     return compose
+
+
+def _plain(override) -> bool:
+    """A value set on a key of the config (not a config group, a package, an addition or deletion, or a dict or list),
+    whose setting after composition is all it changes."""
+    key = override.key_or_group
+    return not (override.is_add() or override.is_force_add() or override.is_delete() or override.is_sweep_override()) \
+        and override.package is None and "." in key and "/" not in key and not key.startswith("hydra.") \
+        and not isinstance(override.value(), (dict, list))
 
 
 class BudgetSweeper(Sweeper):
@@ -193,7 +224,7 @@ class BudgetSweeper(Sweeper):
             composed.add(tuple(overrides))
             return settings
 
-        jobs = plan([list(job) for job in itertools.product(*choices.values())], compose, self._reference())
+        jobs = plan([list(job) for job in itertools.product(*choices.values())], compose, self._reference(), finished)
         told = tuple(f"+hydra.job.env_set.{name}=" for name in (BUDGETS, REFERENCE))  # (what plan() tells a job)
         self.validate_batch_is_legal([job for job in jobs if tuple(
             line for line in job if not line.startswith(told)) not in composed])  # (each job composes, before any runs)
@@ -214,7 +245,23 @@ class BudgetSweeper(Sweeper):
             settings = config.load(self.config)
         except Exception:  # (the sweep's callback has said why already)
             return None
-        return reference_of(settings) if settings.sweep.early_stopping_reference else None
+        if not settings.sweep.early_stopping_reference:
+            return None
+        reference = reference_of(settings)
+        named = replace(reference, tracking=replace(reference.tracking, run_name=sweep.reference_name(
+            reference, json.loads(os.environ.get(sweep.AXES, "[]")))))
+        return None if finished(named, []) else reference  # (a resume that finds it finished records it again nowhere)
+
+
+def finished(settings: PipelineConfig, job: list[str]) -> bool:
+    """Whether a resume finds the job of these settings (composed from the overrides `job`) finished, as sweep_job will
+    (sweep.finished_job; one that cannot be asked about: not)."""
+    if not os.environ.get(sweep.RESUMING):
+        return False
+    try:
+        return sweep.finished_job(sweep.child_settings(settings, job, 0), quiet=True) is not None
+    except Exception:  # (the job says why it fails)
+        return False
 
 
 def reference_of(settings: PipelineConfig) -> PipelineConfig:

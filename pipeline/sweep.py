@@ -68,10 +68,10 @@ def reference_name(settings: PipelineConfig, axes) -> str:
     return ",".join(["early_stopping", *base])
 
 
-def finished_job(settings: PipelineConfig) -> dict | None:
+def finished_job(settings: PipelineConfig, quiet: bool = False) -> dict | None:
     """When resuming a sweep: the job's earlier FINISHED child run under the parent (the same settings on
     the axes, whatever its run's name), if it ran with the settings asked now. One that ran with others is
-    said, and the job runs again."""
+    said (unless `quiet`: the plan asks before the job does), and the job runs again."""
     if not os.environ.get(RESUMING):
         return None
     from pipeline.tracking import sweeps
@@ -80,6 +80,8 @@ def finished_job(settings: PipelineConfig) -> dict | None:
     previous = sweeps.finished_child(os.environ[PARENT_RUN], json.loads(os.environ.get(AXES, "[]")), name,
                                      as_recorded(flatten(settings)))
     if previous and previous["differs"]:
+        if quiet:
+            return None
         log.warning("sweep job %s finished before as run %s with other settings (%s): it runs again", name,
                     previous["run_id"], describe(previous["differs"], "then"))
         return None
@@ -154,6 +156,10 @@ class SweepCallback(Callback):
         self.settings: PipelineConfig | None = None
         self.axes: dict[str, str] = {}
         self.on_ray, self.on_joblib, self.analysing, self.began = False, False, False, 0.0  # began: jobs' start
+        self.warming = _nothing  # stops the worker that makes the jobs' data at the sweep's start (warm)
+
+    def __getstate__(self) -> dict:  # (joblib's launcher sends the callbacks to its workers: not the data worker)
+        return {**self.__dict__, "warming": _nothing}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from pipeline import ingest
@@ -167,6 +173,7 @@ class SweepCallback(Callback):
             ingest.check(self.settings.ingest)  # (a source and its path)
             search.check(hydra_cfg.sweeper)  # an Optuna search without Optuna (or bad settings): stop before the parent
             axes = sweep_axes(hydra_cfg)
+            self.warming = warm(self.settings, axes, str(hydra_cfg.launcher.get("_target_", "")))
             self.parent, experiment_id, order = sweeps.open_sweep_parent(self.settings, axes, str(hydra_cfg.sweep.dir))
             axes = self.axes = {key: axes[key] for key in order}  # a resume names its jobs as the sweep did
         except Exception as error:  # Hydra would only warn and run the jobs untracked as a sweep: stop instead
@@ -179,7 +186,7 @@ class SweepCallback(Callback):
                      DIRECTORY: directory, DRIVER_HOST: socket.gethostname(),
                      DRIVER_DATA: data if data and os.access(data, os.R_OK) else ""}
         os.environ.update(forwarded)  # jobs in this process, and joblib or local Ray workers, inherit these
-        if self.settings.sweep.share_budgets and hydra_cfg.sweeper.get("_target_") == BASIC_SWEEPER and sharing():
+        if hydra_cfg.sweeper.get("_target_") == BASIC_SWEEPER and sharing():
             with open_dict(hydra_cfg.sweeper):  # (built from this config after the multirun starts: pipeline/budgets.py)
                 hydra_cfg.sweeper._target_ = BUDGET_SWEEPER  # one training for the jobs that differ only in fit.epochs
         launcher = str(hydra_cfg.launcher.get("_target_", ""))
@@ -203,6 +210,7 @@ class SweepCallback(Callback):
                     train.train(reference)
             except Exception:  # recorded as a FAILED child; the analysis lists it
                 log.exception("the early-stopping reference job failed")
+        self.warming()
         self.analysing = True  # (an interrupt from here on stops the analysis, not a job)
         analysis, interrupted = analyze_sweep(self.parent, alias=self.settings.sweep.champion_alias)
         failed = len(analysis.failed)
@@ -225,6 +233,7 @@ class SweepCallback(Callback):
         worker's child processes): once Ray is shut down, the children still RUNNING end KILLED here. Joblib alike:
         an interrupt of its call kills its workers' process trees (loky) before it reaches the driver."""
         SIGNALS.ended()
+        self.warming()
         if self.parent:
             from pipeline.tracking import sweeps
 
@@ -244,6 +253,22 @@ class SweepCallback(Callback):
             when = "during its analysis (every job had ended)" if self.analysing else "before its jobs did"
             print(f"sweep {parent} ended KILLED {when}; {'finish' if self.analysing else 'resume'} it with: "
                   f"{resume_command(sys.orig_argv, parent)}", file=sys.stderr, flush=True)
+
+
+def warm(settings: PipelineConfig, axes, launcher: str):
+    """When every job of the sweep reads the data `settings` read, on this machine: a worker that makes it now, into
+    the stage cache, while the sweep opens its parent and plans (pipeline/speed/prepare_ahead.py). Returns the
+    function that stops it."""
+    if not settings.prepare_ahead:
+        return _nothing
+    from pipeline.speed import prepare_ahead
+    from pipeline.train import prepare
+
+    return prepare_ahead.sweep_worker(settings, axes, launcher, prepare) or _nothing
+
+
+def _nothing() -> None:
+    pass
 
 
 def sharing() -> bool:

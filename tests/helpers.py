@@ -94,6 +94,8 @@ def check_complete_run(uri: str, run_id: str, epochs: int) -> None:
         assert path in artifacts, path
     dataset = run.inputs.dataset_inputs[0].dataset
     assert dataset.digest and '"num_rows"' in dataset.profile
+    profile, params = json.loads(dataset.profile), run.data.params  # the source's train part: training and validation
+    assert profile["source_train_rows"] == int(params["data.train_rows"]) + int(params["data.validation_rows"])
     info = mlflow.models.get_model_info(run.data.tags["model_uri"])
     assert "python_function" in info.flavors and info.signature is not None
     assert info.saved_input_example_info is not None  # a served model's example request, as the UI shows it

@@ -19,8 +19,10 @@ from tests.helpers import CURVES
 GRID = [[f"build.hidden_units={units}", f"fit.epochs={epochs}"] for units in (4, 8) for epochs in (3, 1, 2)]
 
 
-def planned(tiny_archive, tmp_path, *settings: str, grid=GRID, reference: list[str] | None = None) -> list[list[str]]:
-    """The plan of `grid`; `reference`: the overrides of the sweep's own settings, whose early-stopping job it asks."""
+def planned(tiny_archive, tmp_path, *settings: str, grid=GRID, reference: list[str] | None = None,
+            finished=lambda settings, job: False) -> list[list[str]]:
+    """The plan of `grid`; `reference`: the overrides of the sweep's own settings, whose early-stopping job it asks;
+    `finished`: which jobs a resume finds finished."""
     config.register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # (once: each compose then takes ms)
         def load(job):
@@ -28,7 +30,7 @@ def planned(tiny_archive, tmp_path, *settings: str, grid=GRID, reference: list[s
 
         # (as BudgetSweeper composes: a group's first job by Hydra, the others from it with fit.epochs set)
         return budgets.plan(grid, budgets.composer(load),
-                            reference and budgets.reference_of(config.load(load(reference))))
+                            reference and budgets.reference_of(config.load(load(reference))), finished)
 
 
 def test_jobs_that_differ_only_in_their_budget_share_one_training_unless_something_reads_the_budget(
@@ -55,6 +57,52 @@ def test_jobs_that_differ_only_in_their_budget_share_one_training_unless_somethi
         assert alone == [GRID[1], GRID[2]], settings  # every job, as it was
         assert f"sweep: trains fit.epochs=1,2 separately: {why}" in caplog.text, caplog.text  # (one setting: no name)
     assert budgets.with_budget(["build.hidden_units=4", "fit.epochs=3"], "1") == ["build.hidden_units=4", "fit.epochs=1"]
+
+    # a job asked twice (a value given twice on an axis) runs once, sharing or not; jobs trained separately launch in
+    # the sweep's order
+    twice = [["build.hidden_units=4", f"fit.epochs={epochs}"] for epochs in (2, 2, 3)]
+    caplog.clear()
+    assert planned(tiny_archive, tmp_path, grid=twice) == [[*twice[2], f"+hydra.job.env_set.{budgets.BUDGETS}='2,3'"]]
+    assert "sweep: build.hidden_units=4 fit.epochs=2 is asked 2 times: it runs once" in caplog.text
+    assert planned(tiny_archive, tmp_path, "sweep.share_budgets=false", grid=twice) == [twice[0], twice[2]]
+    assert planned(tiny_archive, tmp_path, "sweep.share_budgets=false", grid=GRID[:3]) == GRID[:3]
+
+    # a resume: each line says what will be trained, for the budgets not finished before, as the job will find them
+    for done, said in (({(4, 1), (4, 2), (8, 3)}, [
+            "build.hidden_units=4 trains once, to 3 epochs, for fit.epochs=3, each recorded as its own run (0 epochs not "
+            "repeated; sweep.share_budgets=false: each alone); fit.epochs=1,2 finished before",
+            "build.hidden_units=8 trains once, to 2 epochs, for fit.epochs=1,2, each recorded as its own run (1 epoch not "
+            "repeated; sweep.share_budgets=false: each alone); fit.epochs=3 finished before"]),
+            ({(8, 1), (8, 2), (8, 3)}, ["build.hidden_units=4 trains once, to 3 epochs, for fit.epochs=1,2,3,",
+                                        "build.hidden_units=8 fit.epochs=1,2,3 finished before: not trained again"])):
+        caplog.clear()
+        resumed = planned(tiny_archive, tmp_path, reference=GRID[3],
+                          finished=lambda settings, job: (settings.build.hidden_units, settings.fit.epochs) in done)
+        assert all(line in caplog.text for line in said), caplog.text
+        # (hidden_units=8's training, the reference's settings, does not reach its 3 epochs: it is not told to record it)
+        assert not any(told in line for job in resumed for line in job) and "also records" not in caplog.text
+
+
+def test_the_plan_composes_each_setting_once_and_gets_the_settings_hydra_gives_each_job(tiny_archive, tmp_path):
+    """Jobs that differ only in plain values are composed once and the others set from it: every job's settings as
+    Hydra composes it alone, with interpolations, config groups, additions and a key given twice among them."""
+    config.register()
+    jobs = [["build.hidden_units=4", "fit.epochs=3"], ["build.hidden_units=8", "fit.epochs=1"],
+            ["build.hidden_units=8", "fit.checkpoint_every=${fit.epochs}", "fit.epochs=2"],
+            ["build.hidden_units=4", "fit.checkpoint_every=1", "fit.epochs=5"],
+            ["build=cnn", "build.hidden_units=8", "fit.epochs=2"], ["build=tutorial", "build.hidden_units=8", "fit.epochs=2"],
+            ["+sweep.threads=1", "build.hidden_units=8", "fit.epochs=2"], ["fit.epochs=2", "fit.epochs=4"],
+            ["build.hidden_units=8", "fit=early_stopping", "fit.epochs=3"]]
+    loaded = []
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        def load(job):
+            loaded.append(job)
+            return compose(config_name="config", overrides=[*tiny_overrides(tiny_archive, tmp_path), *job])
+
+        compose_job = budgets.composer(load)
+        for job in jobs:
+            assert compose_job(job) == config.load(load(job)), job
+    assert len(loaded) - len(jobs) == 7  # (beyond each job composed above) jobs 1, 3 and 5-9: 2 set from 1, 4 from 3
 
 
 @pytest.mark.slow
@@ -208,8 +256,10 @@ def test_the_report_says_how_many_trainings_the_budgets_were_recorded_from():
     from pipeline.analysis_text import shared_trainings
 
     table = pd.DataFrame({"job": list("abcde"), "run_id": list("abcde"), "training": ["a", "a", "a", None, None],
-                          "epochs_trained": [10, 20, 30, 10, 20], "epoch_seconds": [0.1] * 5})
+                          "epochs_trained": [10, 20, 30, 10, 20], "epoch_seconds": [0.3, 0.15, 0.1, 0.3, 0.15]})
     numbers, lines = shared_trainings(table)  # three budgets of one training; two jobs that trained alone
     assert numbers == {"trainings": 3.0, "epochs_not_repeated": 30.0}
+    # (each epoch not repeated at the pace of its training's longest budget, not at the shorter budgets' own medians,
+    # which their compiling first epoch weighs on: 30 epochs at 0.1 s)
     assert "5 budgets recorded from 3 trainings; 30 of 90 epochs not repeated** (about 3 s of training" in lines[-1]
     assert shared_trainings(table.assign(training=None)) == ({}, [])  # nothing shared: nothing said

@@ -342,9 +342,9 @@ def test_parallel_jobs_writing_to_the_embedded_store_lose_nothing(tiny_archive, 
     parent, children = sweep_runs(uri)
     assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children)
     assert len({c.data.tags["pipeline.training"] for c in children}) == 3  # a training per setting, on joblib's workers
-    for stage in ("ingest", "vectorize"):  # on a cold cache: one made the data, the others read it
-        made = {c.data.tags["pipeline.training"] for c in children if c.data.tags[f"cache.{stage}"] == "miss"}
-        assert len(made) == 1, stage
+    for stage in ("ingest", "vectorize"):  # on a cold cache: the sweep's data worker made it once, every job read it
+        assert {c.data.tags[f"cache.{stage}"] for c in children} == {"hit"}, stage
+        assert len(list((tmp_path / "cache" / stage).iterdir())) == 1, stage
     client = MlflowClient(uri)
     mlflow.set_tracking_uri(uri)
     for child in children:
@@ -492,6 +492,34 @@ def test_truncated_cache_entry_is_rebuilt_not_used(tmp_path):
     file.write_bytes(file.read_bytes()[:-100])
     assert store.read("vectorize", "k") is None
     assert not (tmp_path / "vectorize" / "k").exists()
+
+
+def test_a_sweeps_next_job_gets_the_entry_read_before_until_it_changes(tmp_path, monkeypatch):
+    """Under the command line the last entry read of a stage is given again, read-only, while its manifest is the same
+    file; a rebuilt entry is read anew, and a damaged one is still found damaged."""
+    import numpy as np
+
+    import pipeline
+
+    monkeypatch.setattr(pipeline, "COMMAND_LINE", True)
+    monkeypatch.setattr(cache, "LAST", {})
+    store = cache.StageCache(compose_config([f"cache_dir={tmp_path}"]))
+    store.write("ingest", "k", {"reviews": pd.DataFrame({"text": ["a", "b"], "label": [0, 1]})}, {"m": [1]})
+    store.write("vectorize", "k", {"x": np.arange(1000)}, {"m": 1})
+    first, again = store.read("vectorize", "k"), store.read("vectorize", "k")
+    assert again[0]["x"] is first[0]["x"] and not again[0]["x"].flags.writeable and again[1] == {"m": 1}
+    frame, meta = store.read("ingest", "k")
+    frame["reviews"]["label"] = [5, 5]  # (a job's own copy: the next one gets the entry as read)
+    meta["m"].append(2)
+    frame, meta = store.read("ingest", "k")
+    assert frame["reviews"]["label"].tolist() == [0, 1] and meta == {"m": [1]}
+    shutil.rmtree(tmp_path / "vectorize" / "k")
+    store.write("vectorize", "k", {"x": np.arange(5)}, {"m": 2})  # rebuilt: read anew
+    assert store.read("vectorize", "k")[0]["x"].tolist() == list(range(5))
+    file = tmp_path / "vectorize" / "k" / "x.npy"
+    file.write_bytes(file.read_bytes()[:-10])
+    (tmp_path / "vectorize" / "k" / cache.MANIFEST).touch()  # (damaged, as anything that rewrites it would)
+    assert store.read("vectorize", "k") is None
 
 
 # -- reproducibility (the same numbers cold and warm: tests/test_entrypoints.py::test_python_m_pipeline) --

@@ -83,11 +83,13 @@ def test_grid_sweep_gives_one_parent_a_child_per_job_and_the_analysis(tiny_archi
     report = Path(MlflowClient(uri).download_artifacts(parent.info.run_id, "analysis/report.md", str(tmp_path))).read_text()
     assert "Validation loss is lowest at epoch" in report and "Early stopping" in report
     assert parent.data.tags["sweep.best_run"] in {c.info.run_id for c in children}
-    # a training per setting for both budgets (sweep.share_budgets); the data prepared once, by the first training
-    # (and the early-stopping reference from hidden_units=16's, not trained again: one training of it, 3 runs)
+    # a training per setting for both budgets (sweep.share_budgets); the data prepared once, at the sweep's start (its
+    # axes change no data setting), and read from the stage cache by every job (and the early-stopping reference
+    # from hidden_units=16's, not trained again: one training of it, 3 runs)
     shared = [{c.data.tags["pipeline.training"] for c in children if f"_units={u}," in c.info.run_name} for u in (4, 16)]
-    missed = {c.data.tags.get("pipeline.training") for c in children if c.data.tags["cache.vectorize"] == "miss"}
-    assert len(shared[0] | shared[1]) == 2 and missed in shared and "4 budgets recorded from 2 trainings" in report
+    assert len(shared[0] | shared[1]) == 2 and "4 budgets recorded from 2 trainings" in report
+    assert "ingest, split, vectorize: in a worker process while the sweep starts" in done.stdout + done.stderr
+    assert {c.data.tags["cache.ingest"] + c.data.tags["cache.vectorize"] for c in children} == {"hithit"}
     # every job's terminal is as calm as the first (Hydra sets up logging anew for each), each keeps its log
     assert done.stdout.count("ended FINISHED") == 5 and "[pipeline" not in done.stdout
     for child in children:

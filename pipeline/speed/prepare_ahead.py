@@ -13,6 +13,11 @@ the entry's by a second name (a hard link), not written twice. The worker is not
 vectorizing may start workers of its own (pipeline/chunks.py); it leaves once it has written, or is stopped when the
 run ends first (SIGTERM: it ends its own workers and removes an entry's unfinished copy on the way out); Ctrl-C is
 the run's (the worker ignores it).
+
+A sweep whose jobs all read the same data starts one such worker at its start (`warming`), while it opens its
+store and plans its jobs: it makes the data and writes the stage cache's entries, handing nothing over. The sweep's
+jobs then start no worker of their own: each reads the entries once TensorFlow has loaded (the first one waiting on
+their locks until they are written).
 """
 
 from __future__ import annotations
@@ -33,14 +38,17 @@ from pipeline.workers import end
 
 log = logging.getLogger(__name__)
 PREFIX = ".handover-"
+SWEEP_WORKER = "PIPELINE_SWEEP_DATA_WORKER"  # set while a sweep's data worker runs (warming): its process id
 SPILL = 256 << 20  # bytes of arrays above which they come back through files (the archive's are 77 MB)
 
 
 def can_start(cfg) -> bool:
     """Only worth it while TensorFlow is still to load, and only safe in a main module started with -m
-    (`python -m pipeline`, whose code is guarded): a spawned worker imports the main module again."""
+    (`python -m pipeline`, whose code is guarded): a spawned worker imports the main module again. Not in a job of a
+    sweep whose data worker makes its data (`warming`): the job reads it from the stage cache once TensorFlow has
+    loaded, rather than a second worker taking the cores the first one and TensorFlow's start need."""
     main = sys.modules["__main__"]
-    return ("build" in cfg.stages and "tensorflow" not in sys.modules
+    return ("build" in cfg.stages and "tensorflow" not in sys.modules and not os.environ.get(SWEEP_WORKER)
             and getattr(main, "__spec__", None) is not None and multiprocessing.parent_process() is None)
 
 
@@ -197,3 +205,67 @@ def started(cfg, prepare, step):
         stop()
         receive.close()
         shutil.rmtree(folder, ignore_errors=True)  # (handed over or not: a run that ends early leaves no copy)
+
+
+# The settings whose values the stage cache's entries depend on, as a sweep's axes name them (cache.py's keys): every
+# setting but these roots' and build's non-vectorizing ones
+NOT_DATA = ("fit", "evaluate", "tracking", "sweep", "verbose")
+
+
+def can_warm(cfg, axes, launcher: str) -> bool:
+    """Whether a sweep over `axes` (its swept keys or groups) launched by `launcher` (Hydra's _target_) gains from
+    making the data at its start: its jobs all read the data `cfg` (the sweep's own settings) reads, on this machine
+    (in this process or joblib's workers, not Ray's), through the stage cache."""
+    from pipeline.build import VECTORIZE_FIELDS
+
+    def data(key: str) -> bool:
+        root, _, rest = key.lstrip("+~").partition(".")
+        return not (root in NOT_DATA or (root == "build" and rest and rest not in (*VECTORIZE_FIELDS, "family")))
+
+    return (cfg.prepare_ahead and cfg.stage_cache and "ray" not in launcher.lower() and can_start(cfg)
+            and not any(data(key) for key in axes))
+
+
+def warm(prepare, cfg) -> None:
+    """In the sweep's data worker: `prepare(cfg, ...)`, its products kept in the stage cache, telling nothing (the
+    first job tells what it took; an error here is made again by the job, which says it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop)
+    logging.getLogger().addHandler(logging.NullHandler())  # (warnings: the job's to give)
+    from pipeline.speed import CACHED_STAGES, stage_cache
+    from pipeline.steps import Steps
+
+    try:
+        store = stage_cache(cfg)
+        if not all(store.entry(stage, store.key(stage)).exists() for stage in CACHED_STAGES):  # (kept: nothing to do)
+            prepare(cfg, Steps(cfg, store, tell=False))
+    except Exception:
+        pass
+
+
+def sweep_worker(cfg, axes, launcher: str, prepare):
+    """The sweep's data worker started, when it gains (can_warm); returns the function that stops it, or None."""
+    if not can_warm(cfg, axes, launcher):
+        return None
+    try:
+        return warming(cfg, prepare)
+    except Exception as error:  # (a speed mechanism: the first job makes the data itself)
+        log.warning("the sweep's data worker did not start (%s): the first job makes the data", error)
+        return None
+
+
+def warming(cfg, prepare):
+    """Start the sweep's data worker (its process id in SWEEP_WORKER, which the sweep's jobs inherit); returns the
+    function that stops it, if still working, at the sweep's end."""
+    worker = multiprocessing.get_context("spawn").Process(target=warm, args=(prepare, cfg), name="prepare-ahead-sweep")
+    worker.start()
+    os.environ[SWEEP_WORKER] = str(worker.pid)
+    log.info("ingest, split, vectorize: in a worker process while the sweep starts, unless the stage cache has them "
+             "(its jobs read them from there)")
+
+    def stop() -> None:
+        os.environ.pop(SWEEP_WORKER, None)
+        if worker.exitcode is None:
+            end(worker, grace=10.0)  # (SIGTERM: it removes an entry's unfinished copy on the way out)
+
+    return stop

@@ -97,6 +97,7 @@ class TrackedRun:
     of the sweep's parent). Each write to the store is held (SIGNALS.held): whole, or not at all."""
 
     first_in_process, start = True, None  # the first run of a process started with it; `start`: given (budgets.py)
+    code: dict[str, str] | None = None  # git_tags(), or given: a shared training's later budgets get the first's
 
     def __init__(self, cfg: config.PipelineConfig, seconds: dict[str, float] | None = None):
         self.cfg, self.run_id, self.experiment_id, self.run_name = cfg, None, None, None
@@ -238,7 +239,8 @@ class TrackedRun:
         self.journal.params(config.flatten(self.cfg))
         found = versions()
         tags = {f"version.{name.removesuffix('-cpu')}": version for name, version in found.items()}
-        self.journal.tags({"pipeline.stages": ",".join(self.cfg.stages), **git_tags(), **tags})
+        self.code = self.code if self.code is not None else git_tags()
+        self.journal.tags({"pipeline.stages": ",".join(self.cfg.stages), **self.code, **tags})
         self.journal.text(config.recorded_yaml(self.cfg), "config/config.yaml")
 
     @recorded

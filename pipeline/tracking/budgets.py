@@ -99,6 +99,7 @@ class SharedRuns:
         budgets = self.budgets_written
         run = TrackedRun(cfg, self.step.seconds if len(self.queue) == 1 and stopped is None else {})
         run.start = self.first.start if self.first else time.time()  # every budget's run starts with the training
+        run.code = self.first.code if self.first else None  # (the code that trains them all)
         run.__enter__()
         if self.first is None:
             self.first = run

@@ -37,7 +37,9 @@ class ReviewsDataset(MetaDataset):
 
     @property
     def profile(self) -> dict[str, int]:
-        return {"num_rows": sum(self._counts.values()), **{f"{k}_rows": v for k, v in self._counts.items()}}
+        """Its rows, and those of each of the source's own parts (`source_train_rows`: the part the validation rows
+        are held out of, not the run's param `data.train_rows`, what was left to train on)."""
+        return {"num_rows": sum(self._counts.values()), **{f"source_{k}_rows": v for k, v in self._counts.items()}}
 
     def to_dict(self) -> dict[str, str]:
         return {**super().to_dict(), "profile": json.dumps(self.profile)}

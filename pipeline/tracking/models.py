@@ -5,6 +5,7 @@ while it is lost, saved on disk and kept with the run's other writes (journal.py
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -21,7 +22,13 @@ INPUT_EXAMPLE = ["A moving story with wonderful acting; I would watch it again."
 
 
 def versions() -> dict[str, str]:
-    """Installed versions of what the run depends on (TensorFlow under whichever name it was installed)."""
+    """Installed versions of what the run depends on (TensorFlow under whichever name it was installed), as the process
+    first found them: the code it runs (a package upgraded meanwhile runs its old code until the process restarts)."""
+    return dict(_installed())
+
+
+@functools.cache
+def _installed() -> dict[str, str]:
     installed = {name: version for name in PACKAGES + ("tensorflow-cpu",) if (version := _version(name))}
     if "tensorflow-cpu" in installed:
         installed.pop("tensorflow", None)
