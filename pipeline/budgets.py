@@ -122,6 +122,9 @@ def plan(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], PipelineC
         before = [written for (_, (written, _)), was in zip(group, done) if was]
         if not missing:
             log.info("sweep: %sfit.epochs=%s finished before: not trained again", named, ",".join(budgets))
+        elif len(missing) == 1:  # (a resume: the others finished before)
+            log.info("sweep: %strains to %s epochs for fit.epochs=%s alone; fit.epochs=%s finished before", named,
+                     missing[0], next(w for (_, (w, _)), was in zip(group, done) if not was), ",".join(before))
         else:
             spared = sum(missing[:-1])
             log.info("sweep: %strains once, to %s epochs, for fit.epochs=%s, each recorded as its own run (%d epoch%s "

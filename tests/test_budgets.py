@@ -69,8 +69,7 @@ def test_jobs_that_differ_only_in_their_budget_share_one_training_unless_somethi
 
     # a resume: each line says what will be trained, for the budgets not finished before, as the job will find them
     for done, said in (({(4, 1), (4, 2), (8, 3)}, [
-            "build.hidden_units=4 trains once, to 3 epochs, for fit.epochs=3, each recorded as its own run (0 epochs not "
-            "repeated; sweep.share_budgets=false: each alone); fit.epochs=1,2 finished before",
+            "build.hidden_units=4 trains to 3 epochs for fit.epochs=3 alone; fit.epochs=1,2 finished before",
             "build.hidden_units=8 trains once, to 2 epochs, for fit.epochs=1,2, each recorded as its own run (1 epoch not "
             "repeated; sweep.share_budgets=false: each alone); fit.epochs=3 finished before"]),
             ({(8, 1), (8, 2), (8, 3)}, ["build.hidden_units=4 trains once, to 3 epochs, for fit.epochs=1,2,3,",
