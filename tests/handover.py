@@ -1,4 +1,4 @@
-"""What a data worker hands back in tests/test_reliability.py's handover test: arrays over prepare_ahead.SPILL,
+"""What a data worker hands back in tests/test_reliability.py's handover tests: arrays over prepare_ahead.SPILL,
 made in the worker (a module of its own, so that the spawned worker imports little), and kept in a stage cache
 whose write waits until the run took them."""
 
@@ -24,6 +24,11 @@ def arrays() -> Encoded:
 
 def big_data(cfg, step):
     return types.SimpleNamespace(encoded=step("vectorize", arrays))
+
+
+def slow_data(cfg, step):
+    """Data that takes a minute to make (a sweep's data worker still working when its sweep ends)."""
+    time.sleep(60)
 
 
 class GatedCache(StageCache):

@@ -21,7 +21,7 @@ from pipeline import fit
 from pipeline.speed import cache
 from pipeline.signals import SIGNALS
 from pipeline.train import train
-from tests.conftest import compose_config, tiny_overrides
+from tests.conftest import PROJECT, compose_config, tiny_overrides
 from tests.helpers import assert_every_epoch_recorded, created_store, environment, free_port, output, runs
 from tests.test_sweeps import multirun, sweep_runs
 
@@ -481,6 +481,19 @@ def test_big_arrays_come_back_from_the_data_worker_through_files_that_no_run_lea
             assert store.load("vectorize") is None and not list((tmp_path / "vectorize").glob("*"))
             with FileLock(tmp_path / ".locks" / "vectorize-handover.lock", timeout=5):
                 pass
+
+
+def test_a_sweep_that_ends_while_its_data_worker_works_ends_at_once_and_stops_it(tiny_archive, tmp_path):
+    """A sweep's data worker (prepare_ahead.warming) still making data when the process ends (an interrupted sweep's
+    driver) is stopped then: the process does not wait for it (multiprocessing's own handler would, to the end)."""
+    script = ("from pipeline.speed import prepare_ahead; from tests.conftest import compose_config; "
+              "from tests.handover import slow_data; "
+              f"prepare_ahead.warming(compose_config({tiny_overrides(tiny_archive, tmp_path)!r}), slow_data); "
+              "print('started', flush=True)")
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "started" in done.stdout, done.stderr
+    assert time.monotonic() - began < 30  # (the worker sleeps a minute)
 
 
 def test_truncated_cache_entry_is_rebuilt_not_used(tmp_path):

@@ -22,6 +22,7 @@ their locks until they are written).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import os
@@ -264,8 +265,12 @@ def warming(cfg, prepare):
              "(its jobs read them from there)")
 
     def stop() -> None:
+        atexit.unregister(stop)
         os.environ.pop(SWEEP_WORKER, None)
         if worker.exitcode is None:
             end(worker, grace=10.0)  # (SIGTERM: it removes an entry's unfinished copy on the way out)
 
+    # (at the process's end, before multiprocessing's own handler, registered with this first worker, which would wait
+    # for it to finish: a sweep interrupted as it starts ends at once)
+    atexit.register(stop)
     return stop
