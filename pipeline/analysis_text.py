@@ -55,7 +55,8 @@ def shared_trainings(table: pd.DataFrame) -> tuple[dict, list[str]]:
             ["", "## Shared trainings", "",
              f"- **{len(table)} budgets recorded from {own.nunique()} training{'s' * (own.nunique() != 1)}; {saved} of "
              f"{asked} epochs not repeated** (about {seconds:.0f} s of training, each epoch at the median epoch "
-             "time of its training's longest budget): the jobs of a setting that differ only in `fit.epochs` share a training, to the longest budget (a "
-             "resume trains again for the budgets still missing), and each budget is its own run with the numbers a "
+             "time of its training's longest budget): the jobs of a setting that differ only in `fit.epochs` share a "
+             "training, to the longest budget (a resume trains again for the budgets still missing), and each budget "
+             "is its own run with the numbers a "
              "training of that budget alone gives (its tag `pipeline.training` names the run the training started in; "
              "`sweep.share_budgets=false` trains each alone)."])

@@ -119,18 +119,18 @@ def plan(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], PipelineC
         longest = settings[-1]
         done = [finished(setting, job) for setting, job in zip(settings, each)]  # (as sweep_job will find them)
         missing = [budget for (budget, _), was in zip(group, done) if not was]
+        left = [written for (_, (written, _)), was in zip(group, done) if not was]  # (as written: the line's)
         before = [written for (_, (written, _)), was in zip(group, done) if was]
         if not missing:
             log.info("sweep: %sfit.epochs=%s finished before: not trained again", named, ",".join(budgets))
         elif len(missing) == 1:  # (a resume: the others finished before)
             log.info("sweep: %strains to %s epochs for fit.epochs=%s alone; fit.epochs=%s finished before", named,
-                     missing[0], next(w for (_, (w, _)), was in zip(group, done) if not was), ",".join(before))
+                     missing[0], left[0], ",".join(before))
         else:
             spared = sum(missing[:-1])
             log.info("sweep: %strains once, to %s epochs, for fit.epochs=%s, each recorded as its own run (%d epoch%s "
-                     "not repeated; sweep.share_budgets=false: each alone)%s", named, missing[-1],
-                     ",".join(w for (_, (w, _)), was in zip(group, done) if not was), spared, "s" * (spared != 1),
-                     f"; fit.epochs={','.join(before)} finished before" if before else "")
+                     "not repeated; sweep.share_budgets=false: each alone)%s", named, missing[-1], ",".join(left),
+                     spared, "s" * (spared != 1), f"; fit.epochs={','.join(before)} finished before" if before else "")
         launched.append([*each[-1], f"+hydra.job.env_set.{BUDGETS}='{','.join(budgets)}'"])
         if reference is not None and missing and missing[-1] == group[-1][0] and records(longest, reference):
             log.info("sweep: %salso records the early-stopping reference job from its training (at most %d epochs)",

@@ -128,8 +128,7 @@ class StageCache:
             identity = _identity(folder / MANIFEST)
             last = LAST.get(stage)
             if last is not None and last[:2] == (folder, identity):  # (read before, in this process: unchanged since)
-                return {name: value.copy(deep=False) if isinstance(value, pd.DataFrame) else value
-                        for name, value in last[2].items()}, json.loads(last[3])
+                return _own(last[2]), json.loads(last[3])
             manifest = json.loads((folder / MANIFEST).read_text())
             arrays = {}
             for name, info in manifest["files"].items():
@@ -143,8 +142,7 @@ class StageCache:
                     if isinstance(value, np.ndarray):
                         value.flags.writeable = False
                 LAST[stage] = (folder, identity, arrays, json.dumps(manifest["meta"]))
-                arrays = {name: value.copy(deep=False) if isinstance(value, pd.DataFrame) else value
-                          for name, value in arrays.items()}
+                arrays = _own(arrays)
             return arrays, manifest["meta"]
         except (OSError, ValueError, KeyError) as error:
             log.warning("%s: cache entry %s is damaged (%s); rebuilding it", stage, folder, error)
@@ -177,6 +175,20 @@ class StageCache:
                 pass
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _own(arrays: dict[str, Any]) -> dict[str, Any]:
+    """A job's own view of arrays kept for the next: each table a copy of its frame (its columns the job's to set), the
+    read-only arrays as they are."""
+    return {name: value.copy(deep=False) if isinstance(value, pd.DataFrame) else value for name, value in arrays.items()}
+
+
+def changes_data(key: str) -> bool:
+    """Whether a setting named as a sweep's axis (a dotted key or a config group) can change an entry's key (key()):
+    every one but the fit's, evaluation's, tracking's and sweep's, `verbose`, and build's non-vectorizing keys."""
+    root, _, rest = key.lstrip("+~").partition(".")
+    return not (root in ("fit", "evaluate", "tracking", "sweep", "verbose")
+                or (root == "build" and rest and rest not in (*build.VECTORIZE_FIELDS, "family")))
 
 
 def _identity(path: Path) -> tuple:

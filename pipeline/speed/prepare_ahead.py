@@ -208,23 +208,15 @@ def started(cfg, prepare, step):
         shutil.rmtree(folder, ignore_errors=True)  # (handed over or not: a run that ends early leaves no copy)
 
 
-# The settings whose values the stage cache's entries depend on, as a sweep's axes name them (cache.py's keys): every
-# setting but these roots' and build's non-vectorizing ones
-NOT_DATA = ("fit", "evaluate", "tracking", "sweep", "verbose")
-
-
 def can_warm(cfg, axes, launcher: str) -> bool:
     """Whether a sweep over `axes` (its swept keys or groups) launched by `launcher` (Hydra's _target_) gains from
     making the data at its start: its jobs all read the data `cfg` (the sweep's own settings) reads, on this machine
     (in this process or joblib's workers, not Ray's), through the stage cache."""
-    from pipeline.build import VECTORIZE_FIELDS
+    if not cfg.stage_cache or "ray" in launcher.lower() or not can_start(cfg):
+        return False
+    from pipeline.speed.cache import changes_data
 
-    def data(key: str) -> bool:
-        root, _, rest = key.lstrip("+~").partition(".")
-        return not (root in NOT_DATA or (root == "build" and rest and rest not in (*VECTORIZE_FIELDS, "family")))
-
-    return (cfg.prepare_ahead and cfg.stage_cache and "ray" not in launcher.lower() and can_start(cfg)
-            and not any(data(key) for key in axes))
+    return not any(changes_data(key) for key in axes)
 
 
 def warm(prepare, cfg) -> None:
