@@ -110,7 +110,7 @@ def fresh_page(page, width: int = 1600):
 
 def shows_the_runs_table(page, experiment_id: str, parent_name: str) -> None:
     """The experiment's runs table, as Model training shows it: the single run and the sweep's parent,
-    its children folded. MLflow 3.17 opens an experiment on its GenAI Overview unless asked otherwise."""
+    its children folded. MLflow 3.18 opens an experiment on its GenAI Overview unless asked otherwise."""
     page.wait_for_url(re.compile(rf"#/experiments/{experiment_id}/(runs|overview)"))
     assert re.search(rf"#/experiments/{experiment_id}/runs\?workflowType=machine_learning", page.url), page.url
     page.get_by_text(parent_name, exact=True).wait_for()
@@ -223,7 +223,7 @@ def row_of(page, name: str) -> str:
 
 def test_the_models_tab_names_each_checkpoint_and_shows_its_own_epochs_values(browser_page):
     """A row per LoggedModel (the single run's and the sweep's, best and last each), named by role, epoch and
-    run, its metric columns that model's (MLflow 3.17 shows a model's first point of a key: a whole linked
+    run, its metric columns that model's (MLflow 3.18 shows a model's first point of a key: a whole linked
     curve showed epoch 1's loss beside the last epoch's model); the run page's logged models and the model's
     own page likewise."""
     url, shared = browser_page

@@ -344,5 +344,5 @@ def caller_as_parent(client: mlflow.MlflowClient, stack: list) -> dict[str, str]
 
 
 def active_runs() -> list:
-    """MLflow's fluent stack of this thread's active runs (MLflow 3.17: a thread-local list; no public handle)."""
+    """MLflow's fluent stack of this thread's active runs (MLflow 3.18: a thread-local list; no public handle)."""
     return fluent._active_run_stack.get()

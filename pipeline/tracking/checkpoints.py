@@ -25,7 +25,7 @@ from pipeline.tracking.epochs import CURVES
 log = logging.getLogger(__name__)
 LINKED = CURVES  # the per-epoch curves linked to a checkpoint, at its epoch (epoch_seconds: of the run, not the model)
 MLMODEL = "MLmodel"  # an MLflow model's description file
-NOT_IN_NAMES = str.maketrans({c: "_" for c in "/:.%\"'"})  # what MLflow 3.17 refuses in a LoggedModel's name
+NOT_IN_NAMES = str.maketrans({c: "_" for c in "/:.%\"'"})  # what MLflow 3.18 refuses in a LoggedModel's name
 
 
 @SIGNALS.held()

@@ -18,7 +18,7 @@ from pipeline import config
 from pipeline.config import redact
 
 
-# What MLflow 3.17's client opens (mlflow/tracking/_tracking_service/utils.py): servers, and SQLAlchemy's databases
+# What MLflow 3.18's client opens (mlflow/tracking/_tracking_service/utils.py): servers, and SQLAlchemy's databases
 # (a dialect may name its driver: postgresql+psycopg2). `file:` and plain folders: refused unless MLFLOW_ALLOW_FILE_STORE.
 SERVERS, DATABASES, HOSTED = ("http", "https"), ("sqlite", "postgresql", "mysql", "mssql"), ("databricks", "databricks-uc", "uc")
 FIX = "use sqlite:///mlflow.db (a file here), sqlite:////<folder>/mlflow.db, http(s)://<server> or postgresql://..."
@@ -93,7 +93,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> str:
 
 
 def ui_links(uri: str, experiment_id: str, run_id: str) -> str:
-    """Where MLflow's UI shows the run and its experiment's runs table. MLflow 3.17's UI opens an experiment
+    """Where MLflow's UI shows the run and its experiment's runs table. MLflow 3.18's UI opens an experiment
     on its GenAI pages unless the browser chose "Model training" or the URL asks for it, as these do."""
     if uri.startswith("sqlite:"):  # `mlflow ui` serves it at its default address
         base, head = "http://127.0.0.1:5000", f"See it: mlflow ui --backend-store-uri {shlex.quote(uri)}, then open"
