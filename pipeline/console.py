@@ -11,7 +11,6 @@ make it (their C/C++ lines are then on the terminal only; the log keeps every lo
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import sys
@@ -46,14 +45,15 @@ def calm(record: logging.LogRecord) -> bool:
 
 class Console:
     def __init__(self) -> None:
-        self.path: str | None = None
+        self.reader = None  # the log, read back (binary); None until install
 
     def install(self, verbose: bool) -> None:
         """The log file and standard error once a process (the first job's `verbose` decides); the log
         handlers at every job, as Hydra sets up logging anew for each job of a sweep."""
-        if self.path is None:
-            handle, self.path = tempfile.mkstemp(prefix="pipeline-", suffix=".log")
-            atexit.register(os.unlink, self.path)  # each run has kept its part
+        if self.reader is None:
+            handle, path = tempfile.mkstemp(prefix="pipeline-", suffix=".log")
+            self.reader = open(path, "rb")  # (what each run keeps of it: since)
+            os.unlink(path)  # nameless: nothing is left behind, however the process ends (each run has kept its part)
             self.full = os.fdopen(handle, "a", buffering=1, encoding="utf-8", errors="replace")
             self.handler = logging.StreamHandler(self.full)
             self.handler.setFormatter(logging.Formatter(FULL))
@@ -75,20 +75,19 @@ class Console:
 
     def keep(self, text: str) -> None:
         """Into the log only (the traceback of a run that failed or was interrupted: its terminal is spared it)."""
-        if self.path is not None:
+        if self.reader is not None:
             self.full.write(text)
 
     def offset(self) -> int:
         """Where the log ends now: a run keeps the log from here."""
-        return os.path.getsize(self.path) if self.path else 0
+        return os.fstat(self.reader.fileno()).st_size if self.reader else 0
 
     def since(self, offset: int) -> str | None:
-        if self.path is None:
+        if self.reader is None:
             return None
         sys.stderr.flush()
-        with open(self.path, encoding="utf-8", errors="replace") as handle:
-            handle.seek(offset)
-            return handle.read()
+        self.reader.seek(offset)
+        return self.reader.read().decode("utf-8", errors="replace")
 
 
 def stage(name: str, seconds: float | None, detail: str = "") -> None:

@@ -172,9 +172,11 @@ def _start_training(tiny_archive, folder: Path) -> tuple[subprocess.Popen, Mlflo
     overrides = tiny_overrides(tiny_archive, folder) + ["fit.epochs=100000", f"hydra.run.dir={folder / 'out'}"]
     client = created_store(uri)
     printed = folder / "printed.txt"
+    (folder / "tmp").mkdir()  # its temporary files: none may be left behind, however it ends
     with open(printed, "w") as terminal:
-        process = subprocess.Popen([sys.executable, "-m", "pipeline", *overrides], cwd=folder,
-                                   env=environment(PYTHONUNBUFFERED="1"), stdout=terminal, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, "-m", "pipeline", *overrides], cwd=folder, stdout=terminal,
+                                   env=environment(PYTHONUNBUFFERED="1", TMPDIR=str(folder / "tmp")),
+                                   stderr=subprocess.STDOUT)
     return process, client, uri, printed
 
 
@@ -248,6 +250,8 @@ def test_a_run_stopped_mid_fit_by_ctrl_c_sigterm_or_sigkill_ends_killed_with_its
     assert shown >= 3 and len(points) >= shown  # every epoch the terminal printed (and the one in flight, if told)
     # the end is the last moment the process was known alive, its last epoch, not when the watchdog noticed
     assert points[-1].timestamp <= run.info.end_time <= killed * 1000
+    for way in ways:  # the process's log (each run keeps its part as logs/run.log) has no name to leave behind
+        assert not list((tmp_path / way / "tmp").glob("pipeline-*.log")), way
 
 
 def test_logged_model_is_served_over_rest(tiny_archive, tmp_path):
