@@ -11,11 +11,14 @@ make it (their C/C++ lines are then on the terminal only; the log keeps every lo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import tempfile
+import threading
 import time
+from typing import Iterator
 
 log = logging.getLogger("pipeline")
 FULL = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
@@ -46,6 +49,7 @@ def calm(record: logging.LogRecord) -> bool:
 class Console:
     def __init__(self) -> None:
         self.reader = None  # the log, read back (binary); None until install
+        self.diverted: dict[int, list[str]] = {}  # a thread's records kept apart from the log (divert), by thread
 
     def install(self, verbose: bool) -> None:
         """The log file and standard error once a process (the first job's `verbose` decides); the log
@@ -57,6 +61,7 @@ class Console:
             self.full = os.fdopen(handle, "a", buffering=1, encoding="utf-8", errors="replace")
             self.handler = logging.StreamHandler(self.full)
             self.handler.setFormatter(logging.Formatter(FULL))
+            self.handler.addFilter(self._into_the_log)
             self.verbose = verbose
             logging.captureWarnings(True)  # Python's warnings as log records: to the log, not the terminal
             if not verbose:
@@ -82,12 +87,35 @@ class Console:
         """Where the log ends now: a run keeps the log from here."""
         return os.fstat(self.reader.fileno()).st_size if self.reader else 0
 
-    def since(self, offset: int) -> str | None:
+    def since(self, offset: int, until: int | None = None) -> str | None:
+        """The log from `offset` (to `until`, else its end); None where no log is kept (a notebook)."""
         if self.reader is None:
             return None
         sys.stderr.flush()
-        self.reader.seek(offset)
-        return self.reader.read().decode("utf-8", errors="replace")
+        end = os.fstat(self.reader.fileno()).st_size if until is None else until
+        parts = []  # (pread: no shared position, as runs on two threads read it)
+        while offset < end and (part := os.pread(self.reader.fileno(), end - offset, offset)):
+            parts.append(part)
+            offset += len(part)
+        return b"".join(parts).decode("utf-8", errors="replace")
+
+    @contextlib.contextmanager
+    def divert(self, lines: list[str]) -> Iterator[list[str]]:
+        """Inside, this thread's log records go into `lines` (as the log writes them), not into the process's log:
+        a budget recorded beside its training keeps its record's lines in its own log, and out of the others'."""
+        thread = threading.get_ident()
+        self.diverted[thread] = lines
+        try:
+            yield lines
+        finally:
+            del self.diverted[thread]
+
+    def _into_the_log(self, record: logging.LogRecord) -> bool:
+        lines = self.diverted.get(record.thread)
+        if lines is None:
+            return True
+        lines.append(self.handler.format(record) + "\n")
+        return False
 
 
 def stage(name: str, seconds: float | None, detail: str = "") -> None:

@@ -94,7 +94,16 @@ def test_grid_sweep_gives_one_parent_a_child_per_job_and_the_analysis(tiny_archi
     assert done.stdout.count("ended FINISHED") == 5 and "[pipeline" not in done.stdout
     for child in children:
         kept = Path(MlflowClient(uri).download_artifacts(child.info.run_id, "logs/run.log", str(tmp_path / child.info.run_id)))
-        assert f"MLflow run {child.info.run_id} ({child.info.run_name})" in kept.read_text()
+        text = kept.read_text()
+        assert f"MLflow run {child.info.run_id} ({child.info.run_name})" in text
+        # a budget's log: the training's lines until training reached it, then its own record's, no other budget's
+        evaluated = [line for line in text.splitlines() if "][pipeline][INFO] - evaluate " in line]
+        assert len(evaluated) == 1, (child.info.run_name, evaluated)
+        last = int(child.data.metrics["epochs_trained"])
+        assert f"last (epoch {last})" in evaluated[0] or f"one model (epoch {last})" in evaluated[0] or \
+            child.info.run_name.startswith("early_stopping"), evaluated
+        if child.info.run_name.endswith("epochs=2"):  # (the 3-epoch budget's run opened after training reached it)
+            assert f"({child.info.run_name[:-1]}3)" not in text
 
     # the analysis runs again on its own for a finished sweep
     again = subprocess.run([sys.executable, "-m", "pipeline.sweep", parent.info.run_id, "--tracking-uri", uri],

@@ -98,6 +98,8 @@ class TrackedRun:
 
     first_in_process, start = True, None  # the first run of a process started with it; `start`: given (budgets.py)
     code: dict[str, str] | None = None  # git_tags(), or given: a shared training's later budgets get the first's
+    # its logs/run.log: the process's log from log_from (to log_until: a budget's end), then log_own (budgets.py)
+    log_from, log_until, log_own = 0, None, ()
 
     def __init__(self, cfg: config.PipelineConfig, seconds: dict[str, float] | None = None):
         self.cfg, self.run_id, self.experiment_id, self.run_name = cfg, None, None, None
@@ -216,8 +218,8 @@ class TrackedRun:
             CONSOLE.keep("".join(traceback.format_exception(error)))
         try:
             self.journal.tags({f"seconds.{stage}": f"{value:.2f}" for stage, value in self.seconds.items()})
-            if (full := CONSOLE.since(self.log_from)) is not None:
-                self.journal.text(full, "logs/run.log")
+            if (full := CONSOLE.since(self.log_from, self.log_until)) is not None:
+                self.journal.text(full + "".join(self.log_own), "logs/run.log")
         except Exception as failure:  # the seconds and log are a record of the run; its end matters more
             log.warning("could not keep the run's seconds and log (%s)", failure)
         if status == "FAILED":

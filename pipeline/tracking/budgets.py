@@ -32,6 +32,7 @@ import tempfile
 import time
 
 from pipeline.config import PipelineConfig
+from pipeline.console import CONSOLE
 from pipeline.signals import SIGNALS
 from pipeline.tracking import TrackedRun, active_runs, forget_active_run
 from pipeline.tracking.recorder import Recorder, state_of
@@ -188,6 +189,7 @@ class SharedRuns:
             with SIGNALS.held():  # the budget's run handed to the recorder, and the next budget's opened, or neither
                 self.queue.pop(0)  # (from here on a failure is the later budgets')
                 self.run = None
+                run.log_until = CONSOLE.offset()  # its log: the training's until here, then its record's lines
                 forget_active_run(run.run_id)  # (MLflow's active run here: the next budget's)
                 self._open()
                 self._submit(run, cfg, fitted, state, began, record)
@@ -211,6 +213,7 @@ class SharedRuns:
         try:
             with SIGNALS.held():
                 run = self._start(cfg, stopped=len(fitted.history))
+                run.log_until = CONSOLE.offset()  # (its log: the training's until its run opened, then its record's)
                 forget_active_run(run.run_id)
                 self._submit(run, cfg, fitted, state, began, record)
         finally:

@@ -32,6 +32,13 @@ class Recorder:
 
     def _record(self, run, state, step, seconds: dict, work: Callable) -> tuple[str | None, BaseException | None]:
         """On the thread: (what run.end() kept, the failure or None)."""
+        from pipeline.console import CONSOLE
+
+        run.log_own = list(run.log_own)  # (this record's lines: its run's log keeps them, the training's log does not)
+        with CONSOLE.divert(run.log_own):
+            return self._recorded(run, state, step, seconds, work)
+
+    def _recorded(self, run, state, step, seconds: dict, work: Callable) -> tuple[str | None, BaseException | None]:
         import mlflow
 
         from pipeline.tracking import forget_active_run, journal
