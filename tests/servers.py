@@ -48,6 +48,11 @@ def running(args: list[str], cwd: Path, health: str, **env: str):
             process.kill()
 
 
+# docs/serving.md's team server: the pipeline uses none of the server's own jobs (GenAI evaluations, scorers), so
+# it starts without their job runner and consumer processes
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 @contextlib.contextmanager
 def tracking_server(folder: Path, backend: str | None = None, app_name: str | None = None, **env: str):
     """`mlflow server` on loopback, serving artifacts itself (the documented team setup; SQLite unless
@@ -55,7 +60,8 @@ def tracking_server(folder: Path, backend: str | None = None, app_name: str | No
     port = free_port()
     if app_name == "basic-auth" and "MLFLOW_AUTH_CONFIG_PATH" not in env:
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config(folder))
-    with running(server_command(folder, port, backend, app_name), folder, f"http://127.0.0.1:{port}/health", **env):
+    with running(server_command(folder, port, backend, app_name), folder, f"http://127.0.0.1:{port}/health",
+                 **SERVER_ENV, **env):
         yield f"http://127.0.0.1:{port}"
 
 

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import tiny_overrides
 from tests.helpers import check_complete_run, created_store, environment, free_port, runs
-from tests.servers import server_command
+from tests.servers import SERVER_ENV, server_command
 
 LOST = "does not answer"
 
@@ -38,7 +38,7 @@ class Server:
             # which on a busy machine can keep a server from ever answering
             command = server_command(self.folder, self.port)
             command[command.index("--workers") + 1] = "1"
-            self.process = subprocess.Popen(command, cwd=self.folder, env=environment(), stdout=log,
+            self.process = subprocess.Popen(command, cwd=self.folder, env=environment(**SERVER_ENV), stdout=log,
                                             stderr=subprocess.STDOUT)
         return self
 

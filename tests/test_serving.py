@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from pipeline.train import train
 from tests.conftest import compose_config, tiny_overrides
 from tests.helpers import assert_every_epoch_recorded, environment, free_port, output, post, runs
-from tests.servers import model_server, postgresql, running, server_command, tracking_server
+from tests.servers import SERVER_ENV, model_server, postgresql, running, server_command, tracking_server
 
 REVIEWS = ["Superb, brilliant and moving.", "Awful, boring, the worst.", "A film, with a plot."]
 
@@ -165,12 +165,12 @@ def test_a_team_server_on_sqlite_restarted_mid_sweep_keeps_every_child_and_serve
     server = f"http://127.0.0.1:{port}"
     args = server_command(tmp_path, port)
     overrides = [o for o in tiny_overrides(tiny_archive, tmp_path, made_store=False) if not o.startswith("tracking.uri")]
-    with running(args, tmp_path, f"{server}/health"):
+    with running(args, tmp_path, f"{server}/health", **SERVER_ENV):
         # 40 and 60 epochs: a job is still writing its epochs when the server goes down
         sweep = team_sweep(overrides, tmp_path, server, "40,60")
         until_a_job_writes_epochs(server, sweep)
     time.sleep(5)  # the server is down: the jobs' requests fail and are retried
-    with running(args, tmp_path, f"{server}/health"):
+    with running(args, tmp_path, f"{server}/health", **SERVER_ENV):
         finished(sweep, tmp_path)
         check_team_sweep(server, tmp_path)
 
