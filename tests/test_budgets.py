@@ -230,10 +230,16 @@ def test_an_interrupt_while_budgets_wait_for_their_record_records_each_whole_and
 
     def slow(model, data, fitted, *args, **kwargs):
         if len(fitted.history) == 1:  # (on the recorder's thread: training goes on, and reaches budgets 2 and 3)
-            time.sleep(0.5)
+            client, deadline = MlflowClient(cfg.tracking.uri), time.monotonic() + 120
+            while not client.search_runs([fitted_experiment(client)], "attributes.run_name = 'epochs=400'"):
+                assert time.monotonic() < deadline, "training did not reach budget 3 in 120 s"
+                time.sleep(0.05)  # (until the longest budget's run is open: budgets 2 and 3 wait behind this record)
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1.5)  # (three redeliveries' time)
         return checkpoints(model, data, fitted, *args, **kwargs)
+
+    def fitted_experiment(client) -> str:
+        return client.get_experiment_by_name("imdb-sentiment").experiment_id
 
     monkeypatch.setattr(evaluate, "checkpoints", slow)
 
