@@ -53,7 +53,9 @@ try:
 
     from pipeline import budgets, config, search
     from pipeline.console import CONSOLE
-except KeyboardInterrupt as interrupt:  # a Ctrl-C while the libraries load
+except BaseException as error:  # a Ctrl-C while the libraries load (C code may turn it into an error of its own)
+    if (interrupt := SIGNALS.behind(error)) is None:
+        raise
     stopped(interrupt)
 
 config.register()
@@ -132,10 +134,14 @@ if __name__ == "__main__":
     sys.argv = expand_overrides(sys.argv)
     try:
         main()
-    except KeyboardInterrupt as interrupt:
+    except BaseException as error:  # (an interrupt, or an error C code made of one: SIGNALS.behind)
+        if (interrupt := SIGNALS.behind(error)) is not None:
+            stopped(interrupt)
+        if not isinstance(error, USER_ERRORS):
+            raise
+        FAILED.append(error)  # a config error, found before the job
+    if FAILED and (interrupt := SIGNALS.behind(FAILED[0])) is not None:
         stopped(interrupt)
-    except USER_ERRORS as error:  # a config error, found before the job
-        FAILED.append(error)
     if FAILED:
         report(FAILED[0])
         sys.exit(1)

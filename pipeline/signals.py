@@ -6,7 +6,8 @@ exception in the middle of a write could leave the store unable to record the en
 
 A raised Interrupted can be lost: inside a finalizer Python drops it (printing "Exception ignored", which
 the sys.unraisablehook installed here keeps quiet), and C code that calls back into Python (a dict lookup
-calling __eq__, an attribute check) may clear it. So a signal is sent again every REDELIVERY seconds,
+calling __eq__, an attribute check) may clear it, or turn it into an error of its own (`behind` finds the
+signal behind such an error). So a signal is sent again every REDELIVERY seconds,
 by a thread of its own, until a run has ended on it or `held` raised it (`ended`): a SIGTERM never leaves
 training running.
 
@@ -77,6 +78,18 @@ class Signals:
             yield self
         finally:
             self.uninstall()
+
+    def behind(self, error: BaseException) -> KeyboardInterrupt | None:
+        """The interrupt behind `error`, if any: `error` itself, or the signal received and not yet acted on when
+        another error came. C code that calls back into Python may turn the Interrupted raised inside into an
+        error of its own (pydantic building a model's validator, as MLflow imports, raises a SchemaError)."""
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        if self.received is not None and isinstance(error, Exception):
+            interrupt = Interrupted(self.received)
+            interrupt.__context__ = error
+            return interrupt
+        return None
 
     def ended(self) -> None:
         """A run has ended KILLED on the signal: it was not lost, and is not sent again."""

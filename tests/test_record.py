@@ -4,6 +4,7 @@ the serving check, and the speed switches (each gives the same numbers off as on
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import tiny_overrides
-from tests.helpers import created_store, environment, output, runs
+from tests.helpers import PROJECT, created_store, environment, output, runs
 
 pytestmark = pytest.mark.slow
 FINISHED_EPOCH = re.compile(r"^\d+/\d+ - .*val_loss: ", re.MULTILINE)  # Keras's line for an epoch that ended
@@ -92,6 +93,41 @@ def test_an_interrupt_in_the_first_seconds_stops_at_once_with_one_line(tiny_arch
     assert printed.rstrip().splitlines()[-1] == (
         f"MLflow run {frame.run_id[0]} ended KILLED ({name}), {recorded} epoch{'s' * (recorded != 1)} kept")
     assert acted < 10, acted  # (within a second on a quiet machine; this bound is for a loaded one)
+
+
+# As a module first loads, a Ctrl-C arrives, and the code that loads it turns the interrupt into an error of its
+# own: what pydantic's validator builder does (a SchemaError) while MLflow 3.18 imports its judges' models.
+CONVERTING_IMPORT = """
+import os, signal, sys, time
+
+class Converting:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(30)
+            except KeyboardInterrupt:
+                raise ValueError("Error building validator: Interrupted: SIGINT") from None
+        return None
+
+sys.meta_path.insert(0, Converting())
+"""
+
+
+@pytest.mark.parametrize("module", ["hydra", "mlflow"])
+def test_an_interrupt_that_a_library_turns_into_an_error_still_stops_with_one_line(tiny_archive, tmp_path, module):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(CONVERTING_IMPORT.format(module=module))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    created_store(uri)
+    done = subprocess.run(command(tmp_path, tiny_archive), cwd=tmp_path, env=environment(PYTHONPATH=f"{hook}{os.pathsep}{PROJECT}"),
+                          capture_output=True, text=True, timeout=300)
+    printed = done.stdout + done.stderr
+    assert done.returncode == 130 and "Traceback" not in printed, printed[-3000:]
+    assert printed.rstrip().splitlines()[-1] == "SIGINT: stopped before a run was recorded", printed[-3000:]
+    assert runs(uri).empty
 
 
 def test_the_logged_model_passes_mlflows_serving_check(tiny_run, tmp_path):

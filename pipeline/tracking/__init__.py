@@ -158,11 +158,18 @@ class TrackedRun:
         return self
 
     def __exit__(self, kind, error, tb) -> bool:
+        converted = SIGNALS.behind(error) if error is not None else None
+        if converted is error:
+            converted = None
+        elif converted is not None:  # an interrupt that C code turned into an error of its own: KILLED
+            kind, error = type(converted), converted
         try:
             kept = self.end(kind, error)
         finally:
             self.release()
         self.report(kind, kept)
+        if converted is not None:
+            raise converted  # the program stops on the signal, as on any interrupt
         return False  # a failing or interrupted run: its own exception propagates
 
     def end(self, kind=None, error=None) -> str | None:
