@@ -202,8 +202,10 @@ def test_a_budget_whose_record_fails_fails_the_training_and_every_later_budget(t
         train(at(4), budgets=[at(1), at(2), at(3)])
     client = MlflowClient(cfg.tracking.uri)
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("imdb-sentiment").experiment_id])}
-    # (budget 4 never opened: in a sweep it is recorded FAILED too, as a child of the sweep's run)
-    assert sorted(runs) == ["epochs=1", "epochs=2", "epochs=3"]
+    # the budgets opened by the time training heard of it (at budget 2 at the soonest: budget 2's run opens as budget
+    # 1's record begins); in a sweep the others are recorded FAILED too, as children of the sweep's run
+    opened = sorted(runs)
+    assert opened[:2] == ["epochs=1", "epochs=2"] and opened == [f"epochs={n}" for n in range(1, len(opened) + 1)]
     for name, run in runs.items():
         assert run.info.status == "FAILED", (name, run.info.status)
         assert "ArithmeticError: the first budget's evaluation failed" in run.data.tags["error"], name
@@ -253,6 +255,77 @@ def test_an_interrupt_while_budgets_wait_for_their_record_records_each_whole_and
     assert {name: run.info.status for name, run in runs.items()} == {
         "epochs=1": "FINISHED", "epochs=2": "FINISHED", "epochs=3": "FINISHED", "epochs=400": "KILLED"}
     assert max(runs[f"epochs={b}"].info.end_time for b in (1, 2, 3)) <= runs["epochs=400"].info.end_time
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["interrupted", "failed"])
+def test_the_next_budgets_run_opens_beside_the_training_and_an_interrupt_or_failure_there_leaves_the_record_true(
+        tiny_run, tmp_path, monkeypatch, what):
+    """The next budget's run opens on a thread of its own while training goes on (tracking/budgets.py). Its open is
+    slow here. A Ctrl-C as it opens: the open finishes, and the run ends KILLED with every epoch trained (those that
+    ended while it opened included), after the budget before it FINISHED. An open that fails after its run was
+    created: the training fails with it, that run is FAILED once (not recorded FAILED again as a budget not
+    reached), and, in a sweep, each later budget has its FAILED child."""
+    import os
+    import signal
+    import time
+
+    import mlflow
+
+    from pipeline.config import EXPERIMENT, PARENT_RUN
+    from pipeline.signals import SIGNALS
+    from pipeline.tracking import TrackedRun
+    from pipeline.tracking.budgets import SharedRuns
+    from pipeline.train import train
+
+    cfg = replace(tiny_run[0], tracking=replace(tiny_run[0].tracking, uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.create_experiment("imdb-sentiment", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(experiment, run_name="the sweep")
+    monkeypatch.setenv(EXPERIMENT, experiment)
+    monkeypatch.setenv(PARENT_RUN, parent.info.run_id)  # (as a sweep's job: its runs are the sweep's children)
+    found = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(None)  # (a job's store is the variable's; an earlier test set one in this process)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking.uri)
+    setup, record, trained = TrackedRun._record_setup, SharedRuns.record, []
+
+    def slow_setup(run):
+        setup(run)
+        if run.cfg.tracking.run_name == "epochs=2":  # (on the opener's thread, its run created)
+            if what == "failed":
+                raise ConnectionError("the store went away as budget 2's run opened")
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.5)  # (training goes on meanwhile, and the signal is sent again, while the run opens)
+
+    def counted(shared, epoch, values):
+        trained.append(epoch)
+        return record(shared, epoch, values)
+
+    monkeypatch.setattr(TrackedRun, "_record_setup", slow_setup)
+    monkeypatch.setattr(SharedRuns, "record", counted)
+
+    def at(epochs: int):
+        return replace(cfg, fit=replace(cfg.fit, epochs=epochs), tracking=replace(cfg.tracking, run_name=f"epochs={epochs}"))
+
+    try:
+        with SIGNALS.installed(), pytest.raises(KeyboardInterrupt if what == "interrupted" else ConnectionError):
+            train(at(400), budgets=[at(1), at(2), at(3)])
+    finally:
+        mlflow.set_tracking_uri(found)
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    names = sorted(run.info.run_name for run in children)
+    statuses = {run.info.run_name: run.info.status for run in children}
+    if what == "interrupted":
+        assert statuses == {"epochs=1": "FINISHED", "epochs=2": "KILLED"}, statuses  # (the later ones: not reached)
+        killed = next(run for run in children if run.info.run_name == "epochs=2")
+        steps = sorted(point.step for point in client.get_metric_history(killed.info.run_id, "val_loss"))
+        assert steps == trained == list(range(1, len(trained) + 1)) and len(trained) >= 1, (steps, trained)
+    else:
+        assert names == ["epochs=1", "epochs=2", "epochs=3", "epochs=400"], names  # each once
+        assert statuses == {"epochs=1": "FINISHED", "epochs=2": "FAILED", "epochs=3": "FAILED",
+                            "epochs=400": "FAILED"}, statuses
+        assert all("the store went away" in run.data.tags["error"] for run in children
+                   if run.info.run_name != "epochs=1")
 
 
 def test_the_report_says_how_many_trainings_the_budgets_were_recorded_from():

@@ -191,6 +191,17 @@ class TrackedRun:
                         f"write it with:\npython -m pipeline.replay {shlex.quote(str(self.journal.folder))}")
         return None
 
+    def activate(self) -> None:
+        """The run MLflow's active run on this thread (what mlflow.pyfunc.log_model logs into): a run recorded on
+        another thread than the one that opened it (budgets.py). Not while the server is lost (the journal keeps)."""
+        if self.journal.live:
+            try:
+                mlflow.start_run(run_id=self.run_id, nested=True)
+            except Exception as error:
+                if not journal.lost(error):
+                    raise
+                self.journal.lose(error)
+
     def release(self, restore: bool = True) -> None:
         """The run's helpers gone (its journal's prober, its watchdog), and, with `restore`, what the run changed in
         the process put back: MLflow's tracking URI, experiment and environment variables as the run found them."""

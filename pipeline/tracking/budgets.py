@@ -7,6 +7,11 @@ the budget and that epoch's weights, the model at the budget's last epoch), its 
 (train.record), and ends FINISHED; the next budget's run opens with the same start, setup and the epochs so far
 (each at the moment it ended), and training goes on. The longest budget's run is train()'s own to finish.
 
+Training does not wait for the next budget's run to open: a thread of its own ("budget-runs") opens it, and the
+epochs that end meanwhile wait in the list of every epoch so far, which the run takes as it opens. Training waits
+for it at the next budget, at its end, and on an interrupt (an open is not cut: the run then ends KILLED); an open
+that fails is the training's failure, heard at the next epoch.
+
 A reached budget is recorded beside the training while it goes on (recorder.py: one thread, budgets in order, a copy
 of the model holding the budget's weights and optimizer state). The longest budget's record waits for the others
 (their failure is the training's; their models are registered first); the thread ends with the training, and the
@@ -29,12 +34,15 @@ from __future__ import annotations
 import functools
 import logging
 import tempfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from pipeline.config import PipelineConfig
 from pipeline.console import CONSOLE
 from pipeline.signals import SIGNALS
 from pipeline.tracking import TrackedRun, active_runs, forget_active_run
+from pipeline.tracking.epochs import now_ms
 from pipeline.tracking.recorder import Recorder, state_of
 from pipeline.tracking.sweeps import TRAINING
 
@@ -51,9 +59,13 @@ class SharedRuns:
         self.reference: PipelineConfig | None = reference  # the early-stopping reference job's settings
         self.budgets_written = ",".join(str(c.fit.epochs) for c in self.queue)
         self.step = step  # train()'s Steps: the longest budget's seconds; each shorter one gets a fresh one
-        self.run: TrackedRun | None = None
+        self.run: TrackedRun | None = None  # (None while the next budget's run opens: `opening`)
         self.first: TrackedRun | None = None  # the run the training started in
         self.points: list[tuple[int, dict, int]] = []  # every epoch so far: (epoch, values, when it ended, ms)
+        self.lock = threading.Lock()  # an epoch goes to the open run, or waits in points for the one opening
+        self.opener: ThreadPoolExecutor | None = None  # opens each budget's run after the first
+        self.opening: Future | None = None  # the next budget's run, being opened
+        self.opened: list[PipelineConfig] = []  # the settings whose runs exist
         self.setup: list[tuple[str, tuple]] = []  # what each run records before its epochs (data, model summary)
         self.fit_started, self.paused = 0.0, 0.0  # perf_counter at the fit's start; seconds training waited on budgets
         self.folder = tempfile.TemporaryDirectory(prefix="pipeline-budgets-")  # the first served model's files
@@ -69,14 +81,17 @@ class SharedRuns:
     def __exit__(self, kind, error, tb) -> bool:
         if "fit" in self.step.seconds:  # the longest budget's training time, without the shorter ones' records
             self.step.seconds["fit"] -= self.paused
-        run, self.run = self.run, None
         if kind is not None and issubclass(kind, KeyboardInterrupt):
             SIGNALS.ended()  # (the interrupt is here, not lost: not sent again to cut the wait for the records)
+        run = None
         try:
             try:  # budgets reached are recorded whole before the open run ends (on an interrupt too)
+                self._opened(strict=False)
                 if self.recorder is not None:
                     self.recorder.collect(wait=True, strict=kind is None)
             finally:
+                self._opened(strict=False)
+                run, self.run = self.run, None
                 try:
                     if run is not None:
                         run.__exit__(kind, error, tb)
@@ -84,24 +99,57 @@ class SharedRuns:
                     if self.recorder is not None:
                         self.recorder.close()
         finally:
+            if self.opener is not None:
+                self.opener.shutdown()
             if self.first is not None:
                 self.first.restore()  # (later runs opened before the first had ended: what the first found)
             self.folder.cleanup()
             if kind is not None and not issubclass(kind, KeyboardInterrupt):
-                self._failed(error, self.queue[1:] if run is not None else self.queue)
+                self._failed(error, [cfg for cfg in self.queue if all(cfg is not each for each in self.opened)])
         return False
 
     def _open(self) -> None:
         self.run = self._start(self.queue[0])
 
-    def _start(self, cfg: PipelineConfig, stopped: int | None = None) -> TrackedRun:
+    def _open_next(self) -> None:
+        """The next budget's run opened on the opener's thread (MLflow's active run there: none after)."""
+        cfg = self.queue[0]
+        if self.opener is None:
+            self.opener = ThreadPoolExecutor(1, thread_name_prefix="budget-runs")
+
+        def opened() -> None:
+            run = self._start(cfg, opening=True)
+            forget_active_run(run.run_id)
+
+        self.opening = self.opener.submit(opened)
+
+    def _opened(self, strict: bool = True) -> None:
+        """Training waits for the next budget's run to be open; with `strict`, its failure raised, then an interrupt
+        that came meanwhile (it does not cut the wait: the open takes a moment, and the run then ends KILLED)."""
+        future, self.opening, interrupt = self.opening, None, None
+        while future is not None and not future.done():
+            try:
+                wait([future])
+            except KeyboardInterrupt as cut:
+                interrupt = cut
+        if strict and future is not None and future.exception() is not None:
+            raise future.exception()
+        if strict and interrupt is not None:
+            raise interrupt
+
+    def _start(self, cfg: PipelineConfig, stopped: int | None = None, opening: bool = False) -> TrackedRun:
         """A run for `cfg` (a budget; `stopped`: the early-stopping reference, its last epoch), opened with the
-        training's start, its setup and the epochs so far, and tagged with where it comes from."""
+        training's start, its setup and the epochs so far, and tagged with where it comes from. `opening`: the next
+        budget's, opened beside the training (the open run from then on)."""
         budgets = self.budgets_written
         run = TrackedRun(cfg, self.step.seconds if len(self.queue) == 1 and stopped is None else {})
         run.start = self.first.start if self.first else time.time()  # every budget's run starts with the training
         run.code = self.first.code if self.first else None  # (the code that trains them all)
-        run.__enter__()
+        try:
+            run.__enter__()
+        finally:
+            if run.run_id is not None:  # its run exists (ended FAILED by __enter__ if it could not open: not again)
+                self.opened.append(cfg)
         if self.first is None:
             self.first = run
         else:
@@ -123,10 +171,13 @@ class SharedRuns:
             f"{shared}{note} Its start is the training's. sweep.share_budgets=false trains each job alone.")})
         for method, args in self.setup:
             getattr(run, method)(*args)
-        for epoch, values, stamp in self.points:
-            run.epochs.record(epoch, values, stamp)
-        if self.points:
-            run.epochs.beat()
+        with self.lock:  # (the epochs that ended while it opened, then the next ones: in order, each once)
+            for epoch, values, stamp in self.points:
+                run.epochs.record(epoch, values, stamp)
+            if self.points:
+                run.epochs.beat()
+            if opening:
+                self.run = run
         return run
 
     def _failed(self, error, budgets: list[PipelineConfig]) -> None:
@@ -156,10 +207,13 @@ class SharedRuns:
         return checkpoints.log_models(run or self.run, model, encoded, cfg, kept, layout=f"{self.folder.name}/served")
 
     def fitted(self, fitted) -> None:
-        """The longest budget's record begins: the shorter ones' are finished first (a failure of theirs is the
-        training's, and their models are registered before its own)."""
+        """The longest budget's record begins, here: its run open (active in MLflow on this thread), and the shorter
+        ones' finished first (a failure of theirs is the training's, and their models are registered before its own)."""
+        self._opened()
         if self.recorder is not None:
             self.recorder.collect(wait=True)
+        if self.run is not self.first:  # (opened on the opener's thread)
+            self.run.activate()
         self.run.fitted(fitted)
 
     def epoch_logger(self):
@@ -171,8 +225,11 @@ class SharedRuns:
         return self
 
     def record(self, epoch: int, values: dict[str, float]) -> int:
-        stamp = self.run.epochs.record(epoch, values)
-        self.points.append((epoch, values, stamp))
+        with self.lock:
+            stamp = self.run.epochs.record(epoch, values) if self.run is not None else now_ms()
+            self.points.append((epoch, values, stamp))
+        if self.opening is not None and self.opening.done() and self.opening.exception() is not None:
+            self._opened()  # (the next budget's run could not be opened: the training fails with it)
         return stamp
 
     def budgets(self, model, record, make) -> dict:
@@ -184,14 +241,17 @@ class SharedRuns:
 
         def reached(fitted) -> None:
             began, state = time.perf_counter(), state_of(model)
+            self._opened()  # (this budget's run, if it is still being opened)
             self.recorder.collect(wait=False)  # (a budget whose record failed: the training fails with it)
             cfg, run = self.queue[0], self.run
-            with SIGNALS.held():  # the budget's run handed to the recorder, and the next budget's opened, or neither
+            with SIGNALS.held():  # the budget's run handed to the recorder, and the next budget's opening, or neither
                 self.queue.pop(0)  # (from here on a failure is the later budgets')
-                self.run = None
+                with self.lock:
+                    self.run = None
                 run.log_until = CONSOLE.offset()  # its log: the training's until here, then its record's lines
-                forget_active_run(run.run_id)  # (MLflow's active run here: the next budget's)
-                self._open()
+                if run is self.first:
+                    forget_active_run(run.run_id)  # (opened on this thread; the others on the opener's)
+                self._open_next()
                 self._submit(run, cfg, fitted, state, began, record)
             self.paused += time.perf_counter() - began
 

@@ -39,20 +39,12 @@ class Recorder:
             return self._recorded(run, state, step, seconds, work)
 
     def _recorded(self, run, state, step, seconds: dict, work: Callable) -> tuple[str | None, BaseException | None]:
-        import mlflow
-
-        from pipeline.tracking import forget_active_run, journal
+        from pipeline.tracking import forget_active_run
 
         failure = self.failure  # (an earlier record failed: this one fails with it, unrecorded)
         if failure is None:
             try:
-                if run.journal.live:  # (MLflow's log_model logs into this thread's active run)
-                    try:
-                        mlflow.start_run(run_id=run.run_id)
-                    except Exception as error:
-                        if not journal.lost(error):
-                            raise
-                        run.journal.lose(error)
+                run.activate()
                 load(self.copy, state)
                 work(self.copy)
                 run.complete()
