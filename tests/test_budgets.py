@@ -236,8 +236,9 @@ def test_an_interrupt_while_budgets_wait_for_their_record_records_each_whole_and
             while not client.search_runs([fitted_experiment(client)], "attributes.run_name = 'epochs=400'"):
                 assert time.monotonic() < deadline, "training did not reach budget 3 in 120 s"
                 time.sleep(0.05)  # (until the longest budget's run is open: budgets 2 and 3 wait behind this record)
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1.5)  # (three redeliveries' time)
+            if what == "interrupted":
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1.5)  # (three redeliveries' time)
         return checkpoints(model, data, fitted, *args, **kwargs)
 
     def fitted_experiment(client) -> str:
@@ -258,14 +259,15 @@ def test_an_interrupt_while_budgets_wait_for_their_record_records_each_whole_and
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("what", ["interrupted", "failed"])
+@pytest.mark.parametrize("what", ["interrupted", "failed", "failed-once-open"])
 def test_the_next_budgets_run_opens_beside_the_training_and_an_interrupt_or_failure_there_leaves_the_record_true(
         tiny_run, tmp_path, monkeypatch, what):
     """The next budget's run opens on a thread of its own while training goes on (tracking/budgets.py). Its open is
     slow here. A Ctrl-C as it opens: the open finishes, and the run ends KILLED with every epoch trained (those that
     ended while it opened included), after the budget before it FINISHED. An open that fails after its run was
-    created: the training fails with it, that run is FAILED once (not recorded FAILED again as a budget not
-    reached), and, in a sweep, each later budget has its FAILED child."""
+    created (as it was set up, or once open, as its setup was copied): the training fails with it, that run is FAILED
+    once (not left RUNNING, nor recorded FAILED again as a budget not reached), and, in a sweep, each later budget has
+    its FAILED child."""
     import os
     import signal
     import time
@@ -287,15 +289,21 @@ def test_the_next_budgets_run_opens_beside_the_training_and_an_interrupt_or_fail
     found = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
     mlflow.set_tracking_uri(None)  # (a job's store is the variable's; an earlier test set one in this process)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking.uri)
-    setup, record, trained = TrackedRun._record_setup, SharedRuns.record, []
+    setup, summary, record, trained = TrackedRun._record_setup, TrackedRun.model_summary, SharedRuns.record, []
 
     def slow_setup(run):
         setup(run)
         if run.cfg.tracking.run_name == "epochs=2":  # (on the opener's thread, its run created)
-            if what == "failed":
+            if what == "failed":  # (its run created)
                 raise ConnectionError("the store went away as budget 2's run opened")
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1.5)  # (training goes on meanwhile, and the signal is sent again, while the run opens)
+            if what == "interrupted":
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1.5)  # (training goes on meanwhile, and the signal is sent again, while the run opens)
+
+    def failing_summary(run, *args):
+        if what == "failed-once-open" and run.cfg.tracking.run_name == "epochs=2":
+            raise ConnectionError("the store went away as budget 2's run took the training's setup")
+        return summary(run, *args)
 
     def counted(shared, epoch, values):
         trained.append(epoch)
@@ -303,6 +311,7 @@ def test_the_next_budgets_run_opens_beside_the_training_and_an_interrupt_or_fail
 
     monkeypatch.setattr(TrackedRun, "_record_setup", slow_setup)
     monkeypatch.setattr(SharedRuns, "record", counted)
+    monkeypatch.setattr(TrackedRun, "model_summary", failing_summary)
 
     def at(epochs: int):
         return replace(cfg, fit=replace(cfg.fit, epochs=epochs), tracking=replace(cfg.tracking, run_name=f"epochs={epochs}"))

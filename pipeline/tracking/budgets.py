@@ -167,17 +167,21 @@ class SharedRuns:
                     f"at epoch {stopped} (it stops nothing but the training, and the same seed gives the same epochs): "
                     f"this run's epochs 1-{stopped} are that training's, and its checkpoints the weights early stopping "
                     "would have left: the numbers this job alone gives.")
-        run.journal.tags({TRAINING: first, BUDGETS: budgets, NOTE: (
-            f"{shared}{note} Its start is the training's. sweep.share_budgets=false trains each job alone.")})
-        for method, args in self.setup:
-            getattr(run, method)(*args)
-        with self.lock:  # (the epochs that ended while it opened, then the next ones: in order, each once)
-            for epoch, values, stamp in self.points:
-                run.epochs.record(epoch, values, stamp)
-            if self.points:
-                run.epochs.beat()
-            if opening:
-                self.run = run
+        try:
+            run.journal.tags({TRAINING: first, BUDGETS: budgets, NOTE: (
+                f"{shared}{note} Its start is the training's. sweep.share_budgets=false trains each job alone.")})
+            for method, args in self.setup:
+                getattr(run, method)(*args)
+            with self.lock:  # (the epochs that ended while it opened, then the next ones: in order, each once)
+                for epoch, values, stamp in self.points:
+                    run.epochs.record(epoch, values, stamp)
+                if self.points:
+                    run.epochs.beat()
+                if opening:
+                    self.run = run
+        except BaseException as error:  # (open, but not the training's: ended here, not left RUNNING)
+            run.__exit__(type(error), error, error.__traceback__)
+            raise
         return run
 
     def _failed(self, error, budgets: list[PipelineConfig]) -> None:
