@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -58,6 +59,14 @@ def write_archive(path: Path, per_class: int = 12, seed: int = 0, skip: tuple[st
         info.size = len(extra)
         archive.addfile(info, io.BytesIO(extra))
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def elsewhere(tmp_path_factory):
+    """The tests run in a folder of their own: what a run keeps where it runs (a new store's experiments' artifacts in
+    ./mlruns, the default store ./mlflow.db) stays out of the checkout."""
+    with contextlib.chdir(tmp_path_factory.mktemp("working-folder")):
+        yield
 
 
 @pytest.fixture(scope="session")
