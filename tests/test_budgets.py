@@ -236,9 +236,8 @@ def test_an_interrupt_while_budgets_wait_for_their_record_records_each_whole_and
             while not client.search_runs([fitted_experiment(client)], "attributes.run_name = 'epochs=400'"):
                 assert time.monotonic() < deadline, "training did not reach budget 3 in 120 s"
                 time.sleep(0.05)  # (until the longest budget's run is open: budgets 2 and 3 wait behind this record)
-            if what == "interrupted":
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(1.5)  # (three redeliveries' time)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.5)  # (three redeliveries' time)
         return checkpoints(model, data, fitted, *args, **kwargs)
 
     def fitted_experiment(client) -> str:
