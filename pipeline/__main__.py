@@ -134,14 +134,14 @@ if __name__ == "__main__":
     sys.argv = expand_overrides(sys.argv)
     try:
         main()
-    except BaseException as error:  # (an interrupt, or an error C code made of one: SIGNALS.behind)
-        if (interrupt := SIGNALS.behind(error)) is not None:
-            stopped(interrupt)
-        if not isinstance(error, USER_ERRORS):
+    except USER_ERRORS as error:  # a config error, found before the job
+        FAILED.append(error)
+    except BaseException as error:  # an interrupt, or an error C code made of one (SIGNALS.behind)
+        if (interrupt := SIGNALS.behind(error)) is None:
             raise
-        FAILED.append(error)  # a config error, found before the job
-    if FAILED and (interrupt := SIGNALS.behind(FAILED[0])) is not None:
         stopped(interrupt)
     if FAILED:
+        if (interrupt := SIGNALS.behind(FAILED[0])) is not None:  # (a user error that came of an interrupt)
+            stopped(interrupt)
         report(FAILED[0])
         sys.exit(1)

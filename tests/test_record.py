@@ -122,8 +122,9 @@ def test_an_interrupt_that_a_library_turns_into_an_error_still_stops_with_one_li
     (hook / "sitecustomize.py").write_text(CONVERTING_IMPORT.format(module=module))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     created_store(uri)
-    done = subprocess.run(command(tmp_path, tiny_archive), cwd=tmp_path, env=environment(PYTHONPATH=f"{hook}{os.pathsep}{PROJECT}"),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command(tmp_path, tiny_archive), cwd=tmp_path,
+                          env=environment(PYTHONPATH=f"{hook}{os.pathsep}{PROJECT}"), capture_output=True, text=True,
+                          timeout=300)
     printed = done.stdout + done.stderr
     assert done.returncode == 130 and "Traceback" not in printed, printed[-3000:]
     assert printed.rstrip().splitlines()[-1] == "SIGINT: stopped before a run was recorded", printed[-3000:]

@@ -158,10 +158,10 @@ class TrackedRun:
         return self
 
     def __exit__(self, kind, error, tb) -> bool:
-        converted = SIGNALS.behind(error) if error is not None else None
-        if converted is error:
-            converted = None
-        elif converted is not None:  # an interrupt that C code turned into an error of its own: KILLED
+        converted = None
+        if error is not None and not isinstance(error, KeyboardInterrupt):
+            converted = SIGNALS.behind(error)  # an interrupt that C code turned into an error of its own: KILLED
+        if converted is not None:
             kind, error = type(converted), converted
         try:
             kept = self.end(kind, error)
