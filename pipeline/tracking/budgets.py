@@ -86,11 +86,10 @@ class SharedRuns:
         run = None
         try:
             try:  # budgets reached are recorded whole before the open run ends (on an interrupt too)
-                self._opened(strict=False)
+                self._opened(strict=False)  # (a wait no interrupt cuts: the run being opened is open after it)
                 if self.recorder is not None:
                     self.recorder.collect(wait=True, strict=kind is None)
             finally:
-                self._opened(strict=False)
                 run, self.run = self.run, None
                 try:
                     if run is not None:
