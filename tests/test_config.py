@@ -157,13 +157,15 @@ def test_a_speed_mechanism_is_imported_only_when_its_switch_is_on(tiny_archive, 
     import subprocess
     import sys
 
-    from tests.conftest import PROJECT, tiny_overrides
+    from tests.conftest import tiny_overrides
+    from tests.helpers import environment
 
     off = ["stage_cache=false", "prepare_ahead=false", "fit.compile_cache=false", "fit.loop=keras", "freeze_gc=false",
            "evaluate.log_model=false", "fit.epochs=1"]
     code = ("import sys; from pipeline.config import configure; from pipeline.train import train; "
             f"train(configure(*{tiny_overrides(tiny_archive, tmp_path) + off!r})); "
             "print(sorted(m for m in sys.modules if m.startswith(('pipeline.speed.', 'pipeline.epochloop'))))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=environment(), capture_output=True, text=True,
+                          timeout=300)  # (in a folder of its own: its run's artifacts go to ./mlruns)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().splitlines()[-1] == "['pipeline.speed.collection']", done.stdout
