@@ -235,11 +235,14 @@ class BudgetSweeper(Sweeper):
         folder.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, folder / "multirun.yaml")  # (as Hydra's sweepers keep the sweep's config)
         size, returns = max(self.max_batch_size or 0, 0) or max(len(jobs), 1), []  # (None or -1: all at once)
-        for first in range(0, len(jobs), size):
-            results = self.launcher.launch(jobs[first:first + size], initial_job_idx=first)
-            for result in results:
-                _ = result.return_value  # (raises a job's error, as Hydra's basic sweeper does)
-            returns.append(results)
+        from pipeline.tracking.budgets import LATER  # (MLflow: the sweep's parent is open by now)
+
+        with LATER.opened():  # a job run here may leave its last record to finish beside the next: finished here
+            for first in range(0, len(jobs), size):
+                results = self.launcher.launch(jobs[first:first + size], initial_job_idx=first)
+                for result in results:
+                    _ = result.return_value  # (raises a job's error, as Hydra's basic sweeper does)
+                returns.append(results)
         return returns
 
     def _reference(self) -> Optional[PipelineConfig]:

@@ -183,6 +183,9 @@ class SweepConfig:
     resume: Optional[str] = None  # a sweep's parent run id: continue it, skipping jobs that already finished
     champion_alias: Optional[str] = "champion"  # with evaluate.registered_model_name: alias of the best job's version
     share_budgets: bool = True  # jobs differing only in fit.epochs: one training, each budget its own run (budgets.py)
+    # a shared training's longest budget recorded while the sweep's next job starts (in-process launcher; a speed
+    # switch, measured by benchmarks/budgets.py: pipeline/tracking/budgets.py)
+    overlap_records: bool = True
     trial: Optional[int] = None  # set by the Optuna sweeper (pipeline/search.py): the job is this trial of `study`,
     study: Optional[str] = None  # kept in `storage`, to which it reports each epoch, so that a pruner can stop it
     storage: Optional[str] = None

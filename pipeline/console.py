@@ -64,19 +64,35 @@ class Console:
             self.handler.addFilter(self._into_the_log)
             self.verbose = verbose
             logging.captureWarnings(True)  # Python's warnings as log records: to the log, not the terminal
+            made = logging.getLogRecordFactory()
+
+            def record(*args, **kwargs) -> logging.LogRecord:  # (a diverted thread's: once the handlers are set)
+                if threading.get_ident() in self.diverted:
+                    self._handlers_set()
+                return made(*args, **kwargs)
+
+            logging.setLogRecordFactory(record)
             if not verbose:
                 sys.stderr.flush()
                 terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
                 os.dup2(handle, 2)  # what TensorFlow, XLA and child processes write to standard error: the log only
                 sys.stderr = Tee(terminal, self.full)
-        for logger in (logging.getLogger(), logging.getLogger("mlflow")):  # (MLflow's records do not reach the root)
-            if self.handler not in logger.handlers:
-                logger.addHandler(self.handler)
+        for logger in (logging.getLogger("mlflow"), logging.getLogger()):  # (MLflow's records do not reach the root)
             for shown in logger.handlers if not self.verbose else ():  # Hydra's and MLflow's console handlers
                 if shown is not self.handler and type(shown) is logging.StreamHandler and calm not in shown.filters:
                     shown.addFilter(calm)  # the pipeline's lines, plainly; on a terminal, over a progress bar
                     clear = "\r\x1b[K" if getattr(shown.stream, "isatty", lambda: False)() else ""  # (the worker's)
                     shown.setFormatter(logging.Formatter(clear + "%(message)s"))
+            if self.handler not in logger.handlers:  # (last: the root's, once set, says the handlers are: _handlers_set)
+                logger.addHandler(self.handler)
+
+    def _handlers_set(self, patience: float = 10.0) -> None:
+        """Wait (at most `patience` seconds) while Hydra sets logging up anew for a sweep's next job, until install()
+        has set this log's handler again: a record going on beside that job (tracking/budgets.py) keeps each of its
+        lines in its own log, and the terminal shows them as the others."""
+        deadline = time.monotonic() + patience
+        while self.handler not in logging.getLogger().handlers and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def keep(self, text: str) -> None:
         """Into the log only (the traceback of a run that failed or was interrupted: its terminal is spared it)."""

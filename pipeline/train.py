@@ -99,7 +99,8 @@ def train(cfg: PipelineConfig, budgets: Sequence[PipelineConfig] = (),
           reference: PipelineConfig | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """Run the pipeline once, tracked. Returns (metrics, objects). `budgets`: in a sweep, the settings of shorter
     fit.epochs budgets of this job, each recorded as its own run when training reaches it (tracking/budgets.py);
-    `reference`: the sweep's early-stopping reference job (these settings with early stopping), recorded alike."""
+    `reference`: the sweep's early-stopping reference job (these settings with early stopping), recorded alike.
+    (A sweep's job whose longest budget is recorded beside the next job returns the curves' metrics alone.)"""
     from pipeline import tracking  # MLflow, imported here: the data worker imports this module for prepare() alone
     from pipeline.tracking.budgets import SharedRuns
 
@@ -131,12 +132,21 @@ def train(cfg: PipelineConfig, budgets: Sequence[PipelineConfig] = (),
             shorter = run.budgets(model, then, make) if shared else {}  # (`make`: a model to record budgets with)
             fitted = step("fit", fit.fit, model, encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger(), *pruning],
                           **shorter)
-            done, products = then(run, step, cfg, fitted)
+            if shared and run.later:  # (a sweep's job: its longest budget recorded like the others, beside the next job)
+                run.reached(fitted)
+                done, products = curves(fitted), {"fitted": fitted}
+            else:
+                done, products = then(run, step, cfg, fitted)
             metrics.update(done)
             objects.update(products)
         prepared.written()  # the stage cache's new entries in place (the data worker writes them after the handover)
         run.complete()
     return metrics, objects
+
+
+def curves(fitted) -> dict[str, float]:
+    """The curves' summary: the lowest validation loss and the highest validation accuracy."""
+    return dict(val_loss=float(fitted.history["val_loss"].min()), val_accuracy=float(fitted.history["val_accuracy"].max()))
 
 
 def record(run, step: Steps, cfg: PipelineConfig, fitted, model, encoded,
@@ -145,8 +155,7 @@ def record(run, step: Steps, cfg: PipelineConfig, fitted, model, encoded,
     split (`scored`: the test probabilities of the epochs scored so far) and the served model logged. (metrics,
     objects). A shorter budget of a shared training gets the same."""
     run.fitted(fitted)
-    history = fitted.history
-    metrics = dict(val_loss=float(history["val_loss"].min()), val_accuracy=float(history["val_accuracy"].max()))
+    metrics = curves(fitted)
     objects: dict[str, Any] = {"fitted": fitted}
     if "evaluate" in cfg.stages:
         kept = step("evaluate", evaluate.checkpoints, model, encoded, fitted, cfg.evaluate, scored)  # best and last

@@ -17,6 +17,13 @@ of the model holding the budget's weights and optimizer state). The longest budg
 (their failure is the training's; their models are registered first); the thread ends with the training, and the
 process's MLflow settings are put back as the first run found them.
 
+In a sweep's job run by the sweep's own process (the in-process launcher; sweep.overlap_records, on by default), the
+longest budget is recorded like the shorter ones, on the thread, and the job returns as training ends: the record goes
+on while the sweep's next job starts, on the core training leaves it. The job's SharedRuns waits in LATER, which
+the sweep (pipeline/budgets.py, BudgetSweeper) settles before its analysis, and on an interrupt or a failure before
+the interrupt or failure goes on: each record reached is finished whole (a second Ctrl-C drops those not begun, their
+runs KILLED), a record's failure ends its run FAILED and is logged as its job's, and MLflow's settings are put back.
+
 Each run says where it came from: the tag `pipeline.training` (the run the training started in, the same for every
 budget of it), `pipeline.training.budgets`, and its description. An interrupt ends the open run KILLED with its
 epochs, as a job of that budget alone would have been; the budgets not reached are not recorded (a resume runs them).
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -70,6 +78,10 @@ class SharedRuns:
         self.fit_started, self.paused = 0.0, 0.0  # perf_counter at the fit's start; seconds training waited on budgets
         self.folder = tempfile.TemporaryDirectory(prefix="pipeline-budgets-")  # the first served model's files
         self.recorder: Recorder | None = None  # records the budgets reached while training goes on (budgets())
+        self.reached = None  # budgets()'s: hands the open budget's run, reached, to the recorder
+        # the longest budget recorded like the others, its record left to finish beside the sweep's next job (LATER)
+        self.later = cfg.sweep.overlap_records and LATER.accepting()
+        self.name = cfg.tracking.run_name
 
     def __getattr__(self, name):
         return getattr(self.run, name)
@@ -79,6 +91,15 @@ class SharedRuns:
         return self
 
     def __exit__(self, kind, error, tb) -> bool:
+        if kind is None and self.later and not self.queue:  # every budget handed to the recorder: it goes on
+            LATER.keep(self)
+            return False
+        self.close(kind, error, tb)
+        return False
+
+    def close(self, kind=None, error=None, tb=None) -> None:
+        """The training's runs ended: the records reached finished (a failure of theirs raised, unless `kind`), the open
+        run ended as `kind` says, the threads gone, MLflow's settings put back; the budgets not reached, FAILED."""
         if "fit" in self.step.seconds:  # the longest budget's training time, without the shorter ones' records
             self.step.seconds["fit"] -= self.paused
         if kind is not None and issubclass(kind, KeyboardInterrupt):
@@ -105,7 +126,6 @@ class SharedRuns:
             self.folder.cleanup()
             if kind is not None and not issubclass(kind, KeyboardInterrupt):
                 self._failed(error, [cfg for cfg in self.queue if all(cfg is not each for each in self.opened)])
-        return False
 
     def _open(self) -> None:
         self.run = self._start(self.queue[0])
@@ -209,6 +229,11 @@ class SharedRuns:
 
         return checkpoints.log_models(run or self.run, model, encoded, cfg, kept, layout=f"{self.folder.name}/served")
 
+    def complete(self) -> None:
+        """(The longest budget's run, unless it was handed to the recorder, which marks it complete when recorded.)"""
+        if self.run is not None:
+            self.run.complete()
+
     def fitted(self, fitted) -> None:
         """The longest budget's record begins, here: its run open (active in MLflow on this thread), and the shorter
         ones' finished first (a failure of theirs is the training's, and their models are registered before its own)."""
@@ -243,6 +268,7 @@ class SharedRuns:
         self.fit_started = time.perf_counter()
 
         def reached(fitted) -> None:
+            """(Also the longest budget's, when its record is left to finish later: train() calls it.)"""
             began, state = time.perf_counter(), state_of(model)
             self._opened()  # (this budget's run, if it is still being opened)
             self.recorder.collect(wait=False)  # (a budget whose record failed: the training fails with it)
@@ -254,10 +280,14 @@ class SharedRuns:
                 run.log_until = CONSOLE.offset()  # its log: the training's until here, then its record's lines
                 if run is self.first:
                     forget_active_run(run.run_id)  # (opened on this thread; the others on the opener's)
-                self._open_next()
+                if self.queue:
+                    self._open_next()
+                else:  # (the longest: its seconds its record's own, not train()'s, which it shared)
+                    run.seconds = {}
                 self._submit(run, cfg, fitted, state, began, record)
             self.paused += time.perf_counter() - began
 
+        self.reached = reached
         arguments = {"budgets": [cfg.fit.epochs for cfg in self.queue[:-1]], "reached": reached}
         if self.reference is not None:
             arguments["stopping"] = (self.reference.fit.early_stopping, self.reference.fit.epochs,
@@ -304,3 +334,59 @@ class _Budget:
 
     def log_models(self, model, encoded, cfg: PipelineConfig, kept) -> str:
         return self.shared.log_models(model, encoded, cfg, kept, run=self.run)
+
+
+class Later:
+    """The shared trainings of a sweep's jobs whose longest budget's record goes on after their job returned (SharedRuns,
+    `later`): accepted only in the process and on the thread that opened it (BudgetSweeper's; a joblib or Ray worker's
+    job records whole before it returns), and settled there."""
+
+    def __init__(self) -> None:
+        self.owner: tuple[int, int] | None = None  # (process, thread) that settles
+        self.pending: list[SharedRuns] = []
+
+    def accepting(self) -> bool:
+        return self.owner == (os.getpid(), threading.get_ident())
+
+    def keep(self, shared: SharedRuns) -> None:
+        self.pending.append(shared)
+
+    def opened(self):
+        """A context (around a sweep's launches) whose jobs may leave their last record to finish; settled as it ends."""
+        return _Settling(self)
+
+    def settle(self, interrupted: bool = False) -> None:
+        """Each pending training's records finished (a second Ctrl-C: those not begun dropped, KILLED), in the order
+        kept; a record's failure logged as its job's (its run ended FAILED on the thread); MLflow's settings put back
+        as the first kept found them (each put back in the reverse order, as they were nested)."""
+        pending, self.pending = self.pending, []
+        kind = KeyboardInterrupt if interrupted else None
+        if pending and CONSOLE.reader is not None:  # (the last job's handlers: set, unless it stopped before its own)
+            CONSOLE.install(CONSOLE.verbose)
+        try:
+            for shared in pending:
+                try:
+                    shared.close(kind)
+                except Exception as failure:  # (a failed job does not stop the sweep: the analysis lists it)
+                    log.error("sweep job %s: its record failed: %s", shared.name, failure)
+        finally:
+            for shared in reversed(pending):
+                if shared.first is not None:
+                    shared.first.restore()
+
+
+class _Settling:
+    def __init__(self, later: Later):
+        self.later = later
+
+    def __enter__(self) -> Later:
+        self.later.owner = (os.getpid(), threading.get_ident())
+        return self.later
+
+    def __exit__(self, kind, error, tb) -> bool:
+        self.later.owner = None
+        self.later.settle(interrupted=kind is not None and issubclass(kind, KeyboardInterrupt))
+        return False
+
+
+LATER = Later()
