@@ -5,7 +5,11 @@ default: tests/test_sweeps.py, test_resume.py and test_reliability.py run it on 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -13,7 +17,7 @@ from mlflow import MlflowClient
 
 from pipeline import budgets, config
 from pipeline.config import CONF
-from tests.conftest import tiny_overrides
+from tests.conftest import PROJECT, tiny_overrides
 from tests.helpers import CURVES
 
 GRID = [[f"build.hidden_units={units}", f"fit.epochs={epochs}"] for units in (4, 8) for epochs in (3, 1, 2)]
@@ -349,3 +353,148 @@ def test_the_report_says_how_many_trainings_the_budgets_were_recorded_from():
     # which their compiling first epoch weighs on: 30 epochs at 0.1 s)
     assert "5 budgets recorded from 3 trainings; 30 of 90 epochs not repeated** (about 3 s of training" in lines[-1]
     assert shared_trainings(table.assign(training=None)) == ({}, [])  # nothing shared: nothing said
+
+
+# In a sweep's process: group 1's longest budget's record (hidden_units=4, LAST epochs, scored on the test split) waits
+# until the run NEXT is open (MODE "at-the-end": until it has ended: the sweep's jobs are done), then goes on, fails or
+# sends Ctrl-C (MODE); with the switch off it does not wait (its job would never end). Installed as sitecustomize: it
+# wraps pipeline.evaluate.checkpoints once imported.
+SLOW_LAST_RECORD = """
+import importlib.util, os, signal, sys, time
+
+MODE, LAST, NEXT = {mode!r}, {last!r}, {next!r}
+
+
+def wrap(module):
+    checkpoints = module.checkpoints
+
+    def recorded(model, data, fitted, *args, **kwargs):
+        if MODE != "off" and len(fitted.history) == LAST and model.get_layer("hidden_1").units == 4:
+            from mlflow import MlflowClient
+
+            client, deadline = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]), time.monotonic() + 120
+            ended = " and attributes.status = 'FINISHED'" if MODE == "at-the-end" else ""
+            while not client.search_runs([os.environ["PIPELINE_SWEEP_EXPERIMENT_ID"]],
+                                         f"attributes.run_name = '{{NEXT}}'{{ended}}"):
+                assert time.monotonic() < deadline, "the next job did not start in 120 s"
+                time.sleep(0.05)
+            if MODE == "failed":
+                raise ArithmeticError("the last budget's record failed")
+            if MODE in ("interrupted", "at-the-end"):
+                os.kill(os.getpid(), signal.SIGINT)  # (the next job's training is interrupted; this record goes on)
+                time.sleep(1.5)
+        return checkpoints(model, data, fitted, *args, **kwargs)
+
+    module.checkpoints = recorded
+
+
+class Wrapping:
+    def find_spec(self, name, path=None, target=None):
+        if name != "pipeline.evaluate":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            wrap(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, Wrapping())
+"""
+
+
+def two_groups(tiny_archive, tmp_path: Path, mode: str, *settings: str, last: int = 2,
+               next_run: str = "hidden_units=8,epochs=1") -> tuple[subprocess.CompletedProcess, dict]:
+    """The sweep build.hidden_units=4,8 fit.epochs=1,`last` (two trainings) in its own store, with SLOW_LAST_RECORD in
+    `mode`; (the finished process, its children by name)."""
+    from tests.helpers import created_store, environment
+
+    folder = tmp_path / mode
+    hook = folder / "hook"
+    hook.mkdir(parents=True)
+    (hook / "sitecustomize.py").write_text(SLOW_LAST_RECORD.format(mode=mode, last=last, next=next_run))
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = created_store(uri)
+    overrides = [o for o in tiny_overrides(tiny_archive, folder) if not o.startswith("tracking.uri")]
+    done = subprocess.run([sys.executable, "-m", "pipeline", "-m", *overrides, f"tracking.uri={uri}",
+                           "build.hidden_units=4,8", f"fit.epochs=1,{last}", f"hydra.sweep.dir={folder / 'multirun'}",
+                           *settings], cwd=folder, env=environment(PYTHONPATH=f"{hook}{os.pathsep}{PROJECT}"),
+                          capture_output=True, text=True, timeout=600)
+    every = client.search_runs([client.get_experiment_by_name("imdb-sentiment").experiment_id])
+    return done, {run.info.run_name: run for run in every if run.data.tags.get("sweep.parent") != "true"} | {
+        "parent": next(run for run in every if run.data.tags.get("sweep.parent") == "true")}
+
+
+@pytest.mark.slow
+def test_a_sweeps_last_record_goes_on_beside_its_next_job_and_equals_the_record_made_within_the_job(
+        tiny_archive, tmp_path):
+    """sweep.overlap_records (on): a shared training's longest budget is recorded while the sweep's next job starts
+    (its run ends after that job's first run opened); off, within its job (it ends before). Every child the same
+    numbers either way: each epoch's curves and the test metrics, read back from the store."""
+    from tests.helpers import output
+
+    beside, runs = two_groups(tiny_archive, tmp_path, "beside")
+    within, alone = two_groups(tiny_archive, tmp_path, "off", "sweep.overlap_records=false")
+    for done, children in ((beside, runs), (within, alone)):
+        assert done.returncode == 0 and "sweep analysis: 4 jobs finished, 0 failed" in done.stdout, output(done)
+        assert {name: run.info.status for name, run in children.items()} == {
+            "parent": "FINISHED", **{f"hidden_units={u},epochs={e}": "FINISHED" for u in (4, 8) for e in (1, 2)}}
+        assert all(run.data.tags.get("pipeline.complete") == "true" for name, run in children.items() if name != "parent")
+    last, next_job = "hidden_units=4,epochs=2", "hidden_units=8,epochs=1"
+    assert runs[last].info.end_time > runs[next_job].info.start_time  # recorded beside the next job
+    assert alone[last].info.end_time <= alone[next_job].info.start_time  # recorded within its own job
+    for name in runs:
+        if name == "parent":
+            continue
+        ours, theirs = runs[name], alone[name]
+        scored = {key: value for key, value in theirs.data.metrics.items()
+                  if key.startswith(("test_", "best", "last.", "val_", "epochs")) and key != "model.size_mb"}
+        assert len(scored) > 8 and {key: ours.data.metrics.get(key) for key in scored} == scored, name
+        for curve in CURVES:
+            histories = [sorted((p.step, p.value) for p in MlflowClient(uri).get_metric_history(run.info.run_id, curve))
+                         for uri, run in ((f"sqlite:///{tmp_path / 'beside' / 'mlflow.db'}", ours),
+                                          (f"sqlite:///{tmp_path / 'off' / 'mlflow.db'}", theirs))]
+            assert histories[0] == histories[1] and len(histories[0]) == int(name[-1]), (name, curve)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["interrupted", "at-the-end", "failed"])
+def test_an_interrupt_or_a_failure_while_a_last_record_goes_on_beside_the_next_job_leaves_the_record_true(
+        tiny_archive, tmp_path, mode):
+    """Ctrl-C while the last record goes on, in the next job's training (300 epochs: its longest budget's run open) or
+    once every job has ended (the sweep waits for the record): that record is finished whole (FINISHED, complete), the
+    next job's open run ends KILLED, the parent KILLED with the resume command, none RUNNING. The record failing
+    instead: its run ends FAILED with the error, the next job is recorded, the analysis counts one failed job, exit 1."""
+    from tests.helpers import output
+
+    epochs = 300 if mode == "interrupted" else 2
+    done, children = two_groups(tiny_archive, tmp_path, mode, last=epochs,
+                                next_run=f"hidden_units=8,epochs={epochs if mode != 'failed' else 1}")
+    last = children.pop(f"hidden_units=4,epochs={epochs}")
+    parent = children.pop("parent")
+    assert children["hidden_units=4,epochs=1"].info.status == "FINISHED"
+    if mode != "failed":
+        assert done.returncode == 130, output(done)
+        assert last.info.status == "FINISHED" and last.data.tags.get("pipeline.complete") == "true", output(done)
+        assert "test_accuracy" in last.data.metrics
+        assert parent.info.status == "KILLED" and "resume it with: " in done.stderr, output(done)
+        assert {name: run.info.status for name, run in children.items()} == {
+            "hidden_units=4,epochs=1": "FINISHED", "hidden_units=8,epochs=1": "FINISHED",
+            f"hidden_units=8,epochs={epochs}": "KILLED" if mode == "interrupted" else "FINISHED"}, output(done)
+        if mode == "interrupted":  # (its epochs to the interrupt kept; the budget not reached)
+            kept = MlflowClient(f"sqlite:///{tmp_path / mode / 'mlflow.db'}").get_metric_history(
+                children[f"hidden_units=8,epochs={epochs}"].info.run_id, "val_loss")
+            assert 1 <= len(kept) < epochs
+    else:
+        assert done.returncode == 1, output(done)
+        assert last.info.status == "FAILED" and "the last budget's record failed" in last.data.tags["error"]
+        assert "pipeline.complete" not in last.data.tags
+        assert {name: run.info.status for name, run in children.items()} == {
+            f"hidden_units={u},epochs={e}": "FINISHED" for u, e in ((4, 1), (8, 1), (8, 2))}
+        assert parent.info.status == "FINISHED" and "sweep analysis: 3 jobs finished, 1 failed" in done.stdout
+        assert "hidden_units=4,epochs=2: its record failed: the last budget's record failed" in done.stdout, output(done)

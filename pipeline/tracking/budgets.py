@@ -360,19 +360,36 @@ class Later:
         kept; a record's failure logged as its job's (its run ended FAILED on the thread); MLflow's settings put back
         as the first kept found them (each put back in the reverse order, as they were nested)."""
         pending, self.pending = self.pending, []
-        kind = KeyboardInterrupt if interrupted else None
         if pending and CONSOLE.reader is not None:  # (the last job's handlers: set, unless it stopped before its own)
             CONSOLE.install(CONSOLE.verbose)
+        interrupt = None  # a Ctrl-C that comes now: the records are finished first (a second one cuts the wait)
+        if interrupted:
+            SIGNALS.ended()  # (the interrupt is here, not lost: not sent again to cut the wait)
         try:
             for shared in pending:
-                try:
-                    shared.close(kind)
-                except Exception as failure:  # (a failed job does not stop the sweep: the analysis lists it)
-                    log.error("sweep job %s: its record failed: %s", shared.name, failure)
+                futures = [future for _, future in shared.recorder.pending] if shared.recorder else []
+                while any(not future.done() for future in futures):
+                    try:
+                        wait(futures)
+                    except KeyboardInterrupt as cut:
+                        if interrupted or interrupt is not None:
+                            raise
+                        interrupt = cut
+                        SIGNALS.ended()
         finally:
-            for shared in reversed(pending):
-                if shared.first is not None:
-                    shared.first.restore()
+            kind = KeyboardInterrupt if interrupted or interrupt is not None else None
+            try:
+                for shared in pending:
+                    try:
+                        shared.close(kind)
+                    except Exception as failure:  # (a failed job does not stop the sweep: the analysis lists it)
+                        log.error("sweep job %s: its record failed: %s", shared.name, failure)
+            finally:
+                for shared in reversed(pending):
+                    if shared.first is not None:
+                        shared.first.restore()
+        if interrupt is not None:
+            raise interrupt  # the sweep stops on it: its parent ends KILLED, with the command that resumes it
 
 
 class _Settling:
