@@ -97,9 +97,10 @@ class SharedRuns:
         self.close(kind, error, tb)
         return False
 
-    def close(self, kind=None, error=None, tb=None) -> None:
+    def close(self, kind=None, error=None, tb=None, restore: bool = True) -> None:
         """The training's runs ended: the records reached finished (a failure of theirs raised, unless `kind`), the open
-        run ended as `kind` says, the threads gone, MLflow's settings put back; the budgets not reached, FAILED."""
+        run ended as `kind` says, the threads gone, MLflow's settings put back (`restore`); the budgets not reached,
+        FAILED."""
         if "fit" in self.step.seconds:  # the longest budget's training time, without the shorter ones' records
             self.step.seconds["fit"] -= self.paused
         if kind is not None and issubclass(kind, KeyboardInterrupt):
@@ -121,7 +122,7 @@ class SharedRuns:
         finally:
             if self.opener is not None:
                 self.opener.shutdown()
-            if self.first is not None:
+            if self.first is not None and restore:
                 self.first.restore()  # (later runs opened before the first had ended: what the first found)
             self.folder.cleanup()
             if kind is not None and not issubclass(kind, KeyboardInterrupt):
@@ -228,6 +229,10 @@ class SharedRuns:
         from pipeline.tracking import checkpoints
 
         return checkpoints.log_models(run or self.run, model, encoded, cfg, kept, layout=f"{self.folder.name}/served")
+
+    def recorded(self) -> bool:
+        """Whether every record handed to the recorder is done."""
+        return self.recorder is None or all(future.done() for _, future in self.recorder.pending)
 
     def complete(self) -> None:
         """(The longest budget's run, unless it was handed to the recorder, which marks it complete when recorded.)"""
@@ -344,21 +349,34 @@ class Later:
     def __init__(self) -> None:
         self.owner: tuple[int, int] | None = None  # (process, thread) that settles
         self.pending: list[SharedRuns] = []
+        self.found: TrackedRun | None = None  # the first kept training's first run: MLflow's settings as it found them
 
     def accepting(self) -> bool:
         return self.owner == (os.getpid(), threading.get_ident())
 
     def keep(self, shared: SharedRuns) -> None:
-        self.pending.append(shared)
+        """`shared` kept until its records are done; those kept before whose records are, closed now (their threads
+        and model copies do not pile up over a long sweep)."""
+        done = [each for each in self.pending if each.recorded()]
+        self.pending = [each for each in self.pending if all(each is not closed for closed in done)] + [shared]
+        self.found = self.found or shared.first
+        self._close(done, None)
+
+    def _close(self, trainings: list[SharedRuns], kind) -> None:
+        for shared in trainings:
+            try:
+                shared.close(kind, restore=False)
+            except Exception as failure:  # (a failed job does not stop the sweep: the analysis lists it)
+                log.error("sweep job %s: its record failed: %s", shared.name, failure)
 
     def opened(self):
         """A context (around a sweep's launches) whose jobs may leave their last record to finish; settled as it ends."""
         return _Settling(self)
 
     def settle(self, interrupted: bool = False) -> None:
-        """Each pending training's records finished (a second Ctrl-C: those not begun dropped, KILLED), in the order
-        kept; a record's failure logged as its job's (its run ended FAILED on the thread); MLflow's settings put back
-        as the first kept found them (each put back in the reverse order, as they were nested)."""
+        """Each pending training's records finished (a Ctrl-C meanwhile waits for them, then is raised; a second cuts
+        the wait: records not begun are dropped, their runs KILLED), in the order kept; a record's failure logged as its
+        job's (its run ended FAILED on the thread); MLflow's settings put back as the first training kept found them."""
         pending, self.pending = self.pending, []
         if pending and CONSOLE.reader is not None:  # (the last job's handlers: set, unless it stopped before its own)
             CONSOLE.install(CONSOLE.verbose)
@@ -377,17 +395,12 @@ class Later:
                         interrupt = cut
                         SIGNALS.ended()
         finally:
-            kind = KeyboardInterrupt if interrupted or interrupt is not None else None
             try:
-                for shared in pending:
-                    try:
-                        shared.close(kind)
-                    except Exception as failure:  # (a failed job does not stop the sweep: the analysis lists it)
-                        log.error("sweep job %s: its record failed: %s", shared.name, failure)
+                self._close(pending, KeyboardInterrupt if interrupted or interrupt is not None else None)
             finally:
-                for shared in reversed(pending):
-                    if shared.first is not None:
-                        shared.first.restore()
+                if self.found is not None:
+                    self.found.restore()
+                    self.found = None
         if interrupt is not None:
             raise interrupt  # the sweep stops on it: its parent ends KILLED, with the command that resumes it
 
