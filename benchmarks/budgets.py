@@ -1,10 +1,11 @@
-"""`python benchmarks/budgets.py ARCHIVE [--repeats N] [--only shared|alone]`: the overfitting sweep,
+"""`python benchmarks/budgets.py ARCHIVE [--repeats N] [--only shared|alone|within]`: the overfitting sweep,
 `python -m pipeline -m experiment=overfit_sweep` (16 jobs and the early-stopping reference), cold cache, with its
 fit.epochs budgets sharing one training per setting (sweep.share_budgets=true, the default) and with each trained
-alone, alternating, each in a new folder (empty stage cache, new store). Prints the wall seconds of both, the
-trainings and epochs each ran, and the seconds per job outside training: the sweep's wall time less its trainings'
-(each training's `seconds.fit` counted once), over its jobs; and the median of each run's own record (its
-`seconds.evaluate` and `seconds.log_model`). A command that prints numbers, not a test.
+alone, alternating, each in a new folder (empty stage cache, new store). `--within`: also sharing, but each job's
+records made within it (sweep.overlap_records=false: the last record not beside the next job). Prints the wall
+seconds of each, the trainings and epochs each ran, and the seconds per job outside training: the sweep's wall time
+less its trainings' (each training's `seconds.fit` counted once), over its jobs; and the median of each run's own
+record (its `seconds.evaluate` and `seconds.log_model`). A command that prints numbers, not a test.
 """
 
 from __future__ import annotations
@@ -44,15 +45,21 @@ def sweep_record(work: Path) -> dict:
             "record_s": statistics.median(record)}
 
 
-def compare(archive: str, repeats: int = 1, only: str | None = None) -> None:
-    results: dict[str, list[dict]] = {name: [] for name in ("shared", "alone") if only in (None, name)}
+MODES = {"shared": ["sweep.share_budgets=true"], "within": ["sweep.share_budgets=true", "sweep.overlap_records=false"],
+         "alone": ["sweep.share_budgets=false"]}
+LABELS = {"shared": "budgets sharing a training", "within": "sharing, records within each job",
+          "alone": "budgets trained alone"}
+
+
+def compare(archive: str, repeats: int = 1, only: str | None = None, within: bool = False) -> None:
+    names = [name for name in MODES if (only == name if only else name != "within" or within)]
+    results: dict[str, list[dict]] = {name: [] for name in names}
     for repeat in range(repeats):
-        for name, switch in (("shared", "sweep.share_budgets=true"), ("alone", "sweep.share_budgets=false")):
-            if name not in results:
-                continue
+        for name in names:
             with tempfile.TemporaryDirectory(prefix=f"imdb-bench-budgets-{name}-") as folder:
                 work = Path(folder)
-                out = measured(pipeline_command(archive, work, "experiment=overfit_sweep", switch, multirun=True), work)
+                out = measured(pipeline_command(archive, work, "experiment=overfit_sweep", *MODES[name], multirun=True),
+                               work)
                 results[name].append({"wall": out["wall"], "peak_mb": out["peak_mb"], **sweep_record(work)})
             done = results[name][-1]
             print(f"{name}: {done['wall']:.1f} s, {done['jobs']} jobs from {done['trainings']} trainings of "
@@ -62,7 +69,7 @@ def compare(archive: str, repeats: int = 1, only: str | None = None) -> None:
     print(f"{'overfit_sweep, cold cache':40}{'median':>8}  (min-max) over {repeats} repeat(s)")
     for name, runs in results.items():
         first = runs[0]
-        label = f"budgets {'sharing a training' if name == 'shared' else 'trained alone'}"
+        label = LABELS[name]
         print(f"{label + ' wall s':40}{spread([r['wall'] for r in runs])}"
               + (f"   target <= {TARGET:.0f}" if name == "shared" else ""))
         print(f"{'  ' + 'jobs, trainings, epochs trained':40}{first['jobs']}, {first['trainings']}, {first['epochs']}")
@@ -71,6 +78,9 @@ def compare(archive: str, repeats: int = 1, only: str | None = None) -> None:
         print(f"{'  s per job outside training':40}{spread(outside)}")
         print(f"{'  s per run, its record (evaluate+model)':40}{spread([r['record_s'] for r in runs])}")
         print(f"{'  peak MB':40}{spread([r['peak_mb'] for r in runs], 0)}")
+    if "within" in results:
+        saved = [w["wall"] - s["wall"] for s, w in zip(results["shared"], results["within"])]
+        print(f"{'overlap saved s (within - shared)':40}{spread(saved)}")
     if only:
         return
     ratios = [s["wall"] / a["wall"] for s, a in zip(results["shared"], results["alone"])]
@@ -84,6 +94,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python benchmarks/budgets.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("archive", nargs="?", default=os.environ.get("IMDB_ARCHIVE"))
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--only", choices=("shared", "alone"), help="one mode alone (no ratio)")
+    parser.add_argument("--only", choices=tuple(MODES), help="one mode alone (no ratio)")
+    parser.add_argument("--within", action="store_true", help="also the sweep with sweep.overlap_records=false")
     args = parser.parse_args()
-    compare(str(Path(args.archive).resolve()), args.repeats, args.only)
+    compare(str(Path(args.archive).resolve()), args.repeats, args.only, args.within)

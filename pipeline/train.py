@@ -132,7 +132,7 @@ def train(cfg: PipelineConfig, budgets: Sequence[PipelineConfig] = (),
             shorter = run.budgets(model, then, make) if shared else {}  # (`make`: a model to record budgets with)
             fitted = step("fit", fit.fit, model, encoded, cfg.fit, cfg.seed, callbacks=[run.epoch_logger(), *pruning],
                           **shorter)
-            if shared and run.later:  # (a sweep's job: its longest budget recorded like the others, beside the next job)
+            if shared and run.later:  # (a sweep's job: its last budget recorded like the others, beside the next job)
                 run.reached(fitted)
                 done, products = curves(fitted), {"fitted": fitted}
             else:
@@ -146,7 +146,8 @@ def train(cfg: PipelineConfig, budgets: Sequence[PipelineConfig] = (),
 
 def curves(fitted) -> dict[str, float]:
     """The curves' summary: the lowest validation loss and the highest validation accuracy."""
-    return dict(val_loss=float(fitted.history["val_loss"].min()), val_accuracy=float(fitted.history["val_accuracy"].max()))
+    history = fitted.history
+    return dict(val_loss=float(history["val_loss"].min()), val_accuracy=float(history["val_accuracy"].max()))
 
 
 def record(run, step: Steps, cfg: PipelineConfig, fitted, model, encoded,
