@@ -17,8 +17,8 @@ from typing import Any
 # Keys that differ between attempts of one sweep without changing what a job computes: the resume
 # itself, whether budgets share a training (their numbers are the same), the run's name, how the store is spelled
 # (the parent was found in it), how long a run's end waits for a lost server, and the console's detail.
-PER_ATTEMPT = ("sweep.resume", "sweep.share_budgets", "tracking.run_name", "tracking.uri", "tracking.wait_for_server",
-               "verbose")
+PER_ATTEMPT = ("sweep.resume", "sweep.share_budgets", "sweep.overlap_records", "tracking.run_name", "tracking.uri",
+               "tracking.wait_for_server", "verbose")
 RESUME = "sweep.resume"
 
 

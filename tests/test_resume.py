@@ -31,7 +31,7 @@ def test_differences_name_each_changed_or_unrecorded_key_and_leave_per_attempt_k
     before = {"fit.epochs": "5", "seed": "42", "sweep.resume": "None", "tracking.run_name": "a",
               "data.train_rows": "16", "build.hidden_units": "8"}
     now = {"fit.epochs": 6, "seed": 42, "sweep.resume": "abc", "tracking.run_name": "b", "build.l2": 0.0,
-           "build.hidden_units": 64}
+           "build.hidden_units": 64, "sweep.overlap_records": False}  # (a switch of this attempt, new or not)
     assert resume.differences(before, now, skip=("build.hidden_units",)) == {
         "build.l2": (None, "0.0"), "fit.epochs": ("5", "6")}
     assert resume.differences(before, {"seed": 42, "fit.epochs": 5}) == {}  # data.* and other records: not asked
