@@ -235,7 +235,7 @@ class BudgetSweeper(Sweeper):
         folder.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, folder / "multirun.yaml")  # (as Hydra's sweepers keep the sweep's config)
         size, returns = max(self.max_batch_size or 0, 0) or max(len(jobs), 1), []  # (None or -1: all at once)
-        from pipeline.tracking.budgets import LATER  # (MLflow: the sweep's parent is open by now)
+        from pipeline.tracking.later import LATER  # (the tracking package: imported once the sweep runs)
 
         with LATER.opened():  # a job run here may leave its last record to finish beside the next: finished here
             for first in range(0, len(jobs), size):
