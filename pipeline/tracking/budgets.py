@@ -228,9 +228,13 @@ class SharedRuns:
 
         return checkpoints.log_models(run or self.run, model, encoded, cfg, kept, layout=f"{self.folder.name}/served")
 
+    def records(self) -> list[Future]:
+        """The records handed to the recorder and not yet collected."""
+        return [future for _, future in self.recorder.pending] if self.recorder is not None else []
+
     def recorded(self) -> bool:
         """Whether every record handed to the recorder is done."""
-        return self.recorder is None or all(future.done() for _, future in self.recorder.pending)
+        return all(future.done() for future in self.records())
 
     def complete(self) -> None:
         """(The longest budget's run, unless it was handed to the recorder, which marks it complete when recorded.)"""

@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 from concurrent.futures import wait
+from contextlib import contextmanager
 
 from pipeline.console import CONSOLE
 from pipeline.signals import SIGNALS
@@ -46,9 +47,18 @@ class Later:
             except Exception as failure:  # (a failed job does not stop the sweep: the analysis lists it)
                 log.error("sweep job %s: its record failed: %s", shared.name, failure)
 
+    @contextmanager
     def opened(self):
         """A context (around a sweep's launches) whose jobs may leave their last record to finish; settled as it ends."""
-        return _Settling(self)
+        self.owner, interrupted = (os.getpid(), threading.get_ident()), False
+        try:
+            yield self
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:
+            self.owner = None
+            self.settle(interrupted)
 
     def settle(self, interrupted: bool = False) -> None:
         """Each pending training's records finished (a Ctrl-C meanwhile waits for them, then is raised; a second cuts
@@ -62,7 +72,7 @@ class Later:
             SIGNALS.ended()  # (the interrupt is here, not lost: not sent again to cut the wait)
         try:
             for shared in pending:
-                futures = [future for _, future in shared.recorder.pending] if shared.recorder else []
+                futures = shared.records()
                 while any(not future.done() for future in futures):
                     try:
                         wait(futures)
@@ -80,20 +90,6 @@ class Later:
                     self.found = None
         if interrupt is not None:
             raise interrupt  # the sweep stops on it: its parent ends KILLED, with the command that resumes it
-
-
-class _Settling:
-    def __init__(self, later: Later):
-        self.later = later
-
-    def __enter__(self) -> Later:
-        self.later.owner = (os.getpid(), threading.get_ident())
-        return self.later
-
-    def __exit__(self, kind, error, tb) -> bool:
-        self.later.owner = None
-        self.later.settle(interrupted=kind is not None and issubclass(kind, KeyboardInterrupt))
-        return False
 
 
 LATER = Later()
